@@ -1,0 +1,596 @@
+"""The one module that reaches into aioquic's private members (aioquic 1.7.x).
+
+aioquic 1.7 keys network paths by remote address only and hands datagrams back as ``(data, addr)``
+with no local socket. We give every local socket a path id and wrap the peer address in a
+:class:`PathAddr` that compares equal only within the same path: aioquic then keeps one network
+path per local socket, reserves a peer CID per path, and answers challenges on the path they came
+in on. Everything else this project needs from aioquic's internals is behind
+:class:`MigratingQuicConnection`, whose methods are sans-I/O (they take ``now`` and return
+datagrams) so the protocol logic can be tested without sockets.
+
+``REQUIRED_PRIVATE_MEMBERS`` lists what we touch; ``tests/test_quic_adapter.py`` fails loudly
+when an aioquic release removes one of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import K_GRANULARITY, create_congestion_control
+from aioquic.quic.connection import (
+    NetworkAddress,
+    QuicConnection,
+    QuicConnectionId,
+    QuicNetworkPath,
+    QuicReceiveContext,
+)
+from aioquic.quic.packet import (
+    QuicPacketType,
+    QuicTransportParameters,
+    pull_quic_transport_parameters,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop, QuicSentPacket
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
+from aioquic.tls import Epoch
+
+# aioquic evicts a path silently beyond this many (MAX_NETWORK_PATHS); we refuse before that.
+AIOQUIC_MAX_NETWORK_PATHS = 8
+
+#: Private members of aioquic this module depends on, checked by the adapter test.
+REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
+    QuicConnection: (
+        "_network_paths",
+        "_peer_cid",
+        "_peer_cid_available",
+        "_use_reserved_peer_cid",
+        "_retire_peer_cid",
+        "_retire_connection_ids",
+        "_handshake_confirmed",
+        "_remote_preferred_address",
+        "_handle_path_response_frame",
+        "_write_path_challenge_frame",
+        "_write_path_response_frame",
+        "_send_probing_frames",
+        "_flush_builder",
+        "_parse_transport_parameters",
+        "_payload_received",
+        "_loss",
+        "_spaces",
+        "_cryptos",
+        "_packet_number",
+        "_max_datagram_size",
+        "_spin_bit",
+        "_quic_logger",
+        "_version",
+        "_close_at",
+        "_remote_max_idle_timeout",
+    ),
+    QuicNetworkPath: (
+        "peer_cid",
+        "is_validated",
+        "local_challenges",
+        "local_challenge_sent",
+        "remote_challenges",
+        "bytes_sent",
+    ),
+    QuicPacketRecovery: (
+        "_cc",
+        "_pacer",
+        "_pto_count",
+        "_rtt_initial",
+        "_rtt_initialized",
+        "_rtt_latest",
+        "_rtt_min",
+        "_rtt_smoothed",
+        "_rtt_variance",
+        "_rtt_first_sample_time",
+        "_on_packets_lost",
+        "on_ack_received",
+        "get_probe_timeout",
+    ),
+}
+
+
+class PathAddr(tuple):  # type: ignore[type-arg]
+    """A peer address that also names the local path it is reached through.
+
+    aioquic compares and hashes addresses to find a network path; including the path id makes
+    the same server address reached from two local sockets two distinct aioquic paths.
+    """
+
+    path_id: int
+
+    def __new__(cls, addr: NetworkAddress, path_id: int) -> PathAddr:
+        obj = super().__new__(cls, tuple(addr))
+        obj.path_id = path_id
+        return obj
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, PathAddr)
+            and other.path_id == self.path_id
+            and tuple.__eq__(self, other)
+        )
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash((tuple(self), self.path_id))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PathAddr, (tuple(self), self.path_id))
+
+    @property
+    def sockaddr(self) -> tuple[Any, ...]:
+        """The plain tuple to hand to ``sendto``."""
+        return tuple(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PathResponse:
+    """A PATH_RESPONSE that answered one of our challenges on the socket it was sent from."""
+
+    path_id: int
+    rtt: float
+    time: float
+
+
+@dataclass(slots=True)
+class _CongestionContext:
+    """Loss-recovery state that belongs to one path (RFC 9000 §9.4)."""
+
+    cc: Any
+    pacer: QuicPacketPacer
+    rtt: dict[str, Any]
+    pto_count: int
+
+
+_RTT_FIELDS = (
+    "_rtt_first_sample_time",
+    "_rtt_initial",
+    "_rtt_initialized",
+    "_rtt_latest",
+    "_rtt_min",
+    "_rtt_smoothed",
+    "_rtt_variance",
+)
+
+
+@dataclass(slots=True)
+class SwitchToken:
+    """What a switch changed, kept until the peer confirms it or we roll it back."""
+
+    from_path: int
+    to_path: int
+    old_context: _CongestionContext
+    first_packet_number: int
+    cid_sequence_before: int | None
+    cid_sequence_after: int | None
+    packets_on_new_path: list[QuicSentPacket] = field(default_factory=list)
+
+
+class MigratingQuicConnection(QuicConnection):
+    """aioquic's QuicConnection with client-side, per-socket path management.
+
+    Probes (PATH_CHALLENGE) are built here, outside loss recovery: they do not feed the active
+    path's congestion controller or RTT estimator, and are retried by the caller with fresh data
+    rather than retransmitted.
+    """
+
+    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self.peer_disabled_active_migration = False
+        self._challenge_sent_at: dict[bytes, tuple[int, float]] = {}
+        self._path_responses: list[PathResponse] = []
+        self._misrouted_responses = 0
+        # Last time a non-probing packet arrived on each path: the proof the peer uses a path.
+        self._last_non_probing_rx: dict[int, float] = {}
+        # Packet numbers below this were sent before the last switch: their ACKs must not feed
+        # the new path's RTT estimator.
+        self._rtt_floor_packet_number = 0
+        original_on_ack = self._loss.on_ack_received
+
+        def on_ack_received(**kwargs: Any) -> None:
+            before = {name: getattr(self._loss, name) for name in _RTT_FIELDS}
+            original_on_ack(**kwargs)
+            largest = kwargs["ack_rangeset"].bounds().stop - 1
+            if largest < self._rtt_floor_packet_number:
+                for name, value in before.items():
+                    setattr(self._loss, name, value)
+
+        self._loss.on_ack_received = on_ack_received  # type: ignore[method-assign]
+
+    # ----------------------------------------------------------------- aioquic overrides
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        params: QuicTransportParameters = pull_quic_transport_parameters(Buffer(data=data))
+        if not from_session_ticket:
+            self.peer_disabled_active_migration = bool(params.disable_active_migration)
+        # aioquic 1.7 would migrate to the server's preferred address by itself; we never do.
+        self._remote_preferred_address = None
+
+    def _handle_path_response_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        data = buf.pull_bytes(8)
+        if self._quic_logger is not None:
+            context.quic_logger_frames.append(  # type: ignore[union-attr]
+                self._quic_logger.encode_path_response_frame(data=data)
+            )
+        sent = self._challenge_sent_at.get(data)
+        if sent is None:
+            # Unknown or stale response: ignored, its challenge may have been dropped (§19.18).
+            return
+        path_id, sent_at = sent
+        arrived_on = getattr(context.network_path.addr, "path_id", None)
+        if arrived_on != path_id:
+            # Proof of reachability is a response on the probed socket itself.
+            self._misrouted_responses += 1
+            return
+        del self._challenge_sent_at[data]
+        network_path = context.network_path
+        network_path.is_validated = True
+        network_path.local_challenges.clear()
+        for challenge in [c for c, (pid, _) in self._challenge_sent_at.items() if pid == path_id]:
+            del self._challenge_sent_at[challenge]
+        # Deliberately no auto-migration here (aioquic migrates to validated reserved paths).
+        self._path_responses.append(
+            PathResponse(path_id=path_id, rtt=max(context.time - sent_at, 0.0), time=context.time)
+        )
+
+    def _send_probing_frames(
+        self, network_path: QuicNetworkPath, now: float
+    ) -> list[tuple[bytes, NetworkAddress]]:
+        # Called by datagrams_to_send for non-active paths: only PATH_RESPONSEs leave here;
+        # challenges are emitted on request through emit_challenge().
+        return self._build_probe(network_path, now, challenge=None)
+
+    def _payload_received(
+        self, context: QuicReceiveContext, plain: bytes, crypto_frame_required: bool = False
+    ) -> tuple[bool, bool]:
+        is_ack_eliciting, is_probing = super()._payload_received(
+            context, plain, crypto_frame_required=crypto_frame_required
+        )
+        if not is_probing:
+            path_id = getattr(context.network_path.addr, "path_id", None)
+            if path_id is not None:
+                self._last_non_probing_rx[path_id] = context.time
+        return is_ack_eliciting, is_probing
+
+    # ----------------------------------------------------------------- probe building
+
+    def _build_probe(
+        self, network_path: QuicNetworkPath, now: float, challenge: bytes | None
+    ) -> list[tuple[bytes, NetworkAddress]]:
+        """A padded packet with our challenge and/or pending responses, outside recovery."""
+        if network_path.peer_cid is None:
+            return []
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=self._max_datagram_size,
+            packet_number=self._packet_number,
+            peer_cid=network_path.peer_cid.cid,
+            quic_logger=self._quic_logger,
+            version=self._version,
+        )
+        try:
+            builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[Epoch.ONE_RTT])
+            if challenge is not None:
+                self._write_challenge(builder, network_path, challenge)
+            while network_path.remote_challenges:
+                self._write_path_response_frame(
+                    builder=builder, challenge=network_path.remote_challenges[0]
+                )
+                network_path.remote_challenges.popleft()
+        except QuicPacketBuilderStop:
+            pass
+        datagrams, _packets = builder.flush()
+        if not datagrams:
+            return []
+        # The packet number is consumed but the packet is not registered with loss recovery:
+        # no congestion window, no RTT sample, no retransmission (the probe loop retries).
+        self._packet_number = builder.packet_number
+        network_path.bytes_sent += sum(len(d) for d in datagrams)
+        return [(d, network_path.addr) for d in datagrams]
+
+    def _write_challenge(
+        self, builder: QuicPacketBuilder, network_path: QuicNetworkPath, challenge: bytes
+    ) -> None:
+        from aioquic.quic.packet import QuicFrameType
+
+        buf = builder.start_frame(QuicFrameType.PATH_CHALLENGE, capacity=9)
+        buf.push_bytes(challenge)
+        network_path.local_challenges.append(challenge)
+        if self._quic_logger is not None:
+            builder.quic_logger_frames.append(
+                self._quic_logger.encode_path_challenge_frame(data=challenge)
+            )
+
+    # ----------------------------------------------------------------- our API
+
+    @property
+    def handshake_confirmed(self) -> bool:
+        return bool(self._handshake_confirmed)
+
+    @property
+    def path_count(self) -> int:
+        return len(self._network_paths)
+
+    @property
+    def active_path_id(self) -> int:
+        return int(self._network_paths[0].addr.path_id)
+
+    @property
+    def spare_peer_cids(self) -> int:
+        return len(self._peer_cid_available)
+
+    @property
+    def pending_retires(self) -> int:
+        return len(self._retire_connection_ids)
+
+    @property
+    def congestion_window(self) -> int:
+        return int(self._loss.congestion_window)
+
+    @property
+    def bytes_in_flight(self) -> int:
+        return int(self._loss.bytes_in_flight)
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        return float(self._loss._rtt_smoothed) if self._loss._rtt_initialized else None
+
+    @property
+    def misrouted_responses(self) -> int:
+        return self._misrouted_responses
+
+    def probe_timeout(self) -> float:
+        return float(self._loss.get_probe_timeout())
+
+    def idle_deadline(self) -> float | None:
+        return self._close_at if self._close_at is not None else None
+
+    def last_non_probing_rx(self, path_id: int) -> float | None:
+        return self._last_non_probing_rx.get(path_id)
+
+    def path_cid_sequences(self) -> dict[int, int | None]:
+        """The peer CID sequence each path sends with (the active path uses the connection's)."""
+        out: dict[int, int | None] = {}
+        for index, path in enumerate(self._network_paths):
+            cid = self._peer_cid if index == 0 else path.peer_cid
+            out[int(path.addr.path_id)] = cid.sequence_number if cid is not None else None
+        return out
+
+    def path_cids(self) -> dict[int, bytes | None]:
+        out: dict[int, bytes | None] = {}
+        for index, path in enumerate(self._network_paths):
+            cid = self._peer_cid if index == 0 else path.peer_cid
+            out[int(path.addr.path_id)] = cid.cid if cid is not None else None
+        return out
+
+    def attach_initial_path(self, path_id: int) -> None:
+        """Tag the handshake path (created by ``connect``) with its path id."""
+        path = self._network_paths[0]
+        if not isinstance(path.addr, PathAddr):
+            path.addr = PathAddr(path.addr, path_id)
+
+    def _path(self, path_id: int) -> QuicNetworkPath:
+        for path in self._network_paths:
+            if getattr(path.addr, "path_id", None) == path_id:
+                return path
+        raise KeyError(path_id)
+
+    def has_path(self, path_id: int) -> bool:
+        return any(getattr(p.addr, "path_id", None) == path_id for p in self._network_paths)
+
+    def add_path(self, path_id: int, remote: NetworkAddress) -> None:
+        """Register a local path with aioquic; sends nothing and reserves no CID yet."""
+        if len(self._network_paths) >= AIOQUIC_MAX_NETWORK_PATHS:
+            raise OverflowError("aioquic would evict a path silently")
+        path = QuicNetworkPath(PathAddr(remote, path_id))
+        # Our challenges are emitted on request only; keep aioquic's loop from adding its own.
+        path.local_challenge_sent = True
+        self._network_paths.append(path)
+
+    def reserve_peer_cid(self, path_id: int) -> bool:
+        """Give a path its own peer CID (RFC 9000 §9.5); False when no spare CID is left."""
+        path = self._path(path_id)
+        if path is self._network_paths[0] or path.peer_cid is not None:
+            return True
+        if not self._peer_cid_available:
+            return False
+        path.peer_cid = self._peer_cid_available.pop(0)
+        return True
+
+    def emit_challenge(self, path_id: int, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """Build one padded PATH_CHALLENGE on a non-active path; empty without a CID."""
+        path = self._path(path_id)
+        if path is self._network_paths[0]:
+            raise ValueError("the active path is not probed with PATH_CHALLENGE")
+        challenge = os.urandom(8)
+        datagrams = self._build_probe(path, now, challenge=challenge)
+        if datagrams:
+            self._challenge_sent_at[challenge] = (path_id, now)
+        return datagrams
+
+    def forget_challenges(self, path_id: int) -> None:
+        """Drop outstanding challenges of a path (probe cancelled or timed out)."""
+        for challenge in [c for c, (pid, _) in self._challenge_sent_at.items() if pid == path_id]:
+            del self._challenge_sent_at[challenge]
+        try:
+            self._path(path_id).local_challenges.clear()
+        except KeyError:
+            pass
+
+    def take_path_responses(self) -> list[PathResponse]:
+        out, self._path_responses = self._path_responses, []
+        return out
+
+    def is_path_validated(self, path_id: int) -> bool:
+        return bool(self._path(path_id).is_validated)
+
+    def invalidate_path(self, path_id: int) -> None:
+        """Mark a path unvalidated (failed, or stale and due for a re-probe)."""
+        path = self._path(path_id)
+        if path is not self._network_paths[0]:
+            path.is_validated = False
+
+    def close_path(self, path_id: int) -> int | None:
+        """Forget a non-active path and retire its CID; returns the retired sequence number."""
+        path = self._path(path_id)
+        if path is self._network_paths[0]:
+            raise ValueError("cannot close the active path")
+        self._network_paths.remove(path)
+        self.forget_challenges(path_id)
+        self._last_non_probing_rx.pop(path_id, None)
+        if path.peer_cid is None:
+            return None
+        seq = path.peer_cid.sequence_number
+        self._retire_peer_cid(path.peer_cid)
+        path.peer_cid = None
+        return seq
+
+    # ----------------------------------------------------------------- switching
+
+    def _save_context(self) -> _CongestionContext:
+        loss = self._loss
+        return _CongestionContext(
+            cc=loss._cc,
+            pacer=loss._pacer,
+            rtt={name: getattr(loss, name) for name in _RTT_FIELDS},
+            pto_count=loss._pto_count,
+        )
+
+    def _restore_context(self, ctx: _CongestionContext) -> None:
+        loss = self._loss
+        loss._cc = ctx.cc
+        loss._pacer = ctx.pacer
+        for name, value in ctx.rtt.items():
+            setattr(loss, name, value)
+        loss._pto_count = ctx.pto_count
+
+    def _fresh_context(self, seed_rtt: float | None) -> _CongestionContext:
+        initial = self._configuration.initial_rtt
+        if seed_rtt is not None:
+            # PTO before the first sample is 2 x initial RTT: leave room for the peer's ACK delay.
+            initial = max(seed_rtt, K_GRANULARITY) + self._loss.max_ack_delay / 2
+        return _CongestionContext(
+            cc=create_congestion_control(
+                self._configuration.congestion_control_algorithm,
+                max_datagram_size=self._max_datagram_size,
+            ),
+            pacer=QuicPacketPacer(max_datagram_size=self._max_datagram_size),
+            rtt={
+                "_rtt_first_sample_time": 0.0,
+                "_rtt_initial": initial,
+                "_rtt_initialized": False,
+                "_rtt_latest": 0.0,
+                "_rtt_min": float("inf"),
+                "_rtt_smoothed": 0.0,
+                "_rtt_variance": 0.0,
+            },
+            pto_count=0,
+        )
+
+    def _application_space(self) -> Any:
+        return self._spaces[Epoch.ONE_RTT]
+
+    def _detach_in_flight(self, *, since: int = 0) -> list[QuicSentPacket]:
+        """Take packets in flight out of the current congestion controller's accounting.
+
+        They stay tracked for acknowledgement and loss detection (their data is still
+        retransmitted if lost) but no longer count against, or grow, any window.
+        """
+        cc = self._loss._cc
+        detached = []
+        for packet in self._application_space().sent_packets.values():
+            if packet.in_flight and packet.packet_number >= since:
+                packet.in_flight = False
+                cc.bytes_in_flight = max(0, cc.bytes_in_flight - packet.sent_bytes)
+                detached.append(packet)
+        return detached
+
+    def declare_in_flight_lost(self, now: float) -> int:
+        """Failover: the old path is dead, resend everything it had in flight on the new one."""
+        space = self._application_space()
+        lost = [p for p in space.sent_packets.values() if p.is_ack_eliciting or p.in_flight]
+        if lost:
+            self._loss._on_packets_lost(
+                packets=lost, space=space, now=now, congestion_event=False
+            )
+        return len(lost)
+
+    def switch_path(
+        self, path_id: int, now: float, *, seed_rtt: float | None, ping_uid: int
+    ) -> SwitchToken:
+        """Make a validated path active with fresh RTT/congestion state (RFC 9000 §9.4).
+
+        The old path keeps its CID (it is the same local address, so reusing it there links
+        nothing new) and stays listed; packets in flight on it are neither counted on the new
+        path nor declared lost. A PING goes out at once so the peer sees a non-probing packet
+        on the new path.
+        """
+        new = self._path(path_id)
+        old = self._network_paths[0]
+        if new is old:
+            raise ValueError("already active")
+        if not new.is_validated:
+            raise ValueError("path not validated")
+        if new.peer_cid is None and not self.reserve_peer_cid(path_id):
+            raise LookupError("no peer connection ID for the path")
+        assert new.peer_cid is not None
+        token = SwitchToken(
+            from_path=int(old.addr.path_id),
+            to_path=path_id,
+            old_context=self._save_context(),
+            first_packet_number=self._packet_number,
+            cid_sequence_before=self._peer_cid.sequence_number,
+            cid_sequence_after=new.peer_cid.sequence_number,
+        )
+        self._detach_in_flight()
+        old.peer_cid, self._peer_cid, new.peer_cid = self._peer_cid, new.peer_cid, None
+        self._spin_bit = False  # RFC 9000 §17.4: reset when the CID changes.
+        self._network_paths.remove(new)
+        self._network_paths.insert(0, new)
+        self._restore_context(self._fresh_context(seed_rtt))
+        self._rtt_floor_packet_number = self._packet_number
+        self.send_ping(ping_uid)
+        return token
+
+    def rollback_switch(self, token: SwitchToken, now: float, *, ping_uid: int) -> None:
+        """Return to the path a switch left, with its own congestion state."""
+        old = self._path(token.from_path)
+        new = self._path(token.to_path)
+        if self._network_paths[0] is not new:
+            raise ValueError("the switch being rolled back is not the current one")
+        self._detach_in_flight(since=token.first_packet_number)
+        new.peer_cid, self._peer_cid, old.peer_cid = self._peer_cid, old.peer_cid, None
+        self._spin_bit = False
+        self._network_paths.remove(old)
+        self._network_paths.insert(0, old)
+        self._restore_context(token.old_context)
+        self._rtt_floor_packet_number = self._packet_number
+        self.send_ping(ping_uid)
+
+
+def is_ping_acknowledged(event: quic_events.QuicEvent, uid: int) -> bool:
+    return isinstance(event, quic_events.PingAcknowledged) and event.uid == uid
+
+
+__all__ = [
+    "AIOQUIC_MAX_NETWORK_PATHS",
+    "REQUIRED_PRIVATE_MEMBERS",
+    "MigratingQuicConnection",
+    "PathAddr",
+    "PathResponse",
+    "QuicConnectionId",
+    "SwitchToken",
+]
