@@ -12,11 +12,13 @@ import enum
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from actors.envelope import wire_enum
 from actors.errors import InvalidTransitionError
 
 __all__ = ["TRANSITIONS", "PathState", "PathStateMachine", "check_transition"]
 
 
+@wire_enum("PathState")
 class PathState(enum.StrEnum):
     """Where a path is in its life. The values are the wire, log and telemetry spelling
     (``StrEnum``: a ``str`` subclass, ``str(state) == state.value``)."""
