@@ -1,0 +1,249 @@
+"""Metrics over a given meter provider (``None``: no-op), with low-cardinality attributes only.
+
+Instruments (attribute keys in brackets):
+
+- ``quic.migrations`` counter [quic.migration.reason, quic.migration.result]
+- ``quic.probe.rtt`` histogram, seconds [] (successful probes)
+- ``quic.probe.failures`` counter [error.type]
+- ``quic.migration.rollbacks`` counter [quic.migration.reason]
+- ``quic.path.active_changes`` counter [quic.migration.reason]
+- ``quic.path.bytes`` counter, bytes [quic.path.state, network.io.direction]
+- ``quic.cid.spare`` observable gauge []: the *lowest* spare peer-CID count over the registered
+  connections (the one closest to being unable to migrate); per-connection counts would need a
+  connection id attribute, which is unbounded. Per-connection values belong in spans/journal.
+- ``quic.datagrams.dropped_offpath`` counter []: datagrams from an address other than the peer's.
+
+Why the attribute rules: every distinct attribute set is a separate time series kept in memory
+by the SDK and the backend. Ports, CIDs, connection ids and addresses are unbounded (a port is
+new for every path), so :func:`low_cardinality` strips (or, strict, rejects) keys whose dotted
+or underscored segments are one of ``port, cid, cids, id, ids, address, addr, ip, host`` and
+values that look like addresses, multiaddrs, ``host:port`` or long hex ids. Known enumerations
+(reason, result, state, direction, error type) are clamped to their values, ``other`` otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry import metrics as metrics_api
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from opentelemetry.util.types import AttributeValue
+
+from telemetry.tracing import (
+    ATTR_MIGRATION_REASON,
+    ATTR_MIGRATION_RESULT,
+    INSTRUMENTATION_NAME,
+    MIGRATION_RESULTS,
+)
+
+__all__ = ["Metrics", "low_cardinality"]
+
+_log = logging.getLogger(__name__)
+
+ATTR_PATH_STATE = "quic.path.state"
+ATTR_IO_DIRECTION = "network.io.direction"  # semantic convention: transmit | receive
+ATTR_ERROR_TYPE = "error.type"
+
+OTHER = "other"
+REASONS = frozenset({"manual", "failover", "drain"})
+PATH_STATES = frozenset({"new", "validating", "standby", "active", "degraded", "failed", "closed"})
+PROBE_ERRORS = frozenset({"timeout", "unreachable", "no_cid", "cancelled"})
+_DIRECTIONS = {
+    "transmit": "transmit",
+    "tx": "transmit",
+    "sent": "transmit",
+    "send": "transmit",
+    "receive": "receive",
+    "rx": "receive",
+    "received": "receive",
+    "recv": "receive",
+}
+
+# Seconds: loopback (~50 us) to intercontinental with retries.
+RTT_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+_FORBIDDEN_SEGMENTS = frozenset(
+    {"port", "cid", "cids", "id", "ids", "address", "addr", "ip", "host"}
+)
+_HOST_PORT = re.compile(r"^\[?[0-9A-Za-z.:-]+\]?:\d{1,5}$")
+_LONG_HEX = re.compile(r"^(0x)?[0-9a-fA-F]{12,}$")
+
+
+def _bad_key(key: str) -> bool:
+    return any(seg in _FORBIDDEN_SEGMENTS for seg in re.split(r"[._\-]", key.lower()))
+
+
+def _bad_value(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.startswith(("/ip4/", "/ip6/", "/dns")) or _HOST_PORT.match(value):
+        return True
+    if _LONG_HEX.match(value):
+        return True
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def low_cardinality(
+    attributes: Mapping[str, Any] | None, *, strict: bool = False
+) -> dict[str, AttributeValue]:
+    """Keep only attributes safe for metrics (see the module docstring for the rules).
+
+    ``strict=True`` raises ``ValueError`` naming the offending key instead of dropping it.
+    """
+    out: dict[str, AttributeValue] = {}
+    for key, value in (attributes or {}).items():
+        if _bad_key(key) or _bad_value(value):
+            if strict:
+                raise ValueError(
+                    f"metric attribute {key!r}={value!r} looks like a port, CID, id or address: "
+                    "unbounded cardinality"
+                )
+            _log.debug("dropping high-cardinality metric attribute %r", key)
+            continue
+        if value is None:
+            continue
+        out[key] = value
+    return out
+
+
+def _clamp(value: str | None, allowed: frozenset[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+class Metrics:
+    """The project's instruments over ``meter_provider`` (never the global one)."""
+
+    def __init__(self, meter_provider: MeterProvider | None, *, version: str | None = None) -> None:
+        provider = meter_provider if meter_provider is not None else metrics_api.NoOpMeterProvider()
+        self.enabled = meter_provider is not None
+        meter = provider.get_meter(INSTRUMENTATION_NAME, version)
+        self._migrations = meter.create_counter(
+            "quic.migrations", unit="{migration}", description="Migrations by reason and result."
+        )
+        self._probe_rtt = meter.create_histogram(
+            "quic.probe.rtt",
+            unit="s",
+            description="RTT measured by successful path probes (PATH_CHALLENGE/RESPONSE).",
+            explicit_bucket_boundaries_advisory=list(RTT_BUCKETS_S),
+        )
+        self._probe_failures = meter.create_counter(
+            "quic.probe.failures", unit="{probe}", description="Path probes that failed."
+        )
+        self._rollbacks = meter.create_counter(
+            "quic.migration.rollbacks",
+            unit="{migration}",
+            description="Switches rolled back because the peer did not confirm the new path.",
+        )
+        self._active_changes = meter.create_counter(
+            "quic.path.active_changes", unit="{change}", description="Changes of the active path."
+        )
+        self._path_bytes = meter.create_counter(
+            "quic.path.bytes",
+            unit="By",
+            description="UDP payload bytes by path state and direction.",
+        )
+        self._offpath = meter.create_counter(
+            "quic.datagrams.dropped_offpath",
+            unit="{datagram}",
+            description="Datagrams dropped: they came from an address other than the peer's.",
+        )
+        self._cid_lock = threading.Lock()
+        self._cid_sources: dict[int, Callable[[], int | None]] = {}
+        self._cid_next = 0
+        meter.create_observable_gauge(
+            "quic.cid.spare",
+            callbacks=[self._observe_cid_spare],
+            unit="{cid}",
+            description="Lowest number of spare peer connection IDs over live connections.",
+        )
+
+    def migration(self, reason: str, result: str) -> None:
+        self._migrations.add(
+            1,
+            {
+                ATTR_MIGRATION_REASON: _clamp(reason, REASONS),
+                ATTR_MIGRATION_RESULT: _clamp(result, MIGRATION_RESULTS),
+            },
+        )
+
+    def probe_rtt(self, seconds: float) -> None:
+        self._probe_rtt.record(seconds)
+
+    def probe_failure(self, error_type: str = "timeout") -> None:
+        self._probe_failures.add(1, {ATTR_ERROR_TYPE: _clamp(error_type, PROBE_ERRORS)})
+
+    def rollback(self, reason: str) -> None:
+        self._rollbacks.add(1, {ATTR_MIGRATION_REASON: _clamp(reason, REASONS)})
+
+    def active_path_change(self, reason: str) -> None:
+        self._active_changes.add(1, {ATTR_MIGRATION_REASON: _clamp(reason, REASONS)})
+
+    def path_bytes(self, nbytes: int, *, state: str, direction: str) -> None:
+        if nbytes <= 0:
+            return
+        self._path_bytes.add(
+            nbytes,
+            {
+                ATTR_PATH_STATE: _clamp(state, PATH_STATES),
+                ATTR_IO_DIRECTION: _DIRECTIONS.get(direction, OTHER),
+            },
+        )
+
+    def datagrams_dropped_offpath(self, count: int = 1) -> None:
+        self._offpath.add(count)
+
+    def register_cid_spare(self, source: Callable[[], int | None]) -> Callable[[], None]:
+        """Register a connection's spare-CID reader; returns the function that unregisters it.
+
+        ``source`` runs on the metric reader's thread: it must be cheap and only read a plain
+        int the connection keeps up to date (``None`` = not known yet).
+        """
+        with self._cid_lock:
+            key = self._cid_next
+            self._cid_next += 1
+            self._cid_sources[key] = source
+
+        def unregister() -> None:
+            with self._cid_lock:
+                self._cid_sources.pop(key, None)
+
+        return unregister
+
+    def _observe_cid_spare(self, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._cid_lock:
+            sources = list(self._cid_sources.values())
+        values: list[int] = []
+        for source in sources:
+            try:
+                value = source()
+            except Exception:  # a closing connection must not break the whole collection
+                _log.debug("quic.cid.spare source failed", exc_info=True)
+                continue
+            if value is not None:
+                values.append(value)
+        return [Observation(min(values))] if values else []

@@ -1,0 +1,312 @@
+"""Render journal records as a text timeline or a PNG (lanes per path, throughput below).
+
+Input: journal records (see :mod:`telemetry.journal`), in any order; time is ``mono`` relative
+to the earliest record (``wall`` if a record has no ``mono``).
+
+Record types the plot understands. A leading ``Evt`` and ``Connection`` are ignored, so the
+supervisor's event class names work too (``EvtConnectionMigrationStarted`` is
+``MigrationStarted``, drawn like ``SwitchStarted``):
+
+======================  ==========================================  =========================
+type                    body fields used                            drawn as
+======================  ==========================================  =========================
+PathAdded, PathRemoved  --                                          grey / black square
+ProbeStarted            --                                          hollow blue circle
+ProbeSucceeded          ``rtt`` (s) or ``rtt_ms``: text only        green circle (validation)
+ProbeFailed             ``error``: text only                        red cross
+SwitchStarted           ``from_path``, ``to_path``                  orange triangle; a dotted
+                                                                    line between the two lanes
+MigrationCompleted      ``from_path``, ``to_path``                  green star (+ line)
+MigrationRolledBack     ``from_path``, ``to_path``                  purple triangle (+ line)
+MigrationFailed         ``error``                                   red X
+PathStateChanged        ``old``, ``new`` (path state names)         the lane is shaded with
+                                                                    the state's colour from
+                                                                    then on
+Stats                   ``bytes`` (cumulative), or ``tx_bytes`` +   throughput subplot: rate
+                        ``rx_bytes`` (cumulative)                   between samples, per lane
+======================  ==========================================  =========================
+
+Lane of a record: ``(conn, path)`` from the record, else ``body["path"]``, else
+``body["to_path"]``; a record with neither sits on its connection's ``(conn)`` lane. Other
+types are drawn as small grey dots, and every type is listed by :func:`render_text`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["normalize_type", "plot", "render_text"]
+
+# Fields shown first by render_text, in this order; then the rest alphabetically.
+_KEY_FIELDS = (
+    "reason",
+    "old",
+    "new",
+    "result",
+    "rtt",
+    "rtt_ms",
+    "tries",
+    "error",
+    "from_path",
+    "to_path",
+    "local_addr",
+    "remote_addr",
+    "bytes",
+    "tx_bytes",
+    "rx_bytes",
+)
+_MAX_FIELDS = 6
+_MAX_VALUE = 40
+
+_ALIASES = {"MigrationStarted": "SwitchStarted"}
+
+# type -> (marker, face colour, edge colour, legend label)
+_MARKERS: dict[str, tuple[str, str, str, str]] = {
+    "PathAdded": ("s", "0.6", "0.4", "path added"),
+    "PathRemoved": ("s", "black", "black", "path removed"),
+    "ProbeStarted": ("o", "none", "tab:blue", "probe"),
+    "ProbeSucceeded": ("o", "tab:green", "darkgreen", "validated"),
+    "ProbeFailed": ("x", "tab:red", "tab:red", "probe failed"),
+    "SwitchStarted": ("^", "tab:orange", "darkorange", "switch"),
+    "MigrationCompleted": ("*", "limegreen", "darkgreen", "migrated"),
+    "MigrationRolledBack": ("<", "tab:purple", "indigo", "rolled back"),
+    "MigrationFailed": ("X", "red", "darkred", "migration failed"),
+}
+_UNFILLED = frozenset({"x", "+", "|", "_", "."})
+_SWITCH_TYPES = frozenset({"SwitchStarted", "MigrationCompleted", "MigrationRolledBack"})
+
+_STATE_COLOURS = {
+    "new": "#eeeeee",
+    "validating": "#fff3c4",
+    "standby": "#d6e9ff",
+    "active": "#c9f2c9",
+    "degraded": "#ffe0b3",
+    "failed": "#ffc9c9",
+    "closed": "#dddddd",
+}
+
+
+def normalize_type(type_name: str) -> str:
+    """``EvtConnectionMigrationStarted`` -> ``SwitchStarted``; ``EvtPathAdded`` -> ``PathAdded``."""
+    name = type_name.removeprefix("Evt").removeprefix("Connection")
+    return _ALIASES.get(name, name)
+
+
+def _time(record: Mapping[str, Any]) -> float:
+    mono = record.get("mono")
+    return float(mono if mono is not None else record.get("wall", 0.0))
+
+
+def _body(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    body = record.get("body")
+    return body if isinstance(body, Mapping) else {}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, bytes):
+        text = value.hex()
+    else:
+        text = str(value)
+    return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 1] + "…"
+
+
+def _fields(body: Mapping[str, Any]) -> str:
+    keys = [k for k in _KEY_FIELDS if k in body]
+    keys += sorted(k for k in body if k not in _KEY_FIELDS and isinstance(k, str))
+    shown = [f"{k}={_short(body[k])}" for k in keys[:_MAX_FIELDS]]
+    if len(keys) > _MAX_FIELDS:
+        shown.append(f"(+{len(keys) - _MAX_FIELDS})")
+    return " ".join(shown)
+
+
+def render_text(records: Iterable[Mapping[str, Any]]) -> str:
+    """One line per record: ``+seconds  conn  path  kind  type  key=value ... [trace]``."""
+    recs = sorted(records, key=_time)
+    if not recs:
+        return "(no records)\n"
+    t0 = _time(recs[0])
+    conn_w = max(4, *(len(str(r.get("conn") or "-")) for r in recs))
+    path_w = max(4, *(len(str(r.get("path") or "-")) for r in recs))
+    type_w = max(4, *(len(str(r.get("type", "?"))) for r in recs))
+    lines = [
+        f"{'time':<11}  {'conn':<{conn_w}}  {'path':<{path_w}}  {'kind':<5}  "
+        f"{'type':<{type_w}}  fields"
+    ]
+    for r in recs:
+        trace_id = r.get("trace_id")
+        tail = f"  [trace {str(trace_id)[:8]}]" if trace_id else ""
+        lines.append(
+            f"{f'{_time(r) - t0:+.6f}s':<11}  {r.get('conn') or '-'!s:<{conn_w}}  "
+            f"{r.get('path') or '-'!s:<{path_w}}  {r.get('kind', '?')!s:<5}  "
+            f"{r.get('type', '?')!s:<{type_w}}  {_fields(_body(r))}{tail}".rstrip()
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _lane(record: Mapping[str, Any]) -> tuple[str, str | None]:
+    body = _body(record)
+    conn = str(record.get("conn") or "-")
+    path = record.get("path") or body.get("path") or body.get("to_path")
+    return conn, (str(path) if path is not None else None)
+
+
+def _lane_label(lane: tuple[str, str | None]) -> str:
+    conn, path = lane
+    return f"{conn} / {path}" if path is not None else f"{conn} (conn)"
+
+
+def _stats_bytes(body: Mapping[str, Any]) -> float | None:
+    if isinstance(body.get("bytes"), (int, float)):
+        return float(body["bytes"])
+    tx, rx = body.get("tx_bytes"), body.get("rx_bytes")
+    if isinstance(tx, (int, float)) or isinstance(rx, (int, float)):
+        return float(tx or 0) + float(rx or 0)
+    return None
+
+
+def _throughput(
+    recs: Sequence[Mapping[str, Any]], t0: float
+) -> dict[tuple[str, str | None], tuple[list[float], list[float]]]:
+    """Per lane: (times, bytes/s) between consecutive cumulative samples; resets skipped."""
+    samples: dict[tuple[str, str | None], list[tuple[float, float]]] = defaultdict(list)
+    for r in recs:
+        if normalize_type(str(r.get("type", ""))) != "Stats":
+            continue
+        total = _stats_bytes(_body(r))
+        if total is not None:
+            samples[_lane(r)].append((_time(r) - t0, total))
+    series: dict[tuple[str, str | None], tuple[list[float], list[float]]] = {}
+    for lane, pts in samples.items():
+        times: list[float] = []
+        rates: list[float] = []
+        for (ta, ba), (tb, bb) in itertools.pairwise(pts):
+            if tb > ta and bb >= ba:
+                times.append(tb)
+                rates.append((bb - ba) / (tb - ta))
+        if times:
+            series[lane] = (times, rates)
+    return series
+
+
+def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) -> None:
+    """Write a PNG timeline of ``records`` to ``out_png`` (see the module docstring).
+
+    Uses matplotlib's Agg canvas directly (no pyplot): no global backend switch, no GUI,
+    safe from any thread.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    recs = sorted(records, key=_time)
+    t0 = _time(recs[0]) if recs else 0.0
+    t_end = (_time(recs[-1]) - t0) if recs else 1.0
+    t_end = t_end if t_end > 0 else 1.0
+
+    lanes: list[tuple[str, str | None]] = []
+    for r in recs:
+        if normalize_type(str(r.get("type", ""))) == "Stats":
+            continue
+        lane = _lane(r)
+        if lane not in lanes:
+            lanes.append(lane)
+    for r in recs:  # lanes named only as a switch's source
+        body = _body(r)
+        if normalize_type(str(r.get("type", ""))) in _SWITCH_TYPES and body.get("from_path"):
+            lane = (str(r.get("conn") or "-"), str(body["from_path"]))
+            if lane not in lanes:
+                lanes.append(lane)
+    lane_y = {lane: i for i, lane in enumerate(lanes)}
+    throughput = _throughput(recs, t0)
+
+    nrows = 2 if throughput else 1
+    fig = Figure(figsize=(11, 1.5 + 0.55 * max(len(lanes), 2) + (2.5 if throughput else 0)))
+    FigureCanvasAgg(fig)
+    ratios = [max(len(lanes), 2), 3] if throughput else [1]
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False, height_ratios=ratios)
+    ax = axes[0][0]
+
+    # State shading: from each PathStateChanged to the next one (or the end) on that lane.
+    changes: dict[tuple[str, str | None], list[tuple[float, str]]] = defaultdict(list)
+    for r in recs:
+        if normalize_type(str(r.get("type", ""))) == "PathStateChanged":
+            changes[_lane(r)].append((_time(r) - t0, str(_body(r).get("new", ""))))
+    for lane, points in changes.items():
+        y = lane_y[lane]
+        ends = [t for t, _ in points[1:]] + [t_end]
+        for (start, state), end in zip(points, ends, strict=True):
+            ax.broken_barh(
+                [(start, max(end - start, t_end * 1e-3))],
+                (y - 0.35, 0.7),
+                facecolors=_STATE_COLOURS.get(state, "#f4f4f4"),
+                edgecolors="none",
+                zorder=1,
+            )
+
+    seen: set[str] = set()
+    for r in recs:
+        kind = normalize_type(str(r.get("type", "")))
+        if kind in ("Stats", "PathStateChanged"):
+            continue
+        t = _time(r) - t0
+        y = lane_y[_lane(r)]
+        body = _body(r)
+        if kind in _SWITCH_TYPES and body.get("from_path") and body.get("to_path"):
+            src = lane_y.get((str(r.get("conn") or "-"), str(body["from_path"])))
+            dst = lane_y.get((str(r.get("conn") or "-"), str(body["to_path"])))
+            if src is not None and dst is not None:
+                ax.plot([t, t], [src, dst], linestyle=":", color="0.3", linewidth=1, zorder=2)
+        marker, face, edge, _label = _MARKERS.get(kind, (".", "0.5", "0.5", "other"))
+        if marker in _UNFILLED:  # line-only markers take one colour
+            ax.scatter([t], [y], marker=marker, s=70, c=edge, linewidths=1.2, zorder=3)
+        else:
+            ax.scatter(
+                [t],
+                [y],
+                marker=marker,
+                s=70,
+                facecolors=face,
+                edgecolors=edge,
+                linewidths=1.2,
+                zorder=3,
+            )
+        seen.add(kind if kind in _MARKERS else "other")
+
+    ax.set_yticks(range(len(lanes)), [_lane_label(lane) for lane in lanes])
+    ax.set_ylim(-0.7, max(len(lanes), 1) - 0.3)
+    ax.invert_yaxis()
+    ax.grid(axis="x", linestyle=":", linewidth=0.5)
+    ax.set_title("quic-supervisor timeline")
+    handles = [
+        Line2D([], [], linestyle="none", marker=m, markerfacecolor=f, markeredgecolor=e, label=lbl)
+        for kind, (m, f, e, lbl) in _MARKERS.items()
+        if kind in seen
+    ]
+    if "other" in seen:
+        handles.append(Line2D([], [], linestyle="none", marker=".", color="0.5", label="other"))
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+    if throughput:
+        tax = axes[1][0]
+        peak = max(max(rates) for _, rates in throughput.values())
+        scale, unit = next(
+            ((s, u) for s, u in ((1e6, "MB/s"), (1e3, "kB/s")) if peak >= s), (1.0, "B/s")
+        )
+        for lane, (times, rates) in throughput.items():
+            tax.step(times, [v / scale for v in rates], where="pre", label=_lane_label(lane))
+        tax.set_ylabel(f"throughput ({unit})")
+        tax.grid(linestyle=":", linewidth=0.5)
+        tax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        tax.set_xlabel("time (s)")
+    else:
+        ax.set_xlabel("time (s)")
+    ax.set_xlim(-0.02 * t_end, t_end * 1.02)
+    fig.tight_layout()
+    fig.savefig(os.fspath(out_png), format="png", dpi=100)
