@@ -14,6 +14,7 @@ when an aioquic release removes one of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
+from aioquic.quic.stream import QuicStream, QuicStreamSender
 from aioquic.tls import Epoch
 
 # aioquic evicts a path silently beyond this many (MAX_NETWORK_PATHS); we refuse before that.
@@ -65,6 +67,9 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "_packet_number",
         "_max_datagram_size",
         "_spin_bit",
+        "_streams",
+        "_close_pending",
+        "_write_stream_limits",
         "_quic_logger",
         "_version",
         "_close_at",
@@ -78,6 +83,8 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "remote_challenges",
         "bytes_sent",
     ),
+    QuicStreamSender: ("_buffer",),
+    QuicStream: ("max_stream_data_local", "max_stream_data_local_sent", "sender"),
     QuicPacketRecovery: (
         "_cc",
         "_pacer",
@@ -205,6 +212,9 @@ class MigratingQuicConnection(QuicConnection):
                     setattr(self._loss, name, value)
 
         self._loss.on_ack_received = on_ack_received  # type: ignore[method-assign]
+        # Unread bytes per stream and the bound above which we stop granting credit.
+        self._receive_backlog: dict[int, int] = {}
+        self._receive_limit: dict[int, int] = {}
 
     # ----------------------------------------------------------------- aioquic overrides
 
@@ -264,6 +274,17 @@ class MigratingQuicConnection(QuicConnection):
                 self._last_non_probing_rx[path_id] = context.time
         return is_ack_eliciting, is_probing
 
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: Any) -> None:
+        # aioquic doubles a stream's credit as bytes arrive; a slow reader would let the peer
+        # fill memory without bound. Grant nothing new while the unread backlog is at its limit.
+        sid = stream.stream_id
+        if (
+            self._receive_backlog.get(sid, 0) >= self._receive_limit.get(sid, 1 << 62)
+            and stream.max_stream_data_local_sent == stream.max_stream_data_local
+        ):
+            return
+        super()._write_stream_limits(builder, space, stream)
+
     # ----------------------------------------------------------------- probe building
 
     def _build_probe(
@@ -315,6 +336,21 @@ class MigratingQuicConnection(QuicConnection):
             )
 
     # ----------------------------------------------------------------- our API
+
+    def send_backlog(self, stream_id: int) -> int:
+        """Bytes written to a stream and not yet acknowledged by the peer."""
+        return stream_send_backlog(self, stream_id)
+
+    def set_receive_backlog(self, stream_id: int, backlog: int, limit: int) -> bool:
+        """Record a stream's unread bytes; True when credit was withheld and may flow again."""
+        was_blocked = self._receive_backlog.get(stream_id, 0) >= limit
+        self._receive_backlog[stream_id] = backlog
+        self._receive_limit[stream_id] = limit
+        return was_blocked and backlog < limit
+
+    @property
+    def close_pending(self) -> bool:
+        return bool(self._close_pending)
 
     @property
     def handshake_confirmed(self) -> bool:
@@ -381,6 +417,7 @@ class MigratingQuicConnection(QuicConnection):
         path = self._network_paths[0]
         if not isinstance(path.addr, PathAddr):
             path.addr = PathAddr(path.addr, path_id)
+        path.local_challenge_sent = True  # our challenges are emitted on request only
 
     def _path(self, path_id: int) -> QuicNetworkPath:
         for path in self._network_paths:
@@ -425,10 +462,8 @@ class MigratingQuicConnection(QuicConnection):
         """Drop outstanding challenges of a path (probe cancelled or timed out)."""
         for challenge in [c for c, (pid, _) in self._challenge_sent_at.items() if pid == path_id]:
             del self._challenge_sent_at[challenge]
-        try:
+        with contextlib.suppress(KeyError):
             self._path(path_id).local_challenges.clear()
-        except KeyError:
-            pass
 
     def take_path_responses(self) -> list[PathResponse]:
         out, self._path_responses = self._path_responses, []
@@ -571,6 +606,9 @@ class MigratingQuicConnection(QuicConnection):
         new = self._path(token.to_path)
         if self._network_paths[0] is not new:
             raise ValueError("the switch being rolled back is not the current one")
+        if old.peer_cid is None and not self.reserve_peer_cid(token.from_path):
+            # The peer retired the old path's CID meanwhile (Retire Prior To) and none is spare.
+            raise LookupError("no peer connection ID to return to the old path")
         self._detach_in_flight(since=token.first_packet_number)
         new.peer_cid, self._peer_cid, old.peer_cid = self._peer_cid, old.peer_cid, None
         self._spin_bit = False
@@ -579,6 +617,17 @@ class MigratingQuicConnection(QuicConnection):
         self._restore_context(token.old_context)
         self._rtt_floor_packet_number = self._packet_number
         self.send_ping(ping_uid)
+
+
+def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:
+    """Unacknowledged bytes of a stream of any aioquic connection (server side included)."""
+    stream = quic._streams.get(stream_id)
+    return 0 if stream is None else len(stream.sender._buffer)
+
+
+def server_sockname(server: Any) -> tuple[Any, ...]:
+    """The bound address of an ``aioquic.asyncio.serve`` server (it keeps its transport private)."""
+    return tuple(server._transport.get_extra_info("sockname"))
 
 
 def is_ping_acknowledged(event: quic_events.QuicEvent, uid: int) -> bool:

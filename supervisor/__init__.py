@@ -1,0 +1,25 @@
+"""quic-supervisor: client-side QUIC connection migration for Python, run as actors.
+
+Note: the import name ``supervisor`` is also that of supervisord's Python package; do not
+install both into one environment.
+"""
+
+from actors.path_state import PathState
+from actors.streams import Stream
+from supervisor.api import Supervisor
+from supervisor.config import FailoverPolicy
+from supervisor.handles import Connection, MigratableConn, Path, PathInfo
+from supervisor.server import InboundConnection, Listener
+
+__all__ = [
+    "Connection",
+    "FailoverPolicy",
+    "InboundConnection",
+    "Listener",
+    "MigratableConn",
+    "Path",
+    "PathInfo",
+    "PathState",
+    "Stream",
+    "Supervisor",
+]

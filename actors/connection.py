@@ -1,0 +1,521 @@
+"""ConnectionActor: one outbound QUIC connection, the only code that builds or parses its packets.
+
+It owns the aioquic connection (through ``MigratingQuicConnection``), its timer, its streams
+and, as children, one PathActor per local socket. Datagrams arrive by direct synchronous call
+from the paths and are answered in one batch per event-loop turn. Control messages (connect,
+add/probe/switch/close a path, close) arrive through the mailbox; the long ones run as owned
+tasks answered with :class:`Later`, so the mailbox never waits on the network.
+
+Rules kept here (DESIGN section 4): no probe before the handshake is confirmed; each path sends
+with its own peer CID; probes stay outside loss recovery; a switch starts fresh RTT/congestion
+state, sends a non-probing packet at once and is confirmed by a non-probing packet from the peer
+on the new path within 3 x PTO, or rolled back; the peer's ``disable_active_migration`` forbids
+any other local address; its ``preferred_address`` is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+
+from actors.errors import (
+    ActivePathCloseError,
+    ConnectionClosedError,
+    DialTimeoutError,
+    HandshakeError,
+    MigrationNotSupportedError,
+    MigrationRolledBackError,
+    NoConnectionIdError,
+    PathClosedError,
+    PathLimitError,
+    PathNotValidatedError,
+)
+from actors.messages import (
+    AddPath,
+    Close,
+    ClosePath,
+    Connect,
+    ConnectionEnded,
+    EmitChallenge,
+    Probe,
+    StartProbe,
+    Switch,
+    SwitchResult,
+)
+from actors.path import PathActor, ProbeSchedule
+from actors.path_state import PathState
+from actors.quic_adapter import MigratingQuicConnection, PathAddr
+from actors.runtime import Actor, ActorRef, ChildFailed, Later
+from actors.streams import DEFAULT_STREAM_BUFFER, Stream
+
+log = logging.getLogger(__name__)
+
+#: Paths per connection, the handshake path included. Each needs its own peer CID and aioquic
+#: keeps at most 8 network paths (evicting silently beyond): 7 leaves one spare CID in hand.
+MAX_PATHS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """Tunables of a connection actor (defaults suit loopback and LAN paths alike)."""
+
+    stream_buffer: int = DEFAULT_STREAM_BUFFER
+    probe_schedule: ProbeSchedule = field(default_factory=ProbeSchedule)
+    #: A standby path validated longer ago than this is re-probed before a switch to it.
+    stale_after: float = 30.0
+    #: Lower bound of the switch confirmation window (3 x PTO can be a few ms on loopback, less
+    #: than one scheduling hiccup of a busy Python process).
+    min_confirmation_window: float = 0.2
+
+
+class ConnectionActor(Actor):
+    """Owns one client QUIC connection and its paths."""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        configuration: QuicConfiguration,
+        remote: tuple[Any, ...],
+        first_socket: socket.socket,
+        sockets: dict[int, socket.socket],
+        notify: Callable[[object], None],
+        options: ConnectionOptions | None = None,
+    ) -> None:
+        self.conn_id = conn_id
+        self.remote = remote
+        self.quic = MigratingQuicConnection(configuration=configuration)
+        self.options = options or ConnectionOptions()
+        self._first_socket = first_socket
+        self._sockets = sockets  # handed-over sockets, by key (see AddPath)
+        self._notify = notify
+        self.paths: dict[int, PathActor] = {}
+        self._path_refs: dict[int, ActorRef] = {}
+        self._path_ids = itertools.count()
+        self._ping_ids = itertools.count(1)
+        self.streams: dict[int, Stream] = {}
+        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._handshake_done = asyncio.Event()
+        self._confirmed = asyncio.Event()
+        self._changed = asyncio.Event()  # set after every input batch: wakes condition waiters
+        self.closed = False
+        self.close_reason: str | None = None
+        self.close_error: ConnectionClosedError | None = None
+        self._terminated = asyncio.Event()
+        self.alpn: str | None = None
+        self.app_handler: Callable[[qe.QuicEvent], bool] | None = None
+        self.migrations = 0
+        self.bytes_by_state: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_start(self) -> None:
+        path_id = next(self._path_ids)
+        self._start_path(path_id, self._first_socket, PathState.NEW)
+
+    async def on_stop(self) -> None:
+        if not self.closed:
+            self._terminate(ConnectionClosedError(self.conn_id, reason="connection actor stopped"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _start_path(self, path_id: int, sock: socket.socket, state: PathState) -> PathActor:
+        path = PathActor(
+            path_id=path_id,
+            sock=sock,
+            remote=self.remote,
+            sink=self,
+            conn=self.ref,
+            on_state=self._path_state_changed,
+            initial_state=state,
+            schedule=self.options.probe_schedule,
+        )
+        self.paths[path_id] = path
+        self._path_refs[path_id] = self.spawn_child(path, name=f"{self.conn_id}/path{path_id}")
+        return path
+
+    def _path_state_changed(self, path_id: int, old: PathState, new: PathState) -> None:
+        from actors.messages import PathStateReport
+
+        self._notify(PathStateReport(path_id=path_id, old=old, new=new))
+
+    # ------------------------------------------------------------------ data plane
+
+    def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.closed:
+            return
+        self.quic.receive_datagram(data, PathAddr(addr, path_id), self._loop.time())
+        self._after_input()
+
+    def path_error(self, path_id: int, exc: OSError) -> None:
+        self._changed.set()
+
+    def _after_input(self) -> None:
+        quic = self.quic
+        while (event := quic.next_event()) is not None:
+            self._handle_event(event)
+        for response in quic.take_path_responses():
+            path = self.paths.get(response.path_id)
+            if path is not None:
+                path.path_response(response.rtt)
+        if quic.handshake_confirmed and not self._confirmed.is_set():
+            self._confirmed.set()
+        self._changed.set()
+        self._schedule_flush()
+
+    def _handle_event(self, event: qe.QuicEvent) -> None:
+        if self.app_handler is not None and self.app_handler(event):
+            return
+        if isinstance(event, qe.StreamDataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                stream = self._new_stream(event.stream_id)
+                self._incoming.put_nowait(stream)
+            stream.feed(event.data, event.end_stream)
+            self.quic.set_receive_backlog(
+                event.stream_id, stream.receive_backlog, self.options.stream_buffer
+            )
+        elif isinstance(event, qe.StreamReset):
+            from actors.streams import StreamResetError
+
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.fail(StreamResetError(event.stream_id, event.error_code))
+        elif isinstance(event, qe.HandshakeCompleted):
+            self.alpn = event.alpn_protocol
+            self._handshake_done.set()
+        elif isinstance(event, qe.ConnectionTerminated):
+            by_peer = event.reason_phrase != "Idle timeout"
+            self._terminate(
+                ConnectionClosedError(
+                    self.conn_id,
+                    reason=f"{event.reason_phrase or 'closed'} (error code {event.error_code})",
+                ),
+                error_code=event.error_code,
+                by_peer=by_peer,
+            )
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send everything aioquic has for us, each datagram from its path's socket."""
+        self._flush_scheduled = False
+        if self.closed and not self.quic.close_pending:
+            return
+        now = self._loop.time()
+        active = self.quic.active_path_id if self.quic.path_count else None
+        for data, addr in self.quic.datagrams_to_send(now):
+            path = self.paths.get(getattr(addr, "path_id", active if active is not None else -1))
+            if path is not None:
+                path.send(data)
+        for stream in self.streams.values():
+            stream.poke_writable()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.quic.get_timer()
+        if when is not None and not self.closed:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.quic.handle_timer(self._loop.time())
+        self._after_input()
+
+    # ------------------------------------------------------------------ streams (data plane)
+
+    def _new_stream(self, stream_id: int) -> Stream:
+        stream = Stream(self, stream_id, self.options.stream_buffer)
+        self.streams[stream_id] = stream
+        return stream
+
+    def open_stream(self) -> Stream:
+        self.check_open()
+        stream_id = self.quic.get_next_available_stream_id()
+        return self._new_stream(stream_id)
+
+    async def accept_stream(self) -> Stream:
+        self.check_open()
+        return await self._incoming.get()
+
+    def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.check_open()
+        self.quic.send_stream_data(stream_id, data, end_stream)
+        self._schedule_flush()
+
+    def stream_send_backlog(self, stream_id: int) -> int:
+        return self.quic.send_backlog(stream_id)
+
+    def stream_consumed(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        backlog = stream.receive_backlog if stream is not None else 0
+        if self.quic.set_receive_backlog(stream_id, backlog, self.options.stream_buffer):
+            self._schedule_flush()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise self.close_error or ConnectionClosedError(self.conn_id)
+
+    # ------------------------------------------------------------------ control plane
+
+    async def receive(self, msg: object) -> object:
+        if isinstance(msg, EmitChallenge):
+            return Later(self.spawn(self._emit_challenge(msg), name="emit-challenge"))
+        if isinstance(msg, Connect):
+            return Later(self.spawn(self._connect(msg.timeout), name="connect"))
+        if isinstance(msg, AddPath):
+            return self._add_path(msg)
+        if isinstance(msg, Probe):
+            return Later(self.spawn(self._probe(msg.path_id, msg.timeout), name="probe"))
+        if isinstance(msg, Switch):
+            return Later(self.spawn(self._switch(msg), name="switch"))
+        if isinstance(msg, ClosePath):
+            return await self._close_path(msg.path_id)
+        if isinstance(msg, Close):
+            self._close(msg.error_code, msg.reason)
+            return None
+        if isinstance(msg, ChildFailed):
+            # A path that crashed is a failed path, never a failed connection.
+            for path_id, ref in list(self._path_refs.items()):
+                if ref is msg.ref:
+                    self._forget_path(path_id)
+            return None
+        return await super().receive(msg)
+
+    async def _connect(self, timeout: float) -> None:
+        self.quic.connect(PathAddr(self.remote, 0), now=self._loop.time())
+        self.quic.attach_initial_path(0)
+        self._flush()
+        done = asyncio.ensure_future(self._handshake_done.wait())
+        ended = asyncio.ensure_future(self._terminated.wait())
+        try:
+            await asyncio.wait({done, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            ended.cancel()
+        if self._handshake_done.is_set():
+            self.paths[0].set_state(PathState.ACTIVE)
+            self.paths[0].validated_at = self._loop.time()
+            return
+        if self.closed:
+            raise HandshakeError(_fmt(self.remote), self.close_reason or "connection closed")
+        self._close(0, "handshake timeout")
+        raise DialTimeoutError(_fmt(self.remote), timeout=timeout)
+
+    def _require_migratable(self) -> None:
+        if self.quic.peer_disabled_active_migration:
+            raise MigrationNotSupportedError("disable_active_migration", conn_id=self.conn_id)
+
+    def _add_path(self, msg: AddPath) -> int:
+        sock = self._sockets.pop(msg.socket_key)
+        try:
+            self.check_open()
+            self._require_migratable()
+            if len(self.paths) >= MAX_PATHS:
+                raise PathLimitError(MAX_PATHS, conn_id=self.conn_id)
+            path_id = next(self._path_ids)
+            self.quic.add_path(path_id, self.remote)
+        except BaseException:
+            sock.close()
+            raise
+        self._start_path(path_id, sock, PathState.NEW)
+        return path_id
+
+    def path(self, path_id: int) -> PathActor:
+        path = self.paths.get(path_id)
+        if path is None or path.state is PathState.CLOSED:
+            raise PathClosedError(None)
+        return path
+
+    async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds after some input, at most ``timeout`` seconds."""
+        if predicate():
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._changed.clear()
+                    await self._changed.wait()
+                    self.check_open()
+        except TimeoutError:
+            return predicate()
+        return True
+
+    async def _wait_confirmed(self) -> None:
+        """Probes wait for the handshake to be confirmed (HANDSHAKE_DONE), RFC 9000 §9."""
+        while not self._confirmed.is_set():
+            self.check_open()
+            ended = asyncio.ensure_future(self._terminated.wait())
+            confirmed = asyncio.ensure_future(self._confirmed.wait())
+            try:
+                await asyncio.wait({ended, confirmed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+                confirmed.cancel()
+        self.check_open()
+
+    async def _emit_challenge(self, msg: EmitChallenge) -> list[bytes]:
+        await self._wait_confirmed()
+        self._require_migratable()
+        path = self.path(msg.path_id)
+        if not self.quic.reserve_peer_cid(msg.path_id):
+            # A replenishment may be in flight (we retired a CID): wait one RTT for it.
+            rtt = self.quic.smoothed_rtt or self.quic.probe_timeout()
+            if not await self._wait_until(lambda: self.quic.spare_peer_cids > 0, rtt):
+                raise NoConnectionIdError(_fmt(path.local))
+            self.quic.reserve_peer_cid(msg.path_id)
+        if msg.nudge:
+            self.quic.send_ping(next(self._ping_ids))
+            self._flush()
+        datagrams = self.quic.emit_challenge(msg.path_id, self._loop.time())
+        return [data for data, _ in datagrams]
+
+    async def _probe(self, path_id: int, timeout: float) -> float:
+        path = self.path(path_id)
+        if path_id == self.quic.active_path_id:
+            # The active path is proven by the traffic it carries; report its RTT instead.
+            return self.quic.smoothed_rtt or 0.0
+        try:
+            result = await self._path_refs[path_id].ask(StartProbe(timeout))
+        except asyncio.CancelledError:
+            self.quic.forget_challenges(path_id)
+            raise
+        except BaseException:
+            if self.quic.has_path(path_id):
+                self.quic.forget_challenges(path_id)
+                self.quic.invalidate_path(path_id)
+            raise
+        assert isinstance(result, float)
+        del path
+        return result
+
+    async def _switch(self, msg: Switch) -> SwitchResult:
+        """Make ``msg.path_id`` active; confirmed by the peer within 3 x PTO or rolled back."""
+        path = self.path(msg.path_id)
+        active = self.quic.active_path_id
+        if msg.path_id == active:
+            return SwitchResult(active, active, path.rtt, 0.0, None, None, False)
+        self._require_migratable()
+        if path.state not in (PathState.STANDBY,):
+            raise PathNotValidatedError(_fmt(path.local), state=path.state)
+        reprobed = False
+        now = self._loop.time()
+        if path.validated_at is None or now - path.validated_at > self.options.stale_after:
+            await self._probe(msg.path_id, msg.probe_timeout)
+            reprobed = True
+        old = self.paths[active]
+        t0 = self._loop.time()
+        pto_old = self.quic.probe_timeout()
+        token = self.quic.switch_path(
+            msg.path_id, t0, seed_rtt=path.rtt, ping_uid=next(self._ping_ids)
+        )
+        window = max(3 * max(pto_old, self.quic.probe_timeout()),
+                     self.options.min_confirmation_window)
+        path.set_state(PathState.ACTIVE)
+        old.set_state(PathState.STANDBY)
+        self._flush()
+        confirmed = False
+        try:
+            confirmed = await self._wait_until(
+                lambda: (self.quic.last_non_probing_rx(msg.path_id) or -1.0) >= t0, window
+            )
+        finally:
+            if not confirmed and not self.closed:
+                # Rolled back (or cancelled): the old path carries the connection again.
+                self.quic.rollback_switch(token, self._loop.time(), ping_uid=next(self._ping_ids))
+                old.set_state(PathState.ACTIVE)
+                path.set_state(PathState.STANDBY)
+                self._flush()
+        if not confirmed:
+            self.check_open()
+            path.set_state(PathState.FAILED)
+            self.quic.invalidate_path(msg.path_id)
+            raise MigrationRolledBackError(
+                _fmt(old.local), _fmt(path.local), timeout=window,
+                reason="the peer did not reach us on the new path",
+            )
+        self.migrations += 1
+        path.validated_at = self._loop.time()
+        return SwitchResult(
+            from_path=token.from_path,
+            to_path=token.to_path,
+            probe_rtt=path.rtt,
+            confirmation_time=self._loop.time() - t0,
+            cid_sequence_before=token.cid_sequence_before,
+            cid_sequence_after=token.cid_sequence_after,
+            reprobed=reprobed,
+        )
+
+    async def _close_path(self, path_id: int) -> bool:
+        path = self.paths.get(path_id)
+        if path is None or path.state is PathState.CLOSED:
+            return False  # idempotent
+        if not self.closed and path_id == self.quic.active_path_id:
+            raise ActivePathCloseError(_fmt(path.local))
+        if self.quic.has_path(path_id) and not self.closed:
+            self.quic.close_path(path_id)
+            self._schedule_flush()  # sends RETIRE_CONNECTION_ID on the active path
+        ref = self._path_refs.pop(path_id)
+        await ref.stop()
+        self.paths.pop(path_id, None)
+        return True
+
+    def _forget_path(self, path_id: int) -> None:
+        if self.quic.has_path(path_id) and path_id != self.quic.active_path_id:
+            self.quic.close_path(path_id)
+        self._path_refs.pop(path_id, None)
+        self.paths.pop(path_id, None)
+
+    def _close(self, error_code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.quic.close(error_code=error_code, reason_phrase=reason)
+        self._flush()  # CONNECTION_CLOSE leaves on the active path before we stop
+        self._terminate(ConnectionClosedError(self.conn_id, reason=reason or "closed locally"),
+                        error_code=error_code, by_peer=False)
+
+    def _terminate(
+        self, error: ConnectionClosedError, *, error_code: int = 0, by_peer: bool = False
+    ) -> None:
+        """End everything once: waiters fail, paths stop, the supervisor is told."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_error = error
+        self.close_reason = str(error)
+        self._terminated.set()
+        self._changed.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream in self.streams.values():
+            stream.fail(error)
+        for path in self.paths.values():
+            path.connection_closed(error)
+        self._notify(
+            ConnectionEnded(self.conn_id, error_code, error.reason or "", by_peer)
+        )
+        self.ref.request_stop()
+
+
+def _fmt(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,245 @@
+"""PathActor: one local UDP socket of a connection and that path's probe loop.
+
+The socket is read by an asyncio datagram protocol that hands each datagram to the
+ConnectionActor with a direct synchronous call (no mailbox hop per datagram: DESIGN section 1).
+Control (probe, close) goes through the mailbox. The probe loop decides when to send a challenge
+and for how long to wait; the ConnectionActor builds the challenge (it owns all packet building),
+hands it back, and tells the path when a PATH_RESPONSE arrived on this socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actors.errors import ConnectionClosedError, ProbeTimeoutError
+from actors.messages import EmitChallenge, StartProbe
+from actors.path_state import PathState, PathStateMachine
+from actors.runtime import Actor, ActorRef, Later
+
+
+class DatagramSink(Protocol):
+    """What a path hands received datagrams to: its ConnectionActor, called synchronously."""
+
+    def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None: ...
+
+    def path_error(self, path_id: int, exc: OSError) -> None: ...
+
+
+@dataclass(slots=True)
+class PathStats:
+    """Counters a path keeps about its own socket."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    dropped_off_path: int = 0
+    send_errors: int = 0
+    icmp_errors: int = 0
+    last_error: str | None = None
+    probes_sent: int = 0
+    probe_rtts: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSchedule:
+    """When to retry a challenge: first wait, growth factor, cap (the RFC leaves it to us)."""
+
+    first_wait: float = 0.05
+    backoff: float = 2.0
+    max_wait: float = 1.0
+
+
+UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED})
+
+
+class _PathProtocol(asyncio.DatagramProtocol):
+    def __init__(self, path: PathActor) -> None:
+        self._path = path
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._path._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            self._path._on_error(exc)
+
+
+class PathActor(Actor):
+    """Owns one UDP socket; the ConnectionActor is its parent."""
+
+    def __init__(
+        self,
+        *,
+        path_id: int,
+        sock: socket.socket,
+        remote: tuple[Any, ...],
+        sink: DatagramSink,
+        conn: ActorRef,
+        on_state: Callable[[int, PathState, PathState], None],
+        initial_state: PathState = PathState.NEW,
+        schedule: ProbeSchedule | None = None,
+    ) -> None:
+        self.path_id = path_id
+        self.sock = sock
+        self.local: tuple[Any, ...] = sock.getsockname()
+        self.remote = remote
+        self._remote_key = _addr_key(remote)
+        self._sink = sink
+        self._conn = conn
+        self._on_state = on_state
+        self._state = PathStateMachine(initial_state)
+        self._schedule = schedule or ProbeSchedule()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._response: asyncio.Future[float] | None = None
+        self._probe_task: asyncio.Task[float] | None = None
+        self.stats = PathStats()
+        self.rtt: float | None = None
+        self.validated_at: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_start(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _PathProtocol(self), sock=self.sock
+        )
+        self._transport = transport
+
+    async def on_stop(self) -> None:
+        self._fail_response(ConnectionClosedError(reason="path closed"))
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            self.sock.close()
+        self.set_state(PathState.CLOSED)
+
+    @property
+    def state(self) -> PathState:
+        return self._state.state
+
+    def set_state(self, new: PathState) -> None:
+        change = self._state.move(new)
+        if change is not None:
+            self._on_state(self.path_id, *change)
+
+    # ------------------------------------------------------------------ data plane
+
+    def send(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.sendto(data, self.remote)
+        self.stats.bytes_sent += len(data)
+        self.stats.datagrams_sent += 1
+
+    def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if _addr_key(addr) != self._remote_key:
+            # Only the peer's address is ours to process (RFC 9000 §9: clients drop the rest).
+            self.stats.dropped_off_path += 1
+            return
+        self.stats.bytes_received += len(data)
+        self.stats.datagrams_received += 1
+        self._sink.datagram_received(self.path_id, data, addr)
+
+    def _on_error(self, exc: OSError) -> None:
+        # ICMP errors surface here (IP_RECVERR is on for UDP sockets in asyncio on Linux):
+        # immediate evidence about this path's health.
+        self.stats.icmp_errors += 1
+        self.stats.last_error = f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc}"
+        if exc.errno in UNREACHABLE_ERRNOS:
+            self._fail_response(exc)
+        self._sink.path_error(self.path_id, exc)
+
+    def path_response(self, rtt: float) -> None:
+        """Called by the connection when a PATH_RESPONSE for this path arrived on its socket."""
+        if self._response is not None and not self._response.done():
+            self._response.set_result(rtt)
+
+    def connection_closed(self, exc: BaseException) -> None:
+        self._fail_response(exc)
+
+    def _fail_response(self, exc: BaseException) -> None:
+        if self._response is not None and not self._response.done():
+            self._response.set_exception(exc)
+
+    # ------------------------------------------------------------------ control plane
+
+    async def receive(self, msg: object) -> object:
+        if isinstance(msg, StartProbe):
+            if self._probe_task is None or self._probe_task.done():
+                self._probe_task = self.spawn(self._probe(msg.timeout), name="probe")
+            return Later(self._probe_task)
+        return await super().receive(msg)
+
+    async def _probe(self, timeout: float) -> float:
+        """Challenge until answered on this socket or ``timeout``; returns the probe RTT."""
+        loop = asyncio.get_running_loop()
+        before = self.state
+        self.set_state(PathState.VALIDATING)
+        deadline = loop.time() + timeout
+        wait = self._schedule.first_wait
+        tries = 0
+        ok = False
+        try:
+            while True:
+                tries += 1
+                self._response = loop.create_future()
+                datagrams = await self._conn.ask(
+                    EmitChallenge(self.path_id, nudge=tries == 1), timeout=None
+                )
+                assert isinstance(datagrams, list)
+                for data in datagrams:
+                    self.send(data)
+                self.stats.probes_sent += 1
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ProbeTimeoutError(_fmt(self.local), timeout=timeout)
+                try:
+                    async with asyncio.timeout(min(wait, remaining)):
+                        rtt = await self._response
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise ProbeTimeoutError(_fmt(self.local), timeout=timeout) from None
+                    wait = min(wait * self._schedule.backoff, self._schedule.max_wait)
+                    continue
+                ok = True
+                self.rtt = rtt
+                self.validated_at = loop.time()
+                self.stats.probe_rtts.append(rtt)
+                del self.stats.probe_rtts[:-64]
+                self.set_state(PathState.STANDBY)
+                return rtt
+        except asyncio.CancelledError:
+            # Cancelled by the caller: leave no trace (back to where the path was).
+            if not ok and self.state is PathState.VALIDATING:
+                self.set_state(before if before is not PathState.VALIDATING else PathState.NEW)
+            raise
+        except (ProbeTimeoutError, OSError) as exc:
+            if self.state is PathState.VALIDATING:
+                self.set_state(PathState.FAILED)
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                raise ProbeTimeoutError(_fmt(self.local), timeout=timeout) from exc
+            raise
+        except BaseException:
+            if self.state is PathState.VALIDATING:
+                self.set_state(before if before is not PathState.VALIDATING else PathState.NEW)
+            raise
+        finally:
+            self._response = None
+
+
+def _addr_key(addr: tuple[Any, ...]) -> tuple[str, int]:
+    host = str(addr[0])
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return host, int(addr[1])
+
+
+def _fmt(addr: tuple[Any, ...]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

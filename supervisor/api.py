@@ -1,0 +1,192 @@
+"""``Supervisor``: the entry point, an async context manager over the local actor runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from multiaddr import Multiaddr
+
+from actors.connection import ConnectionOptions
+from actors.errors import ConnectionClosedError
+from actors.runtime import ActorRef, ChildFailed, Runtime
+from actors.streams import Stream
+from supervisor.config import FailoverPolicy
+from supervisor.events import EventBus
+from supervisor.handles import Connection
+from supervisor.messages import ConnectionSnapshot, DialRequest
+from supervisor.server import Listener
+from supervisor.supervisor_actor import SupervisorActor
+
+
+class Supervisor:
+    """Owns the actors of every connection it dials; closing it closes them all.
+
+    ``enable_experimental_connection_migration`` is go-libp2p's opt-in: without it ``add_path``
+    raises ``MigrationNotEnabledError``. All handles belong to this supervisor's event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        enable_experimental_connection_migration: bool = False,
+        failover: FailoverPolicy | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        options: ConnectionOptions | None = None,
+        ask_timeout: float | None = None,
+    ) -> None:
+        self.migration_enabled = bool(enable_experimental_connection_migration)
+        self.failover = failover
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.options = options or ConnectionOptions()
+        self.events = EventBus()
+        self._ask_timeout = ask_timeout
+        self._runtime: Runtime | None = None
+        self._actor: SupervisorActor | None = None
+        self._ref: ActorRef | None = None
+        self._sockets: dict[int, socket.socket] = {}
+        self._socket_keys = itertools.count(1)
+        self._listeners: list[Listener] = []
+        self._failures: list[ChildFailed] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Supervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._runtime is not None:
+            return
+        self._runtime = Runtime(on_failure=self._failures.append)
+        self._actor = SupervisorActor(
+            migration_enabled=self.migration_enabled,
+            events=self.events,
+            sockets=self._sockets,
+            options=self.options,
+        )
+        self._ref = self._runtime.start(self._actor, name="supervisor")
+
+    async def close(self) -> None:
+        """Close every listener and connection; no socket or task survives this call."""
+        for listener in self._listeners:
+            await listener.close()
+        self._listeners.clear()
+        if self._runtime is not None:
+            if self._actor is not None:
+                for entry in list(self._actor.conns.values()):
+                    if entry.ref.is_alive:
+                        with contextlib.suppress(Exception):
+                            await entry.ref.ask(_close_msg(), timeout=5)
+            await self._runtime.stop()
+            self._runtime = None
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        self.events.close()
+
+    # ------------------------------------------------------------------ Client (handles)
+
+    async def ask(self, msg: object, timeout: float | None = None) -> object:
+        if self._ref is None:
+            raise ConnectionClosedError(reason="the supervisor is not running")
+        return await self._ref.ask(msg, timeout=timeout if timeout is not None else
+                                   self._ask_timeout)
+
+    def live_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
+        return self._actor.snapshot(conn_id) if self._actor is not None else None
+
+    def register_socket(self, sock: Any) -> int:
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+        key = next(self._socket_keys)
+        self._sockets[key] = sock
+        return key
+
+    # ------------------------------------------------------------------ API
+
+    async def dial(
+        self,
+        addr: str | Multiaddr,
+        *,
+        alpn_protocols: list[str] | None = None,
+        server_name: str | None = "localhost",
+        cafile: str | None = None,
+        verify: bool = True,
+        local_addr: str | Multiaddr | None = None,
+        device: str | None = None,
+        sock: socket.socket | None = None,
+        timeout: float = 10.0,
+        idle_timeout: float = 30.0,
+    ) -> Connection:
+        """Dial a QUIC server; returns once the handshake completed."""
+        key = self.register_socket(sock) if sock is not None else None
+        reply = await self.ask(
+            DialRequest(
+                remote=str(addr),
+                alpn_protocols=tuple(alpn_protocols) if alpn_protocols else None,
+                server_name=server_name,
+                cafile=cafile,
+                verify=verify,
+                local_addr=str(local_addr) if local_addr is not None else None,
+                device=device,
+                socket_key=key,
+                timeout=timeout,
+                idle_timeout=idle_timeout,
+            )
+        )
+        assert isinstance(reply, ConnectionSnapshot)
+        assert self._actor is not None
+        actor = self._actor.conns[reply.conn_id].actor
+        return Connection(self, reply, actor)
+
+    async def listen(
+        self,
+        addr: str | Multiaddr,
+        *,
+        certfile: str | os.PathLike[str],
+        keyfile: str | os.PathLike[str] | None = None,
+        alpn_protocols: list[str] | None = None,
+        handler: Callable[[Stream], Awaitable[None]] | None = None,
+    ) -> Listener:
+        """Serve QUIC on ``addr``; ``handler(stream)`` runs for every stream a peer opens."""
+        config = QuicConfiguration(is_client=False, alpn_protocols=alpn_protocols)
+        config.load_cert_chain(certfile, keyfile)
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog:
+            config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the server
+        listener = Listener(self, handler)
+        await listener.start(addr, config)
+        self._listeners.append(listener)
+        return listener
+
+    def connections(self) -> list[ConnectionSnapshot]:
+        if self._actor is None:
+            return []
+        return [s for c in list(self._actor.conns) if (s := self._actor.snapshot(c)) is not None]
+
+
+def _close_msg() -> object:
+    from actors.messages import Close
+
+    return Close(0, "supervisor closing")
+
+
+async def _wait_all(tasks: list[asyncio.Task[Any]]) -> None:
+    if tasks:
+        await asyncio.wait(tasks)

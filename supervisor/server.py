@@ -1,0 +1,210 @@
+"""The listening side: a stock aioquic server whose connections surface as our handles.
+
+Server-side connections accept the peer's migration (aioquic does it: new path validated, then
+promoted) and never initiate one, so they need none of the path machinery: each is an aioquic
+``QuicConnectionProtocol`` with our bounded streams on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+from multiaddr import Multiaddr
+
+from actors.errors import ConnectionClosedError
+from actors.path_state import PathState
+from actors.quic_adapter import server_sockname, stream_send_backlog
+from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
+from supervisor.addresses import parse_quic_multiaddr, sockaddr_to_multiaddr
+from supervisor.handles import Client, Connection, InboundMigratableConn, MigratableConn, PathInfo
+from supervisor.messages import ConnectionSnapshot
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+class InboundProtocol(QuicConnectionProtocol):
+    """One accepted connection; implements the stream owner interface of our Stream."""
+
+    def __init__(self, *args: Any, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listener = listener
+        self.conn_id = os.urandom(6).hex()
+        self.streams: dict[int, Stream] = {}
+        self.incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        self.closed = False
+        self.error: ConnectionClosedError | None = None
+        self.peer_addresses: set[tuple[Any, ...]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # StreamOwner
+    def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.check_open()
+        self._quic.send_stream_data(stream_id, data, end_stream)
+        self.transmit()
+
+    def stream_send_backlog(self, stream_id: int) -> int:
+        return stream_send_backlog(self._quic, stream_id)
+
+    def stream_consumed(self, stream_id: int) -> None:
+        self.transmit()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise self.error or ConnectionClosedError(self.conn_id)
+
+    def peer_address(self) -> tuple[Any, ...] | None:
+        peer = self._quic.get_peer_address()
+        return tuple(peer) if peer is not None else None
+
+    def open_stream(self) -> Stream:
+        self.check_open()
+        stream_id = self._quic.get_next_available_stream_id()
+        stream = self.streams[stream_id] = Stream(self, stream_id, DEFAULT_STREAM_BUFFER)
+        return stream
+
+    async def accept_stream(self) -> Stream:
+        self.check_open()
+        return await self.incoming.get()
+
+    def quic_event_received(self, event: qe.QuicEvent) -> None:
+        peer = self._quic.get_peer_address()
+        if peer is not None:
+            self.peer_addresses.add(tuple(peer))
+        if isinstance(event, qe.StreamDataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                stream = self.streams[event.stream_id] = Stream(
+                    self, event.stream_id, DEFAULT_STREAM_BUFFER
+                )
+                self._accepted(stream)
+            stream.feed(event.data, event.end_stream)
+        elif isinstance(event, qe.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.fail(StreamResetError(event.stream_id, event.error_code))
+        elif isinstance(event, qe.HandshakeCompleted):
+            self.listener._connected(self)
+        elif isinstance(event, qe.ConnectionTerminated):
+            self.closed = True
+            self.error = ConnectionClosedError(self.conn_id, reason=event.reason_phrase)
+            for stream in self.streams.values():
+                stream.fail(self.error)
+            self.listener._ended(self)
+        for stream in self.streams.values():
+            stream.poke_writable()
+
+    def _accepted(self, stream: Stream) -> None:
+        handler = self.listener.handler
+        if handler is None:
+            self.incoming.put_nowait(stream)
+            return
+        task = asyncio.get_running_loop().create_task(self._run_handler(handler, stream))
+        self._tasks.add(task)
+        self.listener._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self.listener._tasks.discard)
+
+    async def _run_handler(self, handler: StreamHandler, stream: Stream) -> None:
+        try:
+            await handler(stream)
+        except (ConnectionClosedError, StreamResetError):
+            pass
+        except Exception:
+            log.exception("stream handler failed on connection %s", self.conn_id)
+
+
+class InboundConnection(Connection):
+    """A server-side connection handle."""
+
+    def __init__(self, client: Client, proto: InboundProtocol, local: Multiaddr) -> None:
+        peer = proto.peer_address()
+        snap = ConnectionSnapshot(
+            conn_id=proto.conn_id,
+            local_addr=str(local),
+            remote_addr=str(sockaddr_to_multiaddr(peer)) if peer else str(local),
+            inbound=True,
+            supports_migration=False,
+            closed=False,
+        )
+        super().__init__(client, snap, cast(Any, proto))
+        self._proto = proto
+
+    @property
+    def remote_multiaddr(self) -> Multiaddr:
+        peer = self._proto.peer_address()
+        return sockaddr_to_multiaddr(peer) if peer else Multiaddr(self._snap.remote_addr)
+
+    @property
+    def peer_addresses(self) -> set[tuple[Any, ...]]:
+        """Every client address this connection has received from (migrations show here)."""
+        return set(self._proto.peer_addresses)
+
+    async def close(self) -> None:
+        if not self._proto.closed:
+            self._proto.close()
+
+    def _path_infos(self) -> list[PathInfo]:
+        return [PathInfo(self.local_multiaddr, self.remote_multiaddr, True, None,
+                         PathState.ACTIVE)]
+
+    def as_migratable(self) -> MigratableConn:
+        if self._migratable is None:
+            self._migratable = InboundMigratableConn(self, self._path_infos)
+        return self._migratable
+
+
+class Listener:
+    """A bound QUIC server; ``multiaddr`` is the bound address (real port after port 0)."""
+
+    def __init__(self, client: Client, handler: StreamHandler | None) -> None:
+        self._client = client
+        self.handler = handler
+        self._server: QuicServer | None = None
+        self.multiaddr: Multiaddr = Multiaddr("/ip4/0.0.0.0/udp/0/quic-v1")
+        self.connections: dict[str, InboundConnection] = {}
+        self._accepted: asyncio.Queue[InboundConnection] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started = time.time()
+
+    async def start(self, addr: str | Multiaddr, configuration: QuicConfiguration) -> None:
+        ip, port, _family = parse_quic_multiaddr(addr, what="listen address")
+        self._server = await serve(
+            ip, port, configuration=configuration,
+            create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
+        )
+        self.multiaddr = sockaddr_to_multiaddr(server_sockname(self._server))
+
+    def _connected(self, proto: InboundProtocol) -> None:
+        conn = InboundConnection(self._client, proto, self.multiaddr)
+        self.connections[proto.conn_id] = conn
+        self._accepted.put_nowait(conn)
+
+    def _ended(self, proto: InboundProtocol) -> None:
+        self.connections.pop(proto.conn_id, None)
+
+    async def accept(self) -> InboundConnection:
+        """The next connection that completed its handshake."""
+        return await self._accepted.get()
+
+    async def close(self) -> None:
+        for conn in list(self.connections.values()):
+            await conn.close()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,478 @@
+"""SupervisorActor: the registry of outbound connections and the orchestration of their paths.
+
+One per process. It checks requests in the contract's order, serialises the path operations of
+each connection (two concurrent switches end with exactly one active path, the last one asked),
+turns what connections report into events, and cleans up after connections that end. The
+protocol work itself (probe, switch, confirmation, rollback) happens in the ConnectionActor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from multiaddr import Multiaddr
+
+from actors.connection import MAX_PATHS, ConnectionActor, ConnectionOptions
+from actors.errors import (
+    ConnectionClosedError,
+    InvalidAddressError,
+    MigrationError,
+    MigrationNotEnabledError,
+    MigrationNotSupportedError,
+    PathAlreadyExistsError,
+    PathLimitError,
+)
+from actors.messages import (
+    AddPath,
+    Close,
+    ClosePath,
+    Connect,
+    ConnectionEnded,
+    PathStateReport,
+    Probe,
+    Switch,
+    SwitchResult,
+)
+from actors.path_state import PathState
+from actors.runtime import Actor, ActorRef, ChildFailed, Later
+from supervisor.addresses import (
+    adopt_udp_socket,
+    bind_udp_socket,
+    check_local_address,
+    parse_quic_multiaddr,
+    sockaddr_to_multiaddr,
+)
+from supervisor.events import (
+    Event,
+    EventBus,
+    EvtConnectionMigrationCompleted,
+    EvtConnectionMigrationFailed,
+    EvtConnectionMigrationStarted,
+    EvtPathAdded,
+    EvtPathRemoved,
+    EvtPathStateChanged,
+)
+from supervisor.messages import (
+    AddPathRequest,
+    CloseConnectionRequest,
+    ClosePathRequest,
+    ConnectionSnapshot,
+    DialRequest,
+    PathSnapshot,
+    ProbeRequest,
+    SnapshotRequest,
+    SwitchRequest,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Entry:
+    """What the supervisor knows of one outbound connection."""
+
+    conn_id: str
+    actor: ConnectionActor
+    ref: ActorRef
+    remote: Multiaddr
+    local: Multiaddr
+    family: int
+    ops: asyncio.Lock = field(default_factory=asyncio.Lock)
+    requested: dict[int, tuple[str, int]] = field(default_factory=dict)  # path -> (ip, port asked)
+
+
+class SupervisorActor(Actor):
+    def __init__(
+        self,
+        *,
+        migration_enabled: bool,
+        events: EventBus,
+        sockets: dict[int, socket.socket],
+        options: ConnectionOptions | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.migration_enabled = migration_enabled
+        self.events = events
+        self.sockets = sockets  # sockets handed in with sock=, by key
+        self.options = options or ConnectionOptions()
+        self._on_event = on_event
+        self.conns: dict[str, _Entry] = {}
+        self._socket_keys = itertools.count(1 << 30)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _publish(self, evt: Event) -> None:
+        self.events.publish(evt)
+        if self._on_event is not None:
+            self._on_event(evt)
+
+    def _entry(self, conn_id: str) -> _Entry:
+        entry = self.conns.get(conn_id)
+        if entry is None or entry.actor.closed:
+            raise ConnectionClosedError(conn_id)
+        return entry
+
+    def _local_of(self, entry: _Entry, path_id: int) -> Multiaddr:
+        path = entry.actor.paths.get(path_id)
+        if path is None:
+            return entry.local
+        return sockaddr_to_multiaddr(path.local)
+
+    def snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
+        """Built from the owners' current state: read-your-writes for every handle."""
+        entry = self.conns.get(conn_id)
+        if entry is None:
+            return None
+        actor = entry.actor
+        active = actor.quic.active_path_id if actor.quic.path_count else None
+        paths = []
+        for path_id, path in sorted(actor.paths.items()):
+            if path.state is PathState.CLOSED:
+                continue
+            is_active = path_id == active and not actor.closed
+            rtt = path.rtt
+            if is_active and actor.quic.smoothed_rtt is not None:
+                rtt = actor.quic.smoothed_rtt
+            paths.append(
+                PathSnapshot(
+                    path_id=path_id,
+                    local_addr=str(sockaddr_to_multiaddr(path.local)),
+                    remote_addr=str(entry.remote),
+                    active=is_active,
+                    rtt=rtt,
+                    state=path.state,
+                    bytes_sent=path.stats.bytes_sent,
+                    bytes_received=path.stats.bytes_received,
+                )
+            )
+        return ConnectionSnapshot(
+            conn_id=conn_id,
+            local_addr=str(entry.local),
+            remote_addr=str(entry.remote),
+            inbound=False,
+            supports_migration=self.migration_enabled
+            and not actor.quic.peer_disabled_active_migration
+            and not actor.closed,
+            closed=actor.closed,
+            paths=tuple(paths),
+            migrations=actor.migrations,
+        )
+
+    def _snap(self, conn_id: str) -> ConnectionSnapshot:
+        snap = self.snapshot(conn_id)
+        if snap is None:
+            raise ConnectionClosedError(conn_id)
+        return snap
+
+    # ------------------------------------------------------------------ messages
+
+    async def receive(self, msg: object) -> object:
+        if isinstance(msg, DialRequest):
+            return Later(self.spawn(self._dial(msg), name="dial"))
+        if isinstance(msg, AddPathRequest):
+            return Later(self.spawn(self._add_path(msg), name="add-path"))
+        if isinstance(msg, ProbeRequest):
+            return Later(self.spawn(self._probe(msg), name="probe"))
+        if isinstance(msg, SwitchRequest):
+            return Later(self.spawn(self._switch(msg), name="switch"))
+        if isinstance(msg, ClosePathRequest):
+            return Later(self.spawn(self._close_path(msg), name="close-path"))
+        if isinstance(msg, CloseConnectionRequest):
+            return Later(self.spawn(self._close(msg), name="close"))
+        if isinstance(msg, SnapshotRequest):
+            if msg.conn_id is None:
+                return tuple(s for c in list(self.conns) if (s := self.snapshot(c)) is not None)
+            return self._snap(msg.conn_id)
+        if isinstance(msg, ConnectionEnded):
+            self._forget(msg.conn_id)
+            return None
+        if isinstance(msg, ChildFailed):
+            for conn_id, entry in list(self.conns.items()):
+                if entry.ref is msg.ref:
+                    log.error("connection %s crashed: %s", conn_id, msg.error)
+                    self._forget(conn_id)
+            return None
+        return await super().receive(msg)
+
+    # ------------------------------------------------------------------ dial
+
+    def _take_socket(self, key: int) -> socket.socket:
+        try:
+            return self.sockets.pop(key)
+        except KeyError:
+            raise ValueError(f"unknown socket key {key}") from None
+
+    def _bind(
+        self, local_addr: str | None, device: str | None, socket_key: int | None,
+        family: int, remote_ip: str, *, what: str
+    ) -> socket.socket:
+        """A bound path socket; argument errors name the input (nothing is left open)."""
+        if socket_key is not None:
+            sock = adopt_udp_socket(self._take_socket(socket_key))
+            if sock.family != family:
+                sock.close()
+                raise InvalidAddressError(
+                    "sock", f"socket family differs from the peer's ({remote_ip})", what=what
+                )
+            return sock
+        if local_addr is None:
+            ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            sock = bind_udp_socket(ip, 0, family, device=device)
+            try:
+                # Learn the routed source address so snapshots never show a wildcard.
+                sock.connect((remote_ip, 9))
+                routed = sock.getsockname()[0]
+            finally:
+                sock.close()
+            return bind_udp_socket(routed, 0, family, device=device)
+        ip, port, fam = parse_quic_multiaddr(local_addr, what=what)
+        if fam != family:
+            raise InvalidAddressError(
+                local_addr,
+                f"its IP family differs from the peer's ({remote_ip}): use an "
+                f"{'/ip6' if family == socket.AF_INET6 else '/ip4'} local address",
+                what=what,
+            )
+        return bind_udp_socket(ip, port, family, device=device)
+
+    async def _dial(self, req: DialRequest) -> ConnectionSnapshot:
+        ip, port, family = parse_quic_multiaddr(req.remote, what="remote address")
+        if port == 0:
+            raise InvalidAddressError(req.remote, "port 0 cannot be dialled", what="remote address")
+        config = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=list(req.alpn_protocols) if req.alpn_protocols else None,
+            server_name=req.server_name,
+            idle_timeout=req.idle_timeout,
+        )
+        if not req.verify:
+            config.verify_mode = ssl.CERT_NONE
+        if req.cafile:
+            config.load_verify_locations(req.cafile)
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog:
+            config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the conn
+        sock = self._bind(req.local_addr, req.device, req.socket_key, family, ip,
+                          what="local address")
+        conn_id = os.urandom(6).hex()
+        remote_sockaddr: tuple[Any, ...] = (ip, port) if family == socket.AF_INET else (
+            ip, port, 0, 0)
+        actor = ConnectionActor(
+            conn_id=conn_id,
+            configuration=config,
+            remote=remote_sockaddr,
+            first_socket=sock,
+            sockets=self.sockets,
+            notify=lambda m, cid=conn_id: self._notice(cid, m),
+            options=self.options,
+        )
+        ref = self.spawn_child(actor, name=f"conn:{conn_id}")
+        entry = _Entry(
+            conn_id=conn_id,
+            actor=actor,
+            ref=ref,
+            remote=sockaddr_to_multiaddr((ip, port)),
+            local=sockaddr_to_multiaddr(sock.getsockname()),
+            family=family,
+        )
+        entry.requested[0] = (sock.getsockname()[0], sock.getsockname()[1])
+        self.conns[conn_id] = entry
+        try:
+            await ref.ask(Connect(req.timeout))
+        except BaseException:
+            self._forget(conn_id)
+            await ref.stop()
+            raise
+        self._publish(EvtPathAdded(conn_id, entry.remote, time.time(), entry.local))
+        return self._snap(conn_id)
+
+    def _notice(self, conn_id: str, msg: object) -> None:
+        """Reports from a connection (called synchronously, on the same loop)."""
+        entry = self.conns.get(conn_id)
+        if entry is None:
+            return
+        if isinstance(msg, PathStateReport):
+            self._publish(
+                EvtPathStateChanged(
+                    conn_id, entry.remote, time.time(), self._local_of(entry, msg.path_id),
+                    msg.old, msg.new,
+                )
+            )
+        elif isinstance(msg, ConnectionEnded) and self.ref.is_alive:
+            # Cleanup is actor work: it goes through the mailbox.
+            self.ref.tell(msg)
+
+    def _forget(self, conn_id: str) -> None:
+        entry = self.conns.pop(conn_id, None)
+        if entry is None:
+            return
+        for path in list(entry.actor.paths.values()):
+            self._publish(
+                EvtPathRemoved(conn_id, entry.remote, time.time(),
+                               sockaddr_to_multiaddr(path.local))
+            )
+
+    # ------------------------------------------------------------------ paths
+
+    async def _add_path(self, req: AddPathRequest) -> ConnectionSnapshot:
+        # Argument errors first (DESIGN §3), then state errors in the contract's order.
+        if req.local_addr is None and req.device is None and req.socket_key is None:
+            raise ValueError("add_path needs a local address, a device or a socket (sock=)")
+        if req.local_addr is not None:
+            ip, port, fam = parse_quic_multiaddr(req.local_addr, what="local address")
+        entry = self.conns.get(req.conn_id)
+        if entry is None:
+            self._close_handed_socket(req.socket_key)
+            raise ConnectionClosedError(req.conn_id)
+        if req.local_addr is not None:
+            if fam != entry.family:
+                self._close_handed_socket(req.socket_key)
+                raise InvalidAddressError(
+                    req.local_addr,
+                    "its IP family differs from the peer's: use a local address of the "
+                    "same family as the remote address",
+                    what="local address",
+                )
+            try:
+                check_local_address(ip, fam)
+            except BaseException:
+                self._close_handed_socket(req.socket_key)
+                raise
+        try:
+            if not self.migration_enabled:
+                raise MigrationNotEnabledError()
+            entry = self._entry(req.conn_id)
+            if entry.actor.quic.peer_disabled_active_migration:
+                raise MigrationNotSupportedError("disable_active_migration", conn_id=req.conn_id)
+            if req.local_addr is not None:
+                for path_id, path in entry.actor.paths.items():
+                    if path.state is PathState.CLOSED:
+                        continue
+                    bound_ip, bound_port = path.local[0], path.local[1]
+                    asked = entry.requested.get(path_id)
+                    if bound_ip == ip and (
+                        port == bound_port or (port == 0 and asked is not None and asked[1] == 0)
+                    ):
+                        raise PathAlreadyExistsError(req.local_addr)
+            live = [p for p in entry.actor.paths.values() if p.state is not PathState.CLOSED]
+            if len(live) >= MAX_PATHS:
+                raise PathLimitError(MAX_PATHS, conn_id=req.conn_id)
+        except BaseException:
+            self._close_handed_socket(req.socket_key)
+            raise
+        async with entry.ops:
+            sock = self._bind(req.local_addr, req.device, req.socket_key, entry.family,
+                              entry.actor.remote[0], what="local address")
+            if req.socket_key is None:
+                for path in entry.actor.paths.values():
+                    if path.state is not PathState.CLOSED and path.local[:2] == \
+                            sock.getsockname()[:2]:
+                        sock.close()
+                        raise PathAlreadyExistsError(req.local_addr or req.device)
+            key = next(self._socket_keys)
+            self.sockets[key] = sock
+            try:
+                path_id = await entry.ref.ask(AddPath(socket_key=key))
+            finally:
+                stray = self.sockets.pop(key, None)
+                if stray is not None:
+                    stray.close()
+            assert isinstance(path_id, int)
+            entry.requested[path_id] = (
+                (ip, port) if req.local_addr is not None else sock.getsockname()[:2]
+            )
+            self._publish(
+                EvtPathAdded(req.conn_id, entry.remote, time.time(),
+                             self._local_of(entry, path_id))
+            )
+        return self._snap(req.conn_id)
+
+    def _close_handed_socket(self, key: int | None) -> None:
+        if key is not None:
+            sock = self.sockets.pop(key, None)
+            if sock is not None:
+                sock.close()
+
+    async def _probe(self, req: ProbeRequest) -> ConnectionSnapshot:
+        if not req.timeout > 0:
+            raise ValueError(f"probe timeout must be > 0 seconds, got {req.timeout!r}")
+        entry = self._entry(req.conn_id)
+        async with entry.ops:
+            await entry.ref.ask(Probe(req.path_id, req.timeout))
+        return self._snap(req.conn_id)
+
+    async def _switch(self, req: SwitchRequest) -> ConnectionSnapshot:
+        entry = self._entry(req.conn_id)
+        async with entry.ops:
+            actor = entry.actor
+            actor.path(req.path_id)  # PathClosedError before anything is emitted
+            active = actor.quic.active_path_id
+            if req.path_id == active:
+                return self._snap(req.conn_id)
+            from_addr = self._local_of(entry, active)
+            to_addr = self._local_of(entry, req.path_id)
+            self._publish(
+                EvtConnectionMigrationStarted(
+                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason
+                )
+            )
+            try:
+                result = await entry.ref.ask(Switch(req.path_id, req.reason))
+            except BaseException as exc:
+                error = str(exc) or type(exc).__name__
+                if isinstance(exc, asyncio.CancelledError):
+                    error = "cancelled by the caller (rolled back)"
+                self._publish(
+                    EvtConnectionMigrationFailed(
+                        req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason,
+                        error, actor.closed,
+                    )
+                )
+                raise
+            assert isinstance(result, SwitchResult)
+            self._publish(
+                EvtConnectionMigrationCompleted(
+                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason,
+                    result.probe_rtt,
+                )
+            )
+        return self._snap(req.conn_id)
+
+    async def _close_path(self, req: ClosePathRequest) -> ConnectionSnapshot | None:
+        entry = self.conns.get(req.conn_id)
+        if entry is None:
+            return None  # the connection (and with it every path) is already closed
+        async with entry.ops:
+            local = self._local_of(entry, req.path_id)
+            removed = await entry.ref.ask(ClosePath(req.path_id))
+            if removed:
+                self._publish(EvtPathRemoved(req.conn_id, entry.remote, time.time(), local))
+        return self.snapshot(req.conn_id)
+
+    async def _close(self, req: CloseConnectionRequest) -> None:
+        entry = self.conns.get(req.conn_id)
+        if entry is None:
+            return
+        if entry.ref.is_alive:
+            with contextlib.suppress(MigrationError):
+                await entry.ref.ask(Close(req.error_code, req.reason))
+        await entry.ref.wait_stopped()
+        self._forget(req.conn_id)
+
+    async def on_stop(self) -> None:
+        for conn_id in list(self.conns):
+            self._forget(conn_id)
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
