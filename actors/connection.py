@@ -427,8 +427,9 @@ class ConnectionActor(Actor):
         token = self.quic.switch_path(
             msg.path_id, t0, seed_rtt=path.rtt, ping_uid=next(self._ping_ids)
         )
-        window = max(3 * max(pto_old, self.quic.probe_timeout()),
-                     self.options.min_confirmation_window)
+        window = max(
+            3 * max(pto_old, self.quic.probe_timeout()), self.options.min_confirmation_window
+        )
         path.set_state(PathState.ACTIVE)
         old.set_state(PathState.STANDBY)
         self._flush()
@@ -449,7 +450,9 @@ class ConnectionActor(Actor):
             path.set_state(PathState.FAILED)
             self.quic.invalidate_path(msg.path_id)
             raise MigrationRolledBackError(
-                _fmt(old.local), _fmt(path.local), timeout=window,
+                _fmt(old.local),
+                _fmt(path.local),
+                timeout=window,
                 reason="the peer did not reach us on the new path",
             )
         self.migrations += 1
@@ -489,8 +492,11 @@ class ConnectionActor(Actor):
             return
         self.quic.close(error_code=error_code, reason_phrase=reason)
         self._flush()  # CONNECTION_CLOSE leaves on the active path before we stop
-        self._terminate(ConnectionClosedError(self.conn_id, reason=reason or "closed locally"),
-                        error_code=error_code, by_peer=False)
+        self._terminate(
+            ConnectionClosedError(self.conn_id, reason=reason or "closed locally"),
+            error_code=error_code,
+            by_peer=False,
+        )
 
     def _terminate(
         self, error: ConnectionClosedError, *, error_code: int = 0, by_peer: bool = False
@@ -510,9 +516,7 @@ class ConnectionActor(Actor):
             stream.fail(error)
         for path in self.paths.values():
             path.connection_closed(error)
-        self._notify(
-            ConnectionEnded(self.conn_id, error_code, error.reason or "", by_peer)
-        )
+        self._notify(ConnectionEnded(self.conn_id, error_code, error.reason or "", by_peer))
         self.ref.request_stop()
 
 

@@ -558,9 +558,7 @@ class MigratingQuicConnection(QuicConnection):
         space = self._application_space()
         lost = [p for p in space.sent_packets.values() if p.is_ack_eliciting or p.in_flight]
         if lost:
-            self._loss._on_packets_lost(
-                packets=lost, space=space, now=now, congestion_event=False
-            )
+            self._loss._on_packets_lost(packets=lost, space=space, now=now, congestion_event=False)
         return len(lost)
 
     def switch_path(

@@ -65,7 +65,9 @@ class Supervisor:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.close()
@@ -105,8 +107,9 @@ class Supervisor:
     async def ask(self, msg: object, timeout: float | None = None) -> object:
         if self._ref is None:
             raise ConnectionClosedError(reason="the supervisor is not running")
-        return await self._ref.ask(msg, timeout=timeout if timeout is not None else
-                                   self._ask_timeout)
+        return await self._ref.ask(
+            msg, timeout=timeout if timeout is not None else self._ask_timeout
+        )
 
     def live_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
         return self._actor.snapshot(conn_id) if self._actor is not None else None

@@ -145,7 +145,10 @@ class MigratableConn:
         return self._conn._snapshot().supports_migration
 
     async def add_path(
-        self, local_addr: str | Multiaddr | None = None, *, device: str | None = None,
+        self,
+        local_addr: str | Multiaddr | None = None,
+        *,
+        device: str | None = None,
         sock: Any = None,
     ) -> Path:
         """Bind a new local path (nothing is sent until ``probe()``)."""
@@ -212,8 +215,11 @@ class Path:
             raise ConnectionClosedError(self._conn.conn_id)
         # Closed: the last known addresses, marked closed.
         return PathInfo(
-            Multiaddr(self._last.local_addr), Multiaddr(self._last.remote_addr), False,
-            self._last.rtt, PathState.CLOSED,
+            Multiaddr(self._last.local_addr),
+            Multiaddr(self._last.remote_addr),
+            False,
+            self._last.rtt,
+            PathState.CLOSED,
         )
 
     @property
@@ -256,7 +262,10 @@ class InboundMigratableConn(MigratableConn):
         return False
 
     async def add_path(
-        self, local_addr: str | Multiaddr | None = None, *, device: str | None = None,
+        self,
+        local_addr: str | Multiaddr | None = None,
+        *,
+        device: str | None = None,
         sock: Any = None,
     ) -> Path:
         if local_addr is None and device is None and sock is None:

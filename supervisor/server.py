@@ -155,8 +155,7 @@ class InboundConnection(Connection):
             self._proto.close()
 
     def _path_infos(self) -> list[PathInfo]:
-        return [PathInfo(self.local_multiaddr, self.remote_multiaddr, True, None,
-                         PathState.ACTIVE)]
+        return [PathInfo(self.local_multiaddr, self.remote_multiaddr, True, None, PathState.ACTIVE)]
 
     def as_migratable(self) -> MigratableConn:
         if self._migratable is None:
@@ -180,7 +179,9 @@ class Listener:
     async def start(self, addr: str | Multiaddr, configuration: QuicConfiguration) -> None:
         ip, port, _family = parse_quic_multiaddr(addr, what="listen address")
         self._server = await serve(
-            ip, port, configuration=configuration,
+            ip,
+            port,
+            configuration=configuration,
             create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
         )
         self.multiaddr = sockaddr_to_multiaddr(server_sockname(self._server))

@@ -214,8 +214,14 @@ class SupervisorActor(Actor):
             raise ValueError(f"unknown socket key {key}") from None
 
     def _bind(
-        self, local_addr: str | None, device: str | None, socket_key: int | None,
-        family: int, remote_ip: str, *, what: str
+        self,
+        local_addr: str | None,
+        device: str | None,
+        socket_key: int | None,
+        family: int,
+        remote_ip: str,
+        *,
+        what: str,
     ) -> socket.socket:
         """A bound path socket; argument errors name the input (nothing is left open)."""
         if socket_key is not None:
@@ -263,11 +269,13 @@ class SupervisorActor(Actor):
         keylog = os.environ.get("SSLKEYLOGFILE")
         if keylog:
             config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the conn
-        sock = self._bind(req.local_addr, req.device, req.socket_key, family, ip,
-                          what="local address")
+        sock = self._bind(
+            req.local_addr, req.device, req.socket_key, family, ip, what="local address"
+        )
         conn_id = os.urandom(6).hex()
-        remote_sockaddr: tuple[Any, ...] = (ip, port) if family == socket.AF_INET else (
-            ip, port, 0, 0)
+        remote_sockaddr: tuple[Any, ...] = (
+            (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
+        )
         actor = ConnectionActor(
             conn_id=conn_id,
             configuration=config,
@@ -305,8 +313,12 @@ class SupervisorActor(Actor):
         if isinstance(msg, PathStateReport):
             self._publish(
                 EvtPathStateChanged(
-                    conn_id, entry.remote, time.time(), self._local_of(entry, msg.path_id),
-                    msg.old, msg.new,
+                    conn_id,
+                    entry.remote,
+                    time.time(),
+                    self._local_of(entry, msg.path_id),
+                    msg.old,
+                    msg.new,
                 )
             )
         elif isinstance(msg, ConnectionEnded) and self.ref.is_alive:
@@ -319,8 +331,9 @@ class SupervisorActor(Actor):
             return
         for path in list(entry.actor.paths.values()):
             self._publish(
-                EvtPathRemoved(conn_id, entry.remote, time.time(),
-                               sockaddr_to_multiaddr(path.local))
+                EvtPathRemoved(
+                    conn_id, entry.remote, time.time(), sockaddr_to_multiaddr(path.local)
+                )
             )
 
     # ------------------------------------------------------------------ paths
@@ -372,12 +385,20 @@ class SupervisorActor(Actor):
             self._close_handed_socket(req.socket_key)
             raise
         async with entry.ops:
-            sock = self._bind(req.local_addr, req.device, req.socket_key, entry.family,
-                              entry.actor.remote[0], what="local address")
+            sock = self._bind(
+                req.local_addr,
+                req.device,
+                req.socket_key,
+                entry.family,
+                entry.actor.remote[0],
+                what="local address",
+            )
             if req.socket_key is None:
                 for path in entry.actor.paths.values():
-                    if path.state is not PathState.CLOSED and path.local[:2] == \
-                            sock.getsockname()[:2]:
+                    if (
+                        path.state is not PathState.CLOSED
+                        and path.local[:2] == sock.getsockname()[:2]
+                    ):
                         sock.close()
                         raise PathAlreadyExistsError(req.local_addr or req.device)
             key = next(self._socket_keys)
@@ -393,8 +414,7 @@ class SupervisorActor(Actor):
                 (ip, port) if req.local_addr is not None else sock.getsockname()[:2]
             )
             self._publish(
-                EvtPathAdded(req.conn_id, entry.remote, time.time(),
-                             self._local_of(entry, path_id))
+                EvtPathAdded(req.conn_id, entry.remote, time.time(), self._local_of(entry, path_id))
             )
         return self._snap(req.conn_id)
 
@@ -435,15 +455,26 @@ class SupervisorActor(Actor):
                     error = "cancelled by the caller (rolled back)"
                 self._publish(
                     EvtConnectionMigrationFailed(
-                        req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason,
-                        error, actor.closed,
+                        req.conn_id,
+                        entry.remote,
+                        time.time(),
+                        from_addr,
+                        to_addr,
+                        req.reason,
+                        error,
+                        actor.closed,
                     )
                 )
                 raise
             assert isinstance(result, SwitchResult)
             self._publish(
                 EvtConnectionMigrationCompleted(
-                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason,
+                    req.conn_id,
+                    entry.remote,
+                    time.time(),
+                    from_addr,
+                    to_addr,
+                    req.reason,
                     result.probe_rtt,
                 )
             )
