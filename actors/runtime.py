@@ -1,0 +1,582 @@
+"""A small actor runtime on plain asyncio.
+
+Why our own: every actor of a connection shares one event loop (datagrams are handed over by direct
+synchronous calls, see DESIGN.md section 1), so all we need from "actors" is a mailbox, a task that
+drains it one message at a time, and supervision. An external actor library would add a scheduler
+and a process model we do not want on the data path.
+
+The rules this module keeps:
+
+* One mailbox (FIFO ``asyncio.Queue``) and one task per actor; messages are handled one at a time in
+  arrival order, so an actor's state needs no lock and delivery is ordered per sender.
+* ``ask`` failures go back to the asker only; the actor keeps running.
+* Any other failure (a ``tell`` handler, ``on_start``, a task the actor owns) stops the actor and
+  is reported to its parent as a :class:`ChildFailed` *message* (Erlang style). A TaskGroup would
+  instead cancel the siblings, which is exactly what a supervisor must not do.
+* Nothing leaks: children stop before their parent (reverse start order), owned tasks are cancelled
+  and awaited, and :class:`Runtime` awaits every task it created before ``__aexit__`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import traceback
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+__all__ = [
+    "Actor",
+    "ActorError",
+    "ActorRef",
+    "ActorStoppedError",
+    "AskTimeoutError",
+    "ChildFailed",
+    "Later",
+    "Runtime",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The actor cell whose task (or owned task) is running; lets ``tell``/``ask`` fill in the sender
+#: and lets ``stop`` avoid waiting on itself.
+_current: contextvars.ContextVar[_Cell | None] = contextvars.ContextVar("actor", default=None)
+
+#: Wakes an idle actor so it notices a stop request; never handed to ``receive``.
+_WAKE = object()
+
+_Item = tuple[object, "asyncio.Future[object] | None", "ActorRef | None"]
+
+
+class ActorError(Exception):
+    """Base class of the runtime's own errors."""
+
+
+class ActorStoppedError(ActorError):
+    """The actor is stopped (or stopping) and takes no more messages.
+
+    ``cause`` is the exception that made the actor fail, if it failed, so an asker whose request
+    was still queued learns why.
+    """
+
+    def __init__(self, name: str, cause: BaseException | None = None) -> None:
+        self.actor_name = name
+        self.cause = cause
+        text = f"actor {name!r} is stopped"
+        if cause is not None:
+            text += f" (it failed: {cause!r})"
+        super().__init__(text)
+
+
+class AskTimeoutError(ActorError, TimeoutError):
+    """No reply to an ``ask`` within its timeout.
+
+    Also a ``TimeoutError`` so callers that only care about "took too long" can catch that.
+    """
+
+    def __init__(self, name: str, msg_type: str, timeout: float) -> None:
+        self.actor_name = name
+        self.msg_type = msg_type
+        self.timeout = timeout
+        super().__init__(f"actor {name!r} did not answer {msg_type} within {timeout:g}s")
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFailed:
+    """Delivered to a parent's mailbox (or the Runtime's callback) after a child failed and stopped.
+
+    The child is fully stopped when this arrives (its tasks awaited, ``on_stop`` run), so a
+    supervisor may restart it at once and reuse its resources (ports, names).
+    """
+
+    ref: ActorRef
+    name: str
+    error: str
+    traceback: str
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """Returned by ``receive`` to answer an ``ask`` when ``task`` finishes instead of now.
+
+    Why: a handler that waits on the network (a probe, a handshake) would hold up the mailbox.
+    It spawns the work as an owned task and returns ``Later(task)``; the actor goes on handling
+    messages, and the asker gets the task's result, or its exception (to the asker only: the
+    actor keeps running, as for any ask). Several asks may share one task; when the last ask
+    waiting on it is cancelled (or times out) the task is cancelled too, so an abandoned
+    operation leaves no trace. If the task is cancelled otherwise, the asker gets
+    :class:`ActorStoppedError` when the actor is stopping, else an :class:`ActorError`.
+
+    Wrap a task that is still running (e.g. just spawned): one that already failed before being
+    wrapped has already failed the actor. Returned for a ``tell``, the task's failure is the
+    actor's failure.
+    """
+
+    task: asyncio.Future[Any]
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+class Actor:
+    """Base class: override :meth:`on_start`, :meth:`receive` and :meth:`on_stop`.
+
+    No ``__init__`` is required of subclasses; the runtime attaches the actor when it is started.
+    An actor instance can be started once.
+    """
+
+    _cell: _Cell | None = None
+
+    async def on_start(self) -> None:
+        """Runs in the actor's task before the first message; a failure here stops the actor."""
+
+    async def on_stop(self) -> None:
+        """Runs once when the actor stops, after its children stopped and its tasks were awaited.
+
+        Also runs after a failed ``on_start``, or none at all when the actor was stopped before
+        its task first ran, so it must tolerate partial initialisation.
+        """
+
+    async def receive(self, msg: object) -> object:
+        """Handle one message; the return value answers an ``ask`` (ignored for ``tell``).
+
+        The default raises, so an unhandled message (including an unhandled :class:`ChildFailed`)
+        escalates as a failure instead of vanishing.
+        """
+        raise TypeError(f"{type(self).__name__} does not handle {type(msg).__name__}")
+
+    @property
+    def ref(self) -> ActorRef:
+        """This actor's own reference."""
+        return self._require_cell().ref
+
+    @property
+    def sender(self) -> ActorRef | None:
+        """The actor that sent the message being handled, or None when sent from outside actors."""
+        return self._require_cell().sender
+
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
+        """Start a background task owned by this actor.
+
+        It is cancelled and awaited when the actor stops; if it raises, the actor fails (reported
+        to the parent) rather than the error being lost in an unobserved task.
+        """
+        return self._require_cell().spawn(coro, name)
+
+    def spawn_child(self, actor: Actor, *, name: str | None = None) -> ActorRef:
+        """Start a child actor; it reports failures to this actor and stops before it."""
+        cell = self._require_cell()
+        return cell.runtime._start(actor, name, parent=cell)
+
+    def _require_cell(self) -> _Cell:
+        if self._cell is None:
+            raise ActorError(f"{type(self).__name__} has not been started by a Runtime")
+        return self._cell
+
+
+class ActorRef:
+    """The only handle other code holds on an actor: send to it, ask it, stop it."""
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: _Cell) -> None:
+        self._cell = cell
+
+    @property
+    def name(self) -> str:
+        return self._cell.name
+
+    @property
+    def is_alive(self) -> bool:
+        """False from the moment a stop was requested or a failure happened."""
+        return not self._cell.stopping
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop without waiting for it (usable from anywhere, even sync code)."""
+        self._cell.request_stop()
+
+    def tell(self, msg: object) -> None:
+        """Queue ``msg`` without waiting. Raises :class:`ActorStoppedError` if the actor stopped."""
+        cell = self._cell
+        if cell.stopping:
+            raise ActorStoppedError(cell.name, cell.failure)
+        cell.mailbox.put_nowait((msg, None, _sender_ref()))
+
+    async def ask(self, msg: object, timeout: float | None = None) -> object:
+        """Send ``msg`` and wait for what ``receive`` returns (or re-raise what it raised).
+
+        Cancelling the caller (or a timeout) does not disturb the actor: a request it has not
+        started yet is skipped, one in progress finishes and its reply is dropped.
+        """
+        cell = self._cell
+        if cell.stopping:
+            raise ActorStoppedError(cell.name, cell.failure)
+        if asyncio.current_task() is cell.task:
+            raise ActorError(f"actor {cell.name!r} asked itself, which would deadlock")
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        cell.mailbox.put_nowait((msg, fut, _sender_ref()))
+        if timeout is None:
+            return await fut
+        cm = asyncio.timeout(timeout)
+        try:
+            async with cm:
+                return await fut
+        except TimeoutError:
+            if cm.expired():
+                raise AskTimeoutError(cell.name, type(msg).__name__, timeout) from None
+            raise
+
+    async def stop(self) -> None:
+        """Stop gracefully: finish the message in hand, handle nothing further, run ``on_stop``.
+
+        Returns once the actor's task has ended. Idempotent. Called from the actor itself (or one
+        of its descendants) it only requests the stop, since waiting would wait on itself.
+        """
+        await self._cell.stop_and_wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the actor's task has ended, whatever ended it."""
+        await asyncio.wait({self._cell.task})
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive else "stopped"
+        return f"<ActorRef {self._cell.name!r} {state}>"
+
+
+def _sender_ref() -> ActorRef | None:
+    cell = _current.get()
+    return None if cell is None else cell.ref
+
+
+class _Cell:
+    """Runtime-side state of one actor; kept apart from :class:`Actor` so subclasses stay clean."""
+
+    def __init__(self, actor: Actor, name: str, runtime: Runtime, parent: _Cell | None) -> None:
+        self.actor = actor
+        self.name = name
+        self.runtime = runtime
+        self.parent = parent
+        self.ref = ActorRef(self)
+        self.mailbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.children: list[_Cell] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.reply_tasks: set[asyncio.Future[Any]] = set()  # Later tasks: errors go to askers
+        self.later_replies: set[asyncio.Future[object]] = set()  # asks awaiting a Later task
+        self.later_askers: dict[asyncio.Future[Any], set[asyncio.Future[object]]] = {}
+        self.sender: ActorRef | None = None
+        self.failure: BaseException | None = None
+        self.stopping = False  # no new messages accepted
+        self.entered = False  # _main began (cancelling a task that never ran would skip cleanup)
+        self.shutting_down = False  # past the point where a forced cancel is allowed
+        self.forced = False  # we cancelled our own task to cut a handler short
+        self.finished = False
+        actor._cell = self
+        self.task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            self._main(), name=f"actor:{name}"
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        _current.set(self)
+        self.entered = True
+        try:
+            # Stopped before it ever ran: skip on_start (it could not spawn anyway) but still
+            # run on_stop, so resources handed to the constructor are released.
+            if not self.stopping:
+                await self.actor.on_start()
+            while not self.stopping:
+                item = await self.mailbox.get()
+                if self.stopping:
+                    self._reject(item)
+                    break
+                if item[0] is not _WAKE:
+                    await self._dispatch(*item)
+        except asyncio.CancelledError:
+            if not self.forced:
+                raise  # cancelled from outside (e.g. loop shutdown): clean up, then propagate
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            await self._shutdown()
+
+    async def _dispatch(
+        self, msg: object, reply: asyncio.Future[object] | None, sender: ActorRef | None
+    ) -> None:
+        if reply is not None and reply.done():
+            return  # the asker gave up before we started: leave no trace
+        self.sender = sender
+        try:
+            result = await self.actor.receive(msg)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # We are being stopped or cancelled: the asker must not wait for ever.
+                if reply is not None and not reply.done():
+                    reply.set_exception(ActorStoppedError(self.name, self.failure))
+                raise
+            err = ActorError(f"handler for {type(msg).__name__} in {self.name!r} was cancelled")
+            err.__cause__ = exc
+            if reply is None:
+                raise err from exc
+            if not reply.done():
+                reply.set_exception(err)
+        except Exception as exc:
+            if reply is None:
+                raise  # a tell handler failing is the actor failing
+            if not reply.done():
+                reply.set_exception(exc)
+        else:
+            if isinstance(result, Later):
+                self._reply_later(result.task, reply)
+            elif reply is not None and not reply.done():
+                reply.set_result(result)
+        finally:
+            self.sender = None
+
+    def _reply_later(self, fut: asyncio.Future[Any], reply: asyncio.Future[object] | None) -> None:
+        if reply is None:
+            if fut not in self.tasks:  # an owned task's failure is handled by _task_done
+                fut.add_done_callback(self._foreign_done)
+            return
+        self.reply_tasks.add(fut)
+        self.later_replies.add(reply)
+        self.later_askers.setdefault(fut, set()).add(reply)
+        fut.add_done_callback(lambda done: self._later_done(reply, done))
+        reply.add_done_callback(lambda r: self._later_asker_gone(fut, r))
+
+    def _later_asker_gone(self, fut: asyncio.Future[Any], reply: asyncio.Future[object]) -> None:
+        """An ask on a Later task was answered or given up; the last one to give up cancels it.
+
+        So a cancelled operation leaves no trace (a cancelled switch rolls back), while a task
+        that another ask still waits on keeps running.
+        """
+        waiting = self.later_askers.get(fut)
+        if waiting is None:
+            return
+        waiting.discard(reply)
+        if waiting:
+            return
+        del self.later_askers[fut]
+        if reply.cancelled() and not fut.done():
+            fut.cancel()
+
+    def _later_done(self, reply: asyncio.Future[object], fut: asyncio.Future[Any]) -> None:
+        self.later_replies.discard(reply)
+        self.reply_tasks.discard(fut)
+        if fut.cancelled():
+            if not reply.done():
+                if self.stopping:
+                    reply.set_exception(ActorStoppedError(self.name, self.failure))
+                else:
+                    reply.set_exception(ActorError(f"{self.name!r} cancelled the reply's task"))
+            return
+        exc = fut.exception()  # also marks it retrieved when nobody waits any more
+        if reply.done():
+            return  # the asker gave up
+        if exc is not None:
+            reply.set_exception(exc)
+        else:
+            reply.set_result(fut.result())
+
+    def _foreign_done(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and (exc := fut.exception()) is not None and not self.stopping:
+            self.fail(exc)
+            self.force()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the first failure and stop taking messages."""
+        if self.failure is None:
+            self.failure = exc
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.mailbox.put_nowait((_WAKE, None, None))
+
+    def force(self) -> None:
+        """Cut the running handler short (not ``on_stop``: cleanup always runs to the end)."""
+        if self.entered and not self.shutting_down and not self.task.done():
+            self.forced = True
+            self.task.cancel()
+
+    async def stop_and_wait(self) -> None:
+        self.request_stop()
+        here = _current.get()
+        while here is not None:
+            if here is self:
+                return  # we are inside this actor (or a descendant): waiting would deadlock
+            here = here.parent
+        grace = self.runtime.stop_grace
+        done, _ = await asyncio.wait({self.task}, timeout=grace)
+        if not done:
+            log.warning(
+                "actor %r did not stop within %ss; cancelling its handler", self.name, grace
+            )
+            self.force()
+            await asyncio.wait({self.task})
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self.shutting_down = True
+        for child in reversed(list(self.children)):
+            await child.stop_and_wait()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        try:
+            await self.actor.on_stop()
+        except Exception as exc:
+            log.warning("on_stop of actor %r raised %r", self.name, exc)
+            if self.failure is None:
+                self.failure = exc
+        self._finish()
+
+    def _finish(self) -> None:
+        """Final bookkeeping: fail queued asks, detach, report a failure upwards."""
+        if self.finished:
+            return
+        self.finished = True
+        self.stopping = True
+        while True:
+            try:
+                self._reject(self.mailbox.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        for reply in self.later_replies:  # Later on a future the actor did not own
+            if not reply.done():
+                reply.set_exception(ActorStoppedError(self.name, self.failure))
+        self.later_replies.clear()
+        siblings = self.parent.children if self.parent is not None else self.runtime._top
+        if self in siblings:
+            siblings.remove(self)
+        if self.failure is not None:
+            self._report(self.failure)
+
+    def _reject(self, item: _Item) -> None:
+        reply = item[1]
+        if reply is not None and not reply.done():
+            reply.set_exception(ActorStoppedError(self.name, self.failure))
+
+    def _report(self, exc: BaseException) -> None:
+        report = ChildFailed(self.ref, self.name, repr(exc), _format(exc))
+        parent = self.parent
+        if parent is None:
+            self.runtime._report(report)
+        elif parent.stopping:
+            log.warning(
+                "actor %r failed while its parent %r stops: %r", self.name, parent.name, exc
+            )
+        else:
+            parent.mailbox.put_nowait((report, None, self.ref))
+
+    # -- owned tasks ------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None) -> asyncio.Task[T]:
+        if self.stopping:
+            coro.close()  # never awaited: close it so Python does not warn about it
+            raise ActorStoppedError(self.name, self.failure)
+        # Run it in this actor's context wherever spawn is called from, so its tell/ask carry
+        # this actor as sender and a stop it requests on its own actor does not wait on itself.
+        ctx = contextvars.copy_context()
+        ctx.run(_current.set, self)
+        task = asyncio.get_running_loop().create_task(
+            coro, name=name or f"{self.name}:task", context=ctx
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or task in self.reply_tasks:
+            return  # a Later task's error belongs to its askers
+        if self.stopping:
+            log.warning("task %r of stopping actor %r raised %r", task.get_name(), self.name, exc)
+            return
+        self.fail(exc)
+        self.force()
+
+
+class Runtime:
+    """Owns every actor task; ``async with Runtime() as rt`` guarantees none outlives the block.
+
+    ``on_failure`` receives :class:`ChildFailed` for top-level actors (they have no parent mailbox);
+    by default the failure is logged. ``stop_grace`` bounds how long a stop waits for the handler in
+    progress before cancelling it (None: wait as long as it takes).
+    """
+
+    def __init__(
+        self,
+        *,
+        on_failure: Callable[[ChildFailed], None] | None = None,
+        stop_grace: float | None = 5.0,
+    ) -> None:
+        self.on_failure = on_failure
+        self.stop_grace = stop_grace
+        self._top: list[_Cell] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def start(self, actor: Actor, *, name: str | None = None) -> ActorRef:
+        """Start a top-level actor. ``on_start`` runs in its task; messages sent meanwhile queue."""
+        return self._start(actor, name, parent=None)
+
+    async def stop(self) -> None:
+        """Stop all actors, last started first, and await every task this runtime created."""
+        self._closed = True
+        for cell in reversed(list(self._top)):
+            await cell.stop_and_wait()
+        # Actors that stopped by themselves (or failed) may still be finishing their last step.
+        pending = {task for task in self._tasks if not task.done()}
+        if pending:
+            await asyncio.wait(pending)
+
+    def _start(self, actor: Actor, name: str | None, parent: _Cell | None) -> ActorRef:
+        if self._closed:
+            raise ActorError("runtime is stopped")
+        if parent is not None and parent.stopping:
+            raise ActorStoppedError(parent.name, parent.failure)
+        if actor._cell is not None:
+            raise ActorError(f"{type(actor).__name__} instance was already started")
+        cell = _Cell(actor, name or type(actor).__name__, self, parent)
+        (parent.children if parent is not None else self._top).append(cell)
+        self._tasks.add(cell.task)
+        cell.task.add_done_callback(self._tasks.discard)
+        return cell.ref
+
+    def _report(self, report: ChildFailed) -> None:
+        if self.on_failure is None:
+            log.error("actor %r failed: %s\n%s", report.name, report.error, report.traceback)
+            return
+        try:
+            self.on_failure(report)
+        except Exception:
+            log.exception("on_failure callback raised while reporting %r", report.name)
