@@ -15,6 +15,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
 
 from actors.connection import ConnectionOptions
+from actors.envelope import CODEC_VERSION, Envelope, type_name
 from actors.errors import ConnectionClosedError
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
@@ -24,6 +25,10 @@ from supervisor.handles import Connection
 from supervisor.messages import ConnectionSnapshot, DialRequest
 from supervisor.server import Listener
 from supervisor.supervisor_actor import SupervisorActor
+from telemetry.journal import JournalWriter
+from telemetry.metrics import Metrics
+from telemetry.propagation import current_trace_fields
+from telemetry.tracing import Tracing
 
 
 class Supervisor:
@@ -42,6 +47,7 @@ class Supervisor:
         meter_provider: Any = None,
         options: ConnectionOptions | None = None,
         ask_timeout: float | None = None,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
         self.migration_enabled = bool(enable_experimental_connection_migration)
         self.failover = failover
@@ -57,6 +63,11 @@ class Supervisor:
         self._socket_keys = itertools.count(1)
         self._listeners: list[Listener] = []
         self._failures: list[ChildFailed] = []
+        # Providers are the caller's: the library never sets the global ones.
+        self.tracing = Tracing(tracer_provider)
+        self.metrics = Metrics(meter_provider)
+        self._journal_path = journal
+        self.journal: JournalWriter | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -76,11 +87,16 @@ class Supervisor:
         if self._runtime is not None:
             return
         self._runtime = Runtime(on_failure=self._failures.append)
+        if self._journal_path is not None:
+            self.journal = JournalWriter(self._journal_path)
         self._actor = SupervisorActor(
             migration_enabled=self.migration_enabled,
             events=self.events,
             sockets=self._sockets,
             options=self.options,
+            tracing=self.tracing,
+            metrics=self.metrics,
+            journal=self.journal,
         )
         self._ref = self._runtime.start(self._actor, name="supervisor")
 
@@ -101,14 +117,27 @@ class Supervisor:
             sock.close()
         self._sockets.clear()
         self.events.close()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     # ------------------------------------------------------------------ Client (handles)
 
     async def ask(self, msg: object, timeout: float | None = None) -> object:
         if self._ref is None:
             raise ConnectionClosedError(reason="the supervisor is not running")
+        # The caller's active span travels with the request: it parents the migration span.
+        fields = current_trace_fields()
+        envelope = Envelope(
+            v=CODEC_VERSION,
+            type=type_name(msg),
+            body=msg,
+            traceparent=fields.get("traceparent"),
+            tracestate=fields.get("tracestate"),
+            baggage=fields.get("baggage"),
+        )
         return await self._ref.ask(
-            msg, timeout=timeout if timeout is not None else self._ask_timeout
+            envelope, timeout=timeout if timeout is not None else self._ask_timeout
         )
 
     def live_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import itertools
 import logging
 import os
@@ -22,14 +24,18 @@ from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 
 from actors.connection import MAX_PATHS, ConnectionActor, ConnectionOptions
+from actors.envelope import Envelope
 from actors.errors import (
     ConnectionClosedError,
     InvalidAddressError,
     MigrationError,
     MigrationNotEnabledError,
     MigrationNotSupportedError,
+    MigrationRolledBackError,
     PathAlreadyExistsError,
     PathLimitError,
 )
@@ -74,8 +80,46 @@ from supervisor.messages import (
     SnapshotRequest,
     SwitchRequest,
 )
+from telemetry.journal import JournalWriter
+from telemetry.metrics import Metrics
+from telemetry.propagation import context_from_fields
+from telemetry.tracing import (
+    ATTR_CID_SEQUENCE_AFTER,
+    ATTR_CID_SEQUENCE_BEFORE,
+    ATTR_CONNECTION_ID,
+    ATTR_PATH_TO_LOCAL_ADDRESS,
+    ATTR_PROBE_RTT_MS,
+    ATTR_PROBE_TRIES,
+    ATTR_SWITCH_CONFIRMATION_MS,
+    ATTR_SWITCH_ROLLED_BACK,
+    RESULT_ROLLED_BACK,
+    SPAN_PATH_PROBE,
+    SPAN_PATH_SWITCH,
+    Tracing,
+    set_result,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _plain_dict(obj: object) -> dict[str, Any]:
+    plain = _plain(obj)
+    return plain if isinstance(plain, dict) else {"value": plain}
+
+
+def _plain(obj: object) -> object:
+    """A message or event as plain msgpack-able data for the journal."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return str(obj)
 
 
 @dataclass(slots=True)
@@ -101,7 +145,13 @@ class SupervisorActor(Actor):
         sockets: dict[int, socket.socket],
         options: ConnectionOptions | None = None,
         on_event: Callable[[Event], None] | None = None,
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
+        journal: JournalWriter | None = None,
     ) -> None:
+        self.tracing = tracing or Tracing(None)
+        self.metrics = metrics or Metrics(None)
+        self.journal = journal
         self.migration_enabled = migration_enabled
         self.events = events
         self.sockets = sockets  # sockets handed in with sock=, by key
@@ -114,6 +164,13 @@ class SupervisorActor(Actor):
 
     def _publish(self, evt: Event) -> None:
         self.events.publish(evt)
+        if self.journal is not None:
+            self.journal.event(
+                type(evt).__name__.removeprefix("Evt"),
+                _plain_dict(evt),
+                conn=evt.conn_id,
+                path=str(getattr(evt, "local_addr", "")) or None,
+            )
         if self._on_event is not None:
             self._on_event(evt)
 
@@ -178,14 +235,29 @@ class SupervisorActor(Actor):
     # ------------------------------------------------------------------ messages
 
     async def receive(self, msg: object) -> object:
+        parent: Context | None = None
+        if isinstance(msg, Envelope):
+            # The caller's trace context rides in the envelope (in-process or over Ray).
+            parent = context_from_fields(
+                {
+                    "traceparent": msg.traceparent,
+                    "tracestate": msg.tracestate,
+                    "baggage": msg.baggage,
+                }
+            )
+            msg = msg.body
+        if self.journal is not None:
+            self.journal.msg(
+                type(msg).__name__, _plain_dict(msg), conn=getattr(msg, "conn_id", None)
+            )
         if isinstance(msg, DialRequest):
             return Later(self.spawn(self._dial(msg), name="dial"))
         if isinstance(msg, AddPathRequest):
             return Later(self.spawn(self._add_path(msg), name="add-path"))
         if isinstance(msg, ProbeRequest):
-            return Later(self.spawn(self._probe(msg), name="probe"))
+            return Later(self.spawn(self._probe(msg, parent), name="probe"))
         if isinstance(msg, SwitchRequest):
-            return Later(self.spawn(self._switch(msg), name="switch"))
+            return Later(self.spawn(self._switch(msg, parent), name="switch"))
         if isinstance(msg, ClosePathRequest):
             return Later(self.spawn(self._close_path(msg), name="close-path"))
         if isinstance(msg, CloseConnectionRequest):
@@ -424,19 +496,43 @@ class SupervisorActor(Actor):
             if sock is not None:
                 sock.close()
 
-    async def _probe(self, req: ProbeRequest) -> ConnectionSnapshot:
+    async def _probe(self, req: ProbeRequest, parent: Context | None = None) -> ConnectionSnapshot:
         if not req.timeout > 0:
             raise ValueError(f"probe timeout must be > 0 seconds, got {req.timeout!r}")
         entry = self._entry(req.conn_id)
         async with entry.ops:
-            await entry.ref.ask(Probe(req.path_id, req.timeout))
+            with self.tracing.span(SPAN_PATH_PROBE, parent_context=parent) as span:
+                await self._probe_in_span(entry, req.path_id, req.timeout, span)
         return self._snap(req.conn_id)
 
-    async def _switch(self, req: SwitchRequest) -> ConnectionSnapshot:
+    async def _probe_in_span(
+        self, entry: _Entry, path_id: int, timeout: float, span: Span
+    ) -> float:
+        """Probe a path inside the current ``quic.path.probe`` span; records tries and RTT."""
+        path = entry.actor.path(path_id)
+        span.set_attribute(ATTR_CONNECTION_ID, entry.conn_id)
+        span.set_attribute(ATTR_PATH_TO_LOCAL_ADDRESS, str(sockaddr_to_multiaddr(path.local)))
+        tries_before = path.stats.probes_sent
+        try:
+            rtt = await entry.ref.ask(Probe(path_id, timeout))
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.metrics.probe_failure(type(exc).__name__)
+            raise
+        finally:
+            span.set_attribute(ATTR_PROBE_TRIES, path.stats.probes_sent - tries_before)
+        assert isinstance(rtt, float)
+        span.set_attribute(ATTR_PROBE_RTT_MS, rtt * 1000)
+        self.metrics.probe_rtt(rtt)
+        return rtt
+
+    async def _switch(
+        self, req: SwitchRequest, parent: Context | None = None
+    ) -> ConnectionSnapshot:
         entry = self._entry(req.conn_id)
         async with entry.ops:
             actor = entry.actor
-            actor.path(req.path_id)  # PathClosedError before anything is emitted
+            target = actor.path(req.path_id)  # PathClosedError before anything is emitted
             active = actor.quic.active_path_id
             if req.path_id == active:
                 return self._snap(req.conn_id)
@@ -447,26 +543,67 @@ class SupervisorActor(Actor):
                     req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason
                 )
             )
-            try:
-                result = await entry.ref.ask(Switch(req.path_id, req.reason))
-            except BaseException as exc:
-                error = str(exc) or type(exc).__name__
-                if isinstance(exc, asyncio.CancelledError):
-                    error = "cancelled by the caller (rolled back)"
-                self._publish(
-                    EvtConnectionMigrationFailed(
-                        req.conn_id,
-                        entry.remote,
-                        time.time(),
-                        from_addr,
-                        to_addr,
-                        req.reason,
-                        error,
-                        actor.closed,
+            with self.tracing.migration_span(
+                req.conn_id,
+                req.reason,
+                from_addr,
+                to_addr,
+                entry.remote,
+                entry.family,
+                parent_context=parent,
+            ) as span:
+                try:
+                    stale = target.validated_at is None or (
+                        asyncio.get_running_loop().time() - target.validated_at
+                        > self.options.stale_after
                     )
-                )
-                raise
-            assert isinstance(result, SwitchResult)
+                    if target.state is PathState.STANDBY and stale:
+                        # Re-probe inside the migration's trace, then switch.
+                        with self.tracing.child_span(SPAN_PATH_PROBE) as probe_span:
+                            await self._probe_in_span(entry, req.path_id, 5.0, probe_span)
+                    with self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span:
+                        try:
+                            result = await entry.ref.ask(Switch(req.path_id, req.reason))
+                        except MigrationRolledBackError:
+                            switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
+                            set_result(span, RESULT_ROLLED_BACK)
+                            self.metrics.rollback(req.reason)
+                            raise
+                        assert isinstance(result, SwitchResult)
+                        for key, value in (
+                            (ATTR_CID_SEQUENCE_BEFORE, result.cid_sequence_before),
+                            (ATTR_CID_SEQUENCE_AFTER, result.cid_sequence_after),
+                        ):
+                            if value is not None:
+                                switch_span.set_attribute(key, value)
+                        switch_span.set_attribute(
+                            ATTR_SWITCH_CONFIRMATION_MS, result.confirmation_time * 1000
+                        )
+                        switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, False)
+                except BaseException as exc:
+                    error = str(exc) or type(exc).__name__
+                    outcome = "failed"
+                    if isinstance(exc, asyncio.CancelledError):
+                        error = "cancelled by the caller (rolled back)"
+                        outcome = "cancelled"
+                    elif isinstance(exc, MigrationRolledBackError):
+                        outcome = "rolled_back"
+                    self.metrics.migration(req.reason, outcome)
+                    self._publish(
+                        EvtConnectionMigrationFailed(
+                            req.conn_id,
+                            entry.remote,
+                            time.time(),
+                            from_addr,
+                            to_addr,
+                            req.reason,
+                            error,
+                            actor.closed,
+                        )
+                    )
+                    raise
+            self.metrics.migration(req.reason, "completed")
+            self.metrics.active_path_change(req.reason)
             self._publish(
                 EvtConnectionMigrationCompleted(
                     req.conn_id,
