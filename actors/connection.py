@@ -207,6 +207,14 @@ class ConnectionActor(Actor):
                 by_peer=by_peer,
             )
 
+    def transmit_soon(self) -> None:
+        """Send what aioquic has queued, once, later in this event-loop turn.
+
+        For code that calls ``quic.send_*`` outside the input path (an application protocol such
+        as HTTP/3 sending a request): input batches already end with a flush.
+        """
+        self._schedule_flush()
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True

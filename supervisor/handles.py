@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aioquic.quic.events import QuicEvent, StreamDataReceived
 from multiaddr import Multiaddr
 
 from actors.errors import (
@@ -127,6 +128,33 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} {self._snap.local_addr} -> {self._snap.remote_addr}>"
+
+    async def attach_app_protocol(self, handler: Callable[[QuicEvent], bool]) -> ConnectionActor:
+        """Route this connection's QUIC events through ``handler`` first (events it returns True
+        for are consumed): how HTTP/3 runs on top of it. Returns the actor that owns the aioquic
+        connection, for the protocol's sends (``actor.quic``, then ``actor.transmit_soon()``).
+
+        The peer may open streams before this is called (an HTTP/3 server sends SETTINGS right
+        after the handshake); their buffered bytes are replayed to ``handler`` first, so it sees
+        every stream from its first byte. One protocol per connection.
+        """
+        if self._snap.inbound:
+            raise ValueError("application protocols run on outbound (dialled) connections only")
+        actor = self._actor
+        actor.check_open()
+        if actor.app_handler is not None:
+            raise RuntimeError(f"{self!r} already has an application protocol")
+        replay: list[QuicEvent] = []
+        for stream_id, stream in list(actor.streams.items()):
+            if stream_id & 1 and (stream.receive_backlog or stream.at_eof):
+                # read() returns at once with bytes buffered: no other event can slip in
+                # between this replay and installing the handler.
+                data = await stream.read() if stream.receive_backlog else b""
+                replay.append(StreamDataReceived(data, stream.at_eof, stream_id))
+        actor.app_handler = handler
+        for event in replay:
+            handler(event)
+        return actor
 
 
 class MigratableConn:

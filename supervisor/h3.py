@@ -1,0 +1,288 @@
+"""HTTP/3 GET over a migratable connection, with aioquic's own h3 module.
+
+Why it exists: HTTP/3 servers (ngtcp2's gtlsserver, the interop peer) speak nothing else, and a
+download is the plainest proof that a migration is transparent to the application: the request
+stream carries on over whichever path is active, and nothing here knows about paths at all.
+
+The body is streamed: chunks go to a ``sink`` callback (e.g. a file's ``write``) through a
+bounded buffer, and the connection withholds stream credit while that buffer is full, so a
+multi-GB file costs a bounded amount of memory. Without a sink the body is collected in memory,
+up to ``max_body`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamDataReceived, StreamReset
+
+from actors.errors import ConnectionClosedError
+
+if TYPE_CHECKING:
+    from actors.connection import ConnectionActor
+    from supervisor.handles import Connection
+
+__all__ = ["DEFAULT_BODY_BUFFER", "H3Client", "H3Error", "H3Response", "Sink", "http3_get"]
+
+Headers = list[tuple[bytes, bytes]]
+#: Receives each body chunk in order; may be a coroutine function.
+Sink = Callable[[bytes], Awaitable[object] | object]
+
+#: Unread body bytes per request before the connection stops granting the server more credit.
+DEFAULT_BODY_BUFFER = 1 << 20
+#: Without a sink the body is kept in memory; refuse more than this.
+DEFAULT_MAX_BODY = 256 << 20
+
+
+class H3Error(Exception):
+    """An HTTP/3 request failed at the HTTP layer (reset, malformed or oversized response)."""
+
+
+@dataclass(frozen=True, slots=True)
+class H3Response:
+    """A complete response. ``body`` is empty when a sink consumed it; ``length`` counts the
+    body bytes received either way."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    length: int
+    trailers: Headers = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), decoded."""
+        key = name.lower().encode()
+        for k, v in self.headers:
+            if k == key:
+                return v.decode(errors="replace")
+        return None
+
+
+class _Request:
+    """Receive state of one request stream, filled by the event handler, drained by the caller."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.headers: Headers | None = None
+        self.trailers: Headers = []
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.ended = False
+        self.error: BaseException | None = None
+        self.wake = asyncio.Event()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.wake.set()
+
+
+class H3Client:
+    """The HTTP/3 session of one connection; created on first use and shared by its requests.
+
+    Attaching it routes every stream event of the connection to HTTP/3: such a connection carries
+    no raw streams of its own.
+    """
+
+    def __init__(self, buffer_limit: int = DEFAULT_BODY_BUFFER) -> None:
+        self.buffer_limit = buffer_limit
+        self._actor: ConnectionActor | None = None
+        self._h3: H3Connection | None = None
+        self._early: list[QuicEvent] = []
+        self._requests: dict[int, _Request] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def attach(cls, conn: Connection, buffer_limit: int = DEFAULT_BODY_BUFFER) -> H3Client:
+        client = cls(buffer_limit)
+        actor = await conn.attach_app_protocol(client._on_quic_event)
+        if actor.alpn not in H3_ALPN:
+            actor.app_handler = None
+            raise ValueError(
+                f"HTTP/3 needs a connection dialled with alpn_protocols=['h3'], "
+                f"this one negotiated {actor.alpn!r}"
+            )
+        # No await since attaching: the replayed early events are still the oldest ones.
+        client._actor = actor
+        client._h3 = H3Connection(actor.quic)
+        for event in client._early:
+            client._on_quic_event(event)
+        client._early.clear()
+        actor.transmit_soon()  # our SETTINGS and QPACK streams
+        client._watcher = asyncio.get_running_loop().create_task(
+            client._watch(actor), name=f"h3-watch-{conn.conn_id}"
+        )
+        return client
+
+    async def _watch(self, actor: ConnectionActor) -> None:
+        """Fail every pending request when the connection ends, however it ends."""
+        await actor.ref.wait_stopped()
+        error = actor.close_error or ConnectionClosedError(actor.conn_id)
+        for req in self._requests.values():
+            req.fail(error)
+
+    # ---------------------------------------------------------------- event side (synchronous)
+
+    def _on_quic_event(self, event: QuicEvent) -> bool:
+        if not isinstance(event, (StreamDataReceived, StreamReset, StopSendingReceived)):
+            return False
+        if self._h3 is None:
+            self._early.append(event)
+            return True
+        for h3_event in self._h3.handle_event(event):
+            self._on_h3_event(h3_event)
+        if isinstance(event, StreamReset) and (req := self._requests.get(event.stream_id)):
+            req.fail(H3Error(f"the server reset the request (error code {event.error_code:#x})"))
+        return True
+
+    def _on_h3_event(self, event: H3Event) -> None:
+        req = self._requests.get(getattr(event, "stream_id", -1))
+        if req is None or req.error is not None:
+            return
+        if isinstance(event, HeadersReceived):
+            status = dict(event.headers).get(b":status", b"")
+            if req.headers is None:
+                if status.startswith(b"1"):
+                    return  # interim response: the final one follows
+                req.headers = list(event.headers)
+            else:
+                req.trailers = list(event.headers)
+            req.ended |= event.stream_ended
+        elif isinstance(event, DataReceived):
+            if event.data:
+                req.chunks.append(event.data)
+                req.buffered += len(event.data)
+                self._set_backlog(req)
+            req.ended |= event.stream_ended
+        req.wake.set()
+
+    def _set_backlog(self, req: _Request) -> None:
+        assert self._actor is not None
+        if self._actor.quic.set_receive_backlog(req.stream_id, req.buffered, self.buffer_limit):
+            self._actor.transmit_soon()  # credit was withheld and may flow again
+
+    # ---------------------------------------------------------------- request side
+
+    async def get(
+        self,
+        url_path: str,
+        *,
+        authority: str,
+        headers: Iterable[tuple[str | bytes, str | bytes]] = (),
+        sink: Sink | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> H3Response:
+        """GET ``url_path``; see :func:`http3_get`."""
+        if not url_path.startswith("/"):
+            raise ValueError(f"url_path must start with '/', got {url_path!r}")
+        actor, h3 = self._actor, self._h3
+        assert actor is not None and h3 is not None
+        actor.check_open()
+        stream_id = actor.quic.get_next_available_stream_id()
+        req = self._requests[stream_id] = _Request(stream_id)
+        request_headers: Headers = [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", authority.encode()),
+            (b":path", url_path.encode()),
+            *((_b(k).lower(), _b(v)) for k, v in headers),
+        ]
+        h3.send_headers(stream_id, request_headers, end_stream=True)
+        actor.transmit_soon()
+        complete = False
+        try:
+            body, length = await self._receive(req, sink, max_body)
+            complete = True
+        finally:
+            del self._requests[stream_id]
+            actor.quic.set_receive_backlog(stream_id, 0, self.buffer_limit)
+            if not complete and not actor.closed:
+                # Cancelled or failed midway: tell the server to stop sending.
+                with contextlib.suppress(Exception):
+                    actor.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
+                actor.transmit_soon()
+        assert req.headers is not None
+        status = dict(req.headers)[b":status"]
+        return H3Response(int(status), req.headers, bytes(body), length, req.trailers)
+
+    async def _receive(
+        self, req: _Request, sink: Sink | None, max_body: int
+    ) -> tuple[bytearray, int]:
+        body = bytearray()
+        received = 0
+        while True:
+            while req.chunks:
+                chunk = req.chunks.popleft()
+                received += len(chunk)
+                if sink is not None:
+                    result = sink(chunk)
+                    if inspect.isawaitable(result):
+                        await result
+                elif received > max_body:
+                    raise H3Error(f"response body exceeds max_body={max_body} bytes")
+                else:
+                    body += chunk
+                req.buffered -= len(chunk)
+                self._set_backlog(req)
+            if req.error is not None:
+                raise req.error
+            if req.ended and not req.chunks:
+                break
+            req.wake.clear()
+            await req.wake.wait()
+        if req.headers is None:
+            raise H3Error("the response ended without headers")
+        status = dict(req.headers).get(b":status", b"")
+        if not status.isdigit():
+            raise H3Error(f"the response has no valid :status ({status!r})")
+        return body, received
+
+
+_clients: weakref.WeakKeyDictionary[Connection, H3Client] = weakref.WeakKeyDictionary()
+_attaching: weakref.WeakKeyDictionary[Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def h3_client(conn: Connection, buffer_limit: int = DEFAULT_BODY_BUFFER) -> H3Client:
+    """The connection's HTTP/3 session, attached on first use."""
+    lock = _attaching.setdefault(conn, asyncio.Lock())
+    async with lock:
+        client = _clients.get(conn)
+        if client is None:
+            client = _clients[conn] = await H3Client.attach(conn, buffer_limit)
+    return client
+
+
+async def http3_get(
+    conn: Connection,
+    url_path: str,
+    *,
+    authority: str,
+    headers: Iterable[tuple[str | bytes, str | bytes]] = (),
+    sink: Sink | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> H3Response:
+    """GET ``url_path`` over ``conn`` (dialled with ``alpn_protocols=["h3"]``).
+
+    ``sink(chunk)`` (sync or async) receives the body as it arrives; the response then carries
+    an empty ``body`` and its ``length``. Migrations of ``conn`` during the transfer need nothing
+    from the caller. Cancelling stops the request (STOP_SENDING) and leaves the connection usable.
+    Raises :class:`H3Error` for HTTP-level failures and ``ConnectionClosedError`` when the
+    connection ends first.
+    """
+    client = await h3_client(conn)
+    return await client.get(
+        url_path, authority=authority, headers=headers, sink=sink, max_body=max_body
+    )
+
+
+def _b(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
