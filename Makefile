@@ -19,7 +19,7 @@ venv: $(STAMP)
 # Reinstall only when pyproject.toml changes; the stamp lives inside the venv so `clean` drops both.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,ray]'
 	@touch $(STAMP)
 
 # Install only what is missing; without root, say what is missing and carry on (tests that need
