@@ -1,0 +1,820 @@
+"""The Ray agent: one Supervisor per node inside a Ray async actor, driven by msgpack envelopes.
+
+Why an envelope and not Ray's pickling: the same request messages the local handles send cross
+the process boundary unchanged, carry the caller's W3C trace context (so a migration asked for
+from a driver is one trace: caller -> Ray -> supervisor -> socket), and fail with a clear
+:class:`~actors.envelope.EnvelopeError` when the two sides run different releases.
+
+Only the control plane crosses Ray: the connections, their sockets and every datagram stay in
+the agent's process (``num_cpus=0``; a Ray call costs ~1 ms, a datagram must not).
+
+Desired state (each connection's dial request, its configured paths and which one is active)
+is written to Ray's internal key-value store (GCS), outside the actor, so an agent that Ray
+restarts (``max_restarts``) re-dials and re-adds its paths; a ``fleet.Restored`` record per
+connection says what came back and what did not.
+
+This module imports ``ray`` only inside functions: the messages are usable without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import ipaddress
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from multiaddr import Multiaddr
+
+from actors import errors as _errors
+from actors.envelope import EnvelopeError, decode, encode, message
+from actors.path_state import PathState
+from supervisor.api import Supervisor
+from supervisor.handles import Connection
+from supervisor.messages import (
+    AddPathRequest,
+    CloseConnectionRequest,
+    ClosePathRequest,
+    ConnectionSnapshot,
+    DialRequest,
+    ProbeRequest,
+    SnapshotRequest,
+    SwitchRequest,
+)
+from telemetry.propagation import attached
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AGENT_NAME_PREFIX",
+    "DEFAULT_NAMESPACE",
+    "AgentInfo",
+    "DrainMove",
+    "DrainReport",
+    "DrainRequest",
+    "EchoReport",
+    "EchoStart",
+    "EchoWait",
+    "ErrorReply",
+    "EventBatch",
+    "EventsRequest",
+    "InfoRequest",
+    "Ok",
+    "Restored",
+    "Snapshots",
+    "SupervisorAgent",
+    "agent_name",
+    "error_reply",
+    "kv_prefix",
+]
+
+DEFAULT_NAMESPACE = "quic-supervisor"
+AGENT_NAME_PREFIX = "quic-supervisor:"
+KV_NAMESPACE = "quic-supervisor"
+_EVENT_LOG_SIZE = 4096
+
+
+def agent_name(label: str) -> str:
+    """The Ray actor name of the agent for ``label`` (a node id, or any label in tests)."""
+    return f"{AGENT_NAME_PREFIX}{label}"
+
+
+def kv_prefix(namespace: str, label: str) -> str:
+    """Where an agent's desired state lives in the internal KV store (per namespace and label)."""
+    return f"{namespace}/{label}/conn/"
+
+
+# -- messages only the fleet uses -----------------------------------------------------------------
+
+
+@message("sup.Error")
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """A failed request: the exception's class name, text and plain attributes.
+
+    The client rebuilds the typed exception (``PathNotValidatedError`` stays one) from these.
+    """
+
+    type: str
+    message: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@message("fleet.Ok")
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The reply to a request that returns nothing (close)."""
+
+
+@message("fleet.Snapshots")
+@dataclass(frozen=True, slots=True)
+class Snapshots:
+    """Every connection of one agent."""
+
+    conns: tuple[ConnectionSnapshot, ...] = ()
+
+
+@message("fleet.Info")
+@dataclass(frozen=True, slots=True)
+class InfoRequest:
+    """Ask an agent who it is (and wait until it has restored its connections)."""
+
+
+@message("fleet.Restored")
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a restarted agent did with one recorded connection."""
+
+    conn_id: str  # the stable id the client knows
+    ok: bool
+    paths: int = 0  # paths re-added (the handshake path included)
+    active: str | None = None  # local address active again
+    error: str | None = None
+    time: float = 0.0
+
+
+@message("fleet.AgentInfo")
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    label: str
+    node_id: str
+    hostname: str
+    pid: int
+    migration_enabled: bool
+    connections: int
+    started: float  # wall clock of this incarnation's start (changes on restart)
+    restored: tuple[Restored, ...] = ()
+
+
+@message("fleet.Drain")
+@dataclass(frozen=True, slots=True)
+class DrainRequest:
+    """Move every connection whose active path is on ``local_addr`` (an IP or a multiaddr)
+    or on ``device`` to another validated path of the same connection."""
+
+    local_addr: str | None = None
+    device: str | None = None
+    probe_timeout: float = 5.0
+
+
+@message("fleet.DrainMove")
+@dataclass(frozen=True, slots=True)
+class DrainMove:
+    conn_id: str
+    from_addr: str
+    to_addr: str | None
+    ok: bool
+    error: str | None = None
+
+
+@message("fleet.DrainReport")
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """What one node did: moved (ok), failed (no other usable path, or the switch failed)."""
+
+    label: str
+    moves: tuple[DrainMove, ...] = ()
+    untouched: int = 0  # connections whose active path was not on the drained address
+
+    @property
+    def moved(self) -> list[DrainMove]:
+        return [m for m in self.moves if m.ok]
+
+    @property
+    def failed(self) -> list[DrainMove]:
+        return [m for m in self.moves if not m.ok]
+
+
+@message("fleet.Events")
+@dataclass(frozen=True, slots=True)
+class EventsRequest:
+    cursor: int = 0
+    limit: int = 1000
+
+
+@message("fleet.EventBatch")
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Events with sequence numbers ``cursor - len(events)`` .. ``cursor - 1``; ``lost`` counts
+    events that fell out of the agent's bounded log before they were read."""
+
+    cursor: int
+    events: tuple[Any, ...] = ()
+    lost: int = 0
+
+
+@message("fleet.EchoStart")
+@dataclass(frozen=True, slots=True)
+class EchoStart:
+    """Diagnostics: stream ``nbytes`` through the connection's echo peer, checksummed."""
+
+    conn_id: str
+    nbytes: int
+    chunk: int = 16384
+    pace: float = 0.0  # seconds to sleep between chunks (spreads the transfer over a migration)
+
+
+@message("fleet.EchoWait")
+@dataclass(frozen=True, slots=True)
+class EchoWait:
+    job: int
+    timeout: float = 60.0
+
+
+@message("fleet.EchoReport")
+@dataclass(frozen=True, slots=True)
+class EchoReport:
+    job: int
+    sent: int
+    received: int
+    intact: bool  # the echoed bytes are exactly the sent ones (sha256)
+    done: bool
+
+
+# -- errors over the wire ------------------------------------------------------------------------
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return False
+
+
+def error_reply(exc: BaseException) -> ErrorReply:
+    """Flatten an exception: class name, text, and attributes that are plain data."""
+    attrs: dict[str, Any] = {}
+    for key, value in getattr(exc, "__dict__", {}).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, Multiaddr | PathState):
+            value = str(value)
+        if _plain(value):
+            attrs[key] = value
+    return ErrorReply(type(exc).__name__, str(exc), attrs)
+
+
+# -- desired state --------------------------------------------------------------------------------
+
+
+class DesiredState:
+    """Connections and their configured paths, in Ray's internal KV store (GCS).
+
+    Why there: it survives the actor's process, it is in every Ray cluster (no volume to mount),
+    and the records are tiny. One key per connection, msgpack values.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _kv(self) -> Any:
+        from ray.experimental import internal_kv
+
+        return internal_kv
+
+    async def put(self, conn_id: str, record: dict[str, Any]) -> None:
+        data = msgpack.packb(record, use_bin_type=True)
+        await asyncio.to_thread(
+            self._kv()._internal_kv_put, self.prefix + conn_id, data, namespace=KV_NAMESPACE
+        )
+
+    async def delete(self, conn_id: str) -> None:
+        await asyncio.to_thread(
+            self._kv()._internal_kv_del, self.prefix + conn_id, namespace=KV_NAMESPACE
+        )
+
+    async def load(self) -> dict[str, dict[str, Any]]:
+        kv = self._kv()
+
+        def read() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for key in kv._internal_kv_list(self.prefix, namespace=KV_NAMESPACE):
+                raw = kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+                if raw is not None:
+                    name = key.decode() if isinstance(key, bytes) else str(key)
+                    out[name.removeprefix(self.prefix)] = msgpack.unpackb(raw, raw=False)
+            return out
+
+        return await asyncio.to_thread(read)
+
+
+# -- the agent ------------------------------------------------------------------------------------
+
+
+def _device_ips(device: str) -> set[str]:
+    """IPv4 address of ``device`` (SIOCGIFADDR); empty when it has none or does not exist."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", device.encode()[:15]))
+        except OSError:
+            return set()
+    return {socket.inet_ntoa(raw[20:24])}
+
+
+def _ip_of(addr: str) -> str:
+    """The IP of a multiaddr string, or the string itself when it is a bare IP."""
+    if addr.startswith("/"):
+        parts = addr.split("/")
+        return parts[2] if len(parts) > 2 else addr
+    return str(ipaddress.ip_address(addr))
+
+
+@dataclass(slots=True)
+class _Echo:
+    sent: int = 0
+    received: int = 0
+    intact: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class SupervisorAgent:
+    """One node's Supervisor in a Ray async actor (started by ``Fleet.start_agent``).
+
+    Every public method takes and returns envelope bytes; :meth:`ask` is the only one the
+    handles need. Failures never raise through Ray: they come back as an ``ErrorReply`` that the
+    client turns into the same typed exception.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        enable_migration: bool = True,
+        capture_spans: bool = False,
+        persist: bool = True,
+    ) -> None:
+        from telemetry.providers import build_providers_from_env
+
+        self.label = label
+        self.started = time.time()
+        self._extra: list[Any] = []
+        self._memory: Any = None
+        if capture_spans:  # tests: keep finished spans in memory, readable via finished_spans()
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+                InMemorySpanExporter,
+            )
+
+            self._memory = InMemorySpanExporter()
+            self._extra.append(SimpleSpanProcessor(self._memory))
+        # Each worker process builds its own providers from OTEL_* (never the global ones).
+        self.providers = build_providers_from_env(extra_span_processors=self._extra)
+        self.sup = Supervisor(
+            enable_experimental_connection_migration=enable_migration,
+            tracer_provider=self.providers.tracer_provider,
+            meter_provider=self.providers.meter_provider,
+        )
+        self.state = DesiredState(kv_prefix(namespace, label)) if persist else None
+        self._records: dict[str, dict[str, Any]] = {}
+        self._live: dict[str, str] = {}  # stable conn id (what clients hold) -> live conn id
+        self._stable: dict[str, str] = {}  # live -> stable
+        self._conns: dict[str, Connection] = {}  # live id -> handle (for streams)
+        self._restored: list[Restored] = []
+        self._log: deque[tuple[int, Any]] = deque(maxlen=_EVENT_LOG_SIZE)
+        self._seq = itertools.count()
+        self._next_seq = 0
+        self._echo: dict[int, _Echo] = {}
+        self._echo_ids = itertools.count(1)
+        self._ready_task: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        with contextlib.suppress(RuntimeError):  # an async actor's __init__ runs on its loop
+            self._ready_task = asyncio.get_running_loop().create_task(self._start())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _ready(self) -> None:
+        if self._ready_task is None:
+            self._ready_task = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._ready_task)
+
+    async def _start(self) -> None:
+        await self.sup.start()
+        self._pump = asyncio.get_running_loop().create_task(self._pump_events())
+        if self.state is not None:
+            await self._restore()
+
+    async def _pump_events(self) -> None:
+        async for evt in self.sup.events.subscribe():
+            self._append(
+                dataclasses.replace(evt, conn_id=self._stable.get(evt.conn_id, evt.conn_id))
+            )
+
+    def _append(self, evt: object) -> None:
+        self._log.append((next(self._seq), evt))
+        self._next_seq += 1
+
+    async def _restore(self) -> None:
+        """Re-dial every recorded connection and re-add its paths (a restarted incarnation)."""
+        assert self.state is not None
+        try:
+            records = await self.state.load()
+        except Exception as exc:  # the KV store is gone: run, but say so
+            log.error("agent %s: cannot read desired state: %s", self.label, exc)
+            return
+        for stable, record in records.items():
+            self._records[stable] = record
+            report = await self._restore_one(stable, record)
+            self._restored.append(report)
+            self._append(report)
+
+    async def _restore_one(self, stable: str, record: dict[str, Any]) -> Restored:
+        try:
+            dial = DialRequest(**record["dial"])
+            conn = await self.sup.dial(
+                dial.remote,
+                alpn_protocols=list(dial.alpn_protocols) if dial.alpn_protocols else None,
+                server_name=dial.server_name,
+                cafile=dial.cafile,
+                verify=dial.verify,
+                local_addr=dial.local_addr,
+                device=dial.device,
+                timeout=dial.timeout,
+                idle_timeout=dial.idle_timeout,
+            )
+        except Exception as exc:
+            return Restored(stable, False, error=f"re-dial failed: {exc}", time=time.time())
+        self._bind(stable, conn)
+        dialled = {"path_id": 0, "index": 0, "local_addr": dial.local_addr, "device": dial.device}
+        paths = [dialled]
+        for path in record.get("paths", []):
+            if path.get("index", 0) == 0:
+                continue
+            try:
+                snap = await self.sup.ask(
+                    AddPathRequest(conn.conn_id, path.get("local_addr"), path.get("device"))
+                )
+                assert isinstance(snap, ConnectionSnapshot)
+                known = {p["path_id"] for p in paths}
+                new_id = max(p.path_id for p in snap.paths if p.path_id not in known)
+                paths.append({**path, "path_id": new_id})  # this incarnation's path id
+            except Exception as exc:
+                log.warning("agent %s: re-adding path %s failed: %s", self.label, path, exc)
+        record["paths"] = paths
+        active = record.get("active", 0)
+        active_addr: str | None = None
+        try:
+            target = next((p for p in record["paths"] if p.get("index") == active), None)
+            if target is not None and target["path_id"] != 0:
+                await self.sup.ask(ProbeRequest(conn.conn_id, target["path_id"]))
+                await self.sup.ask(SwitchRequest(conn.conn_id, target["path_id"], "failover"))
+            snap = await self._snapshot(conn.conn_id)
+            active_addr = next((p.local_addr for p in snap.paths if p.active), None)
+        except Exception as exc:
+            log.warning("agent %s: re-activating a path of %s failed: %s", self.label, stable, exc)
+        await self._save(stable)
+        return Restored(
+            stable, True, paths=len(record["paths"]), active=active_addr, time=time.time()
+        )
+
+    def _bind(self, stable: str, conn: Connection) -> None:
+        self._live[stable] = conn.conn_id
+        self._stable[conn.conn_id] = stable
+        self._conns[conn.conn_id] = conn
+
+    async def _save(self, stable: str) -> None:
+        if self.state is not None and stable in self._records:
+            try:
+                await self.state.put(stable, self._records[stable])
+            except Exception as exc:
+                log.error("agent %s: cannot record %s: %s", self.label, stable, exc)
+
+    async def _forget(self, stable: str) -> None:
+        self._records.pop(stable, None)
+        live = self._live.pop(stable, None)
+        if live is not None:
+            self._stable.pop(live, None)
+            self._conns.pop(live, None)
+        if self.state is not None:
+            with contextlib.suppress(Exception):
+                await self.state.delete(stable)
+
+    # ------------------------------------------------------------------ Ray methods
+
+    async def ask(self, data: bytes) -> bytes:
+        """Handle one request envelope; reply with a result envelope or an ``ErrorReply``."""
+        try:
+            env = decode(data)
+        except EnvelopeError as exc:
+            return encode(error_reply(exc))
+        try:
+            await self._ready()
+            # The caller's context is current while handling: Supervisor.ask carries it on to
+            # the SupervisorActor, whose migration span is then the caller's child.
+            with attached(
+                {
+                    "traceparent": env.traceparent,
+                    "tracestate": env.tracestate,
+                    "baggage": env.baggage,
+                }
+            ):
+                reply = await self._handle(env.body)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            return encode(error_reply(exc))
+        try:
+            return encode(reply)
+        except (TypeError, ValueError) as exc:
+            return encode(error_reply(exc))
+
+    async def finished_spans(self) -> list[dict[str, Any]]:
+        """Test hook (``capture_spans=True``): the spans this agent finished, as plain dicts."""
+        if self._memory is None:
+            return []
+        out = []
+        for span in self._memory.get_finished_spans():
+            ctx = span.get_span_context()
+            out.append(
+                {
+                    "name": span.name,
+                    "trace_id": f"{ctx.trace_id:032x}",
+                    "span_id": f"{ctx.span_id:016x}",
+                    "parent_span_id": f"{span.parent.span_id:016x}" if span.parent else None,
+                    "attributes": {k: v for k, v in (span.attributes or {}).items()},
+                }
+            )
+        return out
+
+    async def shutdown(self) -> None:
+        """Close every connection and flush telemetry; the recorded state is kept."""
+        await self.sup.close()
+        self.providers.shutdown()
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def _handle(self, msg: object) -> object:
+        handler = self._handlers().get(type(msg))
+        if handler is not None:
+            return await handler(msg)
+        conn_id = getattr(msg, "conn_id", None)
+        if isinstance(conn_id, str):
+            live = self._live.get(conn_id, conn_id)
+            if live != conn_id:
+                msg = dataclasses.replace(msg, conn_id=live)  # type: ignore[type-var]
+        if isinstance(msg, AddPathRequest | DialRequest) and msg.socket_key is not None:
+            raise ValueError("sock= cannot cross processes: pass local_addr or device instead")
+        reply = await self.sup.ask(msg)
+        await self._record(msg, reply)
+        return self._outward(reply)
+
+    def _handlers(self) -> dict[type, Callable[[Any], Any]]:
+        return {
+            DialRequest: self._dial,
+            SnapshotRequest: self._snapshot_request,
+            CloseConnectionRequest: self._close,
+            InfoRequest: self._info,
+            DrainRequest: self._drain,
+            EventsRequest: self._events,
+            EchoStart: self._echo_start,
+            EchoWait: self._echo_wait,
+        }
+
+    def _outward(self, reply: object) -> object:
+        if reply is None:
+            return Ok()
+        if isinstance(reply, ConnectionSnapshot):
+            return dataclasses.replace(
+                reply, conn_id=self._stable.get(reply.conn_id, reply.conn_id)
+            )
+        if isinstance(reply, tuple):
+            return Snapshots(tuple(self._outward(s) for s in reply))  # type: ignore[misc]
+        return reply
+
+    async def _snapshot(self, live: str) -> ConnectionSnapshot:
+        snap = await self.sup.ask(SnapshotRequest(live))
+        assert isinstance(snap, ConnectionSnapshot)
+        return snap
+
+    async def _record(self, msg: object, reply: object) -> None:
+        """Keep the desired state in step with a request that succeeded."""
+        conn_id = getattr(msg, "conn_id", None)
+        stable = self._stable.get(conn_id) if isinstance(conn_id, str) else None
+        if stable is None or stable not in self._records:
+            return
+        record = self._records[stable]
+        if isinstance(msg, AddPathRequest) and isinstance(reply, ConnectionSnapshot):
+            known = {p["path_id"] for p in record["paths"]}
+            new = [p.path_id for p in reply.paths if p.path_id not in known]
+            if new:
+                index = max(p.get("index", 0) for p in record["paths"]) + 1
+                record["paths"].append(
+                    {
+                        "path_id": max(new),
+                        "index": index,
+                        "local_addr": msg.local_addr,
+                        "device": msg.device,
+                    }
+                )
+        elif isinstance(msg, SwitchRequest):
+            for p in record["paths"]:
+                if p["path_id"] == msg.path_id:
+                    record["active"] = p["index"]
+        elif isinstance(msg, ClosePathRequest):
+            record["paths"] = [p for p in record["paths"] if p["path_id"] != msg.path_id]
+        else:
+            return
+        await self._save(stable)
+
+    # ------------------------------------------------------------------ handlers
+
+    async def _dial(self, req: DialRequest) -> ConnectionSnapshot:
+        if req.socket_key is not None:
+            raise ValueError("sock= cannot cross processes: pass local_addr or device instead")
+        # The public API (not a bare ask) so the agent holds the Connection and its streams.
+        conn = await self.sup.dial(
+            req.remote,
+            alpn_protocols=list(req.alpn_protocols) if req.alpn_protocols else None,
+            server_name=req.server_name,
+            cafile=req.cafile,
+            verify=req.verify,
+            local_addr=req.local_addr,
+            device=req.device,
+            timeout=req.timeout,
+            idle_timeout=req.idle_timeout,
+        )
+        self._bind(conn.conn_id, conn)
+        self._records[conn.conn_id] = {
+            "dial": {
+                f.name: list(v) if isinstance(v := getattr(req, f.name), tuple) else v
+                for f in dataclasses.fields(req)
+            },
+            "paths": [
+                {"path_id": 0, "index": 0, "local_addr": req.local_addr, "device": req.device}
+            ],
+            "active": 0,
+        }
+        await self._save(conn.conn_id)
+        return await self._snapshot(conn.conn_id)
+
+    async def _snapshot_request(self, req: SnapshotRequest) -> object:
+        if req.conn_id is None:
+            reply = await self.sup.ask(req)
+        else:
+            reply = await self.sup.ask(SnapshotRequest(self._live.get(req.conn_id, req.conn_id)))
+        return self._outward(reply)
+
+    async def _close(self, req: CloseConnectionRequest) -> Ok:
+        live = self._live.get(req.conn_id, req.conn_id)
+        await self.sup.ask(dataclasses.replace(req, conn_id=live))
+        await self._forget(self._stable.get(live, req.conn_id))
+        return Ok()
+
+    async def _info(self, _req: InfoRequest) -> AgentInfo:
+        import ray
+
+        return AgentInfo(
+            label=self.label,
+            node_id=ray.get_runtime_context().get_node_id(),
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            migration_enabled=self.sup.migration_enabled,
+            connections=len(self.sup.connections()),
+            started=self.started,
+            restored=tuple(self._restored),
+        )
+
+    async def _events(self, req: EventsRequest) -> EventBatch:
+        first = self._log[0][0] if self._log else self._next_seq
+        cursor = max(req.cursor, 0)
+        lost = max(0, first - cursor)
+        picked = [e for seq, e in self._log if seq >= cursor][: max(req.limit, 0)]
+        return EventBatch(cursor=max(cursor, first) + len(picked), events=tuple(picked), lost=lost)
+
+    async def _drain(self, req: DrainRequest) -> DrainReport:
+        """Switch every connection active on the drained address to another validated path.
+
+        Connections are drained concurrently (each switch waits for the peer's confirmation).
+        """
+        if (req.local_addr is None) == (req.device is None):
+            raise ValueError("drain needs exactly one of local_addr= or device=")
+        if req.local_addr is not None:
+            drained = {_ip_of(req.local_addr)}
+        else:
+            assert req.device is not None
+            drained = _device_ips(req.device)
+        by_device = req.device
+
+        def on_drained(live: str, local_addr: str, path_id: int) -> bool:
+            if _ip_of(local_addr) in drained:
+                return True
+            if by_device is None:
+                return False
+            record = self._records.get(self._stable.get(live, live))
+            return record is not None and any(
+                p["path_id"] == path_id and p.get("device") == by_device for p in record["paths"]
+            )
+
+        snaps = await self.sup.ask(SnapshotRequest(None))
+        assert isinstance(snaps, tuple)
+        todo = []
+        untouched = 0
+        for snap in snaps:
+            active = next((p for p in snap.paths if p.active), None)
+            if (
+                snap.closed
+                or active is None
+                or not on_drained(snap.conn_id, active.local_addr, active.path_id)
+            ):
+                untouched += 1
+                continue
+            todo.append((snap, active))
+
+        async def move(snap: ConnectionSnapshot, active: Any) -> DrainMove:
+            stable = self._stable.get(snap.conn_id, snap.conn_id)
+            candidates = [
+                p
+                for p in snap.paths
+                if not p.active
+                and p.state in (PathState.STANDBY, PathState.VALIDATING, PathState.NEW)
+                and not on_drained(snap.conn_id, p.local_addr, p.path_id)
+            ]
+            # Validated paths first, then by RTT.
+            candidates.sort(key=lambda p: (p.state is not PathState.STANDBY, p.rtt or 1e9))
+            errors = []
+            for cand in candidates:
+                try:
+                    if cand.state is not PathState.STANDBY or cand.rtt is None:
+                        await self.sup.ask(
+                            ProbeRequest(snap.conn_id, cand.path_id, req.probe_timeout)
+                        )
+                    reply = await self.sup.ask(SwitchRequest(snap.conn_id, cand.path_id, "drain"))
+                    await self._record(SwitchRequest(snap.conn_id, cand.path_id), reply)
+                    return DrainMove(stable, active.local_addr, cand.local_addr, True)
+                except Exception as exc:
+                    errors.append(f"{cand.local_addr}: {type(exc).__name__}: {exc}")
+            error = "; ".join(errors) or "no other path to move to: add one first"
+            return DrainMove(stable, active.local_addr, None, False, error)
+
+        moves = await asyncio.gather(*(move(s, a) for s, a in todo))
+        return DrainReport(self.label, tuple(moves), untouched)
+
+    # ------------------------------------------------------------------ diagnostics
+
+    async def _echo_start(self, req: EchoStart) -> EchoReport:
+        live = self._live.get(req.conn_id, req.conn_id)
+        conn = self._conns.get(live)
+        if conn is None:
+            raise _errors.ConnectionClosedError(req.conn_id)
+        if req.nbytes < 0 or req.chunk <= 0:
+            raise ValueError("nbytes must be >= 0 and chunk > 0")
+        job = next(self._echo_ids)
+        state = self._echo[job] = _Echo()
+        stream = await conn.open_stream()
+
+        async def writer(digest: Any) -> None:
+            seed = os.urandom(16)
+            block = 0
+            while state.sent < req.nbytes:
+                data = hashlib.shake_256(seed + block.to_bytes(8, "big")).digest(
+                    min(req.chunk, req.nbytes - state.sent)
+                )
+                digest.update(data)
+                await stream.write(data)
+                state.sent += len(data)
+                block += 1
+                if req.pace:
+                    await asyncio.sleep(req.pace)
+            await stream.close()
+
+        async def run() -> None:
+            sent_digest = hashlib.sha256()
+            got_digest = hashlib.sha256()
+            w = asyncio.ensure_future(writer(sent_digest))
+            while True:
+                data = await stream.read(65536)
+                if not data:
+                    break
+                got_digest.update(data)
+                state.received += len(data)
+            await w
+            state.intact = (
+                state.received == state.sent and got_digest.digest() == sent_digest.digest()
+            )
+
+        state.task = asyncio.get_running_loop().create_task(run())
+        return EchoReport(job, 0, 0, False, False)
+
+    async def _echo_wait(self, req: EchoWait) -> EchoReport:
+        state = self._echo.get(req.job)
+        if state is None or state.task is None:
+            raise KeyError(f"no echo job {req.job}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(state.task), req.timeout)
+        done = state.task.done()
+        if done and state.task.exception() is not None:
+            raise state.task.exception()  # type: ignore[misc]
+        return EchoReport(req.job, state.sent, state.received, state.intact, done)
