@@ -130,6 +130,9 @@ class ConnectionActor(Actor):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        keylog = self.quic.configuration.secrets_log_file
+        if keylog is not None:
+            keylog.close()  # SSLKEYLOGFILE, opened for this connection
 
     def _start_path(self, path_id: int, sock: socket.socket, state: PathState) -> PathActor:
         path = PathActor(
@@ -390,8 +393,7 @@ class ConnectionActor(Actor):
             if not await self._wait_until(lambda: self.quic.spare_peer_cids > 0, rtt):
                 raise NoConnectionIdError(_fmt(path.local))
             self.quic.reserve_peer_cid(msg.path_id)
-        if msg.nudge:
-            self.quic.send_ping(next(self._ping_ids))
+        if msg.nudge and self.quic.ack_now(self._loop.time()):
             self._flush()
         datagrams = self.quic.emit_challenge(msg.path_id, self._loop.time())
         return [data for data, _ in datagrams]

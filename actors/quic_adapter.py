@@ -447,6 +447,19 @@ class MigratingQuicConnection(QuicConnection):
         path.peer_cid = self._peer_cid_available.pop(0)
         return True
 
+    def ack_now(self, now: float) -> bool:
+        """Send a pending 1-RTT ACK at the next flush; False when none is pending.
+
+        Used before the first challenge on a fresh CID: an aioquic server registers the CIDs it
+        issued only when its next datagram arrives, and the ACK of the packet that carried them
+        is that datagram. ACK-only packets stay out of congestion control (a PING would not).
+        """
+        space = self._spaces[Epoch.ONE_RTT]
+        if space.ack_at is None:
+            return False
+        space.ack_at = now
+        return True
+
     def emit_challenge(self, path_id: int, now: float) -> list[tuple[bytes, NetworkAddress]]:
         """Build one padded PATH_CHALLENGE on a non-active path; empty without a CID."""
         path = self._path(path_id)

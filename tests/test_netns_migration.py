@@ -197,12 +197,6 @@ async def test_blackholed_path_probe_times_out_and_path_is_closable(
         assert set(server4.connections[0].datagrams_from) == {addr0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: the first try of every probe queues a PING on the active path "
-    "(EmitChallenge nudge, actors/connection.py _emit_challenge); its ACK grows the active "
-    "path's congestion window by the PING packet's size (slow start) while idle",
-)
 async def test_blackholed_probe_leaves_active_congestion_window_unchanged(
     topo: TwoPathTopology, server4: RigServer, sup: Supervisor, cert: CertPair
 ) -> None:
