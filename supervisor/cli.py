@@ -1,0 +1,498 @@
+"""``quic-supervisor``: the command line (serve, dial, get, demo).
+
+Library errors a user can cause (a bad address, a path that cannot be validated, a server that
+does not answer) end the command with one line on stderr and exit status 2, never a traceback:
+they are answers, not crashes. Exit status 1 means the command ran but its check failed (bytes
+not verified, an HTTP error status); 0 means everything checked out; 130 an interrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aioquic.h3.connection import H3_ALPN
+from rich.console import Console
+
+from actors.errors import MigrationError
+from supervisor.addresses import to_multiaddr
+from supervisor.api import Supervisor
+from supervisor.demo import (
+    DemoOptions,
+    MigrationRecord,
+    Rotator,
+    VerifiedEcho,
+    echo_handler,
+    run_demo,
+    self_signed_cert,
+)
+from supervisor.h3 import H3Error, http3_get
+
+__all__ = ["build_parser", "main"]
+
+PROG = "quic-supervisor"
+DEFAULT_LISTEN = "/ip4/127.0.0.1/udp/4433/quic-v1"
+
+#: Errors that are the user's input or the network's answer: one line, exit 2.
+USER_ERRORS = (MigrationError, H3Error, ValueError, OSError)
+
+log = logging.getLogger("quic_supervisor.cli")
+
+
+class UsageError(ValueError):
+    """A combination of arguments that cannot work (exit 2, like argparse's own errors)."""
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Global flags, accepted before or after the subcommand."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS if suppress else "warning",
+        choices=["debug", "info", "warning", "error"],
+        help="logging threshold (stderr; default: warning)",
+    )
+    parser.add_argument(
+        "--qlog-dir",
+        type=Path,
+        default=default,
+        metavar="DIR",
+        help="write aioquic qlog per connection here (accepted now; written from issue 3 on)",
+    )
+    parser.add_argument(
+        "--trace-file",
+        type=Path,
+        default=default,
+        metavar="FILE",
+        help="write migration spans as OTLP JSON (accepted now; written from issue 3 on)",
+    )
+
+
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cafile", help="PEM file of the CA (or self-signed cert) to trust")
+    group.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's certificate"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Client-side QUIC connection migration, run as asyncio actors.",
+        epilog="Exit status: 0 ok, 1 check failed, 2 usage or library error, 130 interrupted.",
+    )
+    _global_flags(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run an echo server until SIGINT/SIGTERM",
+        description="Echo every stream back. The first stdout line is 'listening on MULTIADDR'.",
+    )
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="MULTIADDR")
+    serve.add_argument("--cert", help="PEM certificate (default: generate a self-signed one)")
+    serve.add_argument("--key", help="PEM private key (default: inside --cert, or generated)")
+    serve.add_argument("--alpn", default="echo", help="ALPN protocol(s), comma-separated")
+    serve.set_defaults(func=cmd_serve)
+
+    dial = sub.add_parser(
+        "dial",
+        parents=[common],
+        help="stream verified data through an echo server, migrating on a schedule",
+    )
+    dial.add_argument("addr", metavar="MULTIADDR", help="e.g. /ip4/127.0.0.1/udp/4433/quic-v1")
+    dial.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="add a local path (repeatable), e.g. /ip4/127.0.0.2/udp/0/quic-v1",
+    )
+    dial.add_argument(
+        "--migrate-every",
+        type=_positive,
+        metavar="SECONDS",
+        help="rotate the active path among all paths on this schedule",
+    )
+    dial.add_argument("--bytes", type=_byte_count, default=10_000_000, metavar="N")
+    dial.add_argument("--alpn", default="echo")
+    dial.add_argument("--server-name", default="localhost", help="TLS name to verify")
+    dial.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
+    dial.add_argument("--timeout", type=_positive, default=10.0, help="handshake timeout (s)")
+    _tls_flags(dial)
+    dial.set_defaults(func=cmd_dial)
+
+    get = sub.add_parser(
+        "get",
+        parents=[common],
+        help="HTTP/3 GET, optionally migrating mid-transfer",
+        description="Prints status, bytes and sha256 of the body.",
+    )
+    get.add_argument("url", metavar="URL", help="https://HOST[:PORT]/PATH")
+    get.add_argument("-o", "--output", type=Path, metavar="FILE", help="save the body here")
+    get.add_argument("--path", action="append", default=[], metavar="MULTIADDR")
+    get.add_argument(
+        "--migrate-after",
+        type=_positive,
+        metavar="SECONDS",
+        help="switch to the first --path this long after the request starts",
+    )
+    get.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
+    get.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
+    get.add_argument("--timeout", type=_positive, default=60.0, help="whole request (s)")
+    _tls_flags(get)
+    get.set_defaults(func=cmd_get)
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the main job: local echo server, two loopback paths, migrating back and forth",
+    )
+    demo.add_argument("--duration", type=_positive, default=10.0, metavar="SECONDS")
+    demo.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS")
+    demo.add_argument(
+        "--plain", action="store_true", help="progress lines instead of the live table"
+    )
+    demo.add_argument("--second-path", default="/ip4/127.0.0.2/udp/0/quic-v1", metavar="MA")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    units = {"k": 10**3, "m": 10**6, "g": 10**9}
+    scale = units.get(text[-1:].lower(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own usage error (status 2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        return int(asyncio.run(func(args)))
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as exc:
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (MigrationError, UsageError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def _supervisor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Telemetry hook for issue 3: providers from OTEL_*, qlog and the trace file go here.
+
+    Until then the flags are accepted and said to be inactive, so scripts can use them already.
+    """
+    for flag in ("qlog_dir", "trace_file"):
+        if getattr(args, flag, None) is not None:
+            print(
+                f"{PROG}: note: --{flag.replace('_', '-')} is accepted but not written yet",
+                file=sys.stderr,
+            )
+    return {}
+
+
+def _migration_note(record: MigrationRecord) -> str | None:
+    """Hook for extra per-migration text (issue 3: the migration's trace id)."""
+    return None
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        certfile, keyfile = args.cert, args.key
+        if certfile is None:
+            if keyfile is not None:
+                raise UsageError("--key needs --cert")
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="qs-serve-"))
+            cert, key = self_signed_cert(tmp)
+            certfile, keyfile = str(cert), str(key)
+            print(
+                f"{PROG}: no --cert given: generated a self-signed certificate for localhost at "
+                f"{certfile} (clients: --cafile {certfile}, or --insecure)",
+                file=sys.stderr,
+            )
+        alpn = [a.strip() for a in args.alpn.split(",") if a.strip()]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                stack.callback(loop.remove_signal_handler, sig)
+        async with Supervisor(**_supervisor_kwargs(args)) as sup:
+            listener = await sup.listen(
+                args.listen,
+                certfile=certfile,
+                keyfile=keyfile,
+                alpn_protocols=alpn,
+                handler=echo_handler,
+            )
+            print(f"listening on {listener.multiaddr} (alpn {','.join(alpn)})", flush=True)
+            accepted = asyncio.create_task(_log_connections(listener))
+            try:
+                await stop.wait()
+            finally:
+                accepted.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await accepted
+        log.info("stopped")
+    return 0
+
+
+async def _log_connections(listener: Any) -> None:
+    while True:
+        conn = await listener.accept()
+        log.info("connection %s from %s", conn.conn_id, conn.remote_multiaddr)
+
+
+# ------------------------------------------------------------------------------ dial
+
+
+async def _add_paths(mc: Any, paths: Sequence[str], timeout: float) -> None:
+    for addr in paths:
+        path = await mc.add_path(addr)
+        await path.probe(timeout=timeout)
+        rtt = path.info().rtt
+        print(
+            f"path {path.info().local_addr} validated"
+            + (f" (probe RTT {rtt * 1000:.2f} ms)" if rtt is not None else ""),
+            flush=True,
+        )
+
+
+def _print_migration(record: MigrationRecord) -> None:
+    if record.ok:
+        assert record.confirmation is not None
+        line = (
+            f"migration {record.number}: {record.from_addr} -> {record.to_addr} "
+            f"confirmed in {record.confirmation * 1000:.2f} ms"
+        )
+    else:
+        line = f"migration {record.number}: {record.from_addr} -> {record.to_addr} NOT done: "
+        line += record.error or "?"
+    extra = _migration_note(record)
+    print(line + (f" {extra}" if extra else ""), flush=True)
+
+
+async def cmd_dial(args: argparse.Namespace) -> int:
+    if args.migrate_every is not None and not args.path:
+        raise UsageError("--migrate-every needs at least one --path to rotate to")
+    async with Supervisor(
+        enable_experimental_connection_migration=True, **_supervisor_kwargs(args)
+    ) as sup:
+        conn = await sup.dial(
+            args.addr,
+            alpn_protocols=[a for a in args.alpn.split(",") if a] or None,
+            server_name=args.server_name,
+            cafile=args.cafile,
+            verify=not args.insecure,
+            timeout=args.timeout,
+        )
+        mc = conn.as_migratable()
+        print(f"connected {conn.local_multiaddr} -> {conn.remote_multiaddr}", flush=True)
+        await _add_paths(mc, args.path, args.probe_timeout)
+        echo = VerifiedEcho(await conn.open_stream())
+        rotator = Rotator(mc, probe_timeout=args.probe_timeout, on_migration=_print_migration)
+        done = asyncio.Event()
+        tasks = [
+            asyncio.create_task(echo.write(total=args.bytes)),
+            asyncio.create_task(echo.read()),
+        ]
+        if args.migrate_every is not None:
+            tasks.append(asyncio.create_task(rotator.run(args.migrate_every, stop=done)))
+        try:
+            await asyncio.gather(*tasks[:2])
+        finally:
+            done.set()  # the rotation ends after its migration in progress, if any
+            for task in tasks[:2]:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in outcomes[2:]:
+            if isinstance(outcome, Exception):
+                raise outcome
+        await conn.close()
+    elapsed = (echo.finished or time.monotonic()) - echo.started
+    verdict = "all verified" if echo.ok else f"NOT verified (first bad byte {echo.first_mismatch})"
+    print(
+        f"sent {echo.sent:,} bytes, echoed {echo.echoed:,}, verified {echo.verified:,} "
+        f"({verdict}); migrations {rotator.succeeded} confirmed, {rotator.failed} not done; "
+        f"{elapsed:.2f} s, {echo.throughput / 1e6:.2f} MB/s"
+    )
+    return 0 if echo.ok else 1
+
+
+# ------------------------------------------------------------------------------ get
+
+
+def _parse_url(url: str) -> tuple[str, int, str, str]:
+    """``https://host[:port]/path`` -> (host, port, path with query, authority)."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise UsageError(f"URL must look like https://HOST[:PORT]/PATH, got {url!r}")
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise UsageError(f"bad port in URL {url!r}") from None
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, path, parts.netloc
+
+
+def _resolve(host: str, port: int, prefer_v6: bool) -> str:
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    families = [socket.AF_INET6, socket.AF_INET] if prefer_v6 else [socket.AF_INET, socket.AF_INET6]
+    for family in families:
+        for info in infos:
+            if info[0] == family:
+                return str(info[4][0])
+    raise OSError(f"cannot resolve {host!r}")
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    host, port, url_path, authority = _parse_url(args.url)
+    if args.migrate_after is not None and not args.path:
+        raise UsageError("--migrate-after needs a --path to migrate to")
+    headers = []
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header must be 'NAME: VALUE', got {item!r}")
+        headers.append((name.strip(), value.strip()))
+    ip = _resolve(host, port, prefer_v6=any(p.startswith("/ip6/") for p in args.path))
+    digest = hashlib.sha256()
+    received = 0
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(args.output, "wb")) if args.output else None
+
+        def sink(chunk: bytes) -> None:
+            nonlocal received
+            received += len(chunk)
+            digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
+
+        async with Supervisor(
+            enable_experimental_connection_migration=True, **_supervisor_kwargs(args)
+        ) as sup:
+            conn = await sup.dial(
+                to_multiaddr(ip, port),
+                alpn_protocols=list(H3_ALPN),
+                server_name=host,
+                cafile=args.cafile,
+                verify=not args.insecure,
+            )
+            mc = conn.as_migratable()
+            await _add_paths(mc, args.path, args.probe_timeout)
+            rotator = Rotator(mc, probe_timeout=args.probe_timeout, on_migration=_print_migration)
+            start = time.monotonic()
+            migration = (
+                asyncio.create_task(_migrate_after(rotator, args.migrate_after))
+                if args.migrate_after is not None
+                else None
+            )
+            try:
+                async with asyncio.timeout(args.timeout):
+                    response = await http3_get(
+                        conn, url_path, authority=authority, headers=headers, sink=sink
+                    )
+            finally:
+                if migration is not None:
+                    if not migration.done():
+                        migration.cancel()
+                        print("no migration: the body was complete before --migrate-after")
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await migration
+            elapsed = time.monotonic() - start
+            await conn.close()
+    print(
+        f"status {response.status}, {received:,} bytes, sha256 {digest.hexdigest()}, "
+        f"{elapsed:.2f} s ({received / max(elapsed, 1e-9) / 1e6:.2f} MB/s), "
+        f"migrations {rotator.succeeded}" + (f", saved to {args.output}" if args.output else "")
+    )
+    return 0 if response.status < 400 else 1
+
+
+async def _migrate_after(rotator: Rotator, delay: float) -> None:
+    await asyncio.sleep(delay)  # the user's schedule
+    await rotator.migrate_once()
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    console = Console(force_terminal=False) if args.plain else Console()
+    result = await run_demo(
+        DemoOptions(
+            duration=args.duration,
+            interval=args.interval,
+            second_path=args.second_path,
+            live=False if args.plain else None,
+        ),
+        console,
+        supervisor_kwargs=_supervisor_kwargs(args),
+        on_migration=_migration_note,
+    )
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

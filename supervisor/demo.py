@@ -1,0 +1,632 @@
+"""``quic-supervisor demo``: the main job, on the embedded default (one process, plain asyncio).
+
+It starts an echo server (``Supervisor.listen``, a generated self-signed certificate) on
+127.0.0.1, dials it, adds a second loopback path (127.0.0.2), streams verified data over one
+bidirectional stream while migrating back and forth between the two paths, and shows the paths
+live. The exit status says whether every byte came back intact *and* at least one migration was
+confirmed: a demo of migration that never migrated has not shown anything.
+
+The pieces the ``dial`` subcommand shares live here too: :class:`VerifiedEcho` (deterministic
+blocks written, echoed, compared block by block) and :class:`Rotator` (probe, then switch to the
+next path on a schedule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import ipaddress
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multiaddr import Multiaddr
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from actors.errors import MigrationError, MigrationRolledBackError
+from actors.streams import Stream
+from supervisor.api import Supervisor
+from supervisor.events import (
+    EvtConnectionMigrationCompleted,
+    EvtConnectionMigrationFailed,
+    Subscription,
+)
+from supervisor.handles import Connection, MigratableConn
+from supervisor.handles import Path as QuicPath
+from supervisor.messages import PathSnapshot
+
+__all__ = [
+    "BLOCK",
+    "DemoOptions",
+    "DemoResult",
+    "MigrationRecord",
+    "Rotator",
+    "VerifiedEcho",
+    "echo_handler",
+    "render_paths",
+    "render_summary",
+    "run_demo",
+    "self_signed_cert",
+]
+
+#: Size of each verified block; the payload of block i is SHAKE-128(seed || i).
+BLOCK = 16384
+
+
+# --------------------------------------------------------------------------------- certificate
+
+
+def self_signed_cert(directory: str | Path) -> tuple[Path, Path]:
+    """Write a self-signed "localhost" certificate (SAN localhost, 127.0.0.1, ::1) and its key.
+
+    EC P-256: the one key type aioquic and ngtcp2/GnuTLS both take without configuration.
+    Returns ``(certfile, keyfile)``; the certificate doubles as its own CA file for clients.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    keyfile.chmod(0o600)
+    return certfile, keyfile
+
+
+async def echo_handler(stream: Stream) -> None:
+    """Server side of the echo protocol: every byte back on the same stream, then FIN."""
+    while data := await stream.read(1 << 16):
+        await _write_rechecking(stream, data)
+    await stream.close()
+
+
+async def _write_rechecking(stream: Stream, data: bytes, every: float = 0.02) -> None:
+    """``stream.write`` that re-checks the send buffer while it is blocked.
+
+    Workaround: the listener's connections (``supervisor.server.InboundProtocol``) wake blocked
+    writers only on aioquic events, and an ACK-only datagram raises none; once the client stops
+    sending, a full echo buffer would then never drain. Drop this when the listener re-checks
+    its streams after every datagram.
+    """
+    write = asyncio.ensure_future(stream.write(data))
+    try:
+        while not write.done():
+            await asyncio.wait({write}, timeout=every)
+            stream.poke_writable()
+        write.result()
+    finally:
+        write.cancel()
+
+
+# --------------------------------------------------------------------------------- traffic
+
+
+def block(seed: bytes, index: int) -> bytes:
+    """Block ``index`` of the stream: reproducible on both ends, incompressible."""
+    return hashlib.shake_128(seed + index.to_bytes(8, "big")).digest(BLOCK)
+
+
+class VerifiedEcho:
+    """Writes deterministic blocks on an echo stream and checks each one as it comes back.
+
+    Comparing against regenerated blocks (not a copy of what was sent) keeps memory flat however
+    long it runs, and pins a lost, duplicated or reordered byte to its block.
+    """
+
+    def __init__(self, stream: Stream, *, seed: bytes = b"quic-supervisor") -> None:
+        self.stream = stream
+        self.seed = seed
+        self.sent = 0
+        self.echoed = 0
+        self.verified = 0
+        self.first_mismatch: int | None = None  # byte offset
+        self.sent_sha = hashlib.sha256()
+        self.echo_sha = hashlib.sha256()
+        self.started = time.monotonic()
+        self.finished: float | None = None
+
+    async def write(self, *, total: int | None = None, until: float | None = None) -> None:
+        """Write exactly ``total`` bytes, or whole blocks until monotonic time ``until``."""
+        index = 0
+        while True:
+            if total is not None and self.sent >= total:
+                break
+            if until is not None and time.monotonic() >= until:
+                break
+            data = block(self.seed, index)
+            if total is not None:
+                data = data[: total - self.sent]
+            await self.stream.write(data)
+            self.sent_sha.update(data)
+            self.sent += len(data)
+            index += 1
+        await self.stream.close()
+
+    async def read(self) -> None:
+        """Read the echo to its end, verifying every block."""
+        pending = bytearray()
+        index = 0
+        while data := await self.stream.read(1 << 16):
+            self.echoed += len(data)
+            self.echo_sha.update(data)
+            pending += data
+            while len(pending) >= BLOCK:
+                if self.first_mismatch is None:
+                    if pending[:BLOCK] == block(self.seed, index):
+                        self.verified += BLOCK
+                    else:
+                        self.first_mismatch = index * BLOCK
+                del pending[:BLOCK]
+                index += 1
+        if pending and self.first_mismatch is None:
+            # The writer has finished (the echo ended after our FIN): the tail is its last,
+            # partial block.
+            if pending == block(self.seed, index)[: len(pending)]:
+                self.verified += len(pending)
+            else:
+                self.first_mismatch = index * BLOCK
+        self.finished = time.monotonic()
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.first_mismatch is None
+            and self.sent > 0
+            and self.verified == self.sent == self.echoed
+            and self.sent_sha.digest() == self.echo_sha.digest()
+        )
+
+    @property
+    def throughput(self) -> float:
+        """Verified bytes per second (each byte crossed the connection twice)."""
+        end = self.finished or time.monotonic()
+        return self.verified / max(end - self.started, 1e-9)
+
+
+# --------------------------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRecord:
+    """One scheduled migration as the caller saw it."""
+
+    number: int
+    from_addr: str
+    to_addr: str
+    ok: bool
+    probe_rtt: float | None  # RTT measured by the probe just before the switch
+    confirmation: float | None  # seconds from switch() to the peer's confirmation
+    error: str | None = None
+
+
+class Rotator:
+    """Moves the connection to the next path on a schedule: probe it, then switch to it.
+
+    A rolled-back or failed migration is recorded and the rotation carries on: the connection
+    stays on its old path and no stream byte is lost (the library's contract).
+    """
+
+    def __init__(
+        self,
+        mc: MigratableConn,
+        *,
+        probe_timeout: float = 2.0,
+        on_migration: Callable[[MigrationRecord], None] | None = None,
+    ) -> None:
+        self.mc = mc
+        self.probe_timeout = probe_timeout
+        self.on_migration = on_migration
+        self.records: list[MigrationRecord] = []
+
+    def _next_path(self) -> QuicPath | None:
+        paths = self.mc.paths()
+        active = next((i for i, p in enumerate(paths) if p.info().active), None)
+        if active is None or len(paths) < 2:
+            return None
+        return paths[(active + 1) % len(paths)]
+
+    async def migrate_once(self) -> MigrationRecord | None:
+        target = self._next_path()
+        if target is None:
+            return None
+        src = _hostport(self.mc.active_path().local_addr)
+        dst = _hostport(target.info().local_addr)
+        rtt: float | None = None
+        t0: float | None = None
+        try:
+            await target.probe(timeout=self.probe_timeout)
+            rtt = target.info().rtt
+            t0 = time.monotonic()
+            await target.switch()
+            record = MigrationRecord(
+                len(self.records) + 1, src, dst, True, rtt, time.monotonic() - t0
+            )
+        except MigrationRolledBackError as exc:
+            record = MigrationRecord(len(self.records) + 1, src, dst, False, rtt, None, str(exc))
+        except MigrationError as exc:
+            if self.mc.connection.is_closed:
+                raise
+            record = MigrationRecord(len(self.records) + 1, src, dst, False, rtt, None, str(exc))
+        self.records.append(record)
+        if self.on_migration is not None:
+            self.on_migration(record)
+        return record
+
+    async def run(
+        self, every: float, *, until: float | None = None, stop: asyncio.Event | None = None
+    ) -> None:
+        """Migrate every ``every`` seconds until monotonic time ``until`` or until ``stop``."""
+        stop = stop or asyncio.Event()
+        next_at = time.monotonic() + every
+        while until is None or next_at < until:
+            # A schedule, not a synchronisation: wake at the next tick unless told to stop.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
+            if stop.is_set():
+                return
+            await self.migrate_once()
+            next_at = max(next_at + every, time.monotonic())
+
+    @property
+    def succeeded(self) -> int:
+        return sum(r.ok for r in self.records)
+
+    @property
+    def failed(self) -> int:
+        return sum(not r.ok for r in self.records)
+
+
+# --------------------------------------------------------------------------------- demo
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    duration: float = 10.0
+    interval: float = 1.0
+    listen: str = "/ip4/127.0.0.1/udp/0/quic-v1"
+    second_path: str = "/ip4/127.0.0.2/udp/0/quic-v1"
+    #: None: a live table when stdout is a terminal, plain lines otherwise.
+    live: bool | None = None
+    refresh_per_second: float = 4.0
+    drain_timeout: float = 30.0
+
+
+@dataclass
+class DemoResult:
+    bytes_sent: int = 0
+    bytes_echoed: int = 0
+    bytes_verified: int = 0
+    first_mismatch: int | None = None
+    migrations: int = 0  # confirmed (EvtConnectionMigrationCompleted)
+    rollbacks: int = 0  # EvtConnectionMigrationFailed
+    failed_attempts: int = 0  # scheduled migrations that did not complete, whatever the reason
+    probe_rtts: list[float] = field(default_factory=list)
+    confirmations: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    throughput: float = 0.0  # verified bytes per second
+    sha256: str = ""
+    error: str | None = None
+
+    @property
+    def all_verified(self) -> bool:
+        return (
+            self.error is None
+            and self.first_mismatch is None
+            and self.bytes_sent > 0
+            and self.bytes_verified == self.bytes_sent == self.bytes_echoed
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.all_verified and self.migrations >= 1
+
+
+async def _count_events(sub: Subscription, result: DemoResult) -> None:
+    async for evt in sub:
+        if isinstance(evt, EvtConnectionMigrationCompleted):
+            result.migrations += 1
+        elif isinstance(evt, EvtConnectionMigrationFailed):
+            result.rollbacks += 1
+
+
+async def run_demo(
+    options: DemoOptions,
+    console: Console,
+    *,
+    supervisor_kwargs: dict[str, Any] | None = None,
+    on_migration: Callable[[MigrationRecord], str | None] | None = None,
+) -> DemoResult:
+    """Run the demo and return its figures (the caller turns ``result.ok`` into an exit code).
+
+    ``supervisor_kwargs`` reach :class:`Supervisor` (e.g. ``tracer_provider``). ``on_migration``
+    is the hook for extra per-migration detail (issue 3 returns the migration's trace id): its
+    text is appended to that migration's progress line.
+    """
+    if options.duration <= 0 or options.interval <= 0:
+        raise ValueError("--duration and --interval must be > 0 seconds")
+    live = console.is_terminal if options.live is None else options.live
+    result = DemoResult()
+    notes: list[str] = []
+
+    def note(record: MigrationRecord) -> None:
+        extra = on_migration(record) if on_migration is not None else None
+        if record.ok:
+            assert record.confirmation is not None
+            line = (
+                f"migration {record.number}: {record.from_addr} -> {record.to_addr} confirmed in "
+                f"{_ms(record.confirmation)} (probe RTT {_ms(record.probe_rtt)})"
+            )
+        else:
+            line = (
+                f"migration {record.number}: {record.from_addr} -> {record.to_addr} "
+                f"NOT done: {record.error}"
+            )
+        if extra:
+            line += f" {extra}"
+        notes.append(line)
+        if not live:
+            console.print(line, highlight=False, soft_wrap=True)
+
+    with tempfile.TemporaryDirectory(prefix="qs-demo-") as tmp:
+        certfile, keyfile = self_signed_cert(tmp)
+        async with Supervisor(
+            enable_experimental_connection_migration=True, **(supervisor_kwargs or {})
+        ) as sup:
+            sub = sup.events.subscribe(
+                EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
+            )
+            counter = asyncio.create_task(_count_events(sub, result), name="demo-events")
+            listener = await sup.listen(
+                options.listen,
+                certfile=certfile,
+                keyfile=keyfile,
+                alpn_protocols=["echo"],
+                handler=echo_handler,
+            )
+            conn = await sup.dial(
+                listener.multiaddr,
+                alpn_protocols=["echo"],
+                server_name="localhost",
+                cafile=str(certfile),
+            )
+            mc = conn.as_migratable()
+            second = await mc.add_path(options.second_path)
+            console.print(
+                f"echo server on {_hostport(listener.multiaddr)}; client paths "
+                f"{_hostport(conn.local_multiaddr)} and {_hostport(second.info().local_addr)}; "
+                f"streaming for {options.duration:g}s, migrating every {options.interval:g}s",
+                highlight=False,
+                soft_wrap=True,
+            )
+            await second.probe()
+            result.probe_rtts.extend(r for r in [second.info().rtt] if r is not None)
+
+            echo = VerifiedEcho(await conn.open_stream())
+            rotator = Rotator(mc, on_migration=note)
+            start = time.monotonic()
+            until = start + options.duration
+            reader = asyncio.create_task(echo.read(), name="demo-reader")
+            writer = asyncio.create_task(echo.write(until=until), name="demo-writer")
+            migrator = asyncio.create_task(
+                rotator.run(options.interval, until=until), name="demo-mig"
+            )
+            display = asyncio.create_task(
+                _display(console, live, sup, conn, echo, result, notes, start, options, reader),
+                name="demo-display",
+            )
+            try:
+                await asyncio.gather(writer, migrator)
+                async with asyncio.timeout(options.drain_timeout):
+                    await reader
+            except TimeoutError:
+                result.error = f"the echo did not complete within {options.drain_timeout:g}s"
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                for task in (writer, migrator, reader):
+                    task.cancel()
+                await asyncio.gather(writer, migrator, reader, return_exceptions=True)
+                await display  # ends once the reader is done; prints the last table
+                result.elapsed = time.monotonic() - start
+                await conn.close()
+                sub.close()
+                await counter
+
+    for record in rotator.records:
+        if record.ok:
+            assert record.confirmation is not None
+            result.confirmations.append(record.confirmation)
+            if record.probe_rtt is not None:
+                result.probe_rtts.append(record.probe_rtt)
+    result.failed_attempts = rotator.failed
+    result.bytes_sent, result.bytes_echoed = echo.sent, echo.echoed
+    result.bytes_verified, result.first_mismatch = echo.verified, echo.first_mismatch
+    result.throughput = echo.throughput
+    result.sha256 = echo.echo_sha.hexdigest() if echo.ok else ""
+    console.print(render_summary(result))
+    console.print(
+        Text(
+            "OK: every byte verified, migrations confirmed"
+            if result.ok
+            else f"FAILED: {_failure(result)}",
+            style="bold green" if result.ok else "bold red",
+        )
+    )
+    return result
+
+
+def _failure(result: DemoResult) -> str:
+    if result.error:
+        return result.error
+    if result.first_mismatch is not None:
+        return f"echoed data differs from what was sent at byte {result.first_mismatch}"
+    if not result.all_verified:
+        return (
+            f"{result.bytes_verified} of {result.bytes_sent} bytes verified "
+            f"({result.bytes_echoed} echoed)"
+        )
+    return "no migration was confirmed"
+
+
+async def _display(
+    console: Console,
+    live: bool,
+    sup: Supervisor,
+    conn: Connection,
+    echo: VerifiedEcho,
+    result: DemoResult,
+    notes: list[str],
+    start: float,
+    options: DemoOptions,
+    reader: asyncio.Task[None],
+) -> None:
+    """Refresh the live table (terminal) or print a progress line a second (anything else)."""
+
+    def paths() -> list[PathSnapshot]:
+        for snap in sup.connections():
+            if snap.conn_id == conn.conn_id:
+                return list(snap.paths)
+        return []
+
+    def progress() -> str:
+        active = next((p for p in paths() if p.active), None)
+        where = _hostport(Multiaddr(active.local_addr)) if active else "-"
+        return (
+            f"t={time.monotonic() - start:5.1f}s active={where} sent={_bytes(echo.sent)} "
+            f"echoed={_bytes(echo.echoed)} verified={_bytes(echo.verified)} "
+            f"migrations={result.migrations} rollbacks={result.rollbacks}"
+        )
+
+    def frame() -> Group:
+        caption = progress()
+        return Group(render_paths(paths(), title="paths"), Text(caption), *map(Text, notes[-3:]))
+
+    if live:
+        with Live(frame(), console=console, refresh_per_second=options.refresh_per_second) as view:
+            while not reader.done():
+                await asyncio.wait({reader}, timeout=1 / options.refresh_per_second)
+                view.update(frame())
+        return
+    while not reader.done():
+        await asyncio.wait({reader}, timeout=1.0)
+        console.print(progress(), highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------- rendering
+
+
+def render_paths(paths: Sequence[PathSnapshot], *, title: str | None = None) -> Table:
+    """The path table: one row per path of the connection (bytes: UDP payload per socket)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    # Only the address column may wrap (at " -> "): on an 80-column terminal it takes two lines.
+    table.add_column("path", justify="right", no_wrap=True)
+    table.add_column("local -> remote")
+    table.add_column("state", no_wrap=True)
+    table.add_column("RTT", justify="right", no_wrap=True)
+    table.add_column("active", justify="center", no_wrap=True)
+    table.add_column("sent", justify="right", no_wrap=True)
+    table.add_column("recv", justify="right", no_wrap=True)
+    for p in paths:
+        table.add_row(
+            str(p.path_id),
+            f"{_hostport(Multiaddr(p.local_addr))} -> {_hostport(Multiaddr(p.remote_addr))}",
+            p.state.value,
+            _ms(p.rtt),
+            "*" if p.active else "",
+            _bytes(p.bytes_sent),
+            _bytes(p.bytes_received),
+            style="bold" if p.active else None,
+        )
+    return table
+
+
+def render_summary(result: DemoResult) -> Table:
+    """The end-of-run summary."""
+    table = Table(title="summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    verified = "verified" if result.all_verified else "NOT verified"
+    rows = [
+        ("bytes sent", f"{result.bytes_sent:,}"),
+        ("bytes echoed", f"{result.bytes_echoed:,}"),
+        ("bytes verified", f"{result.bytes_verified:,} ({verified})"),
+        ("migrations", str(result.migrations)),
+        ("rollbacks", str(result.rollbacks)),
+        ("failed attempts", str(result.failed_attempts)),
+        ("probe RTT min/median/max", _spread(result.probe_rtts)),
+        ("switch -> confirmation min/median/max", _spread(result.confirmations)),
+        ("throughput (echoed, verified)", f"{result.throughput / 1e6:.2f} MB/s"),
+        ("elapsed", f"{result.elapsed:.1f} s"),
+    ]
+    if result.sha256:
+        rows.append(("sha256 (both ways)", result.sha256[:16] + "..."))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _spread(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return " / ".join(_ms(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _hostport(addr: Multiaddr | str) -> str:
+    """``/ip4/127.0.0.1/udp/4433/quic-v1`` -> ``127.0.0.1:4433`` (``[::1]:4433`` for IPv6)."""
+    parts = str(addr).split("/")
+    with contextlib.suppress(IndexError):
+        host, port = parts[2], parts[4]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr)
