@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aioquic.quic.events import QuicEvent, StreamDataReceived
@@ -80,6 +80,8 @@ class Connection:
         self._snap = snap
         self._actor = actor
         self._migratable: MigratableConn | None = None
+        # Last known snapshot of every path ever seen: a closed path's info() shows it closed.
+        self._known_paths: dict[int, PathSnapshot] = {p.path_id: p for p in snap.paths}
 
     @property
     def conn_id(self) -> str:
@@ -118,12 +120,20 @@ class Connection:
     def _snapshot(self) -> ConnectionSnapshot:
         live = self._client.live_snapshot(self.conn_id)
         if live is not None:
-            self._snap = live
+            self._remember(live)
+        elif self._actor.closed and not self._snap.closed:
+            # The supervisor forgot the connection: every path went with it.
+            self._snap = replace(self._snap, closed=True, supports_migration=False, paths=())
         return self._snap
+
+    def _remember(self, snap: ConnectionSnapshot) -> None:
+        self._snap = snap
+        for p in snap.paths:
+            self._known_paths[p.path_id] = p
 
     def _update(self, reply: object) -> ConnectionSnapshot:
         if isinstance(reply, ConnectionSnapshot):
-            self._snap = reply
+            self._remember(reply)
         return self._snapshot()
 
     def __repr__(self) -> str:
@@ -227,7 +237,6 @@ class Path:
     def __init__(self, owner: MigratableConn, path_id: int) -> None:
         self._owner = owner
         self.path_id = path_id
-        self._last: PathSnapshot | None = None
 
     @property
     def _conn(self) -> Connection:
@@ -237,16 +246,16 @@ class Path:
         snap = self._conn._snapshot()
         for p in snap.paths:
             if p.path_id == self.path_id:
-                self._last = p
                 return _info(p)
-        if self._last is None:
+        last = self._conn._known_paths.get(self.path_id)
+        if last is None:
             raise ConnectionClosedError(self._conn.conn_id)
-        # Closed: the last known addresses, marked closed.
+        # Closed (by close() or with its connection): the last known addresses, marked closed.
         return PathInfo(
-            Multiaddr(self._last.local_addr),
-            Multiaddr(self._last.remote_addr),
+            Multiaddr(last.local_addr),
+            Multiaddr(last.remote_addr),
             False,
-            self._last.rtt,
+            last.rtt,
             PathState.CLOSED,
         )
 

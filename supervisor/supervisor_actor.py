@@ -267,7 +267,10 @@ class SupervisorActor(Actor):
                 return tuple(s for c in list(self.conns) if (s := self.snapshot(c)) is not None)
             return self._snap(msg.conn_id)
         if isinstance(msg, ConnectionEnded):
-            self._forget(msg.conn_id)
+            entry = self.conns.get(msg.conn_id)
+            if entry is not None:
+                # Forget it once its actor stopped: its paths' last events (closed) come first.
+                self.spawn(self._forget_when_stopped(entry), name=f"forget:{msg.conn_id}")
             return None
         if isinstance(msg, ChildFailed):
             for conn_id, entry in list(self.conns.items()):
@@ -338,12 +341,16 @@ class SupervisorActor(Actor):
             config.verify_mode = ssl.CERT_NONE
         if req.cafile:
             config.load_verify_locations(req.cafile)
-        keylog = os.environ.get("SSLKEYLOGFILE")
-        if keylog:
-            config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the conn
         sock = self._bind(
             req.local_addr, req.device, req.socket_key, family, ip, what="local address"
         )
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog:
+            # Closed by the ConnectionActor when it stops. Unwritable: no key log (as curl).
+            try:
+                config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the conn
+            except OSError as exc:
+                log.warning("SSLKEYLOGFILE %r cannot be opened: %s", keylog, exc)
         conn_id = os.urandom(6).hex()
         remote_sockaddr: tuple[Any, ...] = (
             (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
@@ -368,13 +375,14 @@ class SupervisorActor(Actor):
         )
         entry.requested[0] = (sock.getsockname()[0], sock.getsockname()[1])
         self.conns[conn_id] = entry
+        # The handshake path is added before its first state change (new -> active).
+        self._publish(EvtPathAdded(conn_id, entry.remote, time.time(), entry.local))
         try:
             await ref.ask(Connect(req.timeout))
         except BaseException:
-            self._forget(conn_id)
             await ref.stop()
+            self._forget(conn_id)
             raise
-        self._publish(EvtPathAdded(conn_id, entry.remote, time.time(), entry.local))
         return self._snap(conn_id)
 
     def _notice(self, conn_id: str, msg: object) -> None:
@@ -396,6 +404,10 @@ class SupervisorActor(Actor):
         elif isinstance(msg, ConnectionEnded) and self.ref.is_alive:
             # Cleanup is actor work: it goes through the mailbox.
             self.ref.tell(msg)
+
+    async def _forget_when_stopped(self, entry: _Entry) -> None:
+        await entry.ref.wait_stopped()
+        self._forget(entry.conn_id)
 
     def _forget(self, conn_id: str) -> None:
         entry = self.conns.pop(conn_id, None)
