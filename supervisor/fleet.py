@@ -207,24 +207,31 @@ class RayTransport:
         return f"RayTransport({self.name!r}, namespace={self.namespace!r})"
 
 
-class RemoteConnection(Connection):
-    """A connection owned by a remote agent: paths and migration, but no streams here."""
+class _AgentSide:
+    """Stands in for the ConnectionActor, which lives in the agent's process: the inherited
+    handle code sees an open connection (the snapshot says otherwise), and streams fail clearly."""
 
-    def __init__(self, client: RayTransport, snap: ConnectionSnapshot) -> None:
-        self._client = client
-        self._snap = snap
-        self._actor = None  # type: ignore[assignment]
-        self._migratable = None
+    closed = False
 
-    @property
-    def is_closed(self) -> bool:
-        return self._snap.closed
-
-    async def open_stream(self) -> Stream:
+    def open_stream(self) -> Stream:
         raise StreamsNotRemoteError()
 
     async def accept_stream(self) -> Stream:
         raise StreamsNotRemoteError()
+
+    def check_open(self) -> None:
+        raise StreamsNotRemoteError()
+
+
+class RemoteConnection(Connection):
+    """A connection owned by a remote agent: paths and migration, but no streams here."""
+
+    def __init__(self, client: RayTransport, snap: ConnectionSnapshot) -> None:
+        super().__init__(client, snap, _AgentSide())  # type: ignore[arg-type]
+
+    @property
+    def is_closed(self) -> bool:
+        return self._snap.closed
 
     async def refresh(self) -> ConnectionSnapshot:
         """Fetch a fresh snapshot (changes made by failover, drain or other clients)."""
