@@ -28,7 +28,7 @@ from aioquic.h3.connection import H3_ALPN
 from rich.console import Console
 
 from actors.errors import MigrationError
-from supervisor.addresses import to_multiaddr
+from supervisor.addresses import parse_quic_multiaddr, to_multiaddr
 from supervisor.api import Supervisor
 from supervisor.demo import (
     DemoOptions,
@@ -256,6 +256,7 @@ def _migration_note(record: MigrationRecord) -> str | None:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
+    parse_quic_multiaddr(args.listen, what="listen address")  # before making a certificate
     with contextlib.ExitStack() as stack:
         certfile, keyfile = args.cert, args.key
         if certfile is None:
