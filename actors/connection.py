@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +116,7 @@ class ConnectionActor(Actor):
         self.alpn: str | None = None
         self.app_handler: Callable[[qe.QuicEvent], bool] | None = None
         self.migrations = 0
+        self._ops: set[asyncio.Task[Any]] = set()  # probe/switch tasks (see busy_tasks)
         self.bytes_by_state: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -295,9 +296,9 @@ class ConnectionActor(Actor):
         if isinstance(msg, AddPath):
             return self._add_path(msg)
         if isinstance(msg, Probe):
-            return Later(self.spawn(self._probe(msg.path_id, msg.timeout), name="probe"))
+            return Later(self._op(self._probe(msg.path_id, msg.timeout), "probe"))
         if isinstance(msg, Switch):
-            return Later(self.spawn(self._switch(msg), name="switch"))
+            return Later(self._op(self._switch(msg), "switch"))
         if isinstance(msg, ClosePath):
             return await self._close_path(msg.path_id)
         if isinstance(msg, Close):
@@ -310,6 +311,21 @@ class ConnectionActor(Actor):
                     self._forget_path(path_id)
             return None
         return await super().receive(msg)
+
+    def _op(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = self.spawn(coro, name=name)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+        return task
+
+    def busy_tasks(self) -> set[asyncio.Task[Any]]:
+        """Probes and switches in progress (including the paths' probe loops)."""
+        busy = {t for t in self._ops if not t.done()}
+        for path in self.paths.values():
+            task = path.probe_task
+            if task is not None and not task.done():
+                busy.add(task)
+        return busy
 
     async def _connect(self, timeout: float) -> None:
         self.quic.connect(PathAddr(self.remote, 0), now=self._loop.time())

@@ -61,6 +61,11 @@ UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECO
 class _PathProtocol(asyncio.DatagramProtocol):
     def __init__(self, path: PathActor) -> None:
         self._path = path
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)  # the transport closed the socket
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self._path._on_datagram(data, addr)
@@ -96,6 +101,7 @@ class PathActor(Actor):
         self._state = PathStateMachine(initial_state)
         self._schedule = schedule or ProbeSchedule()
         self._transport: asyncio.DatagramTransport | None = None
+        self._protocol: _PathProtocol | None = None
         self._response: asyncio.Future[float] | None = None
         self._probe_task: asyncio.Task[float] | None = None
         self.stats = PathStats()
@@ -106,18 +112,26 @@ class PathActor(Actor):
 
     async def on_start(self) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
+        transport, protocol = await loop.create_datagram_endpoint(
             lambda: _PathProtocol(self), sock=self.sock
         )
         self._transport = transport
+        self._protocol = protocol
 
     async def on_stop(self) -> None:
         self._fail_response(ConnectionClosedError(reason="path closed"))
-        if self._transport is not None:
+        if self._transport is not None and self._protocol is not None:
             self._transport.close()
+            # The transport closes the socket one loop turn later: wait, so the socket is gone
+            # when close() returns.
+            await asyncio.shield(self._protocol.lost)
         else:
             self.sock.close()
         self.set_state(PathState.CLOSED)
+
+    @property
+    def probe_task(self) -> asyncio.Task[float] | None:
+        return self._probe_task
 
     @property
     def state(self) -> PathState:

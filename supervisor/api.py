@@ -140,6 +140,25 @@ class Supervisor:
             envelope, timeout=timeout if timeout is not None else self._ask_timeout
         )
 
+    async def settle(self, conn_id: str) -> None:
+        """Wait until no path operation of ``conn_id`` is in progress.
+
+        A handle whose probe() or switch() was cancelled calls this before re-raising: the
+        cancellation reaches the ConnectionActor a few loop turns later (supervisor task, then
+        connection task), and only then is the switch rolled back or the probe undone. Waiting
+        here makes a cancelled call leave no trace by the time it returns (read-your-writes).
+        """
+        entry = self._actor.conns.get(conn_id) if self._actor is not None else None
+        while entry is not None:
+            if entry.ops.locked():  # the supervisor side of an operation is still unwinding
+                async with entry.ops:
+                    pass
+                continue
+            busy = entry.actor.busy_tasks()
+            if not busy:
+                return
+            await asyncio.wait(busy)
+
     def live_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
         return self._actor.snapshot(conn_id) if self._actor is not None else None
 

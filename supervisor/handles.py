@@ -9,6 +9,7 @@ changes made by others (failover, another task) show at once too.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -269,14 +270,23 @@ class Path:
             raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
         if not timeout > 0 or math.isnan(timeout):
             raise ValueError(f"probe timeout must be > 0 seconds, got {timeout!r}")
-        reply = await self._conn._client.ask(
-            ProbeRequest(self._conn.conn_id, self.path_id, float(timeout))
-        )
-        self._conn._update(reply)
+        await self._cancellable(ProbeRequest(self._conn.conn_id, self.path_id, float(timeout)))
 
     async def switch(self) -> None:
-        """Make this the active path; returns once the peer is confirmed on it."""
-        reply = await self._conn._client.ask(SwitchRequest(self._conn.conn_id, self.path_id))
+        """Make this the active path; returns once the peer is confirmed on it.
+
+        Cancelled, it rolls back before the CancelledError reaches the caller."""
+        await self._cancellable(SwitchRequest(self._conn.conn_id, self.path_id))
+
+    async def _cancellable(self, request: object) -> None:
+        client = self._conn._client
+        try:
+            reply = await client.ask(request)
+        except asyncio.CancelledError:
+            settle = getattr(client, "settle", None)  # in-process: wait for the undo
+            if settle is not None:
+                await settle(self._conn.conn_id)
+            raise
         self._conn._update(reply)
 
     async def close(self) -> None:
