@@ -145,7 +145,7 @@ async def test_typed_errors_and_version_skew_cross_ray(fleet: Fleet, server: Rig
 
 
 async def test_fleet_drain_across_two_agents(fleet: Fleet, server: RigServer) -> None:
-    a = await _started(fleet, "drain-a", persist=False)
+    a = await _started(fleet, "drain-a", persist=False, capture_spans=True)
     b = await _started(fleet, "drain-b", persist=False)
     conns = {}
     for sup, other in ((a, "127.0.0.3"), (b, "127.0.0.4")):
@@ -154,7 +154,11 @@ async def test_fleet_drain_across_two_agents(fleet: Fleet, server: RigServer) ->
         conns[sup.label] = conn
     lone = await b.dial(_remote(server), alpn_protocols=["echo"], verify=False)  # no other path
 
-    reports = await fleet.drain(local_addr="127.0.0.1")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test").start_as_current_span("drain") as caller:
+        reports = await fleet.drain(local_addr="127.0.0.1")
     assert set(reports) >= {a.label, b.label}
     ra, rb = reports[a.label], reports[b.label]
     assert not isinstance(ra, BaseException) and not isinstance(rb, BaseException)
@@ -168,6 +172,9 @@ async def test_fleet_drain_across_two_agents(fleet: Fleet, server: RigServer) ->
         snap = await conn.refresh()  # type: ignore[attr-defined]
         active = next(p for p in snap.paths if p.active)
         assert "/127.0.0.1/" not in active.local_addr, (label, active)
+    spans = [s for s in await a.finished_spans() if s["name"] == "quic.migration"]
+    assert [s["attributes"].get("quic.migration.reason") for s in spans] == ["drain"]
+    assert spans[0]["parent_span_id"] == f"{caller.get_span_context().span_id:016x}"
     a.kill()
     b.kill()
 
