@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -81,8 +82,6 @@ class Connection:
         self._snap = snap
         self._actor = actor
         self._migratable: MigratableConn | None = None
-        # Last known snapshot of every path ever seen: a closed path's info() shows it closed.
-        self._known_paths: dict[int, PathSnapshot] = {p.path_id: p for p in snap.paths}
 
     @property
     def conn_id(self) -> str:
@@ -129,8 +128,12 @@ class Connection:
 
     def _remember(self, snap: ConnectionSnapshot) -> None:
         self._snap = snap
-        for p in snap.paths:
-            self._known_paths[p.path_id] = p
+        if self._migratable is not None:
+            # Path handles keep their last live snapshot: a closed path's info() shows it closed.
+            for p in snap.paths:
+                handle = self._migratable._paths.get(p.path_id)
+                if handle is not None:
+                    handle._last = p
 
     def _update(self, reply: object) -> ConnectionSnapshot:
         if isinstance(reply, ConnectionSnapshot):
@@ -173,7 +176,9 @@ class MigratableConn:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._paths: dict[int, Path] = {}
+        # The handles the caller still holds (mc.paths() returns the same objects while they
+        # live); weak, so a thousand paths added and closed leave no handle behind.
+        self._paths: weakref.WeakValueDictionary[int, Path] = weakref.WeakValueDictionary()
 
     @property
     def connection(self) -> Connection:
@@ -217,6 +222,9 @@ class MigratableConn:
         path = self._paths.get(path_id)
         if path is None:
             path = self._paths[path_id] = Path(self, path_id)
+            for p in self._conn._snap.paths:
+                if p.path_id == path_id:
+                    path._last = p
         return path
 
     def active_path(self) -> PathInfo:
@@ -238,6 +246,7 @@ class Path:
     def __init__(self, owner: MigratableConn, path_id: int) -> None:
         self._owner = owner
         self.path_id = path_id
+        self._last: PathSnapshot | None = None
 
     @property
     def _conn(self) -> Connection:
@@ -247,8 +256,9 @@ class Path:
         snap = self._conn._snapshot()
         for p in snap.paths:
             if p.path_id == self.path_id:
+                self._last = p
                 return _info(p)
-        last = self._conn._known_paths.get(self.path_id)
+        last = self._last
         if last is None:
             raise ConnectionClosedError(self._conn.conn_id)
         # Closed (by close() or with its connection): the last known addresses, marked closed.

@@ -637,6 +637,7 @@ class SupervisorActor(Actor):
             local = self._local_of(entry, req.path_id)
             removed = await entry.ref.ask(ClosePath(req.path_id))
             if removed:
+                entry.requested.pop(req.path_id, None)
                 self._publish(EvtPathRemoved(req.conn_id, entry.remote, time.time(), local))
         return self.snapshot(req.conn_id)
 
