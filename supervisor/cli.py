@@ -30,6 +30,7 @@ from rich.console import Console
 from actors.errors import MigrationError
 from supervisor.addresses import parse_quic_multiaddr, to_multiaddr
 from supervisor.api import Supervisor
+from supervisor.cli_fleet import add_fleet_commands, run_fleet_command
 from supervisor.demo import (
     DemoOptions,
     MigrationRecord,
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--second-path", default="/ip4/127.0.0.2/udp/0/quic-v1", metavar="MA")
     demo.set_defaults(func=cmd_demo)
+
+    add_fleet_commands(sub)  # fleet ls|paths|drain|migrate, agent (Ray; supervisor/cli_fleet.py)
     return parser
 
 
@@ -215,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if hasattr(args, "_fleet_run"):
+        return run_fleet_command(args)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         return int(asyncio.run(func(args)))

@@ -201,6 +201,12 @@ def test_argparse_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--migrate-after needs a --path" in capsys.readouterr().err
 
 
+def test_fleet_commands_are_wired(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["fleet", "--help"], ["fleet", "drain", "--help"], ["agent", "--help"]):
+        assert main(argv) == 0
+    assert "drain" in capsys.readouterr().out
+
+
 def test_placeholders_are_accepted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """--qlog-dir/--trace-file parse before or after the subcommand (issue 3 fills them)."""
     argv = ["--trace-file", str(tmp_path / "t.json"), "dial", "nope", "--qlog-dir", str(tmp_path)]
