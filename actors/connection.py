@@ -92,8 +92,12 @@ class ConnectionActor(Actor):
     ) -> None:
         self.conn_id = conn_id
         self.remote = remote
-        self.quic = MigratingQuicConnection(configuration=configuration)
         self.options = options or ConnectionOptions()
+        # A stream's first window must not exceed its buffer either (see StreamCredit).
+        configuration.max_stream_data = min(
+            configuration.max_stream_data, self.options.stream_buffer
+        )
+        self.quic = MigratingQuicConnection(configuration=configuration)
         self._first_socket = first_socket
         self._sockets = sockets  # handed-over sockets, by key (see AddPath)
         self._notify = notify
@@ -235,8 +239,10 @@ class ConnectionActor(Actor):
             path = self.paths.get(getattr(addr, "path_id", active if active is not None else -1))
             if path is not None:
                 path.send(data)
-        for stream in self.streams.values():
+        for stream_id, stream in list(self.streams.items()):
             stream.poke_writable()
+            if stream.finished and not self.quic.has_stream(stream_id):
+                del self.streams[stream_id]  # done both ways; the caller's handle still reads
         self._arm_timer()
 
     def _arm_timer(self) -> None:

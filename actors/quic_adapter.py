@@ -24,6 +24,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import K_GRANULARITY, create_congestion_control
 from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
     QuicConnectionId,
@@ -31,6 +32,7 @@ from aioquic.quic.connection import (
     QuicReceiveContext,
 )
 from aioquic.quic.packet import (
+    QuicFrameType,
     QuicPacketType,
     QuicTransportParameters,
     pull_quic_transport_parameters,
@@ -70,6 +72,8 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "_streams",
         "_close_pending",
         "_write_stream_limits",
+        "_on_max_stream_data_delivery",
+        "_on_max_stream_data_delivery",
         "_quic_logger",
         "_version",
         "_close_at",
@@ -84,7 +88,13 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "bytes_sent",
     ),
     QuicStreamSender: ("_buffer",),
-    QuicStream: ("max_stream_data_local", "max_stream_data_local_sent", "sender"),
+    QuicStream: (
+        "max_stream_data_local",
+        "max_stream_data_local_sent",
+        "receiver",
+        "sender",
+        "stream_id",
+    ),
     QuicPacketRecovery: (
         "_cc",
         "_pacer",
@@ -103,7 +113,7 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
 }
 
 
-class PathAddr(tuple):  # type: ignore[type-arg]
+class PathAddr(tuple):
     """A peer address that also names the local path it is reached through.
 
     aioquic compares and hashes addresses to find a network path; including the path id makes
@@ -182,6 +192,83 @@ class SwitchToken:
     packets_on_new_path: list[QuicSentPacket] = field(default_factory=list)
 
 
+class StreamCredit:
+    """Receive credit per stream bounded by what the application has not read yet.
+
+    aioquic raises a stream's credit (MAX_STREAM_DATA) as bytes arrive, doubling it, whether
+    or not anyone reads them: a slow reader lets the peer fill memory without bound. Here the
+    credit of a bounded stream is at most ``consumed + limit`` (consumed: bytes the application
+    read), so at most ``limit`` unread bytes can ever be buffered; it is raised once half the
+    window was read. Streams nobody called :meth:`set_backlog` for keep aioquic's rule.
+    """
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self._quic = quic
+        self._backlog: dict[int, int] = {}
+        self._limit: dict[int, int] = {}
+
+    @classmethod
+    def attach(cls, quic: QuicConnection) -> StreamCredit:
+        """Bound the streams of a stock aioquic connection (the server side's)."""
+        credit = cls(quic)
+        original = quic._write_stream_limits
+
+        def write_stream_limits(builder: QuicPacketBuilder, space: Any, stream: Any) -> None:
+            if not credit.write_limits(builder, stream):
+                original(builder=builder, space=space, stream=stream)
+
+        quic._write_stream_limits = write_stream_limits  # type: ignore[method-assign]
+        return credit
+
+    def set_backlog(self, stream_id: int, backlog: int, limit: int) -> bool:
+        """Record a stream's unread bytes and bound; True when new credit is due."""
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:  # discarded by aioquic: nothing more will arrive
+            self._backlog.pop(stream_id, None)
+            self._limit.pop(stream_id, None)
+            return False
+        self._backlog[stream_id] = backlog
+        self._limit[stream_id] = limit
+        return self._raised(stream) is not None
+
+    def _raised(self, stream: QuicStream) -> int | None:
+        """The new credit limit when it is due, else None."""
+        sid = stream.stream_id
+        assert sid is not None
+        limit = self._limit[sid]
+        consumed = stream.receiver.starting_offset() - self._backlog.get(sid, 0)
+        if stream.max_stream_data_local - consumed > limit // 2:
+            return None
+        target = consumed + limit
+        return target if target > stream.max_stream_data_local else None
+
+    def write_limits(self, builder: QuicPacketBuilder, stream: QuicStream) -> bool:
+        """Write MAX_STREAM_DATA when due; False for a stream this does not bound."""
+        if stream.stream_id not in self._limit or not stream.max_stream_data_local:
+            return False
+        raised = self._raised(stream)
+        if raised is not None:
+            stream.max_stream_data_local = raised
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            quic = self._quic
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=quic._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+            if quic._quic_logger is not None and builder.quic_logger_frames is not None:
+                builder.quic_logger_frames.append(
+                    quic._quic_logger.encode_max_stream_data_frame(
+                        maximum=stream.max_stream_data_local, stream_id=stream.stream_id
+                    )
+                )
+        return True
+
+
 class MigratingQuicConnection(QuicConnection):
     """aioquic's QuicConnection with client-side, per-socket path management.
 
@@ -212,9 +299,7 @@ class MigratingQuicConnection(QuicConnection):
                     setattr(self._loss, name, value)
 
         self._loss.on_ack_received = on_ack_received  # type: ignore[method-assign]
-        # Unread bytes per stream and the bound above which we stop granting credit.
-        self._receive_backlog: dict[int, int] = {}
-        self._receive_limit: dict[int, int] = {}
+        self._credit = StreamCredit(self)
 
     # ----------------------------------------------------------------- aioquic overrides
 
@@ -275,15 +360,8 @@ class MigratingQuicConnection(QuicConnection):
         return is_ack_eliciting, is_probing
 
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: Any) -> None:
-        # aioquic doubles a stream's credit as bytes arrive; a slow reader would let the peer
-        # fill memory without bound. Grant nothing new while the unread backlog is at its limit.
-        sid = stream.stream_id
-        if (
-            self._receive_backlog.get(sid, 0) >= self._receive_limit.get(sid, 1 << 62)
-            and stream.max_stream_data_local_sent == stream.max_stream_data_local
-        ):
-            return
-        super()._write_stream_limits(builder, space, stream)
+        if not self._credit.write_limits(builder, stream):
+            super()._write_stream_limits(builder, space, stream)
 
     # ----------------------------------------------------------------- probe building
 
@@ -291,7 +369,7 @@ class MigratingQuicConnection(QuicConnection):
         self, network_path: QuicNetworkPath, now: float, challenge: bytes | None
     ) -> list[tuple[bytes, NetworkAddress]]:
         """A padded packet with our challenge and/or pending responses, outside recovery."""
-        if network_path.peer_cid is None:
+        if network_path.peer_cid is None or self._version is None:
             return []
         builder = QuicPacketBuilder(
             host_cid=self.host_cid,
@@ -325,12 +403,10 @@ class MigratingQuicConnection(QuicConnection):
     def _write_challenge(
         self, builder: QuicPacketBuilder, network_path: QuicNetworkPath, challenge: bytes
     ) -> None:
-        from aioquic.quic.packet import QuicFrameType
-
         buf = builder.start_frame(QuicFrameType.PATH_CHALLENGE, capacity=9)
         buf.push_bytes(challenge)
         network_path.local_challenges.append(challenge)
-        if self._quic_logger is not None:
+        if self._quic_logger is not None and builder.quic_logger_frames is not None:
             builder.quic_logger_frames.append(
                 self._quic_logger.encode_path_challenge_frame(data=challenge)
             )
@@ -342,11 +418,12 @@ class MigratingQuicConnection(QuicConnection):
         return stream_send_backlog(self, stream_id)
 
     def set_receive_backlog(self, stream_id: int, backlog: int, limit: int) -> bool:
-        """Record a stream's unread bytes; True when credit was withheld and may flow again."""
-        was_blocked = self._receive_backlog.get(stream_id, 0) >= limit
-        self._receive_backlog[stream_id] = backlog
-        self._receive_limit[stream_id] = limit
-        return was_blocked and backlog < limit
+        """Record a stream's unread bytes; True when new credit is due (flush soon)."""
+        return self._credit.set_backlog(stream_id, backlog, limit)
+
+    def has_stream(self, stream_id: int) -> bool:
+        """False once aioquic discarded the stream (both directions finished)."""
+        return stream_id in self._streams
 
     @property
     def close_pending(self) -> bool:
@@ -620,6 +697,7 @@ class MigratingQuicConnection(QuicConnection):
         if old.peer_cid is None and not self.reserve_peer_cid(token.from_path):
             # The peer retired the old path's CID meanwhile (Retire Prior To) and none is spare.
             raise LookupError("no peer connection ID to return to the old path")
+        assert old.peer_cid is not None
         self._detach_in_flight(since=token.first_packet_number)
         new.peer_cid, self._peer_cid, old.peer_cid = self._peer_cid, old.peer_cid, None
         self._spin_bit = False
@@ -652,5 +730,6 @@ __all__ = [
     "PathAddr",
     "PathResponse",
     "QuicConnectionId",
+    "StreamCredit",
     "SwitchToken",
 ]

@@ -139,3 +139,10 @@ class Stream:
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._rx
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will happen on the wire: the peer's FIN (or an error) arrived and our
+        side was closed (or failed)."""
+        failed = self._error is not None
+        return (self._eof or failed) and (self._write_closed or failed)

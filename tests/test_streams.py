@@ -1,0 +1,97 @@
+"""Bounded stream buffers: a reader that never reads cannot make the peer fill our memory, and
+``write()`` waits while the unacknowledged send buffer is full."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from typing import Any
+
+from actors.connection import ConnectionOptions
+from supervisor import Supervisor
+from tests.rig.aioquic_server import RigServer
+from tests.rig.udp_shim import udp_shim
+from tests.rig.waiting import poll_until
+from tests.support import addr_of, dial_echo, echo_roundtrip
+
+LIMIT = 256 * 1024
+
+
+async def test_receive_buffer_stays_bounded_with_a_reader_that_never_reads(
+    echo: RigServer,
+) -> None:
+    async with Supervisor(options=ConnectionOptions(stream_buffer=LIMIT)) as sup:
+        conn = await dial_echo(sup, echo)
+        stream = await conn.open_stream()
+        payload = os.urandom(8 * LIMIT)
+        # The echo server reads everything, so all of it is acknowledged and written; the echo
+        # of it is what piles up against our flow control.
+        async with asyncio.timeout(20):
+            await stream.write(payload)
+            await stream.close()
+        server_stream: Any = echo.connections[0].quic._streams[stream.stream_id]
+
+        def peer_blocked() -> bool:
+            # The peer sent all the credit we granted, and all of it arrived here.
+            credit = server_stream.max_stream_data_remote
+            return server_stream.sender.next_offset >= credit and stream.receive_backlog == credit
+
+        await poll_until(peer_blocked, 10, what="the echo is blocked by our flow control")
+        assert stream.receive_backlog <= LIMIT
+        held = stream.receive_backlog
+        for _ in range(5):  # time passes, round trips happen: no credit is granted meanwhile
+            await echo_roundtrip(conn, size=1024)
+        assert stream.receive_backlog == held
+        assert server_stream.max_stream_data_remote == held
+
+        # Reading releases credit; everything arrives, in order.
+        got = hashlib.sha256()
+        total = 0
+        async with asyncio.timeout(20):
+            while chunk := await stream.read(65536):
+                assert stream.receive_backlog <= LIMIT
+                got.update(chunk)
+                total += len(chunk)
+        assert total == len(payload)
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+async def test_write_waits_while_the_send_buffer_is_full(echo: RigServer) -> None:
+    async with (
+        udp_shim(echo.addr) as shim,
+        Supervisor(options=ConnectionOptions(stream_buffer=LIMIT)) as sup,
+    ):
+        conn = await dial_echo(sup, shim.listen_addr)
+        stream = await conn.open_stream()
+        actor = conn._actor
+        # Nothing we send is acknowledged any more.
+        rule = shim.drop_client_to_server(addr_of(conn.local_multiaddr))
+        payload = os.urandom(4 * LIMIT)
+        writer = asyncio.create_task(stream.write(payload))
+        backlog = lambda: actor.stream_send_backlog(stream.stream_id)  # noqa: E731
+        await poll_until(lambda: backlog() >= LIMIT, 10, what="send buffer full")
+        assert backlog() == LIMIT
+        dropped = rule.dropped
+        await shim.wait_for(lambda: rule.dropped >= dropped + 2, 10, "client retransmissions")
+        assert not writer.done(), "write() returned with the send buffer full"
+        assert backlog() == LIMIT
+
+        shim.remove_rule(rule)
+        async with asyncio.timeout(30):
+            await writer
+            await stream.close()
+            echoed = bytearray()
+            while chunk := await stream.read(65536):
+                echoed += chunk
+        assert bytes(echoed) == payload
+
+
+async def test_finished_streams_are_forgotten(sup: Supervisor, echo: RigServer) -> None:
+    conn = await dial_echo(sup, echo)
+    for _ in range(200):
+        await echo_roundtrip(conn, size=100)
+    await echo_roundtrip(conn, size=100)  # one more flush after the last FIN was acknowledged
+    # Streams done both ways leave the connection's table (a long-lived connection would
+    # otherwise grow, and every flush walks the table).
+    assert len(conn._actor.streams) <= 2
