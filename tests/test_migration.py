@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from typing import Any
 
 import pytest
@@ -368,13 +369,19 @@ async def test_snapshots_are_read_your_writes(sup: Supervisor, echo: RigServer) 
     await p1.probe()
     info = p1.info()
     assert info.state is PathState.STANDBY and info.rtt is not None and not info.active
-    await p1.switch()
+    _record("probe_rtt_ms", info.rtt)  # an idle connection
+    await _switch_timed(p1)
     assert mc.active_path().local_addr == p1.info().local_addr
     assert p1.info().active and p1.info().state is PathState.ACTIVE
     assert not p0.info().active and p0.info().state is PathState.STANDBY
     await p0.close()
     assert p0.info().state is PathState.CLOSED
     assert [p.local_addr for p in mc.available_paths()] == [p1.info().local_addr]
+    # A switch to the active path returns at once and starts no migration.
+    async with event_log(sup, EvtConnectionMigrationStarted) as log:
+        await p1.switch()
+        await echo_roundtrip(conn)
+    assert log.events == [] and conn._snapshot().migrations == 1
 
 
 async def test_two_concurrent_switches_end_with_one_active_path(
@@ -498,3 +505,42 @@ async def test_sslkeylogfile_is_honoured(
     assert {"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0"} <= labels
     assert all(re.fullmatch(r"[A-Z_0-9]+ [0-9a-f]{64} [0-9a-f]+", line) for line in lines)
     assert fd_count() == fds  # the key log file is closed with the connection
+
+
+async def test_closing_a_path_retires_its_cid(sup: Supervisor, echo: RigServer) -> None:
+    conn = await dial_echo(sup, echo)
+    quic = conn._actor.quic
+    tap = FrameTap(echo.connections[0].quic)
+    mc = conn.as_migratable()
+    path = await mc.add_path(P2)
+    await path.probe()
+    cid = quic.path_cids()[path.path_id]
+    sequence = quic.path_cid_sequences()[path.path_id]
+    spare = quic.spare_peer_cids
+    await path.close()
+    await echo.wait_for(
+        lambda: any("retire_connection_id" in p.frames for p in tap.packets), 5, "RETIRE sent"
+    )
+    assert cid not in quic.path_cids().values() and sequence is not None
+    # The peer replenishes: the spare count is back to what it was before the path took one.
+    async with asyncio.timeout(5):
+        while quic.spare_peer_cids != spare + 1:
+            await echo_roundtrip(conn, size=16)
+
+
+async def test_datagrams_from_strangers_are_dropped_and_counted(
+    sup: Supervisor, echo: RigServer
+) -> None:
+    conn = await dial_echo(sup, echo)
+    mc = conn.as_migratable()
+    path = await mc.add_path(P2)
+    await path.probe()
+    targets = [conn._actor.paths[p.path_id] for p in mc.paths()]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.bind(("127.0.0.5", 0))
+        for target in targets:
+            stranger.sendto(b"\x40" + bytes(1199), target.local[:2])
+        await echo_roundtrip(conn)  # the stray datagrams were queued before the echo's replies
+        assert [t.stats.dropped_off_path for t in targets] == [1, 1]
+    await path.switch()
+    await echo_roundtrip(conn)

@@ -298,6 +298,10 @@ def test_switch_starts_fresh_rtt_and_congestion_state(cert: CertPair) -> None:
     assert server_peer_before == CLIENT_ADDRS[0]
     assert pair.server._network_paths[0].addr == CLIENT_ADDRS[1]
     assert client.last_non_probing_rx(1) is not None
+    # The server validated our new address: its PATH_CHALLENGE was answered from that socket.
+    assert pair.server._network_paths[0].is_validated
+    answered = [d for pid, _, d in pair.client_sent[-20:] if pid == 1]
+    assert answered
 
 
 def test_rollback_restores_the_old_path(cert: CertPair) -> None:
@@ -383,3 +387,26 @@ def test_standby_probe_is_a_probing_packet_at_the_server(cert: CertPair) -> None
     ]
     assert ["path_challenge", "padding"] in [sorted(set(r), key=r.index) for r in received]
     assert pair.server._network_paths[0].addr == CLIENT_ADDRS[0]
+
+
+def test_a_response_on_another_socket_does_not_validate(cert: CertPair) -> None:
+    pair = Pair(cert)
+    pair.connect()
+    client: MigratingQuicConnection = pair.client
+    client.add_path(1, SERVER)
+    client.add_path(2, SERVER)
+    assert client.reserve_peer_cid(1)
+    [(challenge, _)] = client.emit_challenge(1, pair.now)
+    pair.server.receive_datagram(challenge, CLIENT_ADDRS[1], pair.now)
+    [(response, dest)] = pair.server.datagrams_to_send(pair.now)
+    assert dest == CLIENT_ADDRS[1]
+    # It reaches us on path 2's socket instead (e.g. a NAT rebinding): no proof for path 1.
+    client.receive_datagram(response, PathAddr(SERVER, 2), pair.now)
+    assert client.take_path_responses() == []
+    assert client.misrouted_responses == 1
+    assert not client.is_path_validated(1)
+    # A response that comes back on the probed socket does validate it.
+    pair.deliver_client(client.emit_challenge(1, pair.now))
+    pair.pump()
+    assert [r.path_id for r in client.take_path_responses()] == [1]
+    assert client.is_path_validated(1)
