@@ -544,3 +544,22 @@ async def test_datagrams_from_strangers_are_dropped_and_counted(
         assert [t.stats.dropped_off_path for t in targets] == [1, 1]
     await path.switch()
     await echo_roundtrip(conn)
+
+
+async def test_connection_closed_during_a_switch(sup: Supervisor, echo: RigServer) -> None:
+    async with udp_shim(echo.addr) as shim:
+        conn = await dial_echo(sup, shim.listen_addr)
+        path = await conn.as_migratable().add_path(P2)
+        await path.probe()
+        new_addr = addr_of(path.info().local_addr)
+        shim.drop_server_to_client(new_addr)  # the switch waits for a confirmation
+        async with event_log(sup, EvtConnectionMigrationFailed) as log:
+            switch = asyncio.create_task(path.switch())
+            await shim.wait_for(lambda: shim.stats_for(new_addr).dropped_s2c > 0)
+            await conn.close()
+            with pytest.raises(ConnectionClosedError):
+                await asyncio.wait_for(switch, 5)
+            await log.wait_for(lambda: log.events)
+        [failed] = log.events
+        assert failed.connection_closed is True
+        assert path.info().state is PathState.CLOSED
