@@ -423,7 +423,7 @@ class MigratingQuicConnection(QuicConnection):
 
     def has_stream(self, stream_id: int) -> bool:
         """False once aioquic discarded the stream (both directions finished)."""
-        return stream_id in self._streams
+        return has_stream(self, stream_id)
 
     @property
     def close_pending(self) -> bool:
@@ -712,6 +712,11 @@ def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:
     """Unacknowledged bytes of a stream of any aioquic connection (server side included)."""
     stream = quic._streams.get(stream_id)
     return 0 if stream is None else len(stream.sender._buffer)
+
+
+def has_stream(quic: QuicConnection, stream_id: int) -> bool:
+    """False once aioquic discarded the stream (both directions finished)."""
+    return stream_id in quic._streams
 
 
 def server_sockname(server: Any) -> tuple[Any, ...]:

@@ -18,11 +18,12 @@ from aioquic.asyncio import QuicConnectionProtocol, serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from multiaddr import Multiaddr
 
 from actors.errors import ConnectionClosedError
 from actors.path_state import PathState
-from actors.quic_adapter import server_sockname, stream_send_backlog
+from actors.quic_adapter import StreamCredit, has_stream, server_sockname, stream_send_backlog
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
 from supervisor.addresses import parse_quic_multiaddr, sockaddr_to_multiaddr
 from supervisor.handles import Client, Connection, InboundMigratableConn, MigratableConn, PathInfo
@@ -36,8 +37,11 @@ StreamHandler = Callable[[Stream], Awaitable[None]]
 class InboundProtocol(QuicConnectionProtocol):
     """One accepted connection; implements the stream owner interface of our Stream."""
 
-    def __init__(self, *args: Any, listener: Listener, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, quic: QuicConnection, *args: Any, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(quic, *args, **kwargs)
+        self.quic = quic
+        # aioquic grants stream credit as bytes arrive; bound it by what handlers read.
+        self.credit = StreamCredit.attach(quic)
         self.listener = listener
         self.conn_id = os.urandom(6).hex()
         self.streams: dict[int, Stream] = {}
@@ -50,26 +54,29 @@ class InboundProtocol(QuicConnectionProtocol):
     # StreamOwner
     def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self.check_open()
-        self._quic.send_stream_data(stream_id, data, end_stream)
+        self.quic.send_stream_data(stream_id, data, end_stream)
         self.transmit()
 
     def stream_send_backlog(self, stream_id: int) -> int:
-        return stream_send_backlog(self._quic, stream_id)
+        return stream_send_backlog(self.quic, stream_id)
 
     def stream_consumed(self, stream_id: int) -> None:
-        self.transmit()
+        stream = self.streams.get(stream_id)
+        backlog = stream.receive_backlog if stream is not None else 0
+        if self.credit.set_backlog(stream_id, backlog, DEFAULT_STREAM_BUFFER):
+            self.transmit()  # new credit is due
 
     def check_open(self) -> None:
         if self.closed:
             raise self.error or ConnectionClosedError(self.conn_id)
 
     def peer_address(self) -> tuple[Any, ...] | None:
-        peer = self._quic.get_peer_address()
+        peer = self.quic.get_peer_address()
         return tuple(peer) if peer is not None else None
 
     def open_stream(self) -> Stream:
         self.check_open()
-        stream_id = self._quic.get_next_available_stream_id()
+        stream_id = self.quic.get_next_available_stream_id()
         stream = self.streams[stream_id] = Stream(self, stream_id, DEFAULT_STREAM_BUFFER)
         return stream
 
@@ -77,8 +84,19 @@ class InboundProtocol(QuicConnectionProtocol):
         self.check_open()
         return await self.incoming.get()
 
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        # ACK-only datagrams raise no event, but they free send buffers: wake blocked writers.
+        self._service_streams()
+
+    def _service_streams(self) -> None:
+        for stream_id, stream in list(self.streams.items()):
+            stream.poke_writable()
+            if stream.finished and not has_stream(self.quic, stream_id):
+                del self.streams[stream_id]  # done both ways; the handler's handle still reads
+
     def quic_event_received(self, event: qe.QuicEvent) -> None:
-        peer = self._quic.get_peer_address()
+        peer = self.quic.get_peer_address()
         if peer is not None:
             self.peer_addresses.add(tuple(peer))
         if isinstance(event, qe.StreamDataReceived):
@@ -89,6 +107,7 @@ class InboundProtocol(QuicConnectionProtocol):
                 )
                 self._accepted(stream)
             stream.feed(event.data, event.end_stream)
+            self.credit.set_backlog(event.stream_id, stream.receive_backlog, DEFAULT_STREAM_BUFFER)
         elif isinstance(event, qe.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -101,8 +120,7 @@ class InboundProtocol(QuicConnectionProtocol):
             for stream in self.streams.values():
                 stream.fail(self.error)
             self.listener._ended(self)
-        for stream in self.streams.values():
-            stream.poke_writable()
+        self._service_streams()
 
     def _accepted(self, stream: Stream) -> None:
         handler = self.listener.handler
@@ -174,17 +192,31 @@ class Listener:
         self.connections: dict[str, InboundConnection] = {}
         self._accepted: asyncio.Queue[InboundConnection] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._keylog: Any = None
         self.started = time.time()
 
     async def start(self, addr: str | Multiaddr, configuration: QuicConfiguration) -> None:
-        ip, port, _family = parse_quic_multiaddr(addr, what="listen address")
-        self._server = await serve(
-            ip,
-            port,
-            configuration=configuration,
-            create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
-        )
+        # Closed with the listener: the SSLKEYLOGFILE handle, if the caller opened one.
+        self._keylog = configuration.secrets_log_file
+        # A stream's first window must not exceed its buffer either (see StreamCredit).
+        configuration.max_stream_data = min(configuration.max_stream_data, DEFAULT_STREAM_BUFFER)
+        try:
+            ip, port, _family = parse_quic_multiaddr(addr, what="listen address")
+            self._server = await serve(
+                ip,
+                port,
+                configuration=configuration,
+                create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
+            )
+        except BaseException:
+            self._close_keylog()
+            raise
         self.multiaddr = sockaddr_to_multiaddr(server_sockname(self._server))
+
+    def _close_keylog(self) -> None:
+        if self._keylog is not None:
+            self._keylog.close()
+            self._keylog = None
 
     def _connected(self, proto: InboundProtocol) -> None:
         conn = InboundConnection(self._client, proto, self.multiaddr)
@@ -209,3 +241,4 @@ class Listener:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        self._close_keylog()

@@ -95,3 +95,57 @@ async def test_finished_streams_are_forgotten(sup: Supervisor, echo: RigServer) 
     # Streams done both ways leave the connection's table (a long-lived connection would
     # otherwise grow, and every flush walks the table).
     assert len(conn._actor.streams) <= 2
+
+
+async def test_listener_streams_are_bounded_too(cert: Any) -> None:
+    from actors.streams import DEFAULT_STREAM_BUFFER
+
+    accepted: list[Any] = []
+    go = asyncio.Event()
+
+    async def slow_echo(stream: Any) -> None:
+        if not accepted:  # the first stream reads nothing until told; later ones echo at once
+            accepted.append(stream)
+            await go.wait()
+        while data := await stream.read(65536):
+            await stream.write(data)
+        await stream.close()
+
+    async with (
+        Supervisor() as server_sup,
+        Supervisor(options=ConnectionOptions(stream_buffer=LIMIT)) as client_sup,
+    ):
+        listener = await server_sup.listen(
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            certfile=cert.certfile,
+            keyfile=cert.keyfile,
+            alpn_protocols=["echo"],
+            handler=slow_echo,
+        )
+        conn = await client_sup.dial(str(listener.multiaddr), alpn_protocols=["echo"], verify=False)
+        stream = await conn.open_stream()
+        payload = os.urandom(3 * DEFAULT_STREAM_BUFFER)
+        writer = asyncio.create_task(stream.write(payload))
+        backlog = lambda: conn._actor.stream_send_backlog(stream.stream_id)  # noqa: E731
+        await poll_until(lambda: accepted and backlog() >= LIMIT, 10, what="client blocked")
+        [inbound] = accepted
+        # All the credit the server granted arrived and waits unread; no more is granted.
+        await poll_until(
+            lambda: inbound.receive_backlog >= DEFAULT_STREAM_BUFFER, 10, what="server full"
+        )
+        for _ in range(3):
+            await echo_roundtrip(conn, size=100)
+        assert inbound.receive_backlog == DEFAULT_STREAM_BUFFER
+        assert not writer.done()
+
+        go.set()
+        got = hashlib.sha256()
+        total = 0
+        async with asyncio.timeout(30):
+            await writer
+            await stream.close()
+            while chunk := await stream.read(65536):
+                got.update(chunk)
+                total += len(chunk)
+        assert total == len(payload)
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
