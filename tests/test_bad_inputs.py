@@ -148,9 +148,7 @@ async def test_add_path_on_a_closed_connection(conn: Connection) -> None:
     assert mc.available_paths() == []
 
 
-async def test_switch_to_a_path_that_is_not_validated(
-    sup: Supervisor, echo: RigServer
-) -> None:
+async def test_switch_to_a_path_that_is_not_validated(sup: Supervisor, echo: RigServer) -> None:
     async with udp_shim(echo.addr) as shim:
         conn = await dial_echo(sup, shim.listen_addr)
         mc = conn.as_migratable()

@@ -130,9 +130,7 @@ async def test_add_path_without_the_option(echo: RigServer) -> None:
         assert echo.peer_addresses() == {addr_of(conn.local_multiaddr)}
 
 
-async def test_available_paths_initially_one_active_path(
-    sup: Supervisor, echo: RigServer
-) -> None:
+async def test_available_paths_initially_one_active_path(sup: Supervisor, echo: RigServer) -> None:
     conn = await dial_echo(sup, echo)
     mc = conn.as_migratable()
     [only] = mc.available_paths()
@@ -257,9 +255,7 @@ async def test_no_probe_before_handshake_done(sup: Supervisor, cert: CertPair) -
         assert path.info().state is PathState.STANDBY
 
 
-async def test_standby_paths_carry_only_probing_frames(
-    sup: Supervisor, echo: RigServer
-) -> None:
+async def test_standby_paths_carry_only_probing_frames(sup: Supervisor, echo: RigServer) -> None:
     conn = await dial_echo(sup, echo)
     mc = conn.as_migratable()
     tap = FrameTap(echo.connections[0].quic)
