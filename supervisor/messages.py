@@ -84,6 +84,7 @@ class PathSnapshot:
     state: PathState
     bytes_sent: int = 0
     bytes_received: int = 0
+    device: str | None = None  # interface the socket is bound to (SO_BINDTODEVICE), if any
 
 
 @message("sup.ConnectionSnapshot")

@@ -18,12 +18,13 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
@@ -83,19 +84,27 @@ from supervisor.messages import (
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.propagation import context_from_fields
+from telemetry.qlog import QlogDirectory, QlogWriter
 from telemetry.tracing import (
     ATTR_CID_SEQUENCE_AFTER,
     ATTR_CID_SEQUENCE_BEFORE,
     ATTR_CONNECTION_ID,
+    ATTR_PATH_CLOSE_REMOVED,
+    ATTR_PATH_LOCAL_ADDRESS,
     ATTR_PATH_TO_LOCAL_ADDRESS,
     ATTR_PROBE_RTT_MS,
     ATTR_PROBE_TRIES,
     ATTR_SWITCH_CONFIRMATION_MS,
     ATTR_SWITCH_ROLLED_BACK,
+    EVENT_PATH_ADDED,
+    EVENT_PATH_REMOVED,
+    EVENT_PATH_STATE_CHANGED,
     RESULT_ROLLED_BACK,
+    SPAN_PATH_CLOSE,
     SPAN_PATH_PROBE,
     SPAN_PATH_SWITCH,
     Tracing,
+    path_event,
     set_result,
 )
 
@@ -120,6 +129,18 @@ def _plain(obj: object) -> object:
     if isinstance(obj, enum.Enum):
         return obj.value
     return str(obj)
+
+
+def _bound_device(sock: socket.socket) -> str | None:
+    """The interface a path socket is bound to (SO_BINDTODEVICE), None when unbound or closed.
+
+    Read from the socket itself, so paths given with ``sock=`` report their device too.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+    except OSError:
+        return None
+    return raw.split(b"\0", 1)[0].decode(errors="replace") or None
 
 
 @dataclass(slots=True)
@@ -148,10 +169,15 @@ class SupervisorActor(Actor):
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
         journal: JournalWriter | None = None,
+        qlog: QlogDirectory | None = None,
     ) -> None:
         self.tracing = tracing or Tracing(None)
         self.metrics = metrics or Metrics(None)
         self.journal = journal
+        self.qlog = qlog
+        # The open migration (or standalone probe, or close) span per connection: path events
+        # become its span events. Operations on one connection hold entry.ops: at most one.
+        self._op_spans: dict[str, Span] = {}
         self.migration_enabled = migration_enabled
         self.events = events
         self.sockets = sockets  # sockets handed in with sock=, by key
@@ -162,8 +188,32 @@ class SupervisorActor(Actor):
 
     # ------------------------------------------------------------------ plumbing
 
+    @contextlib.contextmanager
+    def _op_span(self, conn_id: str, span: Span) -> Iterator[Span]:
+        """Path events of ``conn_id`` are recorded on ``span`` while the ``with`` body runs."""
+        self._op_spans[conn_id] = span
+        try:
+            yield span
+        finally:
+            if self._op_spans.get(conn_id) is span:
+                del self._op_spans[conn_id]
+
+    def _span_event(self, evt: Event) -> None:
+        span = self._op_spans.get(evt.conn_id)
+        if span is None:
+            return
+        if isinstance(evt, EvtPathStateChanged):
+            path_event(
+                span, EVENT_PATH_STATE_CHANGED, evt.local_addr, str(evt.old), str(evt.new)
+            )
+        elif isinstance(evt, EvtPathAdded):
+            path_event(span, EVENT_PATH_ADDED, evt.local_addr)
+        elif isinstance(evt, EvtPathRemoved):
+            path_event(span, EVENT_PATH_REMOVED, evt.local_addr)
+
     def _publish(self, evt: Event) -> None:
         self.events.publish(evt)
+        self._span_event(evt)
         if self.journal is not None:
             self.journal.event(
                 type(evt).__name__.removeprefix("Evt"),
@@ -211,6 +261,7 @@ class SupervisorActor(Actor):
                     state=path.state,
                     bytes_sent=path.stats.bytes_sent,
                     bytes_received=path.stats.bytes_received,
+                    device=_bound_device(path.sock),
                 )
             )
         return ConnectionSnapshot(
