@@ -190,13 +190,18 @@ class SupervisorActor(Actor):
 
     @contextlib.contextmanager
     def _op_span(self, conn_id: str, span: Span) -> Iterator[Span]:
-        """Path events of ``conn_id`` are recorded on ``span`` while the ``with`` body runs."""
+        """Path events of ``conn_id`` are recorded on ``span`` while the ``with`` body runs
+        (nested: a close inside a migration; the outer span gets them back afterwards)."""
+        outer = self._op_spans.get(conn_id)
         self._op_spans[conn_id] = span
         try:
             yield span
         finally:
             if self._op_spans.get(conn_id) is span:
-                del self._op_spans[conn_id]
+                if outer is None:
+                    del self._op_spans[conn_id]
+                else:
+                    self._op_spans[conn_id] = outer
 
     def _span_event(self, evt: Event) -> None:
         span = self._op_spans.get(evt.conn_id)
@@ -299,7 +304,11 @@ class SupervisorActor(Actor):
             msg = msg.body
         if self.journal is not None:
             self.journal.msg(
-                type(msg).__name__, _plain_dict(msg), conn=getattr(msg, "conn_id", None)
+                type(msg).__name__,
+                _plain_dict(msg),
+                conn=getattr(msg, "conn_id", None),
+                # The caller's span (invalid without one), not this actor task's context.
+                span_context=trace.get_current_span(parent or Context()).get_span_context(),
             )
         if isinstance(msg, DialRequest):
             return Later(self.spawn(self._dial(msg), name="dial"))
@@ -310,7 +319,7 @@ class SupervisorActor(Actor):
         if isinstance(msg, SwitchRequest):
             return Later(self.spawn(self._switch(msg, parent), name="switch"))
         if isinstance(msg, ClosePathRequest):
-            return Later(self.spawn(self._close_path(msg), name="close-path"))
+            return Later(self.spawn(self._close_path(msg, parent), name="close-path"))
         if isinstance(msg, CloseConnectionRequest):
             return Later(self.spawn(self._close(msg), name="close"))
         if isinstance(msg, SnapshotRequest):
@@ -403,6 +412,9 @@ class SupervisorActor(Actor):
             except OSError as exc:
                 log.warning("SSLKEYLOGFILE %r cannot be opened: %s", keylog, exc)
         conn_id = os.urandom(6).hex()
+        if self.qlog is not None:
+            # Named by our conn id; written when the connection is forgotten (see _forget).
+            config.quic_logger = self.qlog.connection_logger(conn_id)
         remote_sockaddr: tuple[Any, ...] = (
             (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
         )
@@ -464,6 +476,12 @@ class SupervisorActor(Actor):
         entry = self.conns.pop(conn_id, None)
         if entry is None:
             return
+        qlog = entry.actor.quic.configuration.quic_logger
+        if isinstance(qlog, QlogWriter):
+            try:
+                qlog.close()  # aioquic writes it only after a closing period we do not wait for
+            except OSError as exc:
+                log.warning("qlog of connection %s not written: %s", conn_id, exc)
         for path in list(entry.actor.paths.values()):
             self._publish(
                 EvtPathRemoved(
@@ -564,7 +582,10 @@ class SupervisorActor(Actor):
             raise ValueError(f"probe timeout must be > 0 seconds, got {req.timeout!r}")
         entry = self._entry(req.conn_id)
         async with entry.ops:
-            with self.tracing.span(SPAN_PATH_PROBE, parent_context=parent) as span:
+            with (
+                self.tracing.span(SPAN_PATH_PROBE, parent_context=parent) as span,
+                self._op_span(req.conn_id, span),
+            ):
                 await self._probe_in_span(entry, req.path_id, req.timeout, span)
         return self._snap(req.conn_id)
 
@@ -614,7 +635,7 @@ class SupervisorActor(Actor):
                 entry.remote,
                 entry.family,
                 parent_context=parent,
-            ) as span:
+            ) as span, self._op_span(req.conn_id, span):
                 try:
                     stale = target.validated_at is None or (
                         asyncio.get_running_loop().time() - target.validated_at
@@ -680,16 +701,29 @@ class SupervisorActor(Actor):
             )
         return self._snap(req.conn_id)
 
-    async def _close_path(self, req: ClosePathRequest) -> ConnectionSnapshot | None:
+    async def _close_path(
+        self, req: ClosePathRequest, parent: Context | None = None
+    ) -> ConnectionSnapshot | None:
+        """Close a path inside its own short ``quic.path.close`` span: the caller's child, or
+        (``parent=None``, called from a drain or failover) the current migration span's."""
         entry = self.conns.get(req.conn_id)
         if entry is None:
             return None  # the connection (and with it every path) is already closed
         async with entry.ops:
             local = self._local_of(entry, req.path_id)
-            removed = await entry.ref.ask(ClosePath(req.path_id))
-            if removed:
-                entry.requested.pop(req.path_id, None)
-                self._publish(EvtPathRemoved(req.conn_id, entry.remote, time.time(), local))
+            with self.tracing.span(
+                SPAN_PATH_CLOSE,
+                parent_context=parent,
+                attributes={
+                    ATTR_CONNECTION_ID: req.conn_id,
+                    ATTR_PATH_LOCAL_ADDRESS: str(local),
+                },
+            ) as span, self._op_span(req.conn_id, span):
+                removed = await entry.ref.ask(ClosePath(req.path_id))
+                span.set_attribute(ATTR_PATH_CLOSE_REMOVED, bool(removed))
+                if removed:
+                    entry.requested.pop(req.path_id, None)
+                    self._publish(EvtPathRemoved(req.conn_id, entry.remote, time.time(), local))
         return self.snapshot(req.conn_id)
 
     async def _close(self, req: CloseConnectionRequest) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "add_event",
     "format_address",
     "network_type",
+    "path_event",
     "record_error",
     "set_result",
 ]
@@ -74,6 +75,10 @@ ATTR_SWITCH_CONFIRMATION_MS = "quic.switch.confirmation_ms"
 ATTR_SWITCH_ROLLED_BACK = "quic.switch.rolled_back"
 ATTR_PROBE_RTT_MS = "quic.probe.rtt_ms"
 ATTR_PROBE_TRIES = "quic.probe.tries"
+ATTR_PATH_LOCAL_ADDRESS = "quic.path.local_address"  # quic.path.close and path events
+ATTR_PATH_CLOSE_REMOVED = "quic.path.close.removed"  # False: it was closed already
+ATTR_PATH_STATE_OLD = "quic.path.state.old"
+ATTR_PATH_STATE_NEW = "quic.path.state.new"
 
 # quic.migration.result values.
 RESULT_COMPLETED = "completed"
@@ -87,6 +92,11 @@ MIGRATION_RESULTS = frozenset(
 # Event names.
 EVENT_PROBE_TRY = "quic.probe.try"
 EVENT_CANCELLED = "cancelled"
+# Path changes while a migration (or a standalone probe, or a close) is open: events of that
+# span, never of a long-lived per-connection span.
+EVENT_PATH_ADDED = "quic.path.added"
+EVENT_PATH_REMOVED = "quic.path.removed"
+EVENT_PATH_STATE_CHANGED = "quic.path.state_changed"
 
 # An address: ``(host, port)``, a multiaddr string, ``host:port``, or anything str()-able.
 Address = object
@@ -156,6 +166,24 @@ def add_event(span: Span, name: str, /, **attributes: AttributeValue) -> None:
     """Add an event; pass dotted keys with ``**{"quic.probe.tries": 2}``."""
     if span.is_recording():
         span.add_event(name, attributes=attributes)
+
+
+def path_event(
+    span: Span,
+    name: str,
+    local_address: object,
+    old: str | None = None,
+    new: str | None = None,
+) -> None:
+    """A path added/removed/state change as an event of ``span`` (local address as a string)."""
+    if not span.is_recording():
+        return
+    attrs: dict[str, AttributeValue] = {ATTR_PATH_LOCAL_ADDRESS: str(local_address)}
+    if old is not None:
+        attrs[ATTR_PATH_STATE_OLD] = old
+    if new is not None:
+        attrs[ATTR_PATH_STATE_NEW] = new
+    span.add_event(name, attributes=attrs)
 
 
 def _has_attribute(span: Span, key: str) -> bool:
