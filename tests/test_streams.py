@@ -91,10 +91,12 @@ async def test_finished_streams_are_forgotten(sup: Supervisor, echo: RigServer) 
     conn = await dial_echo(sup, echo)
     for _ in range(200):
         await echo_roundtrip(conn, size=100)
-    await echo_roundtrip(conn, size=100)  # one more flush after the last FIN was acknowledged
     # Streams done both ways leave the connection's table (a long-lived connection would
-    # otherwise grow, and every flush walks the table).
-    assert len(conn._actor.streams) <= 2
+    # otherwise grow, and every flush walks the table). The last ones go once the peer has
+    # acknowledged their FIN: a few more round trips at most.
+    async with asyncio.timeout(5):
+        while len(conn._actor.streams) > 2:
+            await echo_roundtrip(conn, size=100)
 
 
 async def test_listener_streams_are_bounded_too(cert: Any) -> None:
