@@ -8,6 +8,10 @@
     mc = conn.as_migratable()                       # the same MigratableConn/Path handles
     path = await mc.add_path(device="net1"); await path.probe(); await path.switch()
     reports = await fleet.drain(device="net1")      # {label: DrainReport | exception}
+    lst = await sup.listen("/ip4/0.0.0.0/udp/4433/quic-v1", certfile=..., handler="echo")
+    print(await sup.metrics())                      # counters and bytes per path
+    async with sup.events() as stream:              # pushed by a Ray streaming generator
+        async for evt in stream: ...
 
 A :class:`RayTransport` is the handles' ``Client``: it encodes each request into an envelope
 (with the caller's trace context), calls the agent's ``ask`` through Ray and turns the reply
@@ -22,7 +26,9 @@ import asyncio
 import builtins
 import logging
 import os
+from collections import deque
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 from multiaddr import Multiaddr
@@ -36,6 +42,8 @@ from supervisor.ray_backend import (
     AGENT_NAME_PREFIX,
     DEFAULT_NAMESPACE,
     AgentInfo,
+    AgentMetrics,
+    CloseListenerRequest,
     DrainReport,
     DrainRequest,
     EchoReport,
@@ -45,6 +53,11 @@ from supervisor.ray_backend import (
     EventBatch,
     EventsRequest,
     InfoRequest,
+    ListenerInfo,
+    Listeners,
+    ListenersRequest,
+    ListenRequest,
+    MetricsRequest,
     Ok,
     Snapshots,
     SupervisorAgent,
@@ -53,11 +66,14 @@ from supervisor.ray_backend import (
 from telemetry.propagation import current_trace_fields
 
 __all__ = [
+    "EventStream",
     "Fleet",
     "FleetError",
+    "HandlerNotRemoteError",
     "RayTransport",
     "RemoteConnection",
     "RemoteError",
+    "RemoteListener",
     "RemoteSupervisor",
     "SocketNotTransferableError",
     "StreamsNotRemoteError",
@@ -118,6 +134,17 @@ class StreamsNotRemoteError(FleetError):
         super().__init__(
             "streams of a remote connection live in the agent's process (datagrams never "
             "cross Ray): run the application next to the agent, or use a local Supervisor"
+        )
+
+
+class HandlerNotRemoteError(FleetError, TypeError):
+    """A callable stream handler was given to a remote ``listen``: code cannot cross processes."""
+
+    def __init__(self, handler: object) -> None:
+        super().__init__(
+            f"listen(handler={handler!r}): a remote listener runs in the agent's process, where "
+            "a Python callable cannot be sent; pass handler='echo' (built in) or None, or run "
+            "a local Supervisor next to your handler"
         )
 
 
@@ -238,6 +265,149 @@ class RemoteConnection(Connection):
         return self._update(await self._client.ask(SnapshotRequest(self.conn_id)))
 
 
+class RemoteListener:
+    """A QUIC server running in an agent; ``multiaddr`` is its bound address."""
+
+    def __init__(self, client: RayTransport, info: ListenerInfo) -> None:
+        self._client = client
+        self.info = info
+
+    @property
+    def listener_id(self) -> int:
+        return self.info.listener_id
+
+    @property
+    def multiaddr(self) -> Multiaddr:
+        return Multiaddr(self.info.multiaddr)
+
+    async def refresh(self) -> ListenerInfo:
+        """Fetch the listener's current connections and the client addresses they used."""
+        reply = await self._client.ask(ListenersRequest())
+        assert isinstance(reply, Listeners)
+        for info in reply.listeners:
+            if info.listener_id == self.listener_id:
+                self.info = info
+                return info
+        raise KeyError(f"listener {self.listener_id} is closed")
+
+    async def close(self) -> None:
+        await self._client.ask(CloseListenerRequest(self.listener_id))
+
+    def __repr__(self) -> str:
+        return f"RemoteListener({self.info.multiaddr!r}, handler={self.info.handler!r})"
+
+
+class EventStream:
+    """Events of one agent as they happen, from its ``events_stream`` Ray streaming generator.
+
+    ``async for evt in stream`` yields events (``types`` filters by class) from ``cursor`` on;
+    ``cursor`` is then where to resume and ``lost`` counts events the agent's bounded log
+    dropped before they were sent. ``aclose()`` (or leaving ``async with``) cancels the remote
+    generator and waits until it has ended, so nothing keeps running in the agent; a consumer
+    cancelled while waiting cancels it too. A dead agent raises
+    :class:`SupervisorUnavailableError`.
+    """
+
+    def __init__(
+        self,
+        sup: RemoteSupervisor,
+        *,
+        cursor: int,
+        limit: int,
+        types: tuple[type, ...],
+        backpressure: int,
+    ) -> None:
+        self._sup = sup
+        self.cursor = cursor
+        self.lost = 0
+        self._types = types
+        self._pending: deque[Any] = deque()
+        self._closed = False
+        # Backpressure: at most this many unread batches wait in Ray's object store; beyond it
+        # the agent's generator pauses (and its bounded log drops the oldest events).
+        self._gen = sup.handle.events_stream.options(
+            num_returns="streaming", _generator_backpressure_num_objects=backpressure
+        ).remote(cursor, limit)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._pending:
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                batch = await self._next_batch()
+            except asyncio.CancelledError:
+                self._cancel_remote()  # the consumer is gone: stop the agent's generator
+                raise
+            if batch is None:
+                self._closed = True
+                raise StopAsyncIteration
+            self.cursor = batch.cursor
+            self.lost += batch.lost
+            self._pending.extend(
+                e for e in batch.events if not self._types or isinstance(e, self._types)
+            )
+        return self._pending.popleft()
+
+    async def _next_batch(self) -> EventBatch | None:
+        from ray.exceptions import RayActorError
+
+        try:
+            ref = await self._gen.__anext__()
+            data = await ref
+        except StopAsyncIteration:
+            return None
+        except RayActorError as exc:
+            self._closed = True
+            raise SupervisorUnavailableError(self._sup.name, self._sup.namespace, str(exc)) from exc
+        body = decode(data).body
+        if isinstance(body, ErrorReply):
+            self._closed = True
+            raise rebuild_error(body)
+        if not isinstance(body, EventBatch):
+            raise EnvelopeError(f"events_stream sent {type(body).__name__}, not an EventBatch")
+        return body
+
+    def _cancel_remote(self) -> None:
+        import ray
+
+        self._closed = True
+        ray.cancel(self._gen)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Cancel the agent's generator and wait (up to ``timeout``) until it has ended."""
+        self._cancel_remote()
+        self._pending.clear()
+
+        async def drain() -> None:
+            while True:
+                try:
+                    ref = await self._gen.__anext__()
+                except StopAsyncIteration:
+                    return
+                except Exception:  # the agent died: nothing is left running there
+                    return
+                try:
+                    await ref
+                except Exception:  # TaskCancelledError: the generator's last word
+                    continue
+
+        await asyncio.wait_for(drain(), timeout)
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 class RemoteSupervisor(RayTransport):
     """One node's agent: the local ``Supervisor`` API (dial, snapshots) plus fleet operations."""
 
@@ -286,6 +456,47 @@ class RemoteSupervisor(RayTransport):
         assert isinstance(snap, ConnectionSnapshot)
         return RemoteConnection(self, snap)
 
+    async def listen(
+        self,
+        addr: str | Multiaddr,
+        *,
+        certfile: str | os.PathLike[str],
+        keyfile: str | os.PathLike[str] | None = None,
+        alpn_protocols: list[str] | None = None,
+        handler: str | None = "echo",
+    ) -> RemoteListener:
+        """Serve QUIC from the agent's node (files are paths on that node).
+
+        ``handler`` names a built-in stream handler, since a callable cannot cross processes:
+        ``"echo"`` sends every byte back; ``None`` accepts connections and leaves their streams
+        unread (flow control then stops the peer). Listeners are not re-created on restart.
+        """
+        if handler is not None and not isinstance(handler, str):
+            raise HandlerNotRemoteError(handler)
+        info = await self.ask(
+            ListenRequest(
+                addr=str(addr),
+                certfile=os.fspath(certfile),
+                keyfile=os.fspath(keyfile) if keyfile is not None else None,
+                alpn_protocols=tuple(alpn_protocols) if alpn_protocols else None,
+                handler=handler,
+            )
+        )
+        assert isinstance(info, ListenerInfo)
+        return RemoteListener(self, info)
+
+    async def listeners(self) -> list[RemoteListener]:
+        reply = await self.ask(ListenersRequest())
+        assert isinstance(reply, Listeners)
+        return [RemoteListener(self, info) for info in reply.listeners]
+
+    async def metrics(self) -> AgentMetrics:
+        """Counters of this agent: connections, paths by state, migrations by reason and
+        result, rollbacks, probe RTT summary, bytes per path."""
+        reply = await self.ask(MetricsRequest())
+        assert isinstance(reply, AgentMetrics)
+        return reply
+
     async def snapshot(self) -> list[ConnectionSnapshot]:
         snaps = await self.ask(SnapshotRequest(None))
         assert isinstance(snaps, tuple)
@@ -310,8 +521,23 @@ class RemoteSupervisor(RayTransport):
         assert isinstance(report, DrainReport)
         return report
 
-    async def events(self, cursor: int = 0, limit: int = 1000) -> EventBatch:
-        """Events since ``cursor`` (pass the returned batch's ``cursor`` next time)."""
+    def events(
+        self,
+        *types: type,
+        cursor: int = 0,
+        limit: int = 1000,
+        backpressure: int = 16,
+    ) -> EventStream:
+        """Events as they happen (``types``: only these classes), from ``cursor`` on.
+
+        ``cursor=0`` starts with whatever the agent's log still holds, so nothing that
+        happened after this call can be missed; use it with ``async with`` (see
+        :class:`EventStream`).
+        """
+        return EventStream(self, cursor=cursor, limit=limit, types=types, backpressure=backpressure)
+
+    async def events_since(self, cursor: int = 0, limit: int = 1000) -> EventBatch:
+        """One batch of events since ``cursor`` (pass the batch's ``cursor`` next time)."""
         batch = await self.ask(EventsRequest(cursor, limit))
         assert isinstance(batch, EventBatch)
         return batch

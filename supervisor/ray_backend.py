@@ -13,6 +13,10 @@ is written to Ray's internal key-value store (GCS), outside the actor, so an age
 restarts (``max_restarts``) re-dials and re-adds its paths; a ``fleet.Restored`` record per
 connection says what came back and what did not.
 
+Beyond ``ask``: ``events_stream`` is a Ray streaming generator (``num_returns="streaming"``)
+that pushes event batches as they happen, and ``listen`` starts a QUIC server in the agent whose
+stream handler is built in (``"echo"``), because a Python callable cannot cross processes.
+
 This module imports ``ray`` only inside functions: the messages are usable without Ray.
 """
 
@@ -31,7 +35,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,7 @@ from multiaddr import Multiaddr
 from actors import errors as _errors
 from actors.envelope import EnvelopeError, decode, encode, message
 from actors.path_state import PathState
+from actors.streams import Stream
 from supervisor.api import Supervisor
 from supervisor.handles import Connection
 from supervisor.messages import (
@@ -53,6 +58,7 @@ from supervisor.messages import (
     SnapshotRequest,
     SwitchRequest,
 )
+from supervisor.server import Listener
 from telemetry.propagation import attached
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,8 @@ __all__ = [
     "AGENT_NAME_PREFIX",
     "DEFAULT_NAMESPACE",
     "AgentInfo",
+    "AgentMetrics",
+    "CloseListenerRequest",
     "DrainMove",
     "DrainReport",
     "DrainRequest",
@@ -71,11 +79,19 @@ __all__ = [
     "EventBatch",
     "EventsRequest",
     "InfoRequest",
+    "ListenRequest",
+    "ListenerInfo",
+    "Listeners",
+    "ListenersRequest",
+    "MetricsRequest",
     "Ok",
+    "PathMetrics",
     "Restored",
+    "RttSummary",
     "Snapshots",
     "SupervisorAgent",
     "agent_name",
+    "echo_handler",
     "error_reply",
     "kv_prefix",
 ]
@@ -84,6 +100,7 @@ DEFAULT_NAMESPACE = "quic-supervisor"
 AGENT_NAME_PREFIX = "quic-supervisor:"
 KV_NAMESPACE = "quic-supervisor"
 _EVENT_LOG_SIZE = 4096
+LISTEN_HANDLERS = ("echo",)  # built-in stream handlers a remote listen() may name
 
 
 def agent_name(label: str) -> str:
@@ -156,6 +173,8 @@ class AgentInfo:
     connections: int
     started: float  # wall clock of this incarnation's start (changes on restart)
     restored: tuple[Restored, ...] = ()
+    listeners: int = 0
+    event_streams: int = 0  # events_stream generators running (a cancelled one is gone)
 
 
 @message("fleet.Drain")
@@ -243,6 +262,97 @@ class EchoReport:
     done: bool
 
 
+@message("fleet.Listen")
+@dataclass(frozen=True, slots=True)
+class ListenRequest:
+    """Serve QUIC from the agent. Files are paths on the agent's node; ``handler`` names a
+    built-in stream handler (``"echo"``) or is None (streams are accepted and left unread)."""
+
+    addr: str
+    certfile: str
+    keyfile: str | None = None
+    alpn_protocols: tuple[str, ...] | None = None
+    handler: str | None = "echo"
+
+
+@message("fleet.ListenerInfo")
+@dataclass(frozen=True, slots=True)
+class ListenerInfo:
+    listener_id: int
+    multiaddr: str  # the bound address (the real port after port 0)
+    handler: str | None
+    connections: int  # live inbound connections
+    peer_addresses: tuple[str, ...] = ()  # every client address seen (a migration adds one)
+
+
+@message("fleet.ListListeners")
+@dataclass(frozen=True, slots=True)
+class ListenersRequest:
+    """Ask for every listener of the agent."""
+
+
+@message("fleet.Listeners")
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    listeners: tuple[ListenerInfo, ...] = ()
+
+
+@message("fleet.CloseListener")
+@dataclass(frozen=True, slots=True)
+class CloseListenerRequest:
+    listener_id: int
+
+
+@message("fleet.Metrics")
+@dataclass(frozen=True, slots=True)
+class MetricsRequest:
+    """Ask for the agent's counters (:class:`AgentMetrics`)."""
+
+
+@message("fleet.RttSummary")
+@dataclass(frozen=True, slots=True)
+class RttSummary:
+    """Successful probe RTTs, seconds. ``p50``/``p99`` are the upper bounds of the histogram
+    buckets holding those quantiles (clamped to ``max``): bucket estimates, not exact values."""
+
+    count: int = 0
+    min: float | None = None
+    mean: float | None = None
+    max: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+
+
+@message("fleet.PathMetrics")
+@dataclass(frozen=True, slots=True)
+class PathMetrics:
+    conn_id: str
+    path_id: int
+    local_addr: str
+    state: str
+    active: bool
+    rtt: float | None
+    bytes_sent: int
+    bytes_received: int
+
+
+@message("fleet.AgentMetrics")
+@dataclass(frozen=True, slots=True)
+class AgentMetrics:
+    """One agent's counters. Counts from telemetry (migrations, rollbacks, probes) start with
+    this incarnation (``since``); connections, paths and bytes come from live snapshots."""
+
+    label: str
+    since: float
+    connections: int  # open
+    paths_by_state: dict[str, int] = field(default_factory=dict)  # paths of open connections
+    migrations: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> result -> n
+    rollbacks: dict[str, int] = field(default_factory=dict)  # reason -> n
+    probe_failures: dict[str, int] = field(default_factory=dict)  # error type -> n
+    probe_rtt: RttSummary = field(default_factory=RttSummary)
+    paths: tuple[PathMetrics, ...] = ()  # every path of every connection, bytes per path
+
+
 # -- errors over the wire ------------------------------------------------------------------------
 
 
@@ -311,6 +421,78 @@ class DesiredState:
         return await asyncio.to_thread(read)
 
 
+# -- built-ins the remote API needs ---------------------------------------------------------------
+
+
+async def echo_handler(stream: Stream) -> None:
+    """The built-in stream handler of ``listen(handler="echo")``: every byte back, then FIN."""
+    while data := await stream.read(65536):
+        await stream.write(data)
+    await stream.close()
+
+
+@dataclass(slots=True)
+class _Counters:
+    migrations: dict[str, dict[str, int]] = field(default_factory=dict)
+    rollbacks: dict[str, int] = field(default_factory=dict)
+    probe_failures: dict[str, int] = field(default_factory=dict)
+    probe_rtt: RttSummary = field(default_factory=RttSummary)
+
+
+def _bucket_quantile(
+    q: float, counts: Sequence[int], bounds: Sequence[float], top: float | None
+) -> float | None:
+    """Upper bound of the histogram bucket holding quantile ``q`` (``top`` for the last one)."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank and n:
+            bound = bounds[i] if i < len(bounds) else top
+            return min(bound, top) if top is not None and bound is not None else bound
+    return top
+
+
+def _read_counters(reader: Any) -> _Counters:
+    """The project's instruments (``telemetry.metrics``) as read by an in-memory reader."""
+    from telemetry.tracing import ATTR_MIGRATION_REASON, ATTR_MIGRATION_RESULT
+
+    out = _Counters()
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data is not None else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                points = list(metric.data.data_points)
+                if metric.name == "quic.migrations":
+                    for pt in points:
+                        reason = str((pt.attributes or {}).get(ATTR_MIGRATION_REASON, "other"))
+                        result = str((pt.attributes or {}).get(ATTR_MIGRATION_RESULT, "other"))
+                        per = out.migrations.setdefault(reason, {})
+                        per[result] = per.get(result, 0) + int(pt.value)
+                elif metric.name == "quic.migration.rollbacks":
+                    for pt in points:
+                        reason = str((pt.attributes or {}).get(ATTR_MIGRATION_REASON, "other"))
+                        out.rollbacks[reason] = out.rollbacks.get(reason, 0) + int(pt.value)
+                elif metric.name == "quic.probe.failures":
+                    for pt in points:
+                        kind = str((pt.attributes or {}).get("error.type", "other"))
+                        out.probe_failures[kind] = out.probe_failures.get(kind, 0) + int(pt.value)
+                elif metric.name == "quic.probe.rtt" and points and points[0].count:
+                    pt = points[0]  # no attributes: one series
+                    out.probe_rtt = RttSummary(
+                        count=int(pt.count),
+                        min=float(pt.min),
+                        mean=float(pt.sum) / pt.count,
+                        max=float(pt.max),
+                        p50=_bucket_quantile(0.5, pt.bucket_counts, pt.explicit_bounds, pt.max),
+                        p99=_bucket_quantile(0.99, pt.bucket_counts, pt.explicit_bounds, pt.max),
+                    )
+    return out
+
+
 # -- the agent ------------------------------------------------------------------------------------
 
 
@@ -371,8 +553,15 @@ class SupervisorAgent:
 
             self._memory = InMemorySpanExporter()
             self._extra.append(SimpleSpanProcessor(self._memory))
+        # metrics() reads the agent's own counters through an in-memory reader: the same
+        # instruments an OTLP exporter sees, without a collector.
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        self._reader = InMemoryMetricReader()
         # Each worker process builds its own providers from OTEL_* (never the global ones).
-        self.providers = build_providers_from_env(extra_span_processors=self._extra)
+        self.providers = build_providers_from_env(
+            extra_span_processors=self._extra, extra_metric_readers=[self._reader]
+        )
         self.sup = Supervisor(
             enable_experimental_connection_migration=enable_migration,
             tracer_provider=self.providers.tracer_provider,
@@ -387,6 +576,11 @@ class SupervisorAgent:
         self._log: deque[tuple[int, Any]] = deque(maxlen=_EVENT_LOG_SIZE)
         self._seq = itertools.count()
         self._next_seq = 0
+        self._appended = asyncio.Event()  # set and replaced on every append: wakes streams
+        self._streams = 0
+        self._closing = False
+        self._listeners: dict[int, Listener] = {}
+        self._listener_ids = itertools.count(1)
         self._echo: dict[int, _Echo] = {}
         self._echo_ids = itertools.count(1)
         self._ready_task: asyncio.Task[None] | None = None
@@ -416,6 +610,11 @@ class SupervisorAgent:
     def _append(self, evt: object) -> None:
         self._log.append((next(self._seq), evt))
         self._next_seq += 1
+        self._wake_streams()
+
+    def _wake_streams(self) -> None:
+        woken, self._appended = self._appended, asyncio.Event()
+        woken.set()
 
     async def _restore(self) -> None:
         """Re-dial every recorded connection and re-add its paths (a restarted incarnation)."""
@@ -531,6 +730,32 @@ class SupervisorAgent:
         except (TypeError, ValueError) as exc:
             return encode(error_reply(exc))
 
+    async def events_stream(self, cursor: int = 0, limit: int = 1000) -> AsyncIterator[bytes]:
+        """Ray streaming generator: an ``EventBatch`` envelope whenever events follow ``cursor``.
+
+        Call with ``.options(num_returns="streaming")``. Batches coalesce what piled up while
+        the consumer was slow, and Ray's generator backpressure pauses this loop, so a slow
+        reader costs the bounded log (``lost`` counts what fell out), never agent memory. Ends
+        when the caller cancels the generator (``ray.cancel``) or the agent shuts down.
+        """
+        self._streams += 1
+        try:
+            await self._ready()
+            while not self._closing:
+                wake = self._appended  # taken before reading: an append after it sets it
+                batch = await self._events(EventsRequest(cursor, limit))
+                if batch.events or batch.lost:
+                    cursor = batch.cursor
+                    yield encode(batch)
+                    continue
+                await wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the consumer gets the typed error, not a Ray traceback
+            yield encode(error_reply(exc))
+        finally:
+            self._streams -= 1
+
     async def finished_spans(self) -> list[dict[str, Any]]:
         """Test hook (``capture_spans=True``): the spans this agent finished, as plain dicts."""
         if self._memory is None:
@@ -550,7 +775,11 @@ class SupervisorAgent:
         return out
 
     async def shutdown(self) -> None:
-        """Close every connection and flush telemetry; the recorded state is kept."""
+        """Close every listener and connection, end event streams and flush telemetry; the
+        recorded state is kept."""
+        self._closing = True
+        self._wake_streams()
+        self._listeners.clear()  # sup.close() closes them
         await self.sup.close()
         self.providers.shutdown()
 
@@ -581,6 +810,10 @@ class SupervisorAgent:
             EventsRequest: self._events,
             EchoStart: self._echo_start,
             EchoWait: self._echo_wait,
+            ListenRequest: self._listen,
+            ListenersRequest: self._listeners_request,
+            CloseListenerRequest: self._close_listener,
+            MetricsRequest: self._metrics,
         }
 
     def _outward(self, reply: object) -> object:
@@ -685,6 +918,8 @@ class SupervisorAgent:
             connections=len(self.sup.connections()),
             started=self.started,
             restored=tuple(self._restored),
+            listeners=len(self._listeners),
+            event_streams=self._streams,
         )
 
     async def _events(self, req: EventsRequest) -> EventBatch:
@@ -761,6 +996,88 @@ class SupervisorAgent:
 
         moves = await asyncio.gather(*(move(s, a) for s, a in todo))
         return DrainReport(self.label, tuple(moves), untouched)
+
+    async def _listen(self, req: ListenRequest) -> ListenerInfo:
+        if req.handler is not None and req.handler not in LISTEN_HANDLERS:
+            raise ValueError(
+                f"handler {req.handler!r} is not a built-in stream handler: a remote listener "
+                f"takes one of {', '.join(map(repr, LISTEN_HANDLERS))} or None"
+            )
+        listener = await self.sup.listen(
+            req.addr,
+            certfile=req.certfile,
+            keyfile=req.keyfile,
+            alpn_protocols=list(req.alpn_protocols) if req.alpn_protocols else None,
+            handler=echo_handler if req.handler == "echo" else None,
+        )
+        listener_id = next(self._listener_ids)
+        self._listeners[listener_id] = listener
+        return self._listener_info(listener_id, listener)
+
+    def _listener_info(self, listener_id: int, listener: Listener) -> ListenerInfo:
+        from supervisor.addresses import sockaddr_to_multiaddr
+
+        peers = sorted(
+            {
+                str(sockaddr_to_multiaddr(addr))
+                for conn in listener.connections.values()
+                for addr in conn.peer_addresses
+            }
+        )
+        return ListenerInfo(
+            listener_id,
+            str(listener.multiaddr),
+            "echo" if listener.handler is echo_handler else None,
+            len(listener.connections),
+            tuple(peers),
+        )
+
+    async def _listeners_request(self, _req: ListenersRequest) -> Listeners:
+        return Listeners(tuple(self._listener_info(i, lst) for i, lst in self._listeners.items()))
+
+    async def _close_listener(self, req: CloseListenerRequest) -> Ok:
+        listener = self._listeners.pop(req.listener_id, None)
+        if listener is None:
+            raise KeyError(f"no listener {req.listener_id} on agent {self.label!r}")
+        await listener.close()
+        with contextlib.suppress(ValueError):
+            self.sup._listeners.remove(listener)
+        return Ok()
+
+    async def _metrics(self, _req: MetricsRequest) -> AgentMetrics:
+        snaps = await self.sup.ask(SnapshotRequest(None))
+        assert isinstance(snaps, tuple)
+        by_state: dict[str, int] = {}
+        paths: list[PathMetrics] = []
+        for snap in snaps:
+            stable = self._stable.get(snap.conn_id, snap.conn_id)
+            for p in snap.paths:
+                if not snap.closed:
+                    by_state[str(p.state)] = by_state.get(str(p.state), 0) + 1
+                paths.append(
+                    PathMetrics(
+                        stable,
+                        p.path_id,
+                        p.local_addr,
+                        str(p.state),
+                        p.active,
+                        p.rtt,
+                        p.bytes_sent,
+                        p.bytes_received,
+                    )
+                )
+        counters = _read_counters(self._reader)
+        return AgentMetrics(
+            label=self.label,
+            since=self.started,
+            connections=sum(1 for s in snaps if not s.closed),
+            paths_by_state=by_state,
+            migrations=counters.migrations,
+            rollbacks=counters.rollbacks,
+            probe_failures=counters.probe_failures,
+            probe_rtt=counters.probe_rtt,
+            paths=tuple(paths),
+        )
 
     # ------------------------------------------------------------------ diagnostics
 

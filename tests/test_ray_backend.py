@@ -1,8 +1,11 @@
-"""The Ray backend on a real local Ray cluster: handles, traces, drain, restart, lookup errors.
+"""The Ray backend on a real local Ray cluster: handles, traces, drain, restart, lookup errors,
+listen, metrics and the streamed events.
 
-One ``ray.init`` per module (it costs ~7 s on a 2-core machine; printed by the fixture). The
-QUIC echo server runs in this test process on loopback; each agent is a separate worker
-process that dials it, so every datagram goes between two processes, never through Ray.
+One ``ray.init`` per module (~4 s on a 2-core machine; printed by the fixture). The QUIC echo
+server runs in this test process on loopback; each agent is a separate worker process that
+dials it, so every datagram goes between two processes, never through Ray. The fixture kills
+every actor left in its namespace (a failed test does not reach its own ``kill``) and shuts Ray
+down, so nothing detached outlives the module.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 
 from actors.envelope import EnvelopeError, decode  # noqa: E402
 from actors.errors import PathNotValidatedError  # noqa: E402
+from supervisor.events import (  # noqa: E402
+    EvtConnectionMigrationCompleted,
+    EvtConnectionMigrationStarted,
+)
 from supervisor.fleet import (  # noqa: E402
     Fleet,
+    HandlerNotRemoteError,
     RemoteSupervisor,
     SocketNotTransferableError,
     StreamsNotRemoteError,
@@ -59,8 +67,19 @@ def fleet() -> Iterator[Fleet]:
         yield Fleet(namespace, timeout=30)
     finally:
         started = time.monotonic()
+        left = [
+            ray.get_actor(a["name"], namespace=namespace)
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == namespace
+        ]
+        for handle in left:  # detached: they would outlive this driver
+            ray.kill(handle, no_restart=True)
         ray.shutdown()
-        print(f"ray.shutdown took {time.monotonic() - started:.2f}s")
+        assert not ray.is_initialized()
+        print(
+            f"killed {len(left)} leftover actor(s); ray.shutdown took "
+            f"{time.monotonic() - started:.2f}s"
+        )
 
 
 @pytest.fixture
@@ -210,7 +229,7 @@ async def test_killed_agent_restarts_and_restores_its_connections(
     snap = await again.refresh()
     assert not snap.closed and len(snap.paths) == 2
     assert "/127.0.0.2/" in next(p for p in snap.paths if p.active).local_addr
-    events = await sup.events()
+    events = await sup.events_since()
     assert any(isinstance(e, Restored) and e.conn_id == conn.conn_id for e in events.events)
     await again.close()  # forgets the desired state too
     sup.kill()
@@ -233,6 +252,124 @@ async def test_missing_and_dead_supervisors_fail_clearly(fleet: Fleet) -> None:
         await asyncio.sleep(0.1)
     with pytest.raises(SupervisorNotFoundError):
         fleet.get_supervisor(sup.label)
+
+
+async def test_listen_via_handle_then_dial_from_another_agent_and_migrate(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    cert = generate_cert(tmp_path)  # files on this node, which is the agents' node too
+    srv = await _started(fleet, "listen", persist=False)
+    cli = await _started(fleet, "dialer", persist=False)
+    with pytest.raises(HandlerNotRemoteError, match="cannot be sent"):
+        await srv.listen("/ip4/127.0.0.1/udp/0/quic-v1", certfile=cert.certfile, handler=print)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a built-in stream handler"):
+        await srv.listen("/ip4/127.0.0.1/udp/0/quic-v1", certfile=cert.certfile, handler="nope")
+
+    lst = await srv.listen(
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        certfile=cert.certfile,
+        keyfile=cert.keyfile,
+        alpn_protocols=["echo"],
+    )
+    assert str(lst.multiaddr).startswith("/ip4/127.0.0.1/udp/")
+    assert int(str(lst.multiaddr).split("/")[4]) > 0  # the bound port, not 0
+    assert (await srv.info()).listeners == 1
+
+    conn = await cli.dial(lst.multiaddr, alpn_protocols=["echo"], verify=False)
+    mc = conn.as_migratable()
+    path = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+    await path.probe(timeout=5.0)
+    nbytes = 1_000_000
+    job = await cli.echo(conn.conn_id, nbytes, chunk=16384, pace=0.002)  # ~0.15 s of data
+    await path.switch()  # while the echo runs: the listener's echo handler sees both paths
+    report = await cli.echo_wait(job, timeout=60)
+    assert report.done and report.intact and report.received == nbytes, report
+
+    info = await lst.refresh()
+    assert info.connections == 1 and info.handler == "echo"
+    ports = {a.split("/")[2]: a for a in info.peer_addresses}
+    assert set(ports) == {"127.0.0.1", "127.0.0.2"}, info.peer_addresses
+    assert ports["127.0.0.2"] == str(path.info().local_addr)
+
+    await conn.close()
+    await lst.close()
+    assert (await srv.info()).listeners == 0 and await srv.listeners() == []
+    srv.kill()
+    cli.kill()
+
+
+async def test_metrics_reflect_a_migration_through_the_handle(
+    fleet: Fleet, server: RigServer
+) -> None:
+    sup = await _started(fleet, "metrics", persist=False)
+    before = await sup.metrics()
+    assert before.connections == 0 and before.migrations == {} and before.probe_rtt.count == 0
+
+    conn = await sup.dial(_remote(server), alpn_protocols=["echo"], verify=False)
+    path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+    await path.probe(timeout=5.0)
+    await path.switch()
+    job = await sup.echo(conn.conn_id, 100_000)  # bytes on the new path
+    assert (await sup.echo_wait(job)).intact
+
+    m = await sup.metrics()
+    assert m.label == sup.label and m.since == (await sup.info()).started
+    assert m.connections == 1
+    assert m.paths_by_state == {"active": 1, "standby": 1}, m.paths_by_state
+    assert m.migrations == {"manual": {"completed": 1}}, m.migrations
+    assert m.rollbacks == {} and m.probe_failures == {}
+    rtt = m.probe_rtt
+    assert rtt.count >= 1 and rtt.min is not None and rtt.max is not None
+    assert 0 < rtt.min <= (rtt.mean or 0) <= rtt.max < 1.0
+    assert rtt.p50 is not None and rtt.p99 is not None and rtt.p50 <= rtt.p99 <= rtt.max
+    by_addr = {p.local_addr: p for p in m.paths}
+    assert set(by_addr) == {str(conn.local_multiaddr), str(path.info().local_addr)}
+    new = by_addr[str(path.info().local_addr)]
+    assert new.active and new.conn_id == conn.conn_id and new.rtt is not None
+    assert new.bytes_sent >= 100_000 and new.bytes_received >= 100_000
+    assert all(p.bytes_sent > 0 and p.bytes_received > 0 for p in m.paths)
+    await conn.close()
+    assert (await sup.metrics()).connections == 0
+    sup.kill()
+
+
+async def test_events_stream_yields_a_migration_in_order_and_ends_on_cancel(
+    fleet: Fleet, server: RigServer
+) -> None:
+    sup = await _started(fleet, "events", persist=False)
+    conn = await sup.dial(_remote(server), alpn_protocols=["echo"], verify=False)
+    path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+    await path.probe(timeout=5.0)
+
+    stream = sup.events(EvtConnectionMigrationStarted, EvtConnectionMigrationCompleted)
+    await path.switch()
+    started = await anext(stream)
+    completed = await anext(stream)
+    assert isinstance(started, EvtConnectionMigrationStarted), started
+    assert isinstance(completed, EvtConnectionMigrationCompleted), completed
+    for evt in (started, completed):
+        assert evt.conn_id == conn.conn_id and evt.reason == "manual"
+        assert str(evt.to_local_addr) == str(path.info().local_addr)
+    assert started.time <= completed.time and completed.probe_rtt is not None
+    assert stream.cursor > 0 and stream.lost == 0
+    assert (await sup.info()).event_streams == 1
+
+    # A consumer cancelled while it waits (nothing more happens) cancels the agent's generator.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(stream), timeout=0.5)
+    await stream.aclose()  # returns once the remote generator has ended
+    assert (await sup.info()).event_streams == 0
+    assert [e async for e in stream] == []
+
+    # The cursor variant resumes where the stream stopped; nothing happened since.
+    batch = await sup.events_since(stream.cursor)
+    assert batch.events == () and batch.cursor == stream.cursor
+    async with sup.events(cursor=0) as again:  # replays the log from the start
+        first = await anext(again)
+        assert first is not None
+    assert (await sup.info()).event_streams == 0
+    await conn.close()
+    sup.kill()
 
 
 def test_start_up_cost_is_reported(fleet: Fleet) -> None:
