@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -424,7 +425,7 @@ class SupervisorActor(Actor):
             remote=remote_sockaddr,
             first_socket=sock,
             sockets=self.sockets,
-            notify=lambda m, cid=conn_id: self._notice(cid, m),
+            notify=functools.partial(self._notice, conn_id),
             options=self.options,
         )
         ref = self.spawn_child(actor, name=f"conn:{conn_id}")
@@ -557,12 +558,13 @@ class SupervisorActor(Actor):
             key = next(self._socket_keys)
             self.sockets[key] = sock
             try:
-                path_id = await entry.ref.ask(AddPath(socket_key=key))
+                added = await entry.ref.ask(AddPath(socket_key=key))
             finally:
                 stray = self.sockets.pop(key, None)
                 if stray is not None:
                     stray.close()
-            assert isinstance(path_id, int)
+            assert isinstance(added, int)
+            path_id = added
             entry.requested[path_id] = (
                 (ip, port) if req.local_addr is not None else sock.getsockname()[:2]
             )
