@@ -28,6 +28,8 @@ from supervisor.supervisor_actor import SupervisorActor
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.propagation import current_trace_fields
+from telemetry.qlog import DEFAULT_MAX_EVENTS as DEFAULT_QLOG_MAX_EVENTS
+from telemetry.qlog import QlogDirectory, QlogWriter
 from telemetry.tracing import Tracing
 
 
@@ -48,7 +50,12 @@ class Supervisor:
         options: ConnectionOptions | None = None,
         ask_timeout: float | None = None,
         journal: str | os.PathLike[str] | None = None,
+        qlog_dir: str | os.PathLike[str] | None = None,
+        qlog_max_events: int = DEFAULT_QLOG_MAX_EVENTS,
     ) -> None:
+        """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
+        ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
+        of its newest events are kept in memory (see ``telemetry.qlog``)."""
         self.migration_enabled = bool(enable_experimental_connection_migration)
         self.failover = failover
         self.tracer_provider = tracer_provider
@@ -68,6 +75,8 @@ class Supervisor:
         self.metrics = Metrics(meter_provider)
         self._journal_path = journal
         self.journal: JournalWriter | None = None
+        self.qlog = QlogDirectory(qlog_dir, max_events=qlog_max_events) if qlog_dir else None
+        self._server_qlogs: list[QlogWriter] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,6 +106,7 @@ class Supervisor:
             tracing=self.tracing,
             metrics=self.metrics,
             journal=self.journal,
+            qlog=self.qlog,
         )
         self._ref = self._runtime.start(self._actor, name="supervisor")
 
@@ -105,6 +115,9 @@ class Supervisor:
         for listener in self._listeners:
             await listener.close()
         self._listeners.clear()
+        for qlog in self._server_qlogs:  # inbound connections cut short by the close
+            qlog.close()
+        self._server_qlogs.clear()
         if self._runtime is not None:
             if self._actor is not None:
                 for entry in list(self._actor.conns.values()):
@@ -218,6 +231,10 @@ class Supervisor:
         """Serve QUIC on ``addr``; ``handler(stream)`` runs for every stream a peer opens."""
         config = QuicConfiguration(is_client=False, alpn_protocols=alpn_protocols)
         config.load_cert_chain(certfile, keyfile)
+        if self.qlog is not None:
+            server_qlog = self.qlog.server_logger()
+            config.quic_logger = server_qlog
+            self._server_qlogs.append(server_qlog)
         keylog = os.environ.get("SSLKEYLOGFILE")
         if keylog:
             config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the server

@@ -209,9 +209,7 @@ class SupervisorActor(Actor):
         if span is None:
             return
         if isinstance(evt, EvtPathStateChanged):
-            path_event(
-                span, EVENT_PATH_STATE_CHANGED, evt.local_addr, str(evt.old), str(evt.new)
-            )
+            path_event(span, EVENT_PATH_STATE_CHANGED, evt.local_addr, str(evt.old), str(evt.new))
         elif isinstance(evt, EvtPathAdded):
             path_event(span, EVENT_PATH_ADDED, evt.local_addr)
         elif isinstance(evt, EvtPathRemoved):
@@ -629,15 +627,18 @@ class SupervisorActor(Actor):
                     req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason
                 )
             )
-            with self.tracing.migration_span(
-                req.conn_id,
-                req.reason,
-                from_addr,
-                to_addr,
-                entry.remote,
-                entry.family,
-                parent_context=parent,
-            ) as span, self._op_span(req.conn_id, span):
+            with (
+                self.tracing.migration_span(
+                    req.conn_id,
+                    req.reason,
+                    from_addr,
+                    to_addr,
+                    entry.remote,
+                    entry.family,
+                    parent_context=parent,
+                ) as span,
+                self._op_span(req.conn_id, span),
+            ):
                 try:
                     stale = target.validated_at is None or (
                         asyncio.get_running_loop().time() - target.validated_at
@@ -713,14 +714,13 @@ class SupervisorActor(Actor):
             return None  # the connection (and with it every path) is already closed
         async with entry.ops:
             local = self._local_of(entry, req.path_id)
-            with self.tracing.span(
-                SPAN_PATH_CLOSE,
-                parent_context=parent,
-                attributes={
-                    ATTR_CONNECTION_ID: req.conn_id,
-                    ATTR_PATH_LOCAL_ADDRESS: str(local),
-                },
-            ) as span, self._op_span(req.conn_id, span):
+            attrs = {ATTR_CONNECTION_ID: req.conn_id}
+            if req.path_id in entry.actor.paths:  # else _local_of gave the handshake address
+                attrs[ATTR_PATH_LOCAL_ADDRESS] = str(local)
+            with (
+                self.tracing.span(SPAN_PATH_CLOSE, parent_context=parent, attributes=attrs) as span,
+                self._op_span(req.conn_id, span),
+            ):
                 removed = await entry.ref.ask(ClosePath(req.path_id))
                 span.set_attribute(ATTR_PATH_CLOSE_REMOVED, bool(removed))
                 if removed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,11 +13,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.errors import PathNotValidatedError, ProbeTimeoutError
+from supervisor.errors import (
+    ConnectionClosedError,
+    MigrationRolledBackError,
+    PathNotValidatedError,
+    ProbeTimeoutError,
+)
+from supervisor.events import EvtPathStateChanged
+from supervisor.handles import Connection
+from telemetry.qlog import BoundedTrace, QlogDirectory
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair, generate_cert
 from tests.rig.udp_shim import udp_shim
+from tests.support import echo_roundtrip, event_log
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +54,7 @@ def _by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
-async def _dial(sup: Supervisor, server: RigServer) -> object:
+async def _dial(sup: Supervisor, server: RigServer) -> Connection:
     return await sup.dial(
         f"/ip4/127.0.0.1/udp/{server.port}/quic-v1", alpn_protocols=["echo"], verify=False
     )
@@ -179,3 +191,239 @@ async def test_two_supervisors_keep_their_spans_apart(server: RigServer, tmp_pat
             if s.name == "quic.migration"
         }
         assert ids == {conn_id}
+
+
+# ------------------------------------------------------------------------------ span trees
+
+
+def _tree(spans: tuple[ReadableSpan, ...]) -> dict[str, list[str]]:
+    """Span name -> sorted names of its children (every span of one trace)."""
+    names = {s.context.span_id: s.name for s in spans}
+    tree: dict[str, list[str]] = {s.name: [] for s in spans}
+    for s in spans:
+        if s.parent is not None and s.parent.span_id in names:
+            tree[names[s.parent.span_id]].append(s.name)
+    return {k: sorted(v) for k, v in tree.items()}
+
+
+def _state_events(span: ReadableSpan) -> list[tuple[str, str, str]]:
+    """(local address, old, new) of each quic.path.state_changed event of ``span``."""
+    out = []
+    for e in span.events:
+        if e.name == "quic.path.state_changed":
+            a = dict(e.attributes or {})
+            out.append(
+                (
+                    str(a["quic.path.local_address"]),
+                    str(a["quic.path.state.old"]),
+                    str(a["quic.path.state.new"]),
+                )
+            )
+    return out
+
+
+async def test_successful_migration_carries_path_state_events(
+    server: RigServer, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """Path state changes are events of the open migration span, not spans of their own."""
+    provider, exp = exporter
+    async with Supervisor(
+        enable_experimental_connection_migration=True, tracer_provider=provider
+    ) as sup:
+        conn = await _dial(sup, server)
+        mc = conn.as_migratable()
+        old = mc.active_path().local_addr
+        path = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        await path.probe()
+        (probe,) = _by_name(exp.get_finished_spans(), "quic.path.probe")
+        new = str(path.info().local_addr)
+        assert _state_events(probe) == [(new, "new", "validating"), (new, "validating", "standby")]
+        exp.clear()
+        await path.switch()
+        spans = exp.get_finished_spans()
+        assert _tree(spans) == {"quic.migration": ["quic.path.switch"], "quic.path.switch": []}
+        (migration,) = _by_name(spans, "quic.migration")
+        assert _state_events(migration) == [
+            (new, "standby", "active"),
+            (str(old), "active", "standby"),
+        ]
+
+
+async def test_rollback_span_tree(
+    server: RigServer, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """The peer answers the probe, then never reaches us on the new path: rolled back."""
+    provider, exp = exporter
+    async with (
+        udp_shim(server.addr) as shim,
+        Supervisor(enable_experimental_connection_migration=True, tracer_provider=provider) as sup,
+    ):
+        conn = await sup.dial(
+            f"/ip4/127.0.0.1/udp/{shim.listen_addr[1]}/quic-v1",
+            alpn_protocols=["echo"],
+            verify=False,
+        )
+        mc = conn.as_migratable()
+        old = str(mc.active_path().local_addr)
+        path = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        local = path.info().local_addr
+        new_addr = (local.value_for_protocol("ip4"), int(local.value_for_protocol("udp")))
+        # The PATH_RESPONSE to the new address goes through; everything after it is dropped.
+        shim.drop_to(new_addr, after=lambda stats: stats.forwarded_s2c >= 1)
+        await path.probe()
+        exp.clear()
+        tracer = provider.get_tracer("test")
+        with (
+            tracer.start_as_current_span("caller") as caller,
+            pytest.raises(MigrationRolledBackError),
+        ):
+            await path.switch()
+        spans = exp.get_finished_spans()
+        assert _tree(spans) == {
+            "caller": ["quic.migration"],
+            "quic.migration": ["quic.path.switch"],
+            "quic.path.switch": [],
+        }
+        (migration,) = _by_name(spans, "quic.migration")
+        (switch,) = _by_name(spans, "quic.path.switch")
+        assert migration.parent is not None
+        assert migration.parent.span_id == caller.get_span_context().span_id
+        assert {s.context.trace_id for s in spans} == {caller.get_span_context().trace_id}
+        attrs = dict(migration.attributes or {})
+        assert attrs["quic.migration.result"] == "rolled_back"
+        assert attrs["quic.migration.reason"] == "manual"
+        assert dict(switch.attributes or {})["quic.switch.rolled_back"] is True
+        for span in (migration, switch):
+            assert span.status.status_code is StatusCode.ERROR
+            (exc_event,) = [e for e in span.events if e.name == "exception"]
+            assert dict(exc_event.attributes or {})["exception.type"].endswith(
+                "MigrationRolledBackError"
+            )
+        new = str(local)
+        assert _state_events(migration) == [
+            (new, "standby", "active"),
+            (old, "active", "standby"),
+            (old, "standby", "active"),  # rolled back: the old path carries the connection again
+            (new, "active", "standby"),
+            (new, "standby", "failed"),
+        ]
+
+
+async def test_connection_closed_mid_probe_fails_the_probe_span(
+    server: RigServer, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exp = exporter
+    async with (
+        udp_shim(server.addr) as shim,
+        Supervisor(enable_experimental_connection_migration=True, tracer_provider=provider) as sup,
+    ):
+        conn = await sup.dial(
+            f"/ip4/127.0.0.1/udp/{shim.listen_addr[1]}/quic-v1",
+            alpn_protocols=["echo"],
+            verify=False,
+        )
+        path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        local = path.info().local_addr
+        shim.drop_client_to_server(
+            src=(local.value_for_protocol("ip4"), int(local.value_for_protocol("udp")))
+        )
+        async with event_log(sup, EvtPathStateChanged) as log:
+            probe = asyncio.create_task(path.probe(timeout=10))
+            await log.wait_for(lambda: any(e.new is PathState.VALIDATING for e in log.events))
+        await conn.close()
+        with pytest.raises(ConnectionClosedError):
+            await probe
+        (span,) = _by_name(exp.get_finished_spans(), "quic.path.probe")
+        assert span.parent is None
+        assert span.status.status_code is StatusCode.ERROR
+        (exc_event,) = [e for e in span.events if e.name == "exception"]
+        assert dict(exc_event.attributes or {})["exception.type"].endswith("ConnectionClosedError")
+
+
+async def test_path_close_is_a_short_span_child_of_the_caller(
+    server: RigServer, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exp = exporter
+    tracer = provider.get_tracer("test")
+    async with Supervisor(
+        enable_experimental_connection_migration=True, tracer_provider=provider
+    ) as sup:
+        conn = await _dial(sup, server)
+        path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        local = str(path.info().local_addr)
+        exp.clear()
+        with tracer.start_as_current_span("caller") as caller:
+            await path.close()
+        await path.close()  # idempotent: a root span that removed nothing
+        first, second = _by_name(exp.get_finished_spans(), "quic.path.close")
+        assert first.parent is not None
+        assert first.parent.span_id == caller.get_span_context().span_id
+        assert second.parent is None
+        for span, removed in ((first, True), (second, False)):
+            attrs = dict(span.attributes or {})
+            assert attrs["quic.connection.id"] == conn.conn_id
+            assert attrs.get("quic.path.local_address") == (local if removed else None)
+            assert attrs["quic.path.close.removed"] is removed
+            assert span.status.status_code is not StatusCode.ERROR
+        assert [e.name for e in first.events] == ["quic.path.state_changed", "quic.path.removed"]
+        assert _state_events(first) == [(local, "new", "closed")]
+        assert second.events == ()
+
+
+# ------------------------------------------------------------------------------ qlog
+
+
+async def test_qlog_files_are_named_by_conn_id(server: RigServer, tmp_path: Path) -> None:
+    qlog_dir = tmp_path / "qlog"
+    async with Supervisor(enable_experimental_connection_migration=True, qlog_dir=qlog_dir) as sup:
+        conns = [await _dial(sup, server) for _ in range(2)]
+        for conn in conns:
+            await echo_roundtrip(conn)
+        await conns[0].close()
+        first = qlog_dir / f"{conns[0].conn_id}.qlog"
+        assert first.exists()  # written when the connection ends, not at supervisor close
+    names = sorted(p.name for p in qlog_dir.iterdir())
+    assert names == sorted(f"{c.conn_id}.qlog" for c in conns)
+    for conn in conns:
+        doc = json.loads((qlog_dir / f"{conn.conn_id}.qlog").read_text())
+        (trace,) = doc["traces"]
+        assert trace["vantage_point"]["type"] == "client"
+        assert trace["title"] == f"quic-supervisor connection {conn.conn_id}"
+        names_seen = {e["name"] for e in trace["events"]}
+        assert {"transport:packet_sent", "transport:packet_received"} <= names_seen
+        assert "description" not in trace  # under the cap: nothing dropped
+
+
+async def test_qlog_memory_is_capped(server: RigServer, tmp_path: Path) -> None:
+    """Past the cap the oldest events go: the file keeps the newest, and says so."""
+    async with Supervisor(
+        enable_experimental_connection_migration=True, qlog_dir=tmp_path, qlog_max_events=40
+    ) as sup:
+        conn = await _dial(sup, server)
+        trace = conn._actor.quic._quic_logger
+        assert isinstance(trace, BoundedTrace)
+        await echo_roundtrip(conn, size=256 * 1024)
+        assert len(trace._events) == 40 and trace.dropped > 0
+        await conn.close()
+    (doc,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.qlog")]
+    (written,) = doc["traces"]
+    assert len(written["events"]) == 40
+    assert f"the {trace.dropped} oldest events were dropped" in written["description"]
+    times = [e["time"] for e in written["events"]]
+    assert times == sorted(times)
+    frames = [f for e in written["events"] for f in e["data"].get("frames", [])]
+    assert any(f["frame_type"] == "connection_close" for f in frames)  # the newest kept
+
+
+def test_qlog_writer_end_trace_and_close_are_idempotent(tmp_path: Path) -> None:
+    writer = QlogDirectory(tmp_path, max_events=3).connection_logger("abc")
+    trace = writer.start_trace(is_client=True, odcid=b"\x01\x02")
+    for i in range(5):
+        trace.log_event(category="transport", event="x", data={"i": i})
+    writer.end_trace(trace)
+    writer.end_trace(trace)  # aioquic's own end after ours: nothing more
+    writer.close()
+    assert writer.written == [tmp_path / "abc.qlog"]
+    (written,) = json.loads((tmp_path / "abc.qlog").read_text())["traces"]
+    assert [e["data"]["i"] for e in written["events"]] == [2, 3, 4]
+    assert not list(tmp_path.glob(".*.tmp"))
