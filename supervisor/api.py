@@ -20,6 +20,7 @@ from actors.errors import ConnectionClosedError
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
 from supervisor.config import FailoverPolicy
+from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
 from supervisor.handles import Connection
 from supervisor.messages import ConnectionSnapshot, DialRequest
@@ -247,6 +248,26 @@ class Supervisor:
         if self._actor is None:
             return []
         return [s for c in list(self._actor.conns) if (s := self._actor.snapshot(c)) is not None]
+
+    async def drain(
+        self,
+        *,
+        local_addr: str | Multiaddr | None = None,
+        device: str | None = None,
+        probe_timeout: float = 2.0,
+        close_drained: bool = True,
+    ) -> DrainReport:
+        """Move every connection off ``local_addr`` or ``device`` (maintenance), in parallel.
+
+        See :func:`supervisor.drain.drain`; one report entry per connection.
+        """
+        return await drain(
+            self,
+            local_addr=local_addr,
+            device=device,
+            probe_timeout=probe_timeout,
+            close_drained=close_drained,
+        )
 
 
 def _close_msg() -> object:
