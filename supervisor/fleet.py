@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import os
 from collections import deque
@@ -375,6 +376,13 @@ class EventStream:
 
         self._closed = True
         ray.cancel(self._gen)
+
+    def __del__(self) -> None:
+        # Ray keeps a generator running when its ref is dropped: a forgotten stream would
+        # hold a slot in the agent forever. Best effort (Ray may be shut down already).
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self._cancel_remote()
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Cancel the agent's generator and wait (up to ``timeout``) until it has ended."""
