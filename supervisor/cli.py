@@ -30,6 +30,7 @@ from rich.console import Console
 from actors.errors import MigrationError
 from supervisor.addresses import parse_quic_multiaddr, to_multiaddr
 from supervisor.api import Supervisor
+from supervisor.cli_ctl import add_ctl_commands, control_socket, run_ctl_command
 from supervisor.cli_fleet import add_fleet_commands, run_fleet_command
 from supervisor.demo import (
     DemoOptions,
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", help="PEM certificate (default: generate a self-signed one)")
     serve.add_argument("--key", help="PEM private key (default: inside --cert, or generated)")
     serve.add_argument("--alpn", default="echo", help="ALPN protocol(s), comma-separated")
+    _control_flag(serve)
     serve.set_defaults(func=cmd_serve)
 
     dial = sub.add_parser(
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     dial.add_argument("--server-name", default="localhost", help="TLS name to verify")
     dial.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
     dial.add_argument("--timeout", type=_positive, default=10.0, help="handshake timeout (s)")
+    _control_flag(dial)
     _tls_flags(dial)
     dial.set_defaults(func=cmd_dial)
 
@@ -178,7 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_fleet_commands(sub)  # fleet ls|paths|drain|migrate, agent (Ray; supervisor/cli_fleet.py)
+    add_ctl_commands(sub)  # ctl paths|drain|migrate via --control-socket (supervisor/cli_ctl.py)
     return parser
+
+
+def _control_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control-socket",
+        type=Path,
+        metavar="PATH",
+        help="serve a local control socket here (mode 0600) for `quic-supervisor ctl`",
+    )
 
 
 def _positive(text: str) -> float:
@@ -220,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if hasattr(args, "_fleet_run"):
         return run_fleet_command(args)
+    if hasattr(args, "_ctl_run"):
+        return run_ctl_command(args)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         return int(asyncio.run(func(args)))
@@ -282,7 +297,10 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
                 stack.callback(loop.remove_signal_handler, sig)
-        async with Supervisor(**_supervisor_kwargs(args)) as sup:
+        async with (
+            Supervisor(**_supervisor_kwargs(args)) as sup,
+            control_socket(sup, args.control_socket),
+        ):
             listener = await sup.listen(
                 args.listen,
                 certfile=certfile,
@@ -340,9 +358,12 @@ def _print_migration(record: MigrationRecord) -> None:
 async def cmd_dial(args: argparse.Namespace) -> int:
     if args.migrate_every is not None and not args.path:
         raise UsageError("--migrate-every needs at least one --path to rotate to")
-    async with Supervisor(
-        enable_experimental_connection_migration=True, **_supervisor_kwargs(args)
-    ) as sup:
+    async with (
+        Supervisor(
+            enable_experimental_connection_migration=True, **_supervisor_kwargs(args)
+        ) as sup,
+        control_socket(sup, args.control_socket),
+    ):
         conn = await sup.dial(
             args.addr,
             alpn_protocols=[a for a in args.alpn.split(",") if a] or None,

@@ -1,0 +1,250 @@
+"""``quic-supervisor ctl paths|drain|migrate``: drive a running supervisor via its control socket.
+
+Wired into the main CLI by ``add_ctl_commands(subparsers)`` + ``run_ctl_command(args)``. The
+supervisor side is ``serve``/``dial --control-socket PATH`` (:func:`control_socket`), or any
+program that runs ``ControlServer(sup, PATH)``.
+
+Exit status: 0 done, 1 a drain left some connection on the drained address, 2 a usage error or
+an error the supervisor answered with (one line on stderr, the typed error's own text), 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from actors.errors import MigrationError
+from supervisor.control import ControlClient, ControlServer
+from supervisor.drain import DrainReport
+from supervisor.messages import ConnectionSnapshot
+from supervisor.remote_errors import RemoteError
+
+if TYPE_CHECKING:
+    from supervisor.api import Supervisor
+
+__all__ = ["add_ctl_commands", "control_socket", "run_ctl_command"]
+
+PROG = "quic-supervisor ctl"
+
+#: The user's input or the supervisor's answer: one line, exit 2 (bugs still get a traceback).
+_USER_ERRORS = (MigrationError, ValueError, TypeError, OSError, RemoteError)
+
+
+def control_socket(
+    sup: Supervisor, path: str | os.PathLike[str] | None
+) -> AbstractAsyncContextManager[object]:
+    """A :class:`ControlServer` for ``--control-socket PATH``, or nothing when not given."""
+    if path is None:
+        return contextlib.nullcontext()
+    print(f"control socket at {os.fspath(path)}", file=sys.stderr, flush=True)
+    return ControlServer(sup, path)
+
+
+def _socket_flag(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """``--socket``, accepted before or after the ctl subcommand."""
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS if suppress else os.environ.get("QUIC_SUPERVISOR_SOCKET"),
+        help="the supervisor's --control-socket (default: $QUIC_SUPERVISOR_SOCKET)",
+    )
+
+
+def add_ctl_commands(subparsers: Any) -> None:
+    """Add ``ctl`` (with paths/drain/migrate) to a subparsers object."""
+    ctl = subparsers.add_parser(
+        "ctl",
+        help="drive a running supervisor through its control socket",
+        description="List paths, drain an address or interface, or migrate one connection "
+        "of a running `serve`/`dial --control-socket PATH`.",
+    )
+    _socket_flag(ctl, suppress=False)
+    sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
+
+    paths = sub.add_parser("paths", help="every connection and its paths")
+    _socket_flag(paths, suppress=True)
+    paths.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    paths.set_defaults(_ctl_run=_paths)
+
+    drain = sub.add_parser(
+        "drain",
+        help="move every connection off a local address or interface",
+        description="Exit 1 when some connection could not be moved (listed as FAILED).",
+    )
+    _socket_flag(drain, suppress=True)
+    which = drain.add_mutually_exclusive_group(required=True)
+    which.add_argument("--local-addr", metavar="MA", help="e.g. /ip4/10.0.0.1 (port optional)")
+    which.add_argument("--device", metavar="DEV", help="interface, e.g. eth1")
+    drain.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
+    drain.add_argument(
+        "--keep-drained", action="store_true", help="keep the drained paths (standby) open"
+    )
+    drain.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    drain.set_defaults(_ctl_run=_drain)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="switch one connection to the path on a local address (added when missing)",
+    )
+    _socket_flag(migrate, suppress=True)
+    migrate.add_argument("conn_id", metavar="CONN_ID")
+    migrate.add_argument("--to", required=True, metavar="MA", help="local multiaddr of the path")
+    migrate.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
+    migrate.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    migrate.set_defaults(_ctl_run=_migrate)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def run_ctl_command(args: argparse.Namespace) -> int:
+    """Run the command ``add_ctl_commands`` parsed; returns the exit status."""
+    run: Callable[[argparse.Namespace, ControlClient], Awaitable[int]] = args._ctl_run
+    where = f"{PROG} {args.ctl_command}"
+    if not args.socket:
+        print(
+            f"{where}: error: --socket PATH is required (the supervisor's --control-socket)",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def main() -> int:
+        async with ControlClient(args.socket) as client:
+            return await run(args, client)
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+    except _USER_ERRORS as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, MigrationError):
+            text = f"{type(exc).__name__}: {text}"
+        print(f"{where}: error: {text}", file=sys.stderr)
+        return 2
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _snapshot_dict(snap: ConnectionSnapshot) -> dict[str, Any]:
+    return dataclasses.asdict(snap)
+
+
+def _ms(rtt: float | None) -> str:
+    return "-" if rtt is None else f"{rtt * 1000:.2f}"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+async def _paths(args: argparse.Namespace, client: ControlClient) -> int:
+    snaps = await client.snapshot()
+    if args.json:
+        _json([_snapshot_dict(s) for s in snaps])
+        return 0
+    console = Console()
+    if not snaps:
+        console.print("no connections")
+        return 0
+    for snap in snaps:
+        # One table per connection: the remote address in the title keeps rows narrow enough
+        # for 80 columns without cutting a local address.
+        table = Table(
+            "",
+            "local",
+            "device",
+            "state",
+            "rtt ms",
+            "sent",
+            "recv",
+            title=f"{snap.conn_id} -> {snap.remote_addr}, {snap.migrations} migration(s)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        table.columns[1].no_wrap = True
+        for p in snap.paths:
+            table.add_row(
+                "*" if p.active else "",
+                p.local_addr,
+                p.device or "-",
+                str(p.state),
+                _ms(p.rtt),
+                _size(p.bytes_sent),
+                _size(p.bytes_received),
+            )
+        console.print(table)
+    return 0
+
+
+def _report_lines(report: DrainReport) -> list[str]:
+    lines = []
+    for o in report.outcomes:
+        if o.result == "moved":
+            line = f"{o.conn_id}: moved {o.from_addr} -> {o.to_addr}"
+            if o.error:
+                line += f" ({o.error})"
+        elif o.result == "failed":
+            line = f"{o.conn_id}: FAILED, still on {o.from_addr}: {o.error}"
+        else:
+            line = f"{o.conn_id}: untouched (active on {o.from_addr})"
+        lines.append(line)
+    counts = report.counts
+    lines.append(
+        f"moved {counts['moved']}, failed {counts['failed']}, untouched {counts['untouched']}"
+    )
+    return lines
+
+
+async def _drain(args: argparse.Namespace, client: ControlClient) -> int:
+    report = await client.drain(
+        local_addr=args.local_addr,
+        device=args.device,
+        probe_timeout=args.probe_timeout,
+        close_drained=not args.keep_drained,
+    )
+    if args.json:
+        _json({**dataclasses.asdict(report), "counts": report.counts})
+    else:
+        print("\n".join(_report_lines(report)))
+    return 0 if report.ok else 1
+
+
+async def _migrate(args: argparse.Namespace, client: ControlClient) -> int:
+    snap = await client.migrate(args.conn_id, args.to, probe_timeout=args.probe_timeout)
+    if args.json:
+        _json(_snapshot_dict(snap))
+    else:
+        active = next((p for p in snap.paths if p.active), None)
+        shown = active.local_addr if active is not None else "none"
+        print(f"{snap.conn_id}: active path {shown}")
+    return 0

@@ -1,0 +1,495 @@
+"""The local control socket: drive a running supervisor from another process on the same host.
+
+Why a Unix socket: ``quic-supervisor serve``/``dial`` (or an agent) hold their connections in
+their own process; an operator needs to list paths, drain an interface or move one connection
+without restarting it. A Unix stream socket created with mode 0600 limits that to the user who
+runs the supervisor (and root), with no port and no authentication scheme to get wrong.
+
+Wire: each frame is a 4-byte big-endian length and that many bytes of one envelope
+(``actors.envelope``, msgpack), the same messages the local handles send. Requests:
+``sup.Snapshot``, ``sup.Switch``, ``sup.Probe``, ``sup.ClosePath``, ``sup.AddPath`` (without
+``sock=``) and ``ctl.Drain``. Each gets exactly one reply, in order: the result (a
+``ConnectionSnapshot``, ``ctl.Snapshots``, ``sup.DrainReport`` or ``ctl.Ok``) or a ``ctl.Error``
+that :class:`ControlClient` raises as the original typed exception. A frame over 1 MiB, or
+bytes that are not an envelope, get an error reply and the connection is closed (the stream
+cannot be trusted after that); the server keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from multiaddr import Multiaddr
+
+from actors.envelope import EnvelopeError, decode, encode, message, type_name
+from actors.path_state import PathState
+from supervisor.addresses import parse_quic_multiaddr
+from supervisor.drain import DrainReport, drain
+from supervisor.messages import (
+    AddPathRequest,
+    ClosePathRequest,
+    ConnectionSnapshot,
+    PathSnapshot,
+    ProbeRequest,
+    SnapshotRequest,
+    SwitchRequest,
+)
+from supervisor.remote_errors import ErrorReply, error_reply, rebuild_error
+from telemetry.propagation import attached, current_trace_fields
+
+if TYPE_CHECKING:
+    from supervisor.api import Supervisor
+
+__all__ = [
+    "MAX_FRAME",
+    "ControlClient",
+    "ControlServer",
+    "ControlSocketError",
+    "DrainCommand",
+    "FrameError",
+    "Ok",
+    "Snapshots",
+]
+
+#: Largest request frame the server accepts (replies may be larger: see ControlClient).
+MAX_FRAME = 1 << 20
+_HEADER = struct.Struct(">I")
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
+@message("ctl.Drain")
+@dataclass(frozen=True, slots=True)
+class DrainCommand:
+    """Run :func:`supervisor.drain.drain` in the supervisor's process."""
+
+    local_addr: str | None = None
+    device: str | None = None
+    probe_timeout: float = 2.0
+    close_drained: bool = True
+
+
+@message("ctl.Ok")
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The reply to a request that returns nothing (closing a path of a closed connection)."""
+
+
+@message("ctl.Snapshots")
+@dataclass(frozen=True, slots=True)
+class Snapshots:
+    """Every outbound connection of the supervisor."""
+
+    conns: tuple[ConnectionSnapshot, ...] = ()
+
+
+_FORWARDED = (SnapshotRequest, SwitchRequest, ProbeRequest, ClosePathRequest, AddPathRequest)
+
+
+class FrameError(ValueError):
+    """A frame that breaks the control protocol (too large, truncated)."""
+
+
+class ControlSocketError(ConnectionError):
+    """The control socket cannot be reached, or it went away mid-request."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"control socket {path}: {reason}")
+
+
+# -- framing -------------------------------------------------------------------------------------
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
+    """One frame's payload; None at a clean end of stream (between frames)."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise FrameError("the stream ended inside a frame header") from None
+    (size,) = _HEADER.unpack(header)
+    if size > limit:
+        raise FrameError(
+            f"frame of {size} bytes exceeds the {limit}-byte limit: a control frame is a 4-byte "
+            "big-endian length and one msgpack envelope (is this a quic-supervisor ctl client?)"
+        )
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise FrameError(f"the stream ended inside a {size}-byte frame") from None
+
+
+def frame(data: bytes) -> bytes:
+    return _HEADER.pack(len(data)) + data
+
+
+# -- server --------------------------------------------------------------------------------------
+
+
+def _check_path(path: str) -> None:
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ValueError(
+            f"control socket path {path!r} is longer than {_SUN_PATH_MAX} bytes (the Unix "
+            "socket limit): use a shorter path, e.g. under /run or /tmp"
+        )
+
+
+def _claim(path: str) -> None:
+    """Make ``path`` free for a new socket: remove a stale socket, refuse anything else.
+
+    Never follows a symlink and never removes a file that is not a socket, nor a socket that
+    some process still accepts on (another supervisor).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"control socket path {path} exists and is not a socket: choose another path "
+            "(it is never removed for you)",
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: left behind by a process that did not clean up
+            return
+        except OSError as exc:
+            raise FileExistsError(
+                errno.EEXIST, f"control socket path {path} exists and cannot be checked ({exc})"
+            ) from exc
+    raise FileExistsError(
+        errno.EEXIST,
+        f"control socket {path} is in use by another process: stop it, or choose another path",
+    )
+
+
+class ControlServer:
+    """Serve ``sup`` on a Unix socket at ``path`` (mode 0600) while the context is open.
+
+        async with Supervisor(...) as sup, ControlServer(sup, "/run/qs.sock"):
+            ...
+
+    The socket file is removed on close (only if it is still ours).
+    """
+
+    def __init__(
+        self, sup: Supervisor, path: str | os.PathLike[str], *, max_frame: int = MAX_FRAME
+    ) -> None:
+        self.sup = sup
+        self.path = os.fspath(path)
+        self.max_frame = max_frame
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> ControlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        _check_path(self.path)
+        _claim(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            try:
+                # Before listen(): until then nobody can connect, so no one ever sees a
+                # wider mode (no process-wide umask change needed).
+                os.chmod(self.path, 0o600)
+                st = os.stat(self.path)
+                self._inode = (st.st_dev, st.st_ino)
+                sock.listen(64)
+                sock.setblocking(False)
+                self._server = await asyncio.start_unix_server(
+                    self._serve_client, sock=sock, limit=self.max_frame + _HEADER.size
+                )
+            except BaseException:
+                os.unlink(self.path)
+                raise
+        except BaseException:
+            sock.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop accepting, end every client connection (cancelling its request), remove the
+        socket file."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        await server.wait_closed()
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            while True:
+                try:
+                    data = await read_frame(reader, self.max_frame)
+                    if data is None:
+                        return
+                    env = decode(data)
+                except (FrameError, EnvelopeError) as exc:
+                    # The byte stream cannot be trusted any more: answer, then hang up.
+                    await self._send(writer, encode(error_reply(exc)))
+                    return
+                await self._send(writer, await self._answer(env.body, env))
+        except ConnectionError:
+            return  # the client went away
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(frame(data))
+        await writer.drain()
+
+    async def _answer(self, msg: object, env: Any) -> bytes:
+        try:
+            # The client's trace context is current while handling: the migration spans of a
+            # `ctl migrate` or `ctl drain` are children of the client's span.
+            with attached(
+                {
+                    "traceparent": env.traceparent,
+                    "tracestate": env.tracestate,
+                    "baggage": env.baggage,
+                }
+            ):
+                reply = await self._handle(msg)
+            return encode(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return encode(error_reply(exc))
+
+    async def _handle(self, msg: object) -> object:
+        if isinstance(msg, DrainCommand):
+            return await drain(
+                self.sup,
+                local_addr=msg.local_addr,
+                device=msg.device,
+                probe_timeout=msg.probe_timeout,
+                close_drained=msg.close_drained,
+            )
+        if not isinstance(msg, _FORWARDED):
+            accepted = ", ".join(type_name(t) for t in (*_FORWARDED, DrainCommand))
+            raise TypeError(
+                f"{type_name(msg)} is not a control-socket request: send one of {accepted}"
+            )
+        if isinstance(msg, AddPathRequest) and msg.socket_key is not None:
+            raise ValueError("sock= cannot cross the control socket: pass local_addr or device")
+        reply = await self.sup.ask(msg)
+        if reply is None:
+            return Ok()
+        if isinstance(reply, tuple):
+            return Snapshots(reply)
+        return reply
+
+
+# -- client --------------------------------------------------------------------------------------
+
+
+class ControlClient:
+    """Talk to a :class:`ControlServer`: one connection, one request at a time, typed errors.
+
+        async with ControlClient("/run/qs.sock") as ctl:
+            report = await ctl.drain(device="eth0")
+
+    The connection opens on first use and reopens after a failure or timeout.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float | None = 120.0,
+        max_reply: int = 64 * MAX_FRAME,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.max_reply = max_reply
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> ControlClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    self.path, limit=self.max_reply + _HEADER.size
+                )
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise ControlSocketError(
+                    self.path,
+                    f"no supervisor is serving there ({exc.strerror}): start one with "
+                    "`quic-supervisor serve|dial --control-socket PATH`",
+                ) from exc
+            except PermissionError as exc:
+                raise ControlSocketError(
+                    self.path,
+                    "permission denied: the socket is mode 0600, run as the user that "
+                    "started the supervisor",
+                ) from exc
+        return self._reader, self._writer
+
+    async def request(self, msg: object) -> object:
+        """Send one request; return its result or raise the error the supervisor raised."""
+        data = encode(msg, **current_trace_fields())
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reader, writer = await self._connect()
+                    writer.write(frame(data))
+                    await writer.drain()
+                    reply = await read_frame(reader, self.max_reply)
+            except BaseException:
+                await self.close()  # mid-request: the stream's state is unknown
+                raise
+            if reply is None:
+                await self.close()
+                raise ControlSocketError(self.path, "the supervisor closed the connection")
+        body = decode(reply).body
+        if isinstance(body, ErrorReply):
+            raise rebuild_error(body)
+        if isinstance(body, Ok):
+            return None
+        if isinstance(body, Snapshots):
+            return body.conns
+        return body
+
+    async def snapshot(self) -> tuple[ConnectionSnapshot, ...]:
+        """Every outbound connection of the supervisor with its paths."""
+        reply = await self.request(SnapshotRequest(None))
+        assert isinstance(reply, tuple)
+        return reply
+
+    async def connection(self, conn_id: str) -> ConnectionSnapshot:
+        reply = await self.request(SnapshotRequest(conn_id))
+        assert isinstance(reply, ConnectionSnapshot)
+        return reply
+
+    async def drain(
+        self,
+        *,
+        local_addr: str | Multiaddr | None = None,
+        device: str | None = None,
+        probe_timeout: float = 2.0,
+        close_drained: bool = True,
+    ) -> DrainReport:
+        """:func:`supervisor.drain.drain`, run by the supervisor behind the socket."""
+        reply = await self.request(
+            DrainCommand(
+                None if local_addr is None else str(local_addr),
+                device,
+                probe_timeout,
+                close_drained,
+            )
+        )
+        assert isinstance(reply, DrainReport)
+        return reply
+
+    async def migrate(
+        self, conn_id: str, to_local_addr: str | Multiaddr, *, probe_timeout: float = 2.0
+    ) -> ConnectionSnapshot:
+        """Make the path on ``to_local_addr`` the active one (reason ``"manual"``).
+
+        The path is found by local address (port 0 matches any port); when the connection has
+        none there, one is added, and removed again if it cannot be validated or switched to.
+        A path that is not standby is probed first (``probe_timeout``).
+        """
+        ip, port, _ = parse_quic_multiaddr(to_local_addr, what="migration target")
+        snap = await self.connection(conn_id)
+        target = _find_path(snap.paths, ip, port)
+        added = target is None
+        if target is None:
+            known = {p.path_id for p in snap.paths}
+            snap = _as_snapshot(
+                await self.request(AddPathRequest(conn_id, local_addr=str(to_local_addr)))
+            )
+            target = next(p for p in snap.paths if p.path_id not in known)
+        if target.active:
+            return snap
+        try:
+            if target.state is not PathState.STANDBY:
+                await self.request(ProbeRequest(conn_id, target.path_id, probe_timeout))
+            return _as_snapshot(
+                await self.request(SwitchRequest(conn_id, target.path_id, "manual"))
+            )
+        except BaseException:
+            if added:  # leave nothing behind
+                with contextlib.suppress(Exception):
+                    await self.request(ClosePathRequest(conn_id, target.path_id))
+            raise
+
+
+def _as_snapshot(reply: object) -> ConnectionSnapshot:
+    assert isinstance(reply, ConnectionSnapshot)
+    return reply
+
+
+def _find_path(paths: tuple[PathSnapshot, ...], ip: str, port: int) -> PathSnapshot | None:
+    """The path on ``ip`` (and ``port`` unless 0): the active one if it matches, else the best."""
+    want = ipaddress.ip_address(ip)
+    matches = []
+    for p in paths:
+        parts = p.local_addr.split("/")
+        if ipaddress.ip_address(parts[2]) == want and port in (0, int(parts[4])):
+            matches.append(p)
+    matches.sort(key=lambda p: (not p.active, p.state is not PathState.STANDBY, p.path_id))
+    return matches[0] if matches else None
