@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from multiaddr import Multiaddr
 
-from actors.envelope import EnvelopeError, decode, encode, message, type_name
+from actors.envelope import Envelope, EnvelopeError, decode, encode, message, type_name
 from actors.path_state import PathState
 from supervisor.addresses import parse_quic_multiaddr
 from supervisor.drain import DrainReport, drain
@@ -268,7 +268,7 @@ class ControlServer:
                     # The byte stream cannot be trusted any more: answer, then hang up.
                     await self._send(writer, encode(error_reply(exc)))
                     return
-                await self._send(writer, await self._answer(env.body, env))
+                await self._send(writer, await self._answer(env))
         except ConnectionError:
             return  # the client went away
         finally:
@@ -282,7 +282,7 @@ class ControlServer:
         writer.write(frame(data))
         await writer.drain()
 
-    async def _answer(self, msg: object, env: Any) -> bytes:
+    async def _answer(self, env: Envelope) -> bytes:
         try:
             # The client's trace context is current while handling: the migration spans of a
             # `ctl migrate` or `ctl drain` are children of the client's span.
@@ -293,7 +293,7 @@ class ControlServer:
                     "baggage": env.baggage,
                 }
             ):
-                reply = await self._handle(msg)
+                reply = await self._handle(env.body)
             return encode(reply)
         except asyncio.CancelledError:
             raise
