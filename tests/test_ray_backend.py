@@ -113,7 +113,10 @@ async def test_migrate_through_handle_loses_nothing_and_is_one_trace(
 
     nbytes = 2_000_000
     job = await sup.echo(conn.conn_id, nbytes, chunk=16384, pace=0.002)
-    await asyncio.sleep(0.2)  # mid-transfer
+    # Switch mid-transfer: once echoed bytes are back (echo_wait returns progress on timeout).
+    while (progress := await sup.echo_wait(job, timeout=0.05)).received == 0:
+        assert not progress.done, progress
+    assert not progress.done and progress.received < nbytes, progress
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
