@@ -37,11 +37,17 @@ from supervisor.demo import (
     MigrationRecord,
     Rotator,
     VerifiedEcho,
+    caller_tracer,
     echo_handler,
+    journal_stats,
     run_demo,
     self_signed_cert,
 )
 from supervisor.h3 import H3Error, http3_get
+from telemetry.journal import JournalFormatError, journal_files, read_journal
+from telemetry.otlp_json import OtlpJsonFileSpanExporter
+from telemetry.providers import DropCountingSpanProcessor, Providers, build_providers_from_env
+from telemetry.timeline import plot, render_text
 
 __all__ = ["build_parser", "main"]
 
@@ -75,14 +81,21 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         type=Path,
         default=default,
         metavar="DIR",
-        help="write aioquic qlog per connection here (accepted now; written from issue 3 on)",
+        help="write aioquic's qlog of each connection here, DIR/CONN_ID.qlog (for qvis)",
     )
     parser.add_argument(
         "--trace-file",
         type=Path,
         default=default,
         metavar="FILE",
-        help="write migration spans as OTLP JSON (accepted now; written from issue 3 on)",
+        help="also write every span here as OTLP JSON, one ExportTraceServiceRequest a line",
+    )
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        default=default,
+        metavar="FILE",
+        help="record every control message and event here (see `journal show|plot`)",
     )
 
 
@@ -180,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--second-path", default="/ip4/127.0.0.2/udp/0/quic-v1", metavar="MA")
     demo.set_defaults(func=cmd_demo)
 
+    journal = sub.add_parser(
+        "journal",
+        help="read a journal written with --journal: a text timeline or a PNG",
+        description="FILE's rotated backups (FILE.1, FILE.2, ...) are read too, oldest first.",
+    )
+    journal_sub = journal.add_subparsers(dest="journal_command", metavar="ACTION", required=True)
+    show_cmd = journal_sub.add_parser("show", help="print the timeline, one line per record")
+    show_cmd.add_argument("file", type=Path, metavar="FILE")
+    show_cmd.set_defaults(func=cmd_journal_show, telemetry=False)
+    plot_cmd = journal_sub.add_parser(
+        "plot", help="draw it: a lane per path, probes, switches, rollbacks, throughput"
+    )
+    plot_cmd.add_argument("file", type=Path, metavar="FILE")
+    plot_cmd.add_argument("-o", "--output", type=Path, default=Path("timeline.png"), metavar="PNG")
+    plot_cmd.set_defaults(func=cmd_journal_plot, telemetry=False)
+
     add_fleet_commands(sub)  # fleet ls|paths|drain|migrate, agent (Ray; supervisor/cli_fleet.py)
     add_ctl_commands(sub)  # ctl paths|drain|migrate via --control-socket (supervisor/cli_ctl.py)
     return parser
@@ -236,40 +265,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "_ctl_run"):
         return run_ctl_command(args)
     func: Callable[[argparse.Namespace], Any] = args.func
+    providers: Providers | None = None
     try:
+        if getattr(args, "telemetry", True):
+            providers = args.providers = _build_providers(args)
         return int(asyncio.run(func(args)))
     except KeyboardInterrupt:
         return 130
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, ImportError) as exc:
         log.debug("%s failed", args.command, exc_info=True)
         print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if providers is not None:
+            # Flush what is queued; bounded by the exporters' timeouts (a dead collector
+            # costs at most OTEL_BSP_EXPORT_TIMEOUT per batch, never a hang).
+            providers.shutdown()
+
+
+def _build_providers(args: argparse.Namespace) -> Providers:
+    """Providers from the OTEL_* variables, plus the --trace-file exporter (batched too)."""
+    extra: list[DropCountingSpanProcessor] = []
+    if getattr(args, "trace_file", None) is not None:
+        extra.append(DropCountingSpanProcessor(OtlpJsonFileSpanExporter(args.trace_file)))
+    try:
+        return build_providers_from_env(extra_span_processors=extra)
+    except BaseException:
+        for processor in extra:
+            processor.shutdown()
+        raise
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (MigrationError, UsageError)):
+    if isinstance(exc, (MigrationError, UsageError, JournalFormatError)):
         return text
     return f"{type(exc).__name__}: {text}"
 
 
 def _supervisor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Telemetry hook for issue 3: providers from OTEL_*, qlog and the trace file go here.
-
-    Until then the flags are accepted and said to be inactive, so scripts can use them already.
-    """
-    for flag in ("qlog_dir", "trace_file"):
-        if getattr(args, flag, None) is not None:
-            print(
-                f"{PROG}: note: --{flag.replace('_', '-')} is accepted but not written yet",
-                file=sys.stderr,
-            )
-    return {}
+    """The Supervisor's telemetry: providers built by main() from OTEL_*, journal, qlog."""
+    providers: Providers | None = getattr(args, "providers", None)
+    kwargs: dict[str, Any] = {}
+    if providers is not None:
+        kwargs["tracer_provider"] = providers.tracer_provider
+        kwargs["meter_provider"] = providers.meter_provider
+    if getattr(args, "journal", None) is not None:
+        kwargs["journal"] = args.journal
+    if getattr(args, "qlog_dir", None) is not None:
+        kwargs["qlog_dir"] = args.qlog_dir
+    return kwargs
 
 
 def _migration_note(record: MigrationRecord) -> str | None:
-    """Hook for extra per-migration text (issue 3: the migration's trace id)."""
-    return None
+    """The migration's trace id, when tracing is on (look it up in the tracing backend)."""
+    return f"trace {record.trace_id}" if record.trace_id else None
 
 
 # ------------------------------------------------------------------------------ serve
@@ -376,21 +426,28 @@ async def cmd_dial(args: argparse.Namespace) -> int:
         print(f"connected {conn.local_multiaddr} -> {conn.remote_multiaddr}", flush=True)
         await _add_paths(mc, args.path, args.probe_timeout)
         echo = VerifiedEcho(await conn.open_stream())
-        rotator = Rotator(mc, probe_timeout=args.probe_timeout, on_migration=_print_migration)
+        rotator = Rotator(
+            mc,
+            probe_timeout=args.probe_timeout,
+            on_migration=_print_migration,
+            tracer=caller_tracer(sup),
+        )
         done = asyncio.Event()
         tasks = [
             asyncio.create_task(echo.write(total=args.bytes)),
             asyncio.create_task(echo.read()),
         ]
+        stats = asyncio.create_task(journal_stats(sup), name="journal-stats")
         if args.migrate_every is not None:
             tasks.append(asyncio.create_task(rotator.run(args.migrate_every, stop=done)))
         try:
             await asyncio.gather(*tasks[:2])
         finally:
             done.set()  # the rotation ends after its migration in progress, if any
-            for task in tasks[:2]:
+            for task in [*tasks[:2], stats]:
                 task.cancel()
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(stats, return_exceptions=True)
         for outcome in outcomes[2:]:
             if isinstance(outcome, Exception):
                 raise outcome
@@ -468,7 +525,12 @@ async def cmd_get(args: argparse.Namespace) -> int:
             )
             mc = conn.as_migratable()
             await _add_paths(mc, args.path, args.probe_timeout)
-            rotator = Rotator(mc, probe_timeout=args.probe_timeout, on_migration=_print_migration)
+            rotator = Rotator(
+                mc,
+                probe_timeout=args.probe_timeout,
+                on_migration=_print_migration,
+                tracer=caller_tracer(sup),
+            )
             start = time.monotonic()
             migration = (
                 asyncio.create_task(_migrate_after(rotator, args.migrate_after))
@@ -519,6 +581,29 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         on_migration=_migration_note,
     )
     return 0 if result.ok else 1
+
+
+# ------------------------------------------------------------------------------ journal
+
+
+def _journal_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path`` and its rotated backups, oldest file first."""
+    files = journal_files(path)
+    if not files:
+        raise FileNotFoundError(f"no journal at {path}")
+    return [record for file in files for record in read_journal(file)]
+
+
+async def cmd_journal_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_text(_journal_records(args.file)))
+    return 0
+
+
+async def cmd_journal_plot(args: argparse.Namespace) -> int:
+    records = _journal_records(args.file)
+    plot(records, args.output)
+    print(f"wrote {args.output} ({len(records)} records)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from multiaddr import Multiaddr
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode, Tracer
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
@@ -44,6 +45,7 @@ from supervisor.events import (
 from supervisor.handles import Connection, MigratableConn
 from supervisor.handles import Path as QuicPath
 from supervisor.messages import PathSnapshot
+from telemetry.tracing import ATTR_PATH_FROM_LOCAL_ADDRESS, ATTR_PATH_TO_LOCAL_ADDRESS
 
 __all__ = [
     "BLOCK",
@@ -53,6 +55,7 @@ __all__ = [
     "Rotator",
     "VerifiedEcho",
     "echo_handler",
+    "journal_stats",
     "render_paths",
     "render_summary",
     "run_demo",
@@ -238,6 +241,9 @@ class MigrationRecord:
     probe_rtt: float | None  # RTT measured by the probe just before the switch
     confirmation: float | None  # seconds from switch() to the peer's confirmation
     error: str | None = None
+    #: The trace of this migration (hex), when the Rotator has a tracer: its caller span is the
+    #: parent of ``quic.migration``, so this is the migration's trace id.
+    trace_id: str | None = None
 
 
 class Rotator:
@@ -245,7 +251,13 @@ class Rotator:
 
     A rolled-back or failed migration is recorded and the rotation carries on: the connection
     stays on its old path and no stream byte is lost (the library's contract).
+
+    With a ``tracer``, each migration runs inside a caller span (``MIGRATE_SPAN``): the
+    library's ``quic.path.probe`` and ``quic.migration`` become its children, which is how a
+    caller learns a migration's trace id (``MigrationRecord.trace_id``).
     """
+
+    MIGRATE_SPAN = "quic-supervisor.migrate"
 
     def __init__(
         self,
@@ -253,10 +265,12 @@ class Rotator:
         *,
         probe_timeout: float = 2.0,
         on_migration: Callable[[MigrationRecord], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.mc = mc
         self.probe_timeout = probe_timeout
         self.on_migration = on_migration
+        self.tracer = tracer
         self.records: list[MigrationRecord] = []
 
     def _next_path(self) -> QuicPath | None:
@@ -272,26 +286,37 @@ class Rotator:
             return None
         src = _hostport(self.mc.active_path().local_addr)
         dst = _hostport(target.info().local_addr)
+        if self.tracer is None:
+            record = await self._migrate(target, src, dst)
+        else:
+            with self.tracer.start_as_current_span(
+                self.MIGRATE_SPAN,
+                attributes={ATTR_PATH_FROM_LOCAL_ADDRESS: src, ATTR_PATH_TO_LOCAL_ADDRESS: dst},
+            ) as span:
+                record = await self._migrate(target, src, dst)
+                if not record.ok:
+                    span.set_status(Status(StatusCode.ERROR, record.error))
+            record = replace(record, trace_id=format(span.get_span_context().trace_id, "032x"))
+        self.records.append(record)
+        if self.on_migration is not None:
+            self.on_migration(record)
+        return record
+
+    async def _migrate(self, target: QuicPath, src: str, dst: str) -> MigrationRecord:
+        number = len(self.records) + 1
         rtt: float | None = None
-        t0: float | None = None
         try:
             await target.probe(timeout=self.probe_timeout)
             rtt = target.info().rtt
             t0 = time.monotonic()
             await target.switch()
-            record = MigrationRecord(
-                len(self.records) + 1, src, dst, True, rtt, time.monotonic() - t0
-            )
+            return MigrationRecord(number, src, dst, True, rtt, time.monotonic() - t0)
         except MigrationRolledBackError as exc:
-            record = MigrationRecord(len(self.records) + 1, src, dst, False, rtt, None, str(exc))
+            return MigrationRecord(number, src, dst, False, rtt, None, str(exc))
         except MigrationError as exc:
             if self.mc.connection.is_closed:
                 raise
-            record = MigrationRecord(len(self.records) + 1, src, dst, False, rtt, None, str(exc))
-        self.records.append(record)
-        if self.on_migration is not None:
-            self.on_migration(record)
-        return record
+            return MigrationRecord(number, src, dst, False, rtt, None, str(exc))
 
     async def run(
         self, every: float, *, until: float | None = None, stop: asyncio.Event | None = None
@@ -315,6 +340,40 @@ class Rotator:
     @property
     def failed(self) -> int:
         return sum(not r.ok for r in self.records)
+
+
+def caller_tracer(sup: Supervisor) -> Tracer | None:
+    """A tracer from the supervisor's own provider (never the global one), if it has one."""
+    provider = sup.tracer_provider
+    return provider.get_tracer("quic-supervisor.cli") if provider is not None else None
+
+
+async def journal_stats(sup: Supervisor, every: float = 0.25) -> None:
+    """Write each path's cumulative byte counters to the journal every ``every`` seconds.
+
+    ``Stats`` records (``tx_bytes``, ``rx_bytes``, ``state``, ``active``) on the path's lane:
+    what ``journal plot`` turns into throughput over time. Returns at once without a journal;
+    otherwise runs until cancelled (cancel it before the supervisor closes its journal).
+    """
+    journal = sup.journal
+    if journal is None:
+        return
+    while True:
+        for snap in sup.connections():
+            for p in snap.paths:
+                journal.event(
+                    "Stats",
+                    {
+                        "tx_bytes": p.bytes_sent,
+                        "rx_bytes": p.bytes_received,
+                        "state": p.state.value,
+                        "active": p.active,
+                    },
+                    conn=snap.conn_id,
+                    path=p.local_addr,
+                    span_context=INVALID_SPAN_CONTEXT,
+                )
+        await asyncio.sleep(every)  # a sampling period, not a synchronisation
 
 
 # --------------------------------------------------------------------------------- demo
@@ -379,9 +438,11 @@ async def run_demo(
 ) -> DemoResult:
     """Run the demo and return its figures (the caller turns ``result.ok`` into an exit code).
 
-    ``supervisor_kwargs`` reach :class:`Supervisor` (e.g. ``tracer_provider``). ``on_migration``
-    is the hook for extra per-migration detail (issue 3 returns the migration's trace id): its
-    text is appended to that migration's progress line.
+    ``supervisor_kwargs`` reach :class:`Supervisor` (e.g. ``tracer_provider``, ``journal``).
+    ``on_migration`` is the hook for extra per-migration detail (the CLI returns the migration's
+    trace id): its text is appended to that migration's progress line. With a tracer provider,
+    each migration runs in a caller span (see :class:`Rotator`); with a journal, per-path byte
+    counters go to it as ``Stats`` records (see :func:`journal_stats`).
     """
     if options.duration <= 0 or options.interval <= 0:
         raise ValueError("--duration and --interval must be > 0 seconds")
@@ -443,7 +504,8 @@ async def run_demo(
             result.probe_rtts.extend(r for r in [second.info().rtt] if r is not None)
 
             echo = VerifiedEcho(await conn.open_stream())
-            rotator = Rotator(mc, on_migration=note)
+            rotator = Rotator(mc, on_migration=note, tracer=caller_tracer(sup))
+            stats = asyncio.create_task(journal_stats(sup), name="demo-stats")
             start = time.monotonic()
             until = start + options.duration
             reader = asyncio.create_task(echo.read(), name="demo-reader")
@@ -464,9 +526,9 @@ async def run_demo(
             except Exception as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
             finally:
-                for task in (writer, migrator, reader):
+                for task in (writer, migrator, reader, stats):
                     task.cancel()
-                await asyncio.gather(writer, migrator, reader, return_exceptions=True)
+                await asyncio.gather(writer, migrator, reader, stats, return_exceptions=True)
                 await display  # ends once the reader is done; prints the last table
                 result.elapsed = time.monotonic() - start
                 await conn.close()

@@ -3,9 +3,10 @@
 Input: journal records (see :mod:`telemetry.journal`), in any order; time is ``mono`` relative
 to the earliest record (``wall`` if a record has no ``mono``).
 
-Record types the plot understands. A leading ``Evt`` and ``Connection`` are ignored, so the
-supervisor's event class names work too (``EvtConnectionMigrationStarted`` is
-``MigrationStarted``, drawn like ``SwitchStarted``):
+Record types the plot understands. A leading ``Evt``, and ``Connection`` before ``Migration``,
+are ignored, so the supervisor's event names work as written (``ConnectionMigrationStarted`` or
+``EvtConnectionMigrationStarted`` is ``MigrationStarted``, drawn like ``SwitchStarted``), and
+``from_local_addr``/``to_local_addr`` stand for ``from_path``/``to_path``:
 
 ======================  ==========================================  =========================
 type                    body fields used                            drawn as
@@ -18,17 +19,31 @@ SwitchStarted           ``from_path``, ``to_path``                  orange trian
                                                                     line between the two lanes
 MigrationCompleted      ``from_path``, ``to_path``                  green star (+ line)
 MigrationRolledBack     ``from_path``, ``to_path``                  purple triangle (+ line)
-MigrationFailed         ``error``                                   red X
+MigrationFailed         ``error``, ``connection_closed``            red X; drawn as
+                                                                    MigrationRolledBack when
+                                                                    the connection is still
+                                                                    open and ``error`` says
+                                                                    "rolled back"
 PathStateChanged        ``old``, ``new`` (path state names)         the lane is shaded with
                                                                     the state's colour from
-                                                                    then on
+                                                                    then on; ``-> validating``
+                                                                    is also drawn as
+                                                                    ProbeStarted, ``validating
+                                                                    -> standby`` as
+                                                                    ProbeSucceeded and
+                                                                    ``validating -> failed``
+                                                                    as ProbeFailed
+ConnectionEnded         ``reason``                                  black X on the conn lane
 Stats                   ``bytes`` (cumulative), or ``tx_bytes`` +   throughput subplot: rate
                         ``rx_bytes`` (cumulative)                   between samples, per lane
 ======================  ==========================================  =========================
 
 Lane of a record: ``(conn, path)`` from the record, else ``body["path"]``, else
-``body["to_path"]``; a record with neither sits on its connection's ``(conn)`` lane. Other
-types are drawn as small grey dots, and every type is listed by :func:`render_text`.
+``body["to_path"]`` (or ``to_local_addr``); a record with neither sits on its connection's
+``(conn)`` lane. Multiaddr lanes are labelled ``host:port``. Control messages (``kind="msg"``:
+``SwitchRequest``, ``ProbeRequest``, ...) are drawn as grey ticks on their connection's lane,
+except ``SnapshotRequest`` (reads, not actions) and requests without a connection (a dial);
+other types as small grey dots. :func:`render_text` lists every record.
 """
 
 from __future__ import annotations
@@ -53,6 +68,9 @@ _KEY_FIELDS = (
     "error",
     "from_path",
     "to_path",
+    "from_local_addr",
+    "to_local_addr",
+    "probe_rtt",
     "local_addr",
     "remote_addr",
     "bytes",
@@ -60,6 +78,8 @@ _KEY_FIELDS = (
     "rx_bytes",
 )
 _MAX_FIELDS = 6
+_HIDDEN_FIELDS = frozenset({"conn_id", "time"})  # already in the record's columns
+_SKIPPED_MSGS = frozenset({"SnapshotRequest"})
 _MAX_VALUE = 40
 
 _ALIASES = {"MigrationStarted": "SwitchStarted"}
@@ -75,6 +95,8 @@ _MARKERS: dict[str, tuple[str, str, str, str]] = {
     "MigrationCompleted": ("*", "limegreen", "darkgreen", "migrated"),
     "MigrationRolledBack": ("<", "tab:purple", "indigo", "rolled back"),
     "MigrationFailed": ("X", "red", "darkred", "migration failed"),
+    "ConnectionEnded": ("X", "black", "black", "connection ended"),
+    "Request": ("|", "0.45", "0.45", "request (msg)"),
 }
 _UNFILLED = frozenset({"x", "+", "|", "_", "."})
 _SWITCH_TYPES = frozenset({"SwitchStarted", "MigrationCompleted", "MigrationRolledBack"})
@@ -92,8 +114,38 @@ _STATE_COLOURS = {
 
 def normalize_type(type_name: str) -> str:
     """``EvtConnectionMigrationStarted`` -> ``SwitchStarted``; ``EvtPathAdded`` -> ``PathAdded``."""
-    name = type_name.removeprefix("Evt").removeprefix("Connection")
+    name = type_name.removeprefix("Evt")
+    if name.startswith("ConnectionMigration"):
+        name = name.removeprefix("Connection")
     return _ALIASES.get(name, name)
+
+
+def _from_to(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    src = body.get("from_path") or body.get("from_local_addr")
+    dst = body.get("to_path") or body.get("to_local_addr")
+    return (str(src) if src else None), (str(dst) if dst else None)
+
+
+def _plot_kind(record: Mapping[str, Any]) -> str | None:
+    """What the plot draws for ``record`` (None: nothing, or only the state shading)."""
+    kind = normalize_type(str(record.get("type", "")))
+    body = _body(record)
+    if record.get("kind") == "msg" and kind not in _MARKERS:
+        # A request names its connection; a dial (no conn yet) or a read draws nothing.
+        return None if kind in _SKIPPED_MSGS or not record.get("conn") else "Request"
+    rolled_back = not body.get("connection_closed") and "rolled back" in str(body.get("error"))
+    if kind == "MigrationFailed" and rolled_back:
+        return "MigrationRolledBack"
+    if kind == "PathStateChanged":
+        old, new = str(body.get("old", "")), str(body.get("new", ""))
+        if new == "validating":
+            return "ProbeStarted"
+        if old == "validating" and new == "standby":
+            return "ProbeSucceeded"
+        if old == "validating" and new == "failed":
+            return "ProbeFailed"
+        return None
+    return None if kind == "Stats" else kind
 
 
 def _time(record: Mapping[str, Any]) -> float:
@@ -118,7 +170,9 @@ def _short(value: Any) -> str:
 
 def _fields(body: Mapping[str, Any]) -> str:
     keys = [k for k in _KEY_FIELDS if k in body]
-    keys += sorted(k for k in body if k not in _KEY_FIELDS and isinstance(k, str))
+    keys += sorted(
+        k for k in body if isinstance(k, str) and k not in _KEY_FIELDS and k not in _HIDDEN_FIELDS
+    )
     shown = [f"{k}={_short(body[k])}" for k in keys[:_MAX_FIELDS]]
     if len(keys) > _MAX_FIELDS:
         shown.append(f"(+{len(keys) - _MAX_FIELDS})")
@@ -152,13 +206,21 @@ def render_text(records: Iterable[Mapping[str, Any]]) -> str:
 def _lane(record: Mapping[str, Any]) -> tuple[str, str | None]:
     body = _body(record)
     conn = str(record.get("conn") or "-")
-    path = record.get("path") or body.get("path") or body.get("to_path")
+    path = record.get("path") or body.get("path") or _from_to(body)[1]
     return conn, (str(path) if path is not None else None)
+
+
+def _short_addr(addr: str) -> str:
+    """``/ip4/127.0.0.1/udp/5000/quic-v1`` -> ``127.0.0.1:5000``; anything else unchanged."""
+    parts = addr.split("/")
+    if addr.startswith(("/ip4/", "/ip6/")) and len(parts) >= 5 and parts[3] == "udp":
+        return f"[{parts[2]}]:{parts[4]}" if parts[1] == "ip6" else f"{parts[2]}:{parts[4]}"
+    return addr
 
 
 def _lane_label(lane: tuple[str, str | None]) -> str:
     conn, path = lane
-    return f"{conn} / {path}" if path is not None else f"{conn} (conn)"
+    return f"{conn} / {_short_addr(path)}" if path is not None else f"{conn} (conn)"
 
 
 def _stats_bytes(body: Mapping[str, Any]) -> float | None:
@@ -211,15 +273,16 @@ def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) 
 
     lanes: list[tuple[str, str | None]] = []
     for r in recs:
-        if normalize_type(str(r.get("type", ""))) == "Stats":
+        is_state = normalize_type(str(r.get("type", ""))) == "PathStateChanged"
+        if _plot_kind(r) is None and not is_state:
             continue
         lane = _lane(r)
         if lane not in lanes:
             lanes.append(lane)
     for r in recs:  # lanes named only as a switch's source
-        body = _body(r)
-        if normalize_type(str(r.get("type", ""))) in _SWITCH_TYPES and body.get("from_path"):
-            lane = (str(r.get("conn") or "-"), str(body["from_path"]))
+        src, _ = _from_to(_body(r))
+        if _plot_kind(r) in _SWITCH_TYPES and src:
+            lane = (str(r.get("conn") or "-"), src)
             if lane not in lanes:
                 lanes.append(lane)
     lane_y = {lane: i for i, lane in enumerate(lanes)}
@@ -251,17 +314,17 @@ def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) 
 
     seen: set[str] = set()
     for r in recs:
-        kind = normalize_type(str(r.get("type", "")))
-        if kind in ("Stats", "PathStateChanged"):
+        kind = _plot_kind(r)
+        if kind is None:
             continue
         t = _time(r) - t0
         y = lane_y[_lane(r)]
-        body = _body(r)
-        if kind in _SWITCH_TYPES and body.get("from_path") and body.get("to_path"):
-            src = lane_y.get((str(r.get("conn") or "-"), str(body["from_path"])))
-            dst = lane_y.get((str(r.get("conn") or "-"), str(body["to_path"])))
-            if src is not None and dst is not None:
-                ax.plot([t, t], [src, dst], linestyle=":", color="0.3", linewidth=1, zorder=2)
+        from_path, to_path = _from_to(_body(r))
+        if kind in _SWITCH_TYPES and from_path and to_path:
+            y_src = lane_y.get((str(r.get("conn") or "-"), from_path))
+            y_dst = lane_y.get((str(r.get("conn") or "-"), to_path))
+            if y_src is not None and y_dst is not None:
+                ax.plot([t, t], [y_src, y_dst], linestyle=":", color="0.3", linewidth=1, zorder=2)
         marker, face, edge, _label = _MARKERS.get(kind, (".", "0.5", "0.5", "other"))
         if marker in _UNFILLED:  # line-only markers take one colour
             ax.scatter([t], [y], marker=marker, s=70, c=edge, linewidths=1.2, zorder=3)

@@ -207,12 +207,15 @@ def test_fleet_commands_are_wired(capsys: pytest.CaptureFixture[str]) -> None:
     assert "drain" in capsys.readouterr().out
 
 
-def test_placeholders_are_accepted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """--qlog-dir/--trace-file parse before or after the subcommand (issue 3 fills them)."""
+def test_telemetry_flags_parse_before_or_after_the_subcommand(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--qlog-dir/--trace-file/--journal (tests/test_telemetry_cli.py checks what they write)."""
     argv = ["--trace-file", str(tmp_path / "t.json"), "dial", "nope", "--qlog-dir", str(tmp_path)]
-    assert main(argv) == 2  # the bad address, not the flags
+    assert main([*argv, "--journal", str(tmp_path / "j")]) == 2  # the bad address, not the flags
     err = capsys.readouterr().err
-    assert "--trace-file is accepted" in err and "'nope'" in err
+    assert "'nope'" in err and "accepted" not in err
+    assert (tmp_path / "t.json").read_text() == ""  # opened, and closed with no span in it
 
 
 # ------------------------------------------------------------------------------ get (HTTP/3)

@@ -112,3 +112,56 @@ def test_plot_empty(tmp_path: Path) -> None:
     out = tmp_path / "empty.png"
     plot([], out)
     assert out.stat().st_size > 0
+
+
+def test_supervisor_record_types_are_understood() -> None:
+    """What the SupervisorActor writes: event names without ``Evt``, request class names."""
+    from telemetry.timeline import _plot_kind
+
+    def rec(type_: str, body: dict[str, Any], kind: str = "event", conn: str | None = "c1"):
+        return {"type": type_, "kind": kind, "conn": conn, "body": body}
+
+    assert normalize_type("ConnectionMigrationStarted") == "SwitchStarted"
+    assert normalize_type("ConnectionMigrationFailed") == "MigrationFailed"
+    assert normalize_type("ConnectionEnded") == "ConnectionEnded"
+    rolled = "switch to 127.0.0.2:1 was rolled back to 127.0.0.1:2: the peer did not reach us"
+    assert _plot_kind(rec("ConnectionMigrationFailed", {"error": rolled})) == "MigrationRolledBack"
+    closed = {"error": rolled, "connection_closed": True}
+    assert _plot_kind(rec("ConnectionMigrationFailed", closed)) == "MigrationFailed"
+    assert _plot_kind(rec("ConnectionMigrationFailed", {"error": "not validated"})) == (
+        "MigrationFailed"
+    )
+    state = "PathStateChanged"
+    assert _plot_kind(rec(state, {"old": "standby", "new": "validating"})) == "ProbeStarted"
+    assert _plot_kind(rec(state, {"old": "validating", "new": "standby"})) == "ProbeSucceeded"
+    assert _plot_kind(rec(state, {"old": "validating", "new": "failed"})) == "ProbeFailed"
+    assert _plot_kind(rec(state, {"old": "standby", "new": "active"})) is None  # shading only
+    assert _plot_kind(rec("SwitchRequest", {"path_id": 1}, kind="msg")) == "Request"
+    assert _plot_kind(rec("SnapshotRequest", {}, kind="msg")) is None
+    assert _plot_kind(rec("DialRequest", {}, kind="msg", conn=None)) is None
+    assert _plot_kind(rec("Stats", {"tx_bytes": 1})) is None
+
+
+def test_plot_of_supervisor_records_draws_lanes_per_path(tmp_path: Path) -> None:
+    a, b = "/ip4/127.0.0.1/udp/5000/quic-v1", "/ip4/127.0.0.2/udp/5001/quic-v1"
+    recs: list[dict[str, Any]] = []
+
+    def add(dt: float, type_: str, path: str | None, body: dict[str, Any]) -> None:
+        recs.append({"mono": dt, "kind": "event", "type": type_, "conn": "c1", "path": path,
+                     "body": body})  # fmt: skip
+
+    add(0.0, "PathAdded", a, {"local_addr": a})
+    add(0.1, "PathStateChanged", a, {"old": "new", "new": "active"})
+    add(0.2, "PathAdded", b, {"local_addr": b})
+    add(0.3, "PathStateChanged", b, {"old": "new", "new": "validating"})
+    add(0.4, "PathStateChanged", b, {"old": "validating", "new": "standby"})
+    add(0.5, "ConnectionMigrationStarted", None, {"from_local_addr": a, "to_local_addr": b})
+    add(0.6, "ConnectionMigrationFailed", None,
+        {"from_local_addr": a, "to_local_addr": b, "error": "x was rolled back"})  # fmt: skip
+    for i in range(8):
+        add(0.1 * i, "Stats", a, {"tx_bytes": 1000 * i, "rx_bytes": 900 * i})
+    out = tmp_path / "sup.png"
+    plot(recs, out)
+    _check_png(out, 15_000)
+    text = render_text(recs)
+    assert "from_local_addr=/ip4/127.0.0.1/udp/5000/quic-v1" in text
