@@ -16,6 +16,7 @@ any other local address; its ``preferred_address`` is ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
@@ -38,7 +39,9 @@ from actors.errors import (
     PathLimitError,
     PathNotValidatedError,
 )
+from actors.health import ActiveLiveness, HealthConfig, Liveness
 from actors.messages import (
+    ActivePathDead,
     AddPath,
     Close,
     ClosePath,
@@ -50,7 +53,7 @@ from actors.messages import (
     Switch,
     SwitchResult,
 )
-from actors.path import PathActor, ProbeSchedule
+from actors.path import UNREACHABLE_ERRNOS, PathActor, ProbeSchedule
 from actors.path_state import PathState
 from actors.quic_adapter import MigratingQuicConnection, PathAddr
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
@@ -74,6 +77,9 @@ class ConnectionOptions:
     #: Lower bound of the switch confirmation window (3 x PTO can be a few ms on loopback, less
     #: than one scheduling hiccup of a busy Python process).
     min_confirmation_window: float = 0.2
+    #: Path health (keep-alives on standby paths, liveness of the active path); None: off.
+    #: Set from ``FailoverPolicy`` by the Supervisor.
+    health: HealthConfig | None = None
 
 
 class ConnectionActor(Actor):
@@ -122,12 +128,17 @@ class ConnectionActor(Actor):
         self.migrations = 0
         self._ops: set[asyncio.Task[Any]] = set()  # probe/switch tasks (see busy_tasks)
         self.bytes_by_state: dict[str, int] = {}
+        self._unreachable: set[int] = set()  # paths with a fresh ICMP unreachable
+        self._health_wake = asyncio.Event()
+        self._dead_reported: int | None = None  # active path already reported dead
 
     # ------------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
         path_id = next(self._path_ids)
         self._start_path(path_id, self._first_socket, PathState.NEW)
+        if self.options.health is not None:
+            self.spawn(self._watch_active(self.options.health), name="watch-active")
 
     async def on_stop(self) -> None:
         if not self.closed:
@@ -149,6 +160,7 @@ class ConnectionActor(Actor):
             on_state=self._path_state_changed,
             initial_state=state,
             schedule=self.options.probe_schedule,
+            health=self.options.health,
         )
         self.paths[path_id] = path
         self._path_refs[path_id] = self.spawn_child(path, name=f"{self.conn_id}/path{path_id}")
@@ -165,10 +177,20 @@ class ConnectionActor(Actor):
         if self.closed:
             return
         self.quic.receive_datagram(data, PathAddr(addr, path_id), self._loop.time())
+        if self._unreachable:
+            self._unreachable.discard(path_id)  # it delivers again
         self._after_input()
 
     def path_error(self, path_id: int, exc: OSError) -> None:
+        if exc.errno in UNREACHABLE_ERRNOS:
+            self._unreachable.add(path_id)
+            self._health_wake.set()  # the active path may have just died: judge now
         self._changed.set()
+
+    def path_failed(self, path_id: int) -> None:
+        """A standby path's keep-alives failed: switch() must re-validate it first."""
+        if self.quic.has_path(path_id):
+            self.quic.invalidate_path(path_id)
 
     def _after_input(self) -> None:
         quic = self.quic
@@ -333,6 +355,56 @@ class ConnectionActor(Actor):
                 busy.add(task)
         return busy
 
+    async def _watch_active(self, config: HealthConfig) -> None:
+        """Judge the active path from what arrives while data is outstanding (no probes).
+
+        Degraded and back is a state change; dead is reported once to the supervisor, whose
+        failover policy decides what to do. When idle, a PING now and then keeps the
+        judgement meaningful (the PING is non-probing, which is fine on the active path).
+        """
+        judge = ActiveLiveness(config)
+        await self._wait_confirmed()
+        while not self.closed:
+            pto = self.quic.probe_timeout()
+            tick = min(max(pto / 2, 0.02), 0.1)
+            self._health_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await self._health_wake.wait()
+            if self.closed:
+                return
+            active = self.quic.active_path_id
+            path = self.paths.get(active)
+            if path is None:
+                continue
+            now = self._loop.time()
+            last = self.quic.last_rx(active)
+            outstanding = self.quic.outstanding_since()
+            if judge.needs_keepalive(now=now, last_receive=last, outstanding_since=outstanding):
+                self.quic.send_ping(next(self._ping_ids))
+                self._schedule_flush()
+                continue
+            verdict = judge.judge(
+                now=now,
+                last_receive=last,
+                outstanding_since=outstanding,
+                pto=pto,
+                unreachable=active in self._unreachable,
+            )
+            if verdict is Liveness.ACTIVE:
+                self._dead_reported = None
+                if path.state is PathState.DEGRADED:
+                    path.set_state(PathState.ACTIVE)
+            elif verdict is Liveness.DEGRADED:
+                if path.state is PathState.ACTIVE:
+                    path.set_state(PathState.DEGRADED)
+            elif self._dead_reported != active:
+                self._dead_reported = active
+                if path.state is PathState.ACTIVE:
+                    path.set_state(PathState.DEGRADED)
+                reason = "unreachable" if active in self._unreachable else "silent"
+                self._notify(ActivePathDead(self.conn_id, active, reason))
+
     async def _connect(self, timeout: float) -> None:
         self.quic.connect(PathAddr(self.remote, 0), now=self._loop.time())
         self.quic.attach_initial_path(0)
@@ -456,8 +528,13 @@ class ConnectionActor(Actor):
         old = self.paths[active]
         t0 = self._loop.time()
         pto_old = self.quic.probe_timeout()
+        failover = msg.reason == "failover" and self._dead_reported == active
         token = self.quic.switch_path(
-            msg.path_id, t0, seed_rtt=path.rtt, ping_uid=next(self._ping_ids)
+            msg.path_id,
+            t0,
+            seed_rtt=path.rtt,
+            ping_uid=next(self._ping_ids),
+            old_path_dead=failover,
         )
         window = max(
             3 * max(pto_old, self.quic.probe_timeout()), self.options.min_confirmation_window
@@ -489,6 +566,13 @@ class ConnectionActor(Actor):
             )
         self.migrations += 1
         path.validated_at = self._loop.time()
+        if failover:
+            # Failed over from: its keep-alives tell when (if) it comes back.
+            old.set_state(PathState.FAILED)
+            if old.health is not None:
+                old.health.on_unreachable() if active in self._unreachable else old.health.on_lost()
+            self.quic.invalidate_path(active)
+            self._dead_reported = None
         return SwitchResult(
             from_path=token.from_path,
             to_path=token.to_path,

@@ -108,3 +108,13 @@ class ConnectionEnded:
     error_code: int
     reason: str
     by_peer: bool
+
+
+@message("conn.ActivePathDead")
+@dataclass(frozen=True, slots=True)
+class ActivePathDead:
+    """Told to the supervisor when the active path's liveness verdict is dead."""
+
+    conn_id: str
+    path_id: int
+    reason: str  # "silent" (nothing received while data was outstanding) | "unreachable"

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actors.errors import ConnectionClosedError, ProbeTimeoutError
+from actors.errors import ConnectionClosedError, MigrationError, ProbeTimeoutError
+from actors.health import HealthConfig, PathHealth, Verdict
 from actors.messages import EmitChallenge, StartProbe
 from actors.path_state import PathState, PathStateMachine
-from actors.runtime import Actor, ActorRef, Later
+from actors.runtime import Actor, ActorError, ActorRef, Later
 
 
 class DatagramSink(Protocol):
@@ -28,6 +29,8 @@ class DatagramSink(Protocol):
     def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None: ...
 
     def path_error(self, path_id: int, exc: OSError) -> None: ...
+
+    def path_failed(self, path_id: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -89,6 +92,7 @@ class PathActor(Actor):
         on_state: Callable[[int, PathState, PathState], None],
         initial_state: PathState = PathState.NEW,
         schedule: ProbeSchedule | None = None,
+        health: HealthConfig | None = None,
     ) -> None:
         self.path_id = path_id
         self.sock = sock
@@ -107,6 +111,10 @@ class PathActor(Actor):
         self.stats = PathStats()
         self.rtt: float | None = None
         self.validated_at: float | None = None
+        #: Keep-alive evidence (None: no keep-alives, the path is only probed on request).
+        self.health = PathHealth(health) if health is not None else None
+        self._keepalive_idle = asyncio.Event()
+        self._keepalive_idle.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -117,6 +125,8 @@ class PathActor(Actor):
         )
         self._transport = transport
         self._protocol = protocol
+        if self.health is not None:
+            self.spawn(self._keepalive_loop(), name="keepalive")
 
     async def on_stop(self) -> None:
         self._fail_response(ConnectionClosedError(reason="path closed"))
@@ -167,6 +177,10 @@ class PathActor(Actor):
         self.stats.last_error = f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc}"
         if exc.errno in UNREACHABLE_ERRNOS:
             self._fail_response(exc)
+            if self.health is not None:
+                self.health.on_unreachable()
+                if self.state is PathState.STANDBY:
+                    self._mark_failed()
         self._sink.path_error(self.path_id, exc)
 
     def path_response(self, rtt: float) -> None:
@@ -190,8 +204,73 @@ class PathActor(Actor):
             return Later(self._probe_task)
         return await super().receive(msg)
 
+    # ------------------------------------------------------------------ keep-alive
+
+    def _mark_failed(self) -> None:
+        self.set_state(PathState.FAILED)
+        self._sink.path_failed(self.path_id)
+
+    async def _keepalive_loop(self) -> None:
+        """PATH_CHALLENGE keep-alives on standby and failed paths (a PING would make the peer
+        migrate to this path). Standby paths stay standby while answered (no event per
+        keep-alive); unanswered ones fail; a failed path that answers is standby again."""
+        assert self.health is not None
+        health = self.health
+        while True:
+            await asyncio.sleep(health.next_keepalive())  # a timer, not synchronisation
+            if self.state not in (PathState.STANDBY, PathState.FAILED):
+                continue
+            if self._probe_task is not None and not self._probe_task.done():
+                continue  # a probe is already asking the same question
+            self._keepalive_idle.clear()
+            try:
+                answered = await self._keepalive_once(health)
+            finally:
+                self._keepalive_idle.set()
+            if answered and self.state is PathState.FAILED:
+                self.set_state(PathState.VALIDATING)
+                self.set_state(PathState.STANDBY)
+            elif (
+                not answered and self.state is PathState.STANDBY and health.verdict is Verdict.DEAD
+            ):
+                self._mark_failed()
+
+    async def _keepalive_once(self, health: PathHealth) -> bool:
+        loop = asyncio.get_running_loop()
+        self._response = loop.create_future()
+        try:
+            try:
+                datagrams = await self._conn.ask(EmitChallenge(self.path_id), timeout=None)
+            except (MigrationError, ActorError):
+                return False  # no CID, or the connection is going: nothing to learn now
+            assert isinstance(datagrams, list)
+            for data in datagrams:
+                self.send(data)
+            self.stats.probes_sent += 1
+            try:
+                async with asyncio.timeout(health.answer_wait()):
+                    rtt = await self._response
+            except TimeoutError:
+                health.on_lost()
+                return False
+            except OSError:
+                health.on_unreachable()
+                return False
+            except MigrationError:
+                return False  # the connection closed while we waited
+            now = loop.time()
+            health.on_answer(rtt, now)
+            self.rtt = health.rtt
+            self.validated_at = now
+            return True
+        finally:
+            self._response = None
+
+    # ------------------------------------------------------------------ probe on request
+
     async def _probe(self, timeout: float) -> float:
         """Challenge until answered on this socket or ``timeout``; returns the probe RTT."""
+        await self._keepalive_idle.wait()  # one outstanding question per path at a time
         loop = asyncio.get_running_loop()
         before = self.state
         self.set_state(PathState.VALIDATING)
@@ -224,6 +303,8 @@ class PathActor(Actor):
                 ok = True
                 self.rtt = rtt
                 self.validated_at = loop.time()
+                if self.health is not None:
+                    self.health.on_answer(rtt, self.validated_at)
                 self.stats.probe_rtts.append(rtt)
                 del self.stats.probe_rtts[:-64]
                 self.set_state(PathState.STANDBY)

@@ -285,6 +285,9 @@ class MigratingQuicConnection(QuicConnection):
         self._misrouted_responses = 0
         # Last time a non-probing packet arrived on each path: the proof the peer uses a path.
         self._last_non_probing_rx: dict[int, float] = {}
+        # Last time any authenticated packet arrived on each path (liveness of the active path).
+        self._last_rx: dict[int, float] = {}
+        self._rx_keeps_alive = False
         # Packet numbers below this were sent before the last switch: their ACKs must not feed
         # the new path's RTT estimator.
         self._rtt_floor_packet_number = 0
@@ -353,11 +356,32 @@ class MigratingQuicConnection(QuicConnection):
         is_ack_eliciting, is_probing = super()._payload_received(
             context, plain, crypto_frame_required=crypto_frame_required
         )
-        if not is_probing:
-            path_id = getattr(context.network_path.addr, "path_id", None)
-            if path_id is not None:
+        path_id = getattr(context.network_path.addr, "path_id", None)
+        if path_id is not None:
+            self._last_rx[path_id] = context.time
+            if not is_probing:
                 self._last_non_probing_rx[path_id] = context.time
+                self._rx_keeps_alive = True
         return is_ack_eliciting, is_probing
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        # aioquic restarts the idle timer on every packet. Answers to standby keep-alives must
+        # not hide a dead active path from it: only non-probing packets, or anything on the
+        # active path, keep the connection alive.
+        close_at = self._close_at
+        self._rx_keeps_alive = False
+        super().receive_datagram(data, addr, now)
+        path_id = getattr(addr, "path_id", None)
+        if (
+            close_at is not None
+            and not self._rx_keeps_alive
+            and self._network_paths
+            and path_id is not None
+            and path_id != self.active_path_id
+            and self._close_at is not None
+            and self._close_at > close_at
+        ):
+            self._close_at = close_at
 
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: Any) -> None:
         if not self._credit.write_limits(builder, stream):
@@ -471,6 +495,21 @@ class MigratingQuicConnection(QuicConnection):
     def idle_deadline(self) -> float | None:
         return self._close_at if self._close_at is not None else None
 
+    def last_rx(self, path_id: int) -> float | None:
+        """When an authenticated packet last arrived on a path (probing or not)."""
+        return self._last_rx.get(path_id)
+
+    def outstanding_since(self) -> float | None:
+        """Send time of the oldest unacknowledged ack-eliciting packet sent on the active path.
+
+        Packets sent before the last switch belong to another path and are not evidence
+        about this one.
+        """
+        for packet in self._application_space().sent_packets.values():
+            if packet.is_ack_eliciting and packet.packet_number >= self._rtt_floor_packet_number:
+                return packet.sent_time
+        return None
+
     def last_non_probing_rx(self, path_id: int) -> float | None:
         return self._last_non_probing_rx.get(path_id)
 
@@ -576,6 +615,7 @@ class MigratingQuicConnection(QuicConnection):
         self._network_paths.remove(path)
         self.forget_challenges(path_id)
         self._last_non_probing_rx.pop(path_id, None)
+        self._last_rx.pop(path_id, None)
         if path.peer_cid is None:
             return None
         seq = path.peer_cid.sequence_number
@@ -652,7 +692,13 @@ class MigratingQuicConnection(QuicConnection):
         return len(lost)
 
     def switch_path(
-        self, path_id: int, now: float, *, seed_rtt: float | None, ping_uid: int
+        self,
+        path_id: int,
+        now: float,
+        *,
+        seed_rtt: float | None,
+        ping_uid: int,
+        old_path_dead: bool = False,
     ) -> SwitchToken:
         """Make a validated path active with fresh RTT/congestion state (RFC 9000 §9.4).
 
@@ -678,6 +724,9 @@ class MigratingQuicConnection(QuicConnection):
             cid_sequence_before=self._peer_cid.sequence_number,
             cid_sequence_after=new.peer_cid.sequence_number,
         )
+        if old_path_dead:
+            # Failover: what the dead path had in flight is resent on the new one at once.
+            self.declare_in_flight_lost(now)
         self._detach_in_flight()
         old.peer_cid, self._peer_cid, new.peer_cid = self._peer_cid, new.peer_cid, None
         self._spin_bit = False  # RFC 9000 §17.4: reset when the CID changes.

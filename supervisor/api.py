@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import socket
@@ -62,6 +63,9 @@ class Supervisor:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.options = options or ConnectionOptions()
+        if failover is not None and self.options.health is None:
+            # Failover needs path health: keep-alives on standby paths, active-path liveness.
+            self.options = dataclasses.replace(self.options, health=failover.health_config())
         self.events = EventBus()
         self._ask_timeout = ask_timeout
         self._runtime: Runtime | None = None
@@ -108,6 +112,7 @@ class Supervisor:
             metrics=self.metrics,
             journal=self.journal,
             qlog=self.qlog,
+            failover=self.failover,
         )
         self._ref = self._runtime.start(self._actor, name="supervisor")
 

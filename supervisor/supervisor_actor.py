@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast, get_args
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
@@ -42,6 +42,7 @@ from actors.errors import (
     PathLimitError,
 )
 from actors.messages import (
+    ActivePathDead,
     AddPath,
     Close,
     ClosePath,
@@ -61,6 +62,7 @@ from supervisor.addresses import (
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
 )
+from supervisor.config import FailoverPolicy
 from supervisor.events import (
     Event,
     EventBus,
@@ -70,7 +72,9 @@ from supervisor.events import (
     EvtPathAdded,
     EvtPathRemoved,
     EvtPathStateChanged,
+    MigrationReason,
 )
+from supervisor.failover import FailoverController
 from supervisor.messages import (
     AddPathRequest,
     CloseConnectionRequest,
@@ -171,7 +175,9 @@ class SupervisorActor(Actor):
         metrics: Metrics | None = None,
         journal: JournalWriter | None = None,
         qlog: QlogDirectory | None = None,
+        failover: FailoverPolicy | None = None,
     ) -> None:
+        self.failover = FailoverController(self, failover) if failover is not None else None
         self.tracing = tracing or Tracing(None)
         self.metrics = metrics or Metrics(None)
         self.journal = journal
@@ -326,6 +332,8 @@ class SupervisorActor(Actor):
                 return tuple(s for c in list(self.conns) if (s := self.snapshot(c)) is not None)
             return self._snap(msg.conn_id)
         if isinstance(msg, ConnectionEnded):
+            if self.failover is not None:
+                self.failover.on_connection_end(msg.conn_id)
             entry = self.conns.get(msg.conn_id)
             if entry is not None:
                 # Forget it once its actor stopped: its paths' last events (closed) come first.
@@ -463,6 +471,11 @@ class SupervisorActor(Actor):
                     msg.new,
                 )
             )
+            if self.failover is not None:
+                self.failover.on_path_state(conn_id, msg.path_id, msg.new)
+        elif isinstance(msg, ActivePathDead):
+            if self.failover is not None:
+                self.failover.on_active_dead(conn_id, msg.path_id, msg.reason)
         elif isinstance(msg, ConnectionEnded) and self.ref.is_alive:
             # Cleanup is actor work: it goes through the mailbox.
             self.ref.tell(msg)
@@ -613,6 +626,11 @@ class SupervisorActor(Actor):
     async def _switch(
         self, req: SwitchRequest, parent: Context | None = None
     ) -> ConnectionSnapshot:
+        if req.reason not in get_args(MigrationReason):
+            raise ValueError(
+                f"migration reason must be one of {get_args(MigrationReason)}, got {req.reason!r}"
+            )
+        reason = cast(MigrationReason, req.reason)
         entry = self._entry(req.conn_id)
         async with entry.ops:
             actor = entry.actor
@@ -624,13 +642,13 @@ class SupervisorActor(Actor):
             to_addr = self._local_of(entry, req.path_id)
             self._publish(
                 EvtConnectionMigrationStarted(
-                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, req.reason
+                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
                 )
             )
             with (
                 self.tracing.migration_span(
                     req.conn_id,
-                    req.reason,
+                    reason,
                     from_addr,
                     to_addr,
                     entry.remote,
@@ -650,7 +668,7 @@ class SupervisorActor(Actor):
                             await self._probe_in_span(entry, req.path_id, 5.0, probe_span)
                     with self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span:
                         try:
-                            result = await entry.ref.ask(Switch(req.path_id, req.reason))
+                            result = await entry.ref.ask(Switch(req.path_id, reason))
                         except MigrationRolledBackError:
                             switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
                             set_result(span, RESULT_ROLLED_BACK)
@@ -675,7 +693,7 @@ class SupervisorActor(Actor):
                         outcome = "cancelled"
                     elif isinstance(exc, MigrationRolledBackError):
                         outcome = "rolled_back"
-                    self.metrics.migration(req.reason, outcome)
+                    self.metrics.migration(reason, outcome)
                     self._publish(
                         EvtConnectionMigrationFailed(
                             req.conn_id,
@@ -683,13 +701,13 @@ class SupervisorActor(Actor):
                             time.time(),
                             from_addr,
                             to_addr,
-                            req.reason,
+                            reason,
                             error,
                             actor.closed,
                         )
                     )
                     raise
-            self.metrics.migration(req.reason, "completed")
+            self.metrics.migration(reason, "completed")
             self.metrics.active_path_change(req.reason)
             self._publish(
                 EvtConnectionMigrationCompleted(
@@ -698,7 +716,7 @@ class SupervisorActor(Actor):
                     time.time(),
                     from_addr,
                     to_addr,
-                    req.reason,
+                    reason,
                     result.probe_rtt,
                 )
             )
@@ -739,6 +757,8 @@ class SupervisorActor(Actor):
         self._forget(req.conn_id)
 
     async def on_stop(self) -> None:
+        if self.failover is not None:
+            await self.failover.close()
         for conn_id in list(self.conns):
             self._forget(conn_id)
         for sock in self.sockets.values():
