@@ -726,7 +726,8 @@ class SupervisorActor(Actor):
         self, req: ClosePathRequest, parent: Context | None = None
     ) -> ConnectionSnapshot | None:
         """Close a path inside its own short ``quic.path.close`` span: the caller's child, or
-        (``parent=None``, called from a drain or failover) the current migration span's."""
+        (``parent=None``: called from inside the supervisor, e.g. within an open migration)
+        the current span's."""
         entry = self.conns.get(req.conn_id)
         if entry is None:
             return None  # the connection (and with it every path) is already closed
