@@ -130,6 +130,7 @@ class ConnectionActor(Actor):
         self.bytes_by_state: dict[str, int] = {}
         self._unreachable: set[int] = set()  # paths with a fresh ICMP unreachable
         self._health_wake = asyncio.Event()
+        self._watch_idle = False  # the active-path watcher sleeps until traffic resumes
         self._dead_reported: int | None = None  # active path already reported dead
 
     # ------------------------------------------------------------------ lifecycle
@@ -256,6 +257,9 @@ class ConnectionActor(Actor):
         if self.closed and not self.quic.close_pending:
             return
         now = self._loop.time()
+        if self._watch_idle:
+            self._watch_idle = False
+            self._health_wake.set()  # sending again: silence means something from now on
         active = self.quic.active_path_id if self.quic.path_count else None
         for data, addr in self.quic.datagrams_to_send(now):
             path = self.paths.get(getattr(addr, "path_id", active if active is not None else -1))
@@ -364,13 +368,15 @@ class ConnectionActor(Actor):
         """
         judge = ActiveLiveness(config)
         await self._wait_confirmed()
+        wait = 0.0
         while not self.closed:
-            pto = self.quic.probe_timeout()
-            tick = min(max(pto / 2, 0.02), 0.1)
             self._health_wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(tick):
+                async with asyncio.timeout(wait):
                     await self._health_wake.wait()
+            self._watch_idle = False
+            pto = self.quic.probe_timeout()
+            wait = min(max(pto / 2, 0.02), 0.1)
             if self.closed:
                 return
             active = self.quic.active_path_id
@@ -383,6 +389,15 @@ class ConnectionActor(Actor):
             if judge.needs_keepalive(now=now, last_receive=last, outstanding_since=outstanding):
                 self.quic.send_ping(next(self._ping_ids))
                 self._schedule_flush()
+                continue
+            if outstanding is None and active not in self._unreachable:
+                # Idle: nothing to judge until the keep-alive is due, or until we send
+                # something (_flush wakes us), so idle connections cost no wake-ups.
+                since = last if last is not None else now
+                wait = max(since + config.active_keepalive - now, wait)
+                self._watch_idle = True
+                if path.state is PathState.DEGRADED:
+                    path.set_state(PathState.ACTIVE)
                 continue
             verdict = judge.judge(
                 now=now,
@@ -570,7 +585,10 @@ class ConnectionActor(Actor):
             # Failed over from: its keep-alives tell when (if) it comes back.
             old.set_state(PathState.FAILED)
             if old.health is not None:
-                old.health.on_unreachable() if active in self._unreachable else old.health.on_lost()
+                if active in self._unreachable:
+                    old.health.on_unreachable()
+                else:
+                    old.health.on_lost()
             self.quic.invalidate_path(active)
             self._dead_reported = None
         return SwitchResult(

@@ -187,6 +187,16 @@ class PathActor(Actor):
         """Called by the connection when a PATH_RESPONSE for this path arrived on its socket."""
         if self._response is not None and not self._response.done():
             self._response.set_result(rtt)
+        elif self.health is not None:
+            # A keep-alive answered after we stopped waiting (a busy loop, a slow path) is
+            # still proof of life: count it, and revive a failed path.
+            now = asyncio.get_running_loop().time()
+            self.health.on_answer(rtt, now)
+            self.rtt = self.health.rtt
+            self.validated_at = now
+            if self.state is PathState.FAILED:
+                self.set_state(PathState.VALIDATING)
+                self.set_state(PathState.STANDBY)
 
     def connection_closed(self, exc: BaseException) -> None:
         self._fail_response(exc)

@@ -42,6 +42,9 @@ from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 from aioquic.tls import Epoch
 
+# Unanswered challenges remembered per path (late answers still count as proof of life).
+MAX_OUTSTANDING_CHALLENGES = 8
+
 # aioquic evicts a path silently beyond this many (MAX_NETWORK_PATHS); we refuse before that.
 AIOQUIC_MAX_NETWORK_PATHS = 8
 
@@ -585,6 +588,10 @@ class MigratingQuicConnection(QuicConnection):
         datagrams = self._build_probe(path, now, challenge=challenge)
         if datagrams:
             self._challenge_sent_at[challenge] = (path_id, now)
+            # A path that never answers must not grow this table: keep the newest few.
+            mine = [c for c, (pid, _) in self._challenge_sent_at.items() if pid == path_id]
+            for stale in mine[:-MAX_OUTSTANDING_CHALLENGES]:
+                del self._challenge_sent_at[stale]
         return datagrams
 
     def forget_challenges(self, path_id: int) -> None:

@@ -417,3 +417,18 @@ def test_a_response_on_another_socket_does_not_validate(cert: CertPair) -> None:
     pair.pump()
     assert [r.path_id for r in client.take_path_responses()] == [1]
     assert client.is_path_validated(1)
+
+
+def test_unanswered_challenges_are_bounded_per_path(cert: CertPair) -> None:
+    """A standby path that never answers its keep-alives must not grow memory for ever."""
+    from actors.quic_adapter import MAX_OUTSTANDING_CHALLENGES
+
+    pair = Pair(cert)
+    pair.connect()
+    client: MigratingQuicConnection = pair.client
+    client.add_path(1, SERVER)
+    assert client.reserve_peer_cid(1)
+    for i in range(100):
+        assert client.emit_challenge(1, pair.now + i)  # never delivered: never answered
+    outstanding = [c for c, (pid, _) in client._challenge_sent_at.items() if pid == 1]
+    assert len(outstanding) == MAX_OUTSTANDING_CHALLENGES
