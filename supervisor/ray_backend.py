@@ -25,14 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
-import ipaddress
 import itertools
 import logging
 import os
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -47,6 +44,7 @@ from actors.envelope import EnvelopeError, decode, encode, message
 from actors.path_state import PathState
 from actors.streams import Stream
 from supervisor.api import Supervisor
+from supervisor.drain import drain
 from supervisor.handles import Connection
 from supervisor.messages import (
     AddPathRequest,
@@ -496,25 +494,6 @@ def _read_counters(reader: Any) -> _Counters:
 # -- the agent ------------------------------------------------------------------------------------
 
 
-def _device_ips(device: str) -> set[str]:
-    """IPv4 address of ``device`` (SIOCGIFADDR); empty when it has none or does not exist."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", device.encode()[:15]))
-        except OSError:
-            return set()
-    return {socket.inet_ntoa(raw[20:24])}
-
-
-def _ip_of(addr: str) -> str:
-    """The IP of a multiaddr string, or the string itself when it is a bare IP."""
-    if addr.startswith("/"):
-        parts = addr.split("/")
-        return parts[2] if len(parts) > 2 else addr
-    return str(ipaddress.ip_address(addr))
-
-
-@dataclass(slots=True)
 class _Echo:
     sent: int = 0
     received: int = 0
@@ -930,72 +909,32 @@ class SupervisorAgent:
         return EventBatch(cursor=max(cursor, first) + len(picked), events=tuple(picked), lost=lost)
 
     async def _drain(self, req: DrainRequest) -> DrainReport:
-        """Switch every connection active on the drained address to another validated path.
+        """The node's part of a fleet drain: the core drain, reported with stable conn ids.
 
-        Connections are drained concurrently (each switch waits for the peer's confirmation).
+        Drained paths stay open here (close_drained=False) so the desired state a restarted
+        agent restores is exactly what the connection has.
         """
-        if (req.local_addr is None) == (req.device is None):
-            raise ValueError("drain needs exactly one of local_addr= or device=")
-        if req.local_addr is not None:
-            drained = {_ip_of(req.local_addr)}
-        else:
-            assert req.device is not None
-            drained = _device_ips(req.device)
-        by_device = req.device
-
-        def on_drained(live: str, local_addr: str, path_id: int) -> bool:
-            if _ip_of(local_addr) in drained:
-                return True
-            if by_device is None:
-                return False
-            record = self._records.get(self._stable.get(live, live))
-            return record is not None and any(
-                p["path_id"] == path_id and p.get("device") == by_device for p in record["paths"]
-            )
-
-        snaps = await self.sup.ask(SnapshotRequest(None))
-        assert isinstance(snaps, tuple)
-        todo = []
-        untouched = 0
-        for snap in snaps:
-            active = next((p for p in snap.paths if p.active), None)
-            if (
-                snap.closed
-                or active is None
-                or not on_drained(snap.conn_id, active.local_addr, active.path_id)
-            ):
-                untouched += 1
+        report = await drain(
+            self.sup, local_addr=req.local_addr, device=req.device,
+            probe_timeout=req.probe_timeout, close_drained=False,
+        )
+        moves = []
+        for outcome in report.outcomes:
+            if outcome.result == "untouched":
                 continue
-            todo.append((snap, active))
-
-        async def move(snap: ConnectionSnapshot, active: Any) -> DrainMove:
-            stable = self._stable.get(snap.conn_id, snap.conn_id)
-            candidates = [
-                p
-                for p in snap.paths
-                if not p.active
-                and p.state in (PathState.STANDBY, PathState.VALIDATING, PathState.NEW)
-                and not on_drained(snap.conn_id, p.local_addr, p.path_id)
-            ]
-            # Validated paths first, then by RTT.
-            candidates.sort(key=lambda p: (p.state is not PathState.STANDBY, p.rtt or 1e9))
-            errors = []
-            for cand in candidates:
-                try:
-                    if cand.state is not PathState.STANDBY or cand.rtt is None:
-                        await self.sup.ask(
-                            ProbeRequest(snap.conn_id, cand.path_id, req.probe_timeout)
-                        )
-                    reply = await self.sup.ask(SwitchRequest(snap.conn_id, cand.path_id, "drain"))
-                    await self._record(SwitchRequest(snap.conn_id, cand.path_id), reply)
-                    return DrainMove(stable, active.local_addr, cand.local_addr, True)
-                except Exception as exc:
-                    errors.append(f"{cand.local_addr}: {type(exc).__name__}: {exc}")
-            error = "; ".join(errors) or "no other path to move to: add one first"
-            return DrainMove(stable, active.local_addr, None, False, error)
-
-        moves = await asyncio.gather(*(move(s, a) for s, a in todo))
-        return DrainReport(self.label, tuple(moves), untouched)
+            if outcome.result == "moved" and outcome.to_path_id is not None:
+                await self._record(SwitchRequest(outcome.conn_id, outcome.to_path_id, "drain"),
+                                   None)
+            moves.append(
+                DrainMove(
+                    self._stable.get(outcome.conn_id, outcome.conn_id),
+                    outcome.from_addr or "",
+                    outcome.to_addr,
+                    outcome.result == "moved",
+                    outcome.error,
+                )
+            )
+        return DrainReport(self.label, tuple(moves), len(report.untouched))
 
     async def _listen(self, req: ListenRequest) -> ListenerInfo:
         if req.handler is not None and req.handler not in LISTEN_HANDLERS:

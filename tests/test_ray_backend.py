@@ -188,7 +188,7 @@ async def test_fleet_drain_across_two_agents(fleet: Fleet, server: RigServer) ->
     assert ra.moved[0].to_addr is not None and "/127.0.0.3/" in ra.moved[0].to_addr
     assert [m.conn_id for m in rb.moved] == [conns[b.label].conn_id]
     assert [m.conn_id for m in rb.failed] == [lone.conn_id]
-    assert "no other path" in (rb.failed[0].error or "")
+    assert "no path off" in (rb.failed[0].error or "")
 
     for label, conn in conns.items():
         snap = await conn.refresh()  # type: ignore[attr-defined]
