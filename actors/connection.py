@@ -421,13 +421,23 @@ class ConnectionActor(Actor):
                 self._notify(ActivePathDead(self.conn_id, active, reason))
 
     async def _connect(self, timeout: float) -> None:
+        deadline = self._loop.time() + timeout
+        # The path hands its socket to asyncio in its own on_start: an Initial flushed before
+        # that is dropped, and the handshake then waits a whole PTO (~200 ms) to resend it.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.paths[0].ready.wait()
         self.quic.connect(PathAddr(self.remote, 0), now=self._loop.time())
         self.quic.attach_initial_path(0)
         self._flush()
         done = asyncio.ensure_future(self._handshake_done.wait())
         ended = asyncio.ensure_future(self._terminated.wait())
         try:
-            await asyncio.wait({done, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {done, ended},
+                timeout=max(0.0, deadline - self._loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             done.cancel()
             ended.cancel()
@@ -543,7 +553,7 @@ class ConnectionActor(Actor):
         old = self.paths[active]
         t0 = self._loop.time()
         pto_old = self.quic.probe_timeout()
-        failover = msg.reason == "failover" and self._dead_reported == active
+        failover = msg.old_path_dead
         token = self.quic.switch_path(
             msg.path_id,
             t0,

@@ -115,6 +115,8 @@ class PathActor(Actor):
         self.health = PathHealth(health) if health is not None else None
         self._keepalive_idle = asyncio.Event()
         self._keepalive_idle.set()
+        #: Set once asyncio owns the socket (``on_start``): a datagram sent before is lost.
+        self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,6 +127,7 @@ class PathActor(Actor):
         )
         self._transport = transport
         self._protocol = protocol
+        self.ready.set()
         if self.health is not None:
             self.spawn(self._keepalive_loop(), name="keepalive")
 
