@@ -43,6 +43,8 @@ class Switch:
     path_id: int
     reason: str = "manual"
     probe_timeout: float = 5.0
+    #: Failover off a dead path: resend what it had in flight, and mark it failed.
+    old_path_dead: bool = False
 
 
 @message("conn.ClosePath")

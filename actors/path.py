@@ -47,6 +47,22 @@ class PathStats:
     last_error: str | None = None
     probes_sent: int = 0
     probe_rtts: list[float] = field(default_factory=list)
+    #: Loop-clock send times of the tries of the latest probe on request (span events).
+    probe_try_times: list[float] = field(default_factory=list)
+    #: What metrics were last told (bytes and drops are reported as deltas, off the datagram
+    #: path: when the path changes state or goes away).
+    reported: dict[str, int] = field(default_factory=dict)
+
+    def deltas(self) -> dict[str, int]:
+        """Counters grown since the last call (sent, received, dropped off-path)."""
+        now = {
+            "sent": self.bytes_sent,
+            "received": self.bytes_received,
+            "dropped": self.dropped_off_path,
+        }
+        out = {k: v - self.reported.get(k, 0) for k, v in now.items()}
+        self.reported = now
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +272,12 @@ class PathActor(Actor):
                 datagrams = await self._conn.ask(EmitChallenge(self.path_id), timeout=None)
             except (MigrationError, ActorError):
                 return False  # no CID, or the connection is going: nothing to learn now
+            except ValueError:
+                if self.state in (PathState.STANDBY, PathState.FAILED):
+                    raise
+                # Switched to while the question was on its way (the active path is judged
+                # from the traffic it carries and is never challenged): nothing learnt.
+                return False
             assert isinstance(datagrams, list)
             for data in datagrams:
                 self.send(data)
@@ -264,7 +286,8 @@ class PathActor(Actor):
                 async with asyncio.timeout(health.answer_wait()):
                     rtt = await self._response
             except TimeoutError:
-                health.on_lost()
+                if self.state in (PathState.STANDBY, PathState.FAILED):
+                    health.on_lost()  # not when it became the active path meanwhile
                 return False
             except OSError:
                 health.on_unreachable()
@@ -285,6 +308,7 @@ class PathActor(Actor):
         """Challenge until answered on this socket or ``timeout``; returns the probe RTT."""
         await self._keepalive_idle.wait()  # one outstanding question per path at a time
         loop = asyncio.get_running_loop()
+        self.stats.probe_try_times = []
         before = self.state
         self.set_state(PathState.VALIDATING)
         deadline = loop.time() + timeout
@@ -302,6 +326,7 @@ class PathActor(Actor):
                 for data in datagrams:
                     self.send(data)
                 self.stats.probes_sent += 1
+                self.stats.probe_try_times.append(loop.time())
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ProbeTimeoutError(_fmt(self.local), timeout=timeout)

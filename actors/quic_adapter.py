@@ -418,9 +418,26 @@ class MigratingQuicConnection(QuicConnection):
                 network_path.remote_challenges.popleft()
         except QuicPacketBuilderStop:
             pass
-        datagrams, _packets = builder.flush()
+        datagrams, packets = builder.flush()
         if not datagrams:
             return []
+        if self._quic_logger is not None:
+            # Logged like aioquic logs its own packets, so qvis shows our probes too.
+            for packet in packets:
+                self._quic_logger.log_event(
+                    category="transport",
+                    event="packet_sent",
+                    data={
+                        "frames": packet.quic_logger_frames,
+                        "header": {
+                            "packet_number": packet.packet_number,
+                            "packet_type": self._quic_logger.packet_type(packet.packet_type),
+                            "scid": "",
+                            "dcid": network_path.peer_cid.cid.hex(),
+                        },
+                        "raw": {"length": packet.sent_bytes},
+                    },
+                )
         # The packet number is consumed but the packet is not registered with loss recovery:
         # no congestion window, no RTT sample, no retransmission (the probe loop retries).
         self._packet_number = builder.packet_number

@@ -138,7 +138,8 @@ class FailoverController:
             for path in self.candidates(entry):
                 try:
                     await self.actor._switch(
-                        SwitchRequest(conn_id, path.path_id, reason="failover")
+                        SwitchRequest(conn_id, path.path_id, reason="failover"),
+                        old_path_dead=True,
                     )
                 except MigrationError as exc:
                     log.info(

@@ -104,6 +104,7 @@ from telemetry.tracing import (
     EVENT_PATH_ADDED,
     EVENT_PATH_REMOVED,
     EVENT_PATH_STATE_CHANGED,
+    EVENT_PROBE_TRY,
     RESULT_ROLLED_BACK,
     SPAN_PATH_CLOSE,
     SPAN_PATH_PROBE,
@@ -191,6 +192,7 @@ class SupervisorActor(Actor):
         self.options = options or ConnectionOptions()
         self._on_event = on_event
         self.conns: dict[str, _Entry] = {}
+        self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
         self._socket_keys = itertools.count(1 << 30)
 
     # ------------------------------------------------------------------ plumbing
@@ -461,6 +463,9 @@ class SupervisorActor(Actor):
         if entry is None:
             return
         if isinstance(msg, PathStateReport):
+            path = entry.actor.paths.get(msg.path_id)
+            if path is not None:
+                self._report_traffic(path, msg.old)
             self._publish(
                 EvtPathStateChanged(
                     conn_id,
@@ -484,10 +489,33 @@ class SupervisorActor(Actor):
         await entry.ref.wait_stopped()
         self._forget(entry.conn_id)
 
+    def _report_traffic(self, path: Any, state: PathState) -> None:
+        """Bytes and off-path drops since the last report, attributed to ``state``."""
+        grown = path.stats.deltas()
+        self.metrics.path_bytes(grown["sent"], state=state.value, direction="transmit")
+        self.metrics.path_bytes(grown["received"], state=state.value, direction="receive")
+        if grown["dropped"]:
+            self.metrics.datagrams_dropped_offpath(grown["dropped"])
+
+    def _min_spare_cids(self) -> int | None:
+        """Runs on the metric reader's thread: copy the registry (atomic under the GIL), read
+        plain ints, and give up quietly on a race rather than fail the export."""
+        try:
+            spares = [
+                e.actor.quic.spare_peer_cids
+                for e in list(self.conns.values())
+                if not e.actor.closed
+            ]
+        except RuntimeError:
+            return None
+        return min(spares) if spares else None
+
     def _forget(self, conn_id: str) -> None:
         entry = self.conns.pop(conn_id, None)
         if entry is None:
             return
+        for path in list(entry.actor.paths.values()):
+            self._report_traffic(path, path.state)
         qlog = entry.actor.quic.configuration.quic_logger
         if isinstance(qlog, QlogWriter):
             try:
@@ -618,13 +646,19 @@ class SupervisorActor(Actor):
             raise
         finally:
             span.set_attribute(ATTR_PROBE_TRIES, path.stats.probes_sent - tries_before)
+            # Each try as a span event at the time its challenge left (loop clock -> wall).
+            offset = time.time_ns() - int(asyncio.get_running_loop().time() * 1e9)
+            for n, sent in enumerate(path.stats.probe_try_times, start=1):
+                span.add_event(
+                    EVENT_PROBE_TRY, {"quic.probe.try": n}, timestamp=offset + int(sent * 1e9)
+                )
         assert isinstance(rtt, float)
         span.set_attribute(ATTR_PROBE_RTT_MS, rtt * 1000)
         self.metrics.probe_rtt(rtt)
         return rtt
 
     async def _switch(
-        self, req: SwitchRequest, parent: Context | None = None
+        self, req: SwitchRequest, parent: Context | None = None, *, old_path_dead: bool = False
     ) -> ConnectionSnapshot:
         if req.reason not in get_args(MigrationReason):
             raise ValueError(
@@ -668,7 +702,9 @@ class SupervisorActor(Actor):
                             await self._probe_in_span(entry, req.path_id, 5.0, probe_span)
                     with self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span:
                         try:
-                            result = await entry.ref.ask(Switch(req.path_id, reason))
+                            result = await entry.ref.ask(
+                                Switch(req.path_id, reason, old_path_dead=old_path_dead)
+                            )
                         except MigrationRolledBackError:
                             switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
                             set_result(span, RESULT_ROLLED_BACK)
@@ -758,6 +794,7 @@ class SupervisorActor(Actor):
         self._forget(req.conn_id)
 
     async def on_stop(self) -> None:
+        self._unregister_cids()
         if self.failover is not None:
             await self.failover.close()
         for conn_id in list(self.conns):

@@ -427,3 +427,105 @@ def test_qlog_writer_end_trace_and_close_are_idempotent(tmp_path: Path) -> None:
     (written,) = json.loads((tmp_path / "abc.qlog").read_text())["traces"]
     assert [e["data"]["i"] for e in written["events"]] == [2, 3, 4]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+async def test_qlog_shows_our_path_challenges(server: RigServer, tmp_path: Path) -> None:
+    """Probes are built outside aioquic's send path; they must still appear in the qlog."""
+    async with Supervisor(enable_experimental_connection_migration=True, qlog_dir=tmp_path) as sup:
+        conn = await _dial(sup, server)
+        path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        await path.probe()
+        await conn.close()
+    (trace,) = json.loads((tmp_path / f"{conn.conn_id}.qlog").read_text())["traces"]
+    sent_frames = [
+        frame["frame_type"]
+        for e in trace["events"]
+        if e["name"] == "transport:packet_sent"
+        for frame in e["data"]["frames"]
+    ]
+    assert "path_challenge" in sent_frames
+
+
+async def test_each_probe_try_is_a_span_event(
+    server: RigServer, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exp = exporter
+    async with (
+        udp_shim(server.addr) as shim,
+        Supervisor(enable_experimental_connection_migration=True, tracer_provider=provider) as sup,
+    ):
+        conn = await sup.dial(
+            f"/ip4/127.0.0.1/udp/{shim.listen_addr[1]}/quic-v1",
+            alpn_protocols=["echo"],
+            verify=False,
+        )
+        path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        local = path.info().local_addr
+        shim.drop_client_to_server(
+            src=(local.value_for_protocol("ip4"), int(local.value_for_protocol("udp")))
+        )
+        with pytest.raises(ProbeTimeoutError):
+            await path.probe(timeout=0.4)
+    (probe,) = _by_name(exp.get_finished_spans(), "quic.path.probe")
+    tries = [e for e in probe.events if e.name == "quic.probe.try"]
+    tries_attr = int(str(dict(probe.attributes or {})["quic.probe.tries"]))
+    assert len(tries) == tries_attr >= 2
+    assert [dict(e.attributes or {})["quic.probe.try"] for e in tries] == list(
+        range(1, tries_attr + 1)
+    )
+    times = [e.timestamp for e in tries]
+    assert times == sorted(times)
+    assert probe.start_time is not None and probe.end_time is not None
+    assert probe.start_time <= times[0] and times[-1] <= probe.end_time
+
+
+async def test_path_bytes_offpath_drops_and_spare_cids_are_measured(server: RigServer) -> None:
+    import socket
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def points(name: str) -> list[object]:
+        data = reader.get_metrics_data()
+        return [
+            pt
+            for rm in (data.resource_metrics if data else [])
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.name == name
+            for pt in m.data.data_points
+        ]
+
+    async with Supervisor(
+        enable_experimental_connection_migration=True, meter_provider=provider
+    ) as sup:
+        conn = await _dial(sup, server)
+        # The spare-CID gauge reads the live connection: a stock aioquic server gives 7.
+        assert [pt.value for pt in points("quic.cid.spare")] == [7]  # type: ignore[attr-defined]
+        local = conn.as_migratable().active_path().local_addr
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stray:
+            stray.bind(("127.0.0.1", 0))
+            for _ in range(3):
+                stray.sendto(
+                    b"not from the peer",
+                    (local.value_for_protocol("ip4"), int(local.value_for_protocol("udp"))),
+                )
+            # Queued before the echo's answers on the same socket: read before it completes.
+            await echo_roundtrip(conn, size=100_000)
+        await conn.close()  # the paths leave their state: their traffic is reported
+    dropped = points("quic.datagrams.dropped_offpath")
+    assert sum(pt.value for pt in dropped) == 3  # type: ignore[attr-defined]
+    by_key = {
+        (
+            dict(pt.attributes)["quic.path.state"],
+            dict(pt.attributes)["network.io.direction"],
+        ):  # type: ignore[attr-defined]
+        pt.value  # type: ignore[attr-defined]
+        for pt in points("quic.path.bytes")
+    }
+    assert by_key[("active", "transmit")] > 100_000
+    assert by_key[("active", "receive")] > 100_000
+    provider.shutdown()
