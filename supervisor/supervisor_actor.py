@@ -674,11 +674,6 @@ class SupervisorActor(Actor):
                 return self._snap(req.conn_id)
             from_addr = self._local_of(entry, active)
             to_addr = self._local_of(entry, req.path_id)
-            self._publish(
-                EvtConnectionMigrationStarted(
-                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
-                )
-            )
             with (
                 self.tracing.migration_span(
                     req.conn_id,
@@ -691,6 +686,12 @@ class SupervisorActor(Actor):
                 ) as span,
                 self._op_span(req.conn_id, span),
             ):
+                # Published inside the span: the journal records carry the migration's trace.
+                self._publish(
+                    EvtConnectionMigrationStarted(
+                        req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
+                    )
+                )
                 try:
                     stale = target.validated_at is None or (
                         asyncio.get_running_loop().time() - target.validated_at
@@ -708,7 +709,7 @@ class SupervisorActor(Actor):
                         except MigrationRolledBackError:
                             switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
                             set_result(span, RESULT_ROLLED_BACK)
-                            self.metrics.rollback(req.reason)
+                            self.metrics.rollback(reason)
                             raise
                         assert isinstance(result, SwitchResult)
                         for key, value in (
@@ -743,19 +744,19 @@ class SupervisorActor(Actor):
                         )
                     )
                     raise
-            self.metrics.migration(reason, "completed")
-            self.metrics.active_path_change(req.reason)
-            self._publish(
-                EvtConnectionMigrationCompleted(
-                    req.conn_id,
-                    entry.remote,
-                    time.time(),
-                    from_addr,
-                    to_addr,
-                    reason,
-                    result.probe_rtt,
+                self.metrics.migration(reason, "completed")
+                self.metrics.active_path_change(reason)
+                self._publish(
+                    EvtConnectionMigrationCompleted(
+                        req.conn_id,
+                        entry.remote,
+                        time.time(),
+                        from_addr,
+                        to_addr,
+                        reason,
+                        result.probe_rtt,
+                    )
                 )
-            )
         return self._snap(req.conn_id)
 
     async def _close_path(

@@ -529,3 +529,26 @@ async def test_path_bytes_offpath_drops_and_spare_cids_are_measured(server: RigS
     assert by_key[("active", "transmit")] > 100_000
     assert by_key[("active", "receive")] > 100_000
     provider.shutdown()
+
+
+async def test_journal_migration_records_carry_the_migration_trace(
+    server: RigServer,
+    tmp_path: Path,
+    exporter: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    from telemetry.journal import read_journal
+
+    provider, exp = exporter
+    journal = tmp_path / "run.journal"
+    async with Supervisor(
+        enable_experimental_connection_migration=True, tracer_provider=provider, journal=journal
+    ) as sup:
+        conn = await _dial(sup, server)
+        path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        await path.probe()
+        await path.switch()
+    (migration,) = _by_name(exp.get_finished_spans(), "quic.migration")
+    trace_id = format(migration.context.trace_id, "032x")
+    records = {r["type"]: r for r in read_journal(journal) if r.get("kind") == "event"}
+    for kind in ("ConnectionMigrationStarted", "ConnectionMigrationCompleted"):
+        assert records[kind]["trace_id"] == trace_id, kind
