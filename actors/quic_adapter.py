@@ -533,20 +533,23 @@ class MigratingQuicConnection(QuicConnection):
     def last_non_probing_rx(self, path_id: int) -> float | None:
         return self._last_non_probing_rx.get(path_id)
 
+    def _path_peer_cids(self) -> dict[int, QuicConnectionId | None]:
+        """The peer CID each path sends with (the active path uses the connection's)."""
+        return {
+            int(path.addr.path_id): self._peer_cid if index == 0 else path.peer_cid
+            for index, path in enumerate(self._network_paths)
+        }
+
     def path_cid_sequences(self) -> dict[int, int | None]:
-        """The peer CID sequence each path sends with (the active path uses the connection's)."""
-        out: dict[int, int | None] = {}
-        for index, path in enumerate(self._network_paths):
-            cid = self._peer_cid if index == 0 else path.peer_cid
-            out[int(path.addr.path_id)] = cid.sequence_number if cid is not None else None
-        return out
+        return {
+            pid: None if cid is None else cid.sequence_number
+            for pid, cid in self._path_peer_cids().items()
+        }
 
     def path_cids(self) -> dict[int, bytes | None]:
-        out: dict[int, bytes | None] = {}
-        for index, path in enumerate(self._network_paths):
-            cid = self._peer_cid if index == 0 else path.peer_cid
-            out[int(path.addr.path_id)] = cid.cid if cid is not None else None
-        return out
+        return {
+            pid: None if cid is None else cid.cid for pid, cid in self._path_peer_cids().items()
+        }
 
     def attach_initial_path(self, path_id: int) -> None:
         """Tag the handshake path (created by ``connect``) with its path id."""
