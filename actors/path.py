@@ -131,6 +131,11 @@ class PathActor(Actor):
         self.health = PathHealth(health) if health is not None else None
         self._keepalive_idle = asyncio.Event()
         self._keepalive_idle.set()
+        #: Set by the connection while an unconfirmed switch away from this path may still roll
+        #: back to it: evidence (ICMP, lost keep-alives) is recorded, but the path is not marked
+        #: failed until that is settled (a rollback makes it active again, which a failed path
+        #: cannot become).
+        self.rollback_target = False
         #: Set once asyncio owns the socket (``on_start``): a datagram sent before is lost.
         self.ready = asyncio.Event()
 
@@ -198,7 +203,7 @@ class PathActor(Actor):
             self._fail_response(exc)
             if self.health is not None:
                 self.health.on_unreachable()
-                if self.state is PathState.STANDBY:
+                if self.state is PathState.STANDBY and not self.rollback_target:
                     self._mark_failed()
         self._sink.path_error(self.path_id, exc)
 
@@ -260,7 +265,10 @@ class PathActor(Actor):
                 self.set_state(PathState.VALIDATING)
                 self.set_state(PathState.STANDBY)
             elif (
-                not answered and self.state is PathState.STANDBY and health.verdict is Verdict.DEAD
+                not answered
+                and self.state is PathState.STANDBY
+                and health.verdict is Verdict.DEAD
+                and not self.rollback_target
             ):
                 self._mark_failed()
 

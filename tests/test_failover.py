@@ -6,6 +6,8 @@ policy itself: detection, choice of target, switch-back with hysteresis, giving 
 
 from __future__ import annotations
 
+import asyncio
+import errno
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +15,7 @@ import pytest_asyncio
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
+from supervisor.errors import MigrationRolledBackError
 from supervisor.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
@@ -21,7 +24,14 @@ from supervisor.events import (
 )
 from tests.rig.aioquic_server import RigServer
 from tests.rig.udp_shim import UdpShim, udp_shim
-from tests.support import ChecksummedStream, addr_of, dial_echo, event_log, fd_count
+from tests.support import (
+    ChecksummedStream,
+    addr_of,
+    dial_echo,
+    echo_roundtrip,
+    event_log,
+    fd_count,
+)
 
 FAST = FailoverPolicy(keepalive_interval=0.2, failures_to_fail=2, hysteresis=0.5)
 
@@ -137,6 +147,48 @@ async def test_no_usable_path_ends_with_connection_closed_and_nothing_leaked(
         assert sup.connections() == []
     # Everything of ours is closed; the shim (still running) holds one relay per client.
     assert fd_count() == fds + len(shim.clients)
+
+
+async def test_keepalive_racing_a_switch_to_its_path_learns_nothing(shim: UdpShim) -> None:
+    """A keep-alive decided while the path was standby can reach the connection after a switch
+    made it active: the connection refuses to challenge the active path, and the keep-alive
+    records nothing (it used to crash the PathActor: found by the fault suite, 200 switches)."""
+    async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
+        conn, _first, second = await _two_paths(sup, shim)
+        await second.switch()
+        actor = conn._actor.paths[second.path_id]  # type: ignore[attr-defined]
+        assert actor.state is PathState.ACTIVE and actor.health is not None
+        failures = actor.health.consecutive_failures
+        assert await actor._keepalive_once(actor.health) is False
+        assert actor.health.consecutive_failures == failures
+        assert second.info().state is PathState.ACTIVE
+        await echo_roundtrip(conn)
+
+
+async def test_rollback_to_an_old_path_that_failed_meanwhile(shim: UdpShim) -> None:
+    """A switch whose target never answers rolls back; if the old path got an ICMP error while
+    the switch waited (its keep-alive hit a downed link), it still becomes active again: it is
+    not marked failed while a rollback may need it (this raised InvalidTransitionError, failed
+    -> active, and left the path states inconsistent: found by the fault suite)."""
+    async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
+        conn, first, second = await _two_paths(sup, shim)
+        old = conn._actor.paths[first.path_id]  # type: ignore[attr-defined]
+        async with event_log(sup, EvtPathStateChanged) as log:
+            _blackhole(shim, second)  # the switch will not be confirmed
+            switch = asyncio.create_task(second.switch())
+            await log.wait_for(
+                lambda: any(
+                    e.new is PathState.STANDBY and e.local_addr == first.info().local_addr  # type: ignore[attr-defined]
+                    for e in log.of(EvtPathStateChanged)
+                ),
+                timeout=5,
+            )
+            old._on_error(OSError(errno.ENETUNREACH, "Network is unreachable"))
+            with pytest.raises(MigrationRolledBackError):
+                await asyncio.wait_for(switch, 10)
+        assert first.info().state is PathState.ACTIVE
+        assert second.info().state is PathState.FAILED
+        await echo_roundtrip(conn)
 
 
 def test_policy_rejects_bad_values() -> None:
