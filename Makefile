@@ -7,13 +7,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages the test rig uses: independent QUIC peers (ngtcp2), packet decoding (tshark),
-# fault injection (nftables, NFQUEUE headers), namespaces and routes (iproute2).
-SYSDEPS := ngtcp2-server ngtcp2-client tshark nftables iproute2 libnetfilter-queue-dev
+# fault injection (nftables, NFQUEUE headers, iptables for the NFQUEUE target, conntrack to flush
+# NAT state), namespaces and routes (iproute2).
+SYSDEPS := ngtcp2-server ngtcp2-client tshark nftables iproute2 libnetfilter-queue-dev iptables conntrack
 
 .PHONY: all venv sysdeps demo test lint bench clean
 
 all: test
 
+# sysdeps first where both are needed: the venv builds NetfilterQueue against libnetfilter-queue-dev.
 venv: $(STAMP)
 
 # Reinstall only when pyproject.toml changes; the stamp lives inside the venv so `clean` drops both.
@@ -32,6 +34,8 @@ sysdeps:
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	dpkg -s libnetfilter-queue-dev >/dev/null 2>&1 || missing="$$missing libnetfilter-queue-dev"; \
+	command -v iptables >/dev/null 2>&1 || missing="$$missing iptables"; \
+	command -v conntrack >/dev/null 2>&1 || missing="$$missing conntrack"; \
 	if [ -z "$$missing" ]; then \
 		echo "sysdeps: all present"; \
 	elif [ "$$(id -u)" -ne 0 ]; then \
@@ -46,10 +50,10 @@ sysdeps:
 		apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-demo: venv sysdeps
+demo: sysdeps venv
 	$(BIN)/quic-supervisor demo
 
-test: venv sysdeps
+test: sysdeps venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
