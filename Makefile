@@ -60,8 +60,14 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: venv
-	$(BIN)/python -m bench
+# Benchmarks (see bench/__main__.py): JSON to bench/results/, a table on stdout,
+# then README.md's results table regenerated from the JSON (even if one benchmark failed).
+bench: sysdeps venv $(VENV)/.bench-installed
+	$(BIN)/python -m bench; status=$$?; $(BIN)/python -m bench.report; exit $$status
+
+$(VENV)/.bench-installed: pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -e '.[dev,ray,bench]'
+	@touch $@
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
