@@ -9,6 +9,7 @@ path with a too-small MTU would validate) and is non-blocking. Errors name the i
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 from typing import Any, Final
@@ -24,6 +25,7 @@ __all__ = [
     "check_local_address",
     "df_bit_set",
     "family_name",
+    "multiaddr_text",
     "parse_quic_multiaddr",
     "sockaddr_to_multiaddr",
     "to_multiaddr",
@@ -160,6 +162,14 @@ def to_multiaddr(host: str, port: int) -> Multiaddr:
         raise InvalidAddressError(port, "a UDP port is an int in 0..65535", what="port")
     if not isinstance(host, str):
         raise TypeError(f"host must be a str, got {type(host).__name__}: {host!r}")
+    return _to_multiaddr(host, port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _to_multiaddr(host: str, port: int) -> Multiaddr:
+    # Remembered: building a Multiaddr costs ~40 us, and every snapshot, event and span of a
+    # switch names its paths' addresses (bench B1: a third of a switch's CPU). Multiaddr values
+    # are never mutated, so sharing one is safe.
     bare = host.partition("%")[0]
     try:
         ip = ipaddress.ip_address(bare)
@@ -171,6 +181,12 @@ def to_multiaddr(host: str, port: int) -> Multiaddr:
         ip = ip.ipv4_mapped
     proto = "ip4" if ip.version == 4 else "ip6"
     return Multiaddr(f"/{proto}/{ip}/udp/{port}/quic-v1")
+
+
+@functools.lru_cache(maxsize=4096)
+def multiaddr_text(addr: Multiaddr) -> str:
+    """``str(addr)``, remembered (a Multiaddr decodes its bytes again on every ``str()``)."""
+    return str(addr)
 
 
 def sockaddr_to_multiaddr(sockaddr: tuple[Any, ...]) -> Multiaddr:

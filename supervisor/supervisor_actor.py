@@ -59,6 +59,7 @@ from supervisor.addresses import (
     adopt_udp_socket,
     bind_udp_socket,
     check_local_address,
+    multiaddr_text,
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
 )
@@ -266,8 +267,8 @@ class SupervisorActor(Actor):
             paths.append(
                 PathSnapshot(
                     path_id=path_id,
-                    local_addr=str(sockaddr_to_multiaddr(path.local)),
-                    remote_addr=str(entry.remote),
+                    local_addr=multiaddr_text(sockaddr_to_multiaddr(path.local)),
+                    remote_addr=multiaddr_text(entry.remote),
                     active=is_active,
                     rtt=rtt,
                     state=path.state,
@@ -278,8 +279,8 @@ class SupervisorActor(Actor):
             )
         return ConnectionSnapshot(
             conn_id=conn_id,
-            local_addr=str(entry.local),
-            remote_addr=str(entry.remote),
+            local_addr=multiaddr_text(entry.local),
+            remote_addr=multiaddr_text(entry.remote),
             inbound=False,
             supports_migration=self.migration_enabled
             and not actor.quic.peer_disabled_active_migration
@@ -678,9 +679,9 @@ class SupervisorActor(Actor):
                 self.tracing.migration_span(
                     req.conn_id,
                     reason,
-                    from_addr,
-                    to_addr,
-                    entry.remote,
+                    multiaddr_text(from_addr),
+                    multiaddr_text(to_addr),
+                    multiaddr_text(entry.remote),
                     entry.family,
                     parent_context=parent,
                 ) as span,
