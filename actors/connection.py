@@ -433,7 +433,7 @@ class ConnectionActor(Actor):
         # that is dropped, and the handshake then waits a whole PTO (~200 ms) to resend it.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self.paths[0].ready.wait()
+                await self.paths[0].wait_ready()
         self.quic.connect(PathAddr(self.remote, 0), now=self._loop.time())
         self.quic.attach_initial_path(0)
         self._flush()

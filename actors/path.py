@@ -136,8 +136,10 @@ class PathActor(Actor):
         #: failed until that is settled (a rollback makes it active again, which a failed path
         #: cannot become).
         self.rollback_target = False
-        #: Set once asyncio owns the socket (``on_start``): a datagram sent before is lost.
-        self.ready = asyncio.Event()
+        # Resolved once asyncio owns the socket (``on_start``): a datagram sent before is lost.
+        # A future made on demand, not an Event: most paths never wait, and an Event's deque
+        # costs ~0.6 KiB per path (bench B4 counts RSS per connection).
+        self._ready: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -148,7 +150,8 @@ class PathActor(Actor):
         )
         self._transport = transport
         self._protocol = protocol
-        self.ready.set()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
         if self.health is not None:
             self.spawn(self._keepalive_loop(), name="keepalive")
 
@@ -162,6 +165,14 @@ class PathActor(Actor):
         else:
             self.sock.close()
         self.set_state(PathState.CLOSED)
+
+    async def wait_ready(self) -> None:
+        """Return once the socket is live (its datagram endpoint made)."""
+        if self._transport is not None:
+            return
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._ready)
 
     @property
     def probe_task(self) -> asyncio.Task[float] | None:
