@@ -32,6 +32,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -83,6 +84,17 @@ async def _raw_client(server: ServerInfo, n: int) -> dict[str, Any]:
     }
 
 
+def _census() -> Counter[str]:
+    gc.collect()
+    return Counter(type(o).__qualname__ for o in gc.get_objects())
+
+
+def _per_conn(after: Counter[str], before: Counter[str], n: int) -> dict[str, float]:
+    """Objects the connections added, per connection, biggest counts first (where RSS goes)."""
+    grown = {k: (after[k] - before[k]) / n for k in after if after[k] - before[k] >= n}
+    return {k: round(v, 1) for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[:15]}
+
+
 def _providers() -> tuple[Any, Any]:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -109,6 +121,7 @@ async def _ours_client(
 
     tracer, meter = _providers() if failover else (None, None)
     before = await _settle(0.2)
+    types_before = _census()
     policy = FailoverPolicy(keepalive_interval=1.0) if failover else None
     out: dict[str, Any] = {"n": n, "failover": failover}
     async with Supervisor(
@@ -145,6 +158,7 @@ async def _ours_client(
             rss_before=before,
             rss_after=after,
             rss_per_conn_kib=round((after - before) / n / 1024, 2),
+            objects_per_conn=_per_conn(_census(), types_before, n),
         )
 
         def probes() -> int:
@@ -164,6 +178,7 @@ async def _ours_client(
         )
         times: list[float] = []
         moved: list[int] = []
+        why: list[str] = []
         for i in range(drains):
             src = "/ip4/127.0.0.1" if i % 2 == 0 else "/ip4/127.0.0.2"
             await asyncio.sleep(1.5)  # keep-alives revalidate the paths just left (warm)
@@ -171,7 +186,8 @@ async def _ours_client(
             report = await sup.drain(local_addr=src, close_drained=False)
             times.append(time.perf_counter() - t)
             moved.append(sum(1 for o in report.outcomes if o.result == "moved"))
-        out.update(drain_s=times, drain_moved=moved)
+            why += [o.error or "" for o in report.outcomes if o.result == "failed"][:2]
+        out.update(drain_s=times, drain_moved=moved, drain_failure_sample=why[:4])
         for conn in conns:
             with contextlib.suppress(Exception):
                 await conn.close()
