@@ -33,7 +33,7 @@ SUITE: list[tuple[str, int, list[str]]] = [
     ("b5_control", 240, []),
 ]
 MAX_LOAD = 1.5
-MAX_WAIT = 300.0
+MAX_WAIT = 180.0
 
 
 def wait_for_quiet(max_load: float = MAX_LOAD, max_wait: float = MAX_WAIT) -> dict[str, Any]:

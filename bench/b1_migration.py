@@ -55,10 +55,13 @@ async def _switch_and_echo(
     actor = conn._actor
     new_path = actor.paths[target.path_id]
     before = new_path.stats.datagrams_received
-    confirmed_at: list[float] = []
+
+    async def switch() -> float:
+        await target.switch()
+        return time.perf_counter()
+
     t0 = time.perf_counter()
-    task = asyncio.create_task(target.switch())
-    task.add_done_callback(lambda _t: confirmed_at.append(time.perf_counter()))
+    task = asyncio.create_task(switch())
     for _ in range(100_000):  # a few loop turns: supervisor, then connection actor
         if actor.quic.active_path_id == target.path_id or task.done():
             break
@@ -67,8 +70,8 @@ async def _switch_and_echo(
     await stream.readexactly(1)
     echoed = time.perf_counter() - t0
     on_new = new_path.stats.datagrams_received > before
-    await task
-    return confirmed_at[0] - t0, echoed, on_new
+    confirmed_at = await task
+    return confirmed_at - t0, echoed, on_new
 
 
 async def _scenario(sc: Scenario, trials: int, udp_n: int) -> dict[str, Any]:

@@ -65,6 +65,12 @@ def table(results: Path = RESULTS_DIR) -> str:
                 )
                 + " |"
             )
+    notes = [
+        f"- {f['bench']} {f['figure']}: {f['note']}"
+        for name in names
+        for f in json.loads(files[name].read_text()).get("figures", [])
+        if f.get("note")
+    ]
     machine = suite.get("machine") or first or {}
     head = [
         f"Measured by `make bench` on {machine.get('date', '?')}: {machine.get('cpus', '?')} x "
@@ -78,7 +84,7 @@ def table(results: Path = RESULTS_DIR) -> str:
         "| | figure | goal | baseline (same run) | result | met | load |",
         "|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(head + rows)
+    return "\n".join(head + rows + (["", *notes] if notes else []))
 
 
 def update(readme: Path, check: bool = False) -> bool:
