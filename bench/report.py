@@ -32,6 +32,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _figures(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    return list(data.get("figures", [])) if isinstance(data, dict) else []
+
+
 def table(results: Path = RESULTS_DIR) -> str:
     files = {p.stem: p for p in results.glob("*.json") if p.stem != "suite"}
     names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
@@ -41,8 +46,8 @@ def table(results: Path = RESULTS_DIR) -> str:
     rows = []
     for name in names:
         data = json.loads(files[name].read_text())
-        if "figures" not in data:
-            continue
+        if not isinstance(data, dict) or "figures" not in data:
+            continue  # not a suite result (e.g. the fault suite's own log)
         first = first or data.get("machine")
         run = data.get("run", {})
         load = f"{run['load_before']}" if "load_before" in run else "?"
@@ -68,7 +73,7 @@ def table(results: Path = RESULTS_DIR) -> str:
     notes = [
         f"- {f['bench']} {f['figure']}: {f['note']}"
         for name in names
-        for f in json.loads(files[name].read_text()).get("figures", [])
+        for f in _figures(files[name])
         if f.get("note")
     ]
     machine = suite.get("machine") or first or {}
