@@ -197,7 +197,9 @@ class PathActor(Actor):
         self.stats.datagrams_sent += 1
 
     def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if _addr_key(addr) != self._remote_key:
+        # The peer's own tuple compares equal in one step; only other forms (an IPv4-mapped
+        # or differently typed address) pay for normalising.
+        if addr != self.remote and _addr_key(addr) != self._remote_key:
             # Only the peer's address is ours to process (RFC 9000 §9: clients drop the rest).
             self.stats.dropped_off_path += 1
             return
