@@ -217,7 +217,7 @@ class ConnectionActor(Actor):
                 self._incoming.put_nowait(stream)
             stream.feed(event.data, event.end_stream)
             self.quic.set_receive_backlog(
-                event.stream_id, stream.receive_backlog, self.options.stream_buffer
+                event.stream_id, stream.receive_backlog, self.options.stream_buffer, due=False
             )
         elif isinstance(event, qe.StreamReset):
             from actors.streams import StreamResetError

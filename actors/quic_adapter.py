@@ -223,8 +223,12 @@ class StreamCredit:
         quic._write_stream_limits = write_stream_limits  # type: ignore[method-assign]
         return credit
 
-    def set_backlog(self, stream_id: int, backlog: int, limit: int) -> bool:
-        """Record a stream's unread bytes and bound; True when new credit is due."""
+    def set_backlog(self, stream_id: int, backlog: int, limit: int, *, due: bool = True) -> bool:
+        """Record a stream's unread bytes and bound; True when new credit is due.
+
+        ``due=False`` only records (for bytes just received: they grow the backlog and the
+        received offset alike, so no credit can have become due; saves a check per datagram).
+        """
         stream = self._quic._streams.get(stream_id)
         if stream is None:  # discarded by aioquic: nothing more will arrive
             self._backlog.pop(stream_id, None)
@@ -232,7 +236,7 @@ class StreamCredit:
             return False
         self._backlog[stream_id] = backlog
         self._limit[stream_id] = limit
-        return self._raised(stream) is not None
+        return due and self._raised(stream) is not None
 
     def _raised(self, stream: QuicStream) -> int | None:
         """The new credit limit when it is due, else None."""
@@ -461,9 +465,13 @@ class MigratingQuicConnection(QuicConnection):
         """Bytes written to a stream and not yet acknowledged by the peer."""
         return stream_send_backlog(self, stream_id)
 
-    def set_receive_backlog(self, stream_id: int, backlog: int, limit: int) -> bool:
-        """Record a stream's unread bytes; True when new credit is due (flush soon)."""
-        return self._credit.set_backlog(stream_id, backlog, limit)
+    def set_receive_backlog(
+        self, stream_id: int, backlog: int, limit: int, *, due: bool = True
+    ) -> bool:
+        """Record a stream's unread bytes; True when new credit is due (flush soon).
+
+        ``due=False``: just received, only record (see ``StreamCredit.set_backlog``)."""
+        return self._credit.set_backlog(stream_id, backlog, limit, due=due)
 
     def has_stream(self, stream_id: int) -> bool:
         """False once aioquic discarded the stream (both directions finished)."""
