@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -409,6 +410,8 @@ async def _vs_ngtcp2(cert: tuple[str, str], repeats: int, size_mb: int) -> dict[
         return {"skipped": "ngtcp2-server / ngtcp2-client not installed"}
     if shutil.which("dumpcap") is None or shutil.which("tshark") is None:
         return {"skipped": "dumpcap / tshark not installed"}
+    if os.geteuid() != 0:
+        return {"skipped": "packet capture needs root"}
     certfile, keyfile = cert
     rows: dict[str, list[dict[str, Any]]] = {
         "ours": [],
