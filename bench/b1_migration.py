@@ -203,7 +203,7 @@ async def _run_all(quick: bool, loop: str, netns: bool) -> Report:
     with tempfile.TemporaryDirectory(prefix="qs-bench-") as tmp:
         cert = make_cert(tmp)
         with _loopback(cert, loop) as sc:
-            res = await _scenario(sc, trials=10 if quick else 60, udp_n=5)
+            res = await _scenario(sc, trials=10 if quick else 100, udp_n=5)
         report.detail["loopback"] = res
         _figures(report, res)
         if netns:
@@ -214,7 +214,7 @@ async def _run_all(quick: bool, loop: str, netns: bool) -> Report:
                 report.notes.append(f"netns scenario skipped: {why}")
             else:
                 with _netns(cert, loop, ADDED_RTT) as sc:
-                    res = await _scenario(sc, trials=6 if quick else 30, udp_n=5)
+                    res = await _scenario(sc, trials=6 if quick else 40, udp_n=5)
                 report.detail["netns_delayed"] = res
                 report.detail["delay_method"] = (
                     "NFQUEUE delayer in the server namespace (tests.rig.faults.nfq_delay): every "

@@ -574,7 +574,7 @@ async def _run_all(quick: bool) -> Report:
                         "lost on the dead path (its own loss recovery)",
                     )
                 )
-        d = await _vs_ngtcp2(cert, 2 if quick else 5, 32)
+        d = await _vs_ngtcp2(cert, 2 if quick else 8, 32)
         report.detail["vs_ngtcp2"] = d
         if "skipped" in d:
             report.notes.append(f"(d) skipped: {d['skipped']}")

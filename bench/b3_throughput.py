@@ -398,7 +398,7 @@ def main(quick: bool = False, profile: bool = True, uvloop: bool = True) -> dict
     report = Report("b3_throughput")
     if quick:
         SIZE_BYTES[0] = 4 * 1024 * 1024
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 7
     with tempfile.TemporaryDirectory(prefix="qs-bench-") as tmp:
         cert = make_cert(tmp)
         loops = ["asyncio"]
