@@ -112,7 +112,9 @@ class ConnectionActor(Actor):
         self._path_ids = itertools.count()
         self._ping_ids = itertools.count(1)
         self.streams: dict[int, Stream] = {}
-        self._incoming: asyncio.Queue[Stream] = asyncio.Queue()
+        # Streams the peer opened, made on first use: an asyncio.Queue costs ~2.5 KiB and most
+        # client connections never see one (bench B4 counts RSS per connection).
+        self._incoming: asyncio.Queue[Stream] | None = None
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline ``_timer`` was armed for
@@ -214,7 +216,7 @@ class ConnectionActor(Actor):
             stream = self.streams.get(event.stream_id)
             if stream is None:
                 stream = self._new_stream(event.stream_id)
-                self._incoming.put_nowait(stream)
+                self._accepted().put_nowait(stream)
             stream.feed(event.data, event.end_stream)
             self.quic.set_receive_backlog(
                 event.stream_id, stream.receive_backlog, self.options.stream_buffer, due=False
@@ -298,6 +300,11 @@ class ConnectionActor(Actor):
         self.streams[stream_id] = stream
         return stream
 
+    def _accepted(self) -> asyncio.Queue[Stream]:
+        if self._incoming is None:
+            self._incoming = asyncio.Queue()
+        return self._incoming
+
     def open_stream(self) -> Stream:
         self.check_open()
         stream_id = self.quic.get_next_available_stream_id()
@@ -305,7 +312,7 @@ class ConnectionActor(Actor):
 
     async def accept_stream(self) -> Stream:
         self.check_open()
-        return await self._incoming.get()
+        return await self._accepted().get()
 
     def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self.check_open()
