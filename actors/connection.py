@@ -39,6 +39,7 @@ from actors.errors import (
     PathLimitError,
     PathNotValidatedError,
 )
+from actors.flag import Flag
 from actors.health import ActiveLiveness, HealthConfig, Liveness
 from actors.messages import (
     ActivePathDead,
@@ -119,20 +120,20 @@ class ConnectionActor(Actor):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None  # the deadline ``_timer`` was armed for
         self._flush_scheduled = False
-        self._handshake_done = asyncio.Event()
-        self._confirmed = asyncio.Event()
-        self._changed = asyncio.Event()  # set after every input batch: wakes condition waiters
+        self._handshake_done = Flag()
+        self._confirmed = Flag()
+        self._changed = Flag()  # set after every input batch: wakes condition waiters
         self.closed = False
         self.close_reason: str | None = None
         self.close_error: ConnectionClosedError | None = None
-        self._terminated = asyncio.Event()
+        self._terminated = Flag()
         self.alpn: str | None = None
         self.app_handler: Callable[[qe.QuicEvent], bool] | None = None
         self.migrations = 0
         self._ops: set[asyncio.Task[Any]] = set()  # probe/switch tasks (see busy_tasks)
         self.bytes_by_state: dict[str, int] = {}
         self._unreachable: set[int] = set()  # paths with a fresh ICMP unreachable
-        self._health_wake = asyncio.Event()
+        self._health_wake = Flag()
         self._watch_idle = False  # the active-path watcher sleeps until traffic resumes
         self._dead_reported: int | None = None  # active path already reported dead
 

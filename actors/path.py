@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from actors.errors import ConnectionClosedError, MigrationError, ProbeTimeoutError
+from actors.flag import Flag
 from actors.health import HealthConfig, PathHealth, Verdict
 from actors.messages import EmitChallenge, StartProbe
 from actors.path_state import PathState, PathStateMachine
@@ -129,7 +130,7 @@ class PathActor(Actor):
         self.validated_at: float | None = None
         #: Keep-alive evidence (None: no keep-alives, the path is only probed on request).
         self.health = PathHealth(health) if health is not None else None
-        self._keepalive_idle = asyncio.Event()
+        self._keepalive_idle = Flag()
         self._keepalive_idle.set()
         #: Set by the connection while an unconfirmed switch away from this path may still roll
         #: back to it: evidence (ICMP, lost keep-alives) is recorded, but the path is not marked

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from actors.flag import Flag
+
 DEFAULT_STREAM_BUFFER = 1 << 20  # 1 MiB each way
 
 
@@ -45,8 +47,8 @@ class Stream:
         self._rx = bytearray()
         self._eof = False
         self._error: BaseException | None = None
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
+        self._readable = Flag()
+        self._writable = Flag()
         self._writable.set()
         self._write_closed = False
 
