@@ -51,6 +51,7 @@ MIGRATE_EVERY = 0.1
 
 @dataclass
 class Sample:
+    nbytes: int  # echoed, each way
     seconds: float
     cpu: float
     packets: int
@@ -58,14 +59,14 @@ class Sample:
 
     @property
     def mbps(self) -> float:
-        return 0.0 if self.seconds <= 0 else SIZE_BYTES[0] / self.seconds / 1e6
+        return 0.0 if self.seconds <= 0 else self.nbytes / self.seconds / 1e6
 
     @property
     def us_per_packet(self) -> float:
         return self.cpu / max(1, self.packets) * 1e6
 
 
-SIZE_BYTES = [16 * 1024 * 1024]
+SIZE = 16 * 1024 * 1024  # bytes echoed per transfer (each way)
 
 
 class _Counted:
@@ -147,7 +148,9 @@ async def _raw(server: ServerInfo, size: int) -> Sample:
 
         t0, c0, p0 = time.perf_counter(), time.process_time(), counted.packets
         await _pump(write, lambda: reader.read(65536), size)
-        sample = Sample(time.perf_counter() - t0, time.process_time() - c0, counted.packets - p0)
+        sample = Sample(
+            size, time.perf_counter() - t0, time.process_time() - c0, counted.packets - p0
+        )
         writer.write_eof()
     return sample
 
@@ -189,6 +192,7 @@ async def _ours(server: ServerInfo, size: int, migrate: bool) -> Sample:
             if mig is not None:
                 await mig
         sample = Sample(
+            size,
             time.perf_counter() - t0,
             time.process_time() - c0,
             counted.packets - p0,
@@ -219,7 +223,7 @@ async def _series(server: ServerInfo, size: int, repeats: int) -> dict[str, list
 def _digest(samples: dict[str, list[Sample]]) -> dict[str, Any]:
     raw = samples["raw"]
     res: dict[str, Any] = {
-        "size_mib": SIZE_BYTES[0] / 1024 / 1024,
+        "size_mib": raw[0].nbytes / 1024 / 1024 if raw else None,
         "repeats": len(raw),
     }
     for variant, xs in samples.items():
@@ -241,21 +245,20 @@ def _digest(samples: dict[str, list[Sample]]) -> dict[str, Any]:
     return res
 
 
-def _measure(loop: str, repeats: int, cert: tuple[str, str]) -> dict[str, Any]:
+def _measure(loop: str, repeats: int, cert: tuple[str, str], size: int) -> dict[str, Any]:
     with server_process(ServerSpec("127.0.0.1", *cert, loop=loop)) as server:
-        samples = run(lambda: _series(server, SIZE_BYTES[0], repeats), loop)
+        samples = run(lambda: _series(server, size, repeats), loop)
     return _digest(samples)
 
 
 # ---------------------------------------------------------------------------------- profile
 
 
-def _profile(cert: tuple[str, str], seconds_hint: int = 3) -> str:
+def _profile(cert: tuple[str, str], size: int = SIZE) -> str:
     """Sample the client of ``ours`` transfers with py-spy; returns the report text."""
     out = RESULTS_DIR / "profile_b3.txt"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     with server_process(ServerSpec("127.0.0.1", *cert)) as server:
-        size = SIZE_BYTES[0]
 
         async def work() -> list[Sample]:
             await _ours(server, size // 4, migrate=False)
@@ -396,8 +399,7 @@ def _figures(report: Report, res: dict[str, Any], loop: str) -> None:
 
 def main(quick: bool = False, profile: bool = True, uvloop: bool = True) -> dict[str, Any]:
     report = Report("b3_throughput")
-    if quick:
-        SIZE_BYTES[0] = 4 * 1024 * 1024
+    size = 4 * 1024 * 1024 if quick else SIZE
     repeats = 2 if quick else 7
     with tempfile.TemporaryDirectory(prefix="qs-bench-") as tmp:
         cert = make_cert(tmp)
@@ -410,11 +412,11 @@ def main(quick: bool = False, profile: bool = True, uvloop: bool = True) -> dict
             except ImportError:
                 report.notes.append("uvloop not installed: pip install -e '.[bench]'")
         for loop in loops:
-            res = _measure(loop, repeats, cert)
+            res = _measure(loop, repeats, cert, size)
             report.detail[loop] = res
             _figures(report, res, loop)
         if profile:
-            text = _profile(cert)
+            text = _profile(cert, size)
             report.detail["profile_top"] = text.splitlines()[:14]
     write_result(report)
     return report.as_dict()
