@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import RESULTS_DIR, Figure, Report, fmt, machine, write_result
+from bench._common import Figure, Report, fmt, machine, results_dir, write_result
 
 #: (module, seconds allowed, arguments); run in this order (Ray last: the heaviest start-up).
 SUITE: list[tuple[str, int, list[str]]] = [
@@ -50,9 +50,9 @@ def wait_for_quiet(max_load: float = MAX_LOAD, max_wait: float = MAX_WAIT) -> di
     }
 
 
-def _telemetry_report(res: dict[str, Any]) -> Report:
+def _telemetry_report(res: dict[str, Any], quick: bool) -> Report:
     """bench.telemetry_overhead prints plain JSON: turn it into a row of the table."""
-    report = Report("telemetry_overhead", detail=res)
+    report = Report("telemetry_overhead", detail=res, quick=quick)
     report.add(
         Figure(
             "T",
@@ -94,8 +94,8 @@ def run_one(name: str, timeout: int, args: list[str], quick: bool, logdir: Path)
         "log": str(log),
     }
     if name == "telemetry_overhead" and code == 0:
-        write_result(_telemetry_report(json.loads(stdout)))
-    path = RESULTS_DIR / f"{name}.json"
+        write_result(_telemetry_report(json.loads(stdout), quick))
+    path = results_dir(quick) / f"{name}.json"
     if path.exists() and code == 0:
         data = json.loads(path.read_text())
         data["run"] = status
@@ -106,7 +106,7 @@ def run_one(name: str, timeout: int, args: list[str], quick: bool, logdir: Path)
     return status
 
 
-def print_table(names: list[str]) -> None:
+def print_table(names: list[str], base: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -114,7 +114,7 @@ def print_table(names: list[str]) -> None:
     for col in ("", "figure", "goal", "result: median [p25-p75]", "baseline", "met"):
         table.add_column(col, overflow="fold")
     for name in names:
-        path = RESULTS_DIR / f"{name}.json"
+        path = base / f"{name}.json"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
@@ -139,7 +139,8 @@ def main() -> int:
     args = parser.parse_args()
     only = {n for n in args.only.split(",") if n}
     suite = [s for s in SUITE if not only or s[0] in only]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    base = results_dir(args.quick)
+    base.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     load = {"skipped": True} if args.no_wait else wait_for_quiet()
     logdir = Path(tempfile.mkdtemp(prefix="qs-bench-logs-"))
@@ -156,8 +157,8 @@ def main() -> int:
         "total_s": round(time.monotonic() - started, 1),
         "runs": runs,
     }
-    (RESULTS_DIR / "suite.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_table([s[0] for s in suite])
+    (base / "suite.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_table([s[0] for s in suite], base)
     print(f"total {summary['total_s']} s; logs in {logdir}", file=sys.stderr)
     return 0 if all(r["exit"] == 0 for r in runs) else 1
 

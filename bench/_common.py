@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 RESULTS_DIR = Path(__file__).parent / "results"
+#: Where ``--quick`` runs write: never over the committed full-run results.
+QUICK_DIR = RESULTS_DIR / "quick"
 
 T = TypeVar("T")
 
@@ -77,6 +79,7 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quick: bool = False
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
@@ -85,6 +88,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "quick": self.quick,
             "machine": machine(),
             "figures": [f.as_dict() for f in self.figures],
             "notes": self.notes,
@@ -129,9 +133,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def results_dir(quick: bool) -> Path:
+    return QUICK_DIR if quick else RESULTS_DIR
+
+
 def write_result(report: Report) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{report.name}.json"
+    base = results_dir(report.quick)
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / f"{report.name}.json"
     path.write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
     return path
 

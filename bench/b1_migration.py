@@ -199,7 +199,7 @@ def _figures(report: Report, res: dict[str, Any]) -> None:
 
 
 async def _run_all(quick: bool, loop: str, netns: bool) -> Report:
-    report = Report("b1_migration")
+    report = Report("b1_migration", quick=quick)
     with tempfile.TemporaryDirectory(prefix="qs-bench-") as tmp:
         cert = make_cert(tmp)
         with _loopback(cert, loop) as sc:

@@ -465,7 +465,7 @@ async def _vs_ngtcp2(cert: tuple[str, str], repeats: int, size_mb: int) -> dict[
 
 
 async def _run_all(quick: bool) -> Report:
-    report = Report("b2_failover")
+    report = Report("b2_failover", quick=quick)
     report.detail["policy"] = {
         "keepalive_interval": POLICY.keepalive_interval,
         "dead_after_ptos": POLICY.dead_after_ptos,

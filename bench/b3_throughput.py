@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._common import RESULTS_DIR, Figure, Report, run, summary, write_result
+from bench._common import Figure, Report, results_dir, run, summary, write_result
 from bench._server import ServerInfo, ServerSpec, make_cert, server_process
 
 CHUNK = 64 * 1024
@@ -254,10 +254,10 @@ def _measure(loop: str, repeats: int, cert: tuple[str, str], size: int) -> dict[
 # ---------------------------------------------------------------------------------- profile
 
 
-def _profile(cert: tuple[str, str], size: int = SIZE) -> str:
+def _profile(cert: tuple[str, str], size: int = SIZE, quick: bool = False) -> str:
     """Sample the client of ``ours`` transfers with py-spy; returns the report text."""
-    out = RESULTS_DIR / "profile_b3.txt"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = results_dir(quick) / "profile_b3.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with server_process(ServerSpec("127.0.0.1", *cert)) as server:
 
         async def work() -> list[Sample]:
@@ -398,7 +398,7 @@ def _figures(report: Report, res: dict[str, Any], loop: str) -> None:
 
 
 def main(quick: bool = False, profile: bool = True, uvloop: bool = True) -> dict[str, Any]:
-    report = Report("b3_throughput")
+    report = Report("b3_throughput", quick=quick)
     size = 4 * 1024 * 1024 if quick else SIZE
     repeats = 2 if quick else 7
     with tempfile.TemporaryDirectory(prefix="qs-bench-") as tmp:
@@ -416,7 +416,7 @@ def main(quick: bool = False, profile: bool = True, uvloop: bool = True) -> dict
             report.detail[loop] = res
             _figures(report, res, loop)
         if profile:
-            text = _profile(cert, size)
+            text = _profile(cert, size, quick)
             report.detail["profile_top"] = text.splitlines()[:14]
     write_result(report)
     return report.as_dict()

@@ -224,7 +224,7 @@ def main(quick: bool = False, connections: int | None = None) -> dict[str, Any]:
     n = connections or (100 if quick else 1000)
     quiet = 5.0 if quick else 20.0
     drains = 2 if quick else 4
-    report = Report("b4_scale")
+    report = Report("b4_scale", quick=quick)
     raise_nofile(4 * n + 1024)
     with tempfile.TemporaryDirectory(prefix="qs-bench-") as tmp:
         cert = make_cert(tmp)

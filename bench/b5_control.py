@@ -17,7 +17,7 @@ from bench._common import Figure, Report, write_result
 
 
 def main(quick: bool = False) -> dict[str, Any]:
-    report = Report("b5_control")
+    report = Report("b5_control", quick=quick)
     try:
         from bench import ray_overhead
     except ImportError as exc:  # ray is an optional extra
