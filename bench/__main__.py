@@ -157,7 +157,13 @@ def main() -> int:
         "total_s": round(time.monotonic() - started, 1),
         "runs": runs,
     }
-    (base / "suite.json").write_text(json.dumps(summary, indent=2) + "\n")
+    suite_file = base / "suite.json"
+    if only and suite_file.exists():
+        # A partial run updates its own entries; the full run's total and load stay.
+        previous = json.loads(suite_file.read_text())
+        kept = [r for r in previous.get("runs", []) if r.get("name") not in only]
+        summary = {**previous, "runs": kept + runs}
+    suite_file.write_text(json.dumps(summary, indent=2) + "\n")
     print_table([s[0] for s in suite], base)
     print(f"total {summary['total_s']} s; logs in {logdir}", file=sys.stderr)
     return 0 if all(r["exit"] == 0 for r in runs) else 1
