@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,11 @@ from actors.runtime import Actor, ActorRef, ChildFailed, Later
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream
 
 log = logging.getLogger(__name__)
+
+#: The clock of every time handed to aioquic (and compared with its times). Not loop.time():
+#: uvloop's is cached per loop turn at 1 ms resolution, which made sub-millisecond probe RTTs
+#: measure 0.0 (and ACK RTT samples coarse). Under plain asyncio the two are the same clock.
+_now = time.monotonic
 
 #: Paths per connection, the handshake path included. Each needs its own peer CID and aioquic
 #: keeps at most 8 network paths (evicting silently beyond): 7 leaves one spare CID in hand.
@@ -181,7 +187,7 @@ class ConnectionActor(Actor):
     def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.closed:
             return
-        self.quic.receive_datagram(data, PathAddr(addr, path_id), self._loop.time())
+        self.quic.receive_datagram(data, PathAddr(addr, path_id), _now())
         if self._unreachable:
             self._unreachable.discard(path_id)  # it delivers again
         self._after_input()
@@ -260,7 +266,7 @@ class ConnectionActor(Actor):
         self._flush_scheduled = False
         if self.closed and not self.quic.close_pending:
             return
-        now = self._loop.time()
+        now = _now()
         if self._watch_idle:
             self._watch_idle = False
             self._health_wake.set()  # sending again: silence means something from now on
@@ -286,12 +292,13 @@ class ConnectionActor(Actor):
             self._timer = None
         self._timer_at = when
         if when is not None:
-            self._timer = self._loop.call_at(when, self._on_timer)
+            # aioquic's deadline is on _now()'s clock: arm the loop's timer by delay.
+            self._timer = self._loop.call_later(max(0.0, when - _now()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.quic.handle_timer(self._loop.time())
+        self.quic.handle_timer(_now())
         self._after_input()
 
     # ------------------------------------------------------------------ streams (data plane)
@@ -398,7 +405,7 @@ class ConnectionActor(Actor):
             path = self.paths.get(active)
             if path is None:
                 continue
-            now = self._loop.time()
+            now = _now()
             last = self.quic.last_rx(active)
             outstanding = self.quic.outstanding_since()
             if judge.needs_keepalive(now=now, last_receive=last, outstanding_since=outstanding):
@@ -442,7 +449,7 @@ class ConnectionActor(Actor):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.paths[0].wait_ready()
-        self.quic.connect(PathAddr(self.remote, 0), now=self._loop.time())
+        self.quic.connect(PathAddr(self.remote, 0), now=_now())
         self.quic.attach_initial_path(0)
         self._flush()
         done = asyncio.ensure_future(self._handshake_done.wait())
@@ -527,9 +534,9 @@ class ConnectionActor(Actor):
             if not await self._wait_until(lambda: self.quic.spare_peer_cids > 0, rtt):
                 raise NoConnectionIdError(_fmt(path.local))
             self.quic.reserve_peer_cid(msg.path_id)
-        if msg.nudge and self.quic.ack_now(self._loop.time()):
+        if msg.nudge and self.quic.ack_now(_now()):
             self._flush()
-        datagrams = self.quic.emit_challenge(msg.path_id, self._loop.time())
+        datagrams = self.quic.emit_challenge(msg.path_id, _now())
         return [data for data, _ in datagrams]
 
     async def _probe(self, path_id: int, timeout: float) -> float:
@@ -566,7 +573,7 @@ class ConnectionActor(Actor):
             await self._probe(msg.path_id, msg.probe_timeout)
             reprobed = True
         old = self.paths[active]
-        t0 = self._loop.time()
+        t0 = _now()
         pto_old = self.quic.probe_timeout()
         failover = msg.old_path_dead
         token = self.quic.switch_path(
@@ -592,7 +599,7 @@ class ConnectionActor(Actor):
             old.rollback_target = False
             if not confirmed and not self.closed:
                 # Rolled back (or cancelled): the old path carries the connection again.
-                self.quic.rollback_switch(token, self._loop.time(), ping_uid=next(self._ping_ids))
+                self.quic.rollback_switch(token, _now(), ping_uid=next(self._ping_ids))
                 old.set_state(PathState.ACTIVE)
                 path.set_state(PathState.STANDBY)
                 self._flush()
@@ -627,7 +634,7 @@ class ConnectionActor(Actor):
             from_path=token.from_path,
             to_path=token.to_path,
             probe_rtt=path.rtt,
-            confirmation_time=self._loop.time() - t0,
+            confirmation_time=_now() - t0,
             cid_sequence_before=token.cid_sequence_before,
             cid_sequence_after=token.cid_sequence_after,
             reprobed=reprobed,
