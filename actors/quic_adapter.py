@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from aioquic.quic.connection import (
     QuicNetworkPath,
     QuicReceiveContext,
 )
+from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
@@ -113,6 +115,8 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "on_ack_received",
         "get_probe_timeout",
     ),
+    QuicLogger: ("_traces",),
+    QuicLoggerTrace: ("_events",),
 }
 
 
@@ -808,6 +812,33 @@ def server_sockname(server: Any) -> tuple[Any, ...]:
     return tuple(server._transport.get_extra_info("sockname"))
 
 
+class BoundedQuicLoggerTrace(QuicLoggerTrace):
+    """A qlog trace keeping only its newest ``max_events`` events.
+
+    aioquic keeps a trace's events in a private unbounded deque; a bounded one is swapped in
+    here so telemetry/qlog.py can cap memory without reaching into aioquic itself.
+    """
+
+    def __init__(self, *, is_client: bool, odcid: bytes, max_events: int) -> None:
+        super().__init__(is_client=is_client, odcid=odcid)
+        self._events = deque(maxlen=max_events)
+        self.max_events = max_events
+
+    @property
+    def event_count(self) -> int:
+        """Events held now (at most ``max_events``)."""
+        return len(self._events)
+
+
+def logger_traces(logger: QuicLogger) -> list[QuicLoggerTrace]:
+    """The live list of traces a ``QuicLogger`` holds until ``end_trace`` (private in aioquic).
+
+    Appending or removing registers or forgets a trace, as aioquic's own ``start_trace`` and
+    ``end_trace`` do.
+    """
+    return logger._traces
+
+
 def is_ping_acknowledged(event: quic_events.QuicEvent, uid: int) -> bool:
     return isinstance(event, quic_events.PingAcknowledged) and event.uid == uid
 
@@ -815,10 +846,12 @@ def is_ping_acknowledged(event: quic_events.QuicEvent, uid: int) -> bool:
 __all__ = [
     "AIOQUIC_MAX_NETWORK_PATHS",
     "REQUIRED_PRIVATE_MEMBERS",
+    "BoundedQuicLoggerTrace",
     "MigratingQuicConnection",
     "PathAddr",
     "PathResponse",
     "QuicConnectionId",
     "StreamCredit",
     "SwitchToken",
+    "logger_traces",
 ]

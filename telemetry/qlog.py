@@ -12,17 +12,21 @@ connection actor does not wait for, so the owner also calls :meth:`QlogWriter.cl
 forgets the connection; both are idempotent. A file is written to a temporary name and renamed,
 so a reader never sees half of one. Writing is synchronous (one ``json.dump`` of at most
 ``max_events`` events, on the caller's thread) and happens once per connection.
+
+The bounded event store and the logger's trace list are aioquic private members: they are
+reached only through ``actors.quic_adapter``, the one module allowed to touch them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from aioquic.quic.logger import QLOG_VERSION, QuicLogger, QuicLoggerTrace
+
+from actors.quic_adapter import BoundedQuicLoggerTrace, logger_traces
 
 __all__ = ["DEFAULT_MAX_EVENTS", "BoundedTrace", "QlogDirectory", "QlogWriter"]
 
@@ -32,20 +36,18 @@ __all__ = ["DEFAULT_MAX_EVENTS", "BoundedTrace", "QlogDirectory", "QlogWriter"]
 DEFAULT_MAX_EVENTS = 20_000
 
 
-class BoundedTrace(QuicLoggerTrace):
+class BoundedTrace(BoundedQuicLoggerTrace):
     """A qlog trace that keeps the newest ``max_events`` events and counts the ones dropped."""
 
     def __init__(
         self, *, is_client: bool, odcid: bytes, max_events: int, title: str | None = None
     ) -> None:
-        super().__init__(is_client=is_client, odcid=odcid)
-        self._events = deque(maxlen=max_events)
-        self.max_events = max_events
+        super().__init__(is_client=is_client, odcid=odcid, max_events=max_events)
         self.dropped = 0
         self.title = title
 
     def log_event(self, *, category: str, event: str, data: dict[str, Any]) -> None:
-        if len(self._events) == self.max_events:
+        if self.event_count == self.max_events:
             self.dropped += 1
         super().log_event(category=category, event=event, data=data)
 
@@ -91,7 +93,7 @@ class QlogWriter(QuicLogger):
         trace = BoundedTrace(
             is_client=is_client, odcid=odcid, max_events=self.max_events, title=title
         )
-        self._traces.append(trace)
+        logger_traces(self).append(trace)
         return trace
 
     def _file_for(self, trace_dict: dict[str, Any]) -> Path:
@@ -105,9 +107,10 @@ class QlogWriter(QuicLogger):
 
     def end_trace(self, trace: QuicLoggerTrace) -> None:
         """Write ``trace`` and forget it (aioquic calls this at the end of the closing period)."""
-        if trace not in self._traces:
+        traces = logger_traces(self)
+        if trace not in traces:
             return  # already written by close()
-        self._traces.remove(trace)
+        traces.remove(trace)
         trace_dict = trace.to_dict()
         path = self._file_for(trace_dict)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,7 @@ class QlogWriter(QuicLogger):
     def close(self) -> None:
         """Write every trace not ended yet (the connection was forgotten before aioquic ended
         it). Idempotent."""
-        for trace in list(self._traces):
+        for trace in list(logger_traces(self)):
             self.end_trace(trace)
 
 

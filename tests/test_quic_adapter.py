@@ -17,7 +17,7 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicNetworkPath
 from aioquic.quic.events import ConnectionTerminated
-from aioquic.quic.logger import QuicLogger
+from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 from aioquic.quic.recovery import QuicPacketRecovery
 from aioquic.quic.stream import QuicStream, QuicStreamSender
 
@@ -44,6 +44,8 @@ def _instances() -> dict[type, Any]:
         QuicStreamSender: stream.sender,
         QuicStream: stream,
         QuicPacketRecovery: quic._loss,
+        QuicLogger: QuicLogger(),
+        QuicLoggerTrace: QuicLoggerTrace(is_client=True, odcid=b""),
     }
 
 
