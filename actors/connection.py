@@ -6,6 +6,11 @@ from the paths and are answered in one batch per event-loop turn. Control messag
 add/probe/switch/close a path, close) arrive through the mailbox; the long ones run as owned
 tasks answered with :class:`Later`, so the mailbox never waits on the network.
 
+It is the one owner of its paths' state (the PathStateMachines live here: paths report what
+they saw, this actor decides) and of the order of its operations: add, probe, switch and close
+run one at a time, FIFO, in this actor's own queue. What the layers above see is the published
+:class:`~actors.view.ConnectionView` (see ``actors/view.py``), never this object.
+
 Rules kept here (DESIGN section 4): no probe before the handshake is confirmed; each path sends
 with its own peer CID; probes stay outside loss recovery; a switch starts fresh RTT/congestion
 state, sends a non-probing packet at once and is confirmed by a non-probing packet from the peer
@@ -36,6 +41,7 @@ from actors.errors import (
     MigrationNotSupportedError,
     MigrationRolledBackError,
     NoConnectionIdError,
+    PathAlreadyExistsError,
     PathClosedError,
     PathLimitError,
     PathNotValidatedError,
@@ -51,15 +57,17 @@ from actors.messages import (
     ConnectionEnded,
     EmitChallenge,
     Probe,
+    ProbeReport,
     StartProbe,
     Switch,
-    SwitchResult,
+    Switched,
 )
 from actors.path import UNREACHABLE_ERRNOS, PathActor, ProbeSchedule
-from actors.path_state import PathState
+from actors.path_state import PathState, PathStateMachine
 from actors.quic_adapter import MigratingQuicConnection, PathAddr
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
-from actors.streams import DEFAULT_STREAM_BUFFER, Stream
+from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
+from actors.view import ConnectionView, PathChange, PathSample, PathView, ViewCell
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,26 @@ class ConnectionOptions:
     health: HealthConfig | None = None
 
 
+@dataclass(slots=True)
+class _PathFacts:
+    """What a connection knows of one of its paths: their state is its to own (the PathActor
+    owns the socket, its counters and its keep-alive evidence)."""
+
+    actor: PathActor
+    ref: ActorRef
+    machine: PathStateMachine
+    local: tuple[str, int]
+    #: The ``(ip, port)`` asked for (port 0: any), for add_path's duplicate check.
+    requested: tuple[str, int]
+    device: str | None
+    rtt: float | None = None
+    validated_at: float | None = None
+    #: Switched away from, while the switch may still roll back to it: evidence (ICMP, lost
+    #: keep-alives) is recorded but the path is not failed until that is settled (a rollback
+    #: makes it active again, which a failed path cannot become).
+    rollback_target: bool = False
+
+
 class ConnectionActor(Actor):
     """Owns one client QUIC connection and its paths."""
 
@@ -100,9 +128,13 @@ class ConnectionActor(Actor):
         remote: tuple[Any, ...],
         first_socket: socket.socket,
         sockets: dict[int, socket.socket],
+        on_changes: Callable[[ConnectionView, tuple[PathChange, ...]], None],
         notify: Callable[[object], None],
         options: ConnectionOptions | None = None,
     ) -> None:
+        """``on_changes`` receives each publication (the view and the path changes since the
+        last one), synchronously; ``notify`` carries ConnectionEnded and ActivePathDead to the
+        supervisor's mailbox."""
         self.conn_id = conn_id
         self.remote = remote
         self.options = options or ConnectionOptions()
@@ -113,9 +145,9 @@ class ConnectionActor(Actor):
         self.quic = MigratingQuicConnection(configuration=configuration)
         self._first_socket = first_socket
         self._sockets = sockets  # handed-over sockets, by key (see AddPath)
+        self._on_changes = on_changes
         self._notify = notify
-        self.paths: dict[int, PathActor] = {}
-        self._path_refs: dict[int, ActorRef] = {}
+        self._paths: dict[int, _PathFacts] = {}
         self._path_ids = itertools.count()
         self._ping_ids = itertools.count(1)
         self.streams: dict[int, Stream] = {}
@@ -136,18 +168,29 @@ class ConnectionActor(Actor):
         self.alpn: str | None = None
         self.app_handler: Callable[[qe.QuicEvent], bool] | None = None
         self.migrations = 0
-        self._ops: set[asyncio.Task[Any]] = set()  # probe/switch tasks (see busy_tasks)
-        self.bytes_by_state: dict[str, int] = {}
+        # The operation queue: add, probe, switch and close-path run one at a time, FIFO. A lock
+        # of this actor's own, never shared: a cancelled waiter leaves the queue with no trace.
+        self._op_queue = asyncio.Lock()
+        self._op: int | None = None  # the ``op`` tag of the operation being served
         self._unreachable: set[int] = set()  # paths with a fresh ICMP unreachable
         self._health_wake = Flag()
         self._watch_idle = False  # the active-path watcher sleeps until traffic resumes
         self._dead_reported: int | None = None  # active path already reported dead
+        # Publication (actors/view.py): pending changes, at most one publication per turn.
+        local = first_socket.getsockname()
+        self._version = 0
+        self._pending: list[PathChange] = []
+        self._publish_scheduled = False
+        self._published_spares = -1
+        self.cell = ViewCell(
+            ConnectionView(conn_id, (str(remote[0]), int(remote[1])), _addr(local)),
+            self._sample,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
-        path_id = next(self._path_ids)
-        self._start_path(path_id, self._first_socket, PathState.NEW)
+        self._start_path(next(self._path_ids), self._first_socket, None)
         if self.options.health is not None:
             self.spawn(self._watch_active(self.options.health), name="watch-active")
 
@@ -161,26 +204,169 @@ class ConnectionActor(Actor):
         if keylog is not None:
             keylog.close()  # SSLKEYLOGFILE, opened for this connection
 
-    def _start_path(self, path_id: int, sock: socket.socket, state: PathState) -> PathActor:
+    def _start_path(
+        self, path_id: int, sock: socket.socket, requested: tuple[str, int] | None
+    ) -> None:
         path = PathActor(
             path_id=path_id,
             sock=sock,
             remote=self.remote,
-            sink=self,
+            owner=self,
             conn=self.ref,
-            on_state=self._path_state_changed,
-            initial_state=state,
             schedule=self.options.probe_schedule,
             health=self.options.health,
         )
-        self.paths[path_id] = path
-        self._path_refs[path_id] = self.spawn_child(path, name=f"{self.conn_id}/path{path_id}")
-        return path
+        local = _addr(path.local)
+        self._paths[path_id] = _PathFacts(
+            actor=path,
+            ref=self.spawn_child(path, name=f"{self.conn_id}/path{path_id}"),
+            machine=PathStateMachine(PathState.NEW),
+            local=local,
+            requested=requested or local,
+            device=_bound_device(sock),
+        )
+        self._pending.append(PathChange(path_id, local, None, PathState.NEW, self._op))
+        self._publish_soon()
 
-    def _path_state_changed(self, path_id: int, old: PathState, new: PathState) -> None:
-        from actors.messages import PathStateReport
+    # ------------------------------------------------------------------ path state (owned here)
 
-        self._notify(PathStateReport(path_id=path_id, old=old, new=new))
+    def _move(self, path_id: int, new: PathState) -> None:
+        """The one place a path changes state; the change is published with its byte counts."""
+        facts = self._paths.get(path_id)
+        if facts is None:
+            return
+        change = facts.machine.move(new)
+        if change is None:
+            return
+        grown = facts.actor.stats.deltas()
+        self._pending.append(
+            PathChange(
+                path_id,
+                facts.local,
+                change[0],
+                change[1],
+                self._op,
+                grown["sent"],
+                grown["received"],
+                grown["dropped"],
+            )
+        )
+        self._publish_soon()
+
+    def path_state(self, path_id: int) -> PathState:
+        facts = self._paths.get(path_id)
+        return facts.machine.state if facts is not None else PathState.CLOSED
+
+    def probe_started(self, path_id: int) -> None:
+        self._move(path_id, PathState.VALIDATING)
+
+    def probe_answered(self, path_id: int, rtt: float) -> None:
+        facts = self._paths.get(path_id)
+        if facts is None:
+            return
+        facts.rtt = rtt
+        facts.validated_at = self._loop.time()
+        self._move(path_id, PathState.STANDBY)
+
+    def probe_failed(self, path_id: int, before: PathState, *, timed_out: bool) -> None:
+        """A probe timed out (the path failed) or was abandoned (cancelled, no CID, closing:
+        back to where it was, no trace)."""
+        if self.quic.has_path(path_id):
+            self.quic.forget_challenges(path_id)
+            if timed_out:
+                self.quic.invalidate_path(path_id)
+        if self.path_state(path_id) is not PathState.VALIDATING:
+            return
+        if timed_out:
+            self._move(path_id, PathState.FAILED)
+        else:
+            self._move(path_id, before if before is not PathState.VALIDATING else PathState.NEW)
+
+    def keepalive_answered(self, path_id: int, rtt: float) -> None:
+        facts = self._paths.get(path_id)
+        if facts is None:
+            return
+        facts.rtt = rtt
+        facts.validated_at = self._loop.time()
+        if facts.machine.state is PathState.FAILED:
+            self._move(path_id, PathState.VALIDATING)
+            self._move(path_id, PathState.STANDBY)
+
+    def keepalive_dead(self, path_id: int) -> None:
+        self._fail_standby(path_id)
+
+    def _fail_standby(self, path_id: int) -> None:
+        """A standby path's keep-alives failed (or ICMP said unreachable): switch() must
+        re-validate it first."""
+        facts = self._paths.get(path_id)
+        if facts is None or facts.rollback_target:
+            return
+        if facts.machine.state is PathState.STANDBY:
+            self._move(path_id, PathState.FAILED)
+            if self.quic.has_path(path_id):
+                self.quic.invalidate_path(path_id)
+
+    # ------------------------------------------------------------------ publication
+
+    def _publish_soon(self) -> None:
+        if not self._publish_scheduled:
+            self._publish_scheduled = True
+            self._loop.call_soon(self._publish)
+
+    def _publish(self) -> None:
+        """Replace the published view and hand it upward with the changes since the last one."""
+        self._publish_scheduled = False
+        quic = self.quic
+        active = quic.active_path_id if quic.path_count and not self.closed else None
+        spares = quic.spare_peer_cids
+        self._published_spares = spares
+        self._version += 1
+        view = ConnectionView(
+            conn_id=self.conn_id,
+            remote=self.cell.view.remote,
+            local=self.cell.view.local,
+            paths=tuple(
+                PathView(
+                    pid, f.local, f.machine.state, f.rtt, f.validated_at, f.device, f.requested
+                )
+                for pid, f in sorted(self._paths.items())
+                if f.machine.state is not PathState.CLOSED
+            ),
+            active_path_id=active,
+            spare_peer_cids=spares,
+            peer_disabled_migration=quic.peer_disabled_active_migration,
+            migrations=self.migrations,
+            closed=self.closed,
+            close_reason=self.close_reason,
+            alpn=self.alpn,
+            version=self._version,
+        )
+        changes = tuple(self._pending)
+        self._pending.clear()
+        self.cell.offer(view)
+        self._on_changes(view, changes)
+
+    def _sample(self) -> dict[int, PathSample]:
+        """Per-datagram figures, read when asked (never pushed)."""
+        active = self.quic.active_path_id if self.quic.path_count and not self.closed else None
+        out = {}
+        for pid, f in self._paths.items():
+            if f.machine.state is PathState.CLOSED:
+                continue
+            rtt = f.rtt
+            if pid == active and self.quic.smoothed_rtt is not None:
+                rtt = self.quic.smoothed_rtt
+            health, stats = f.actor.health, f.actor.stats
+            out[pid] = PathSample(
+                rtt,
+                stats.bytes_sent,
+                stats.bytes_received,
+                health.score() if health is not None else None,
+                stats.datagrams_sent,
+                stats.datagrams_received,
+                stats.probes_sent,
+            )
+        return out
 
     # ------------------------------------------------------------------ data plane
 
@@ -196,23 +382,22 @@ class ConnectionActor(Actor):
         if exc.errno in UNREACHABLE_ERRNOS:
             self._unreachable.add(path_id)
             self._health_wake.set()  # the active path may have just died: judge now
+            if self.options.health is not None:
+                self._fail_standby(path_id)
         self._changed.set()
-
-    def path_failed(self, path_id: int) -> None:
-        """A standby path's keep-alives failed: switch() must re-validate it first."""
-        if self.quic.has_path(path_id):
-            self.quic.invalidate_path(path_id)
 
     def _after_input(self) -> None:
         quic = self.quic
         while (event := quic.next_event()) is not None:
             self._handle_event(event)
         for response in quic.take_path_responses():
-            path = self.paths.get(response.path_id)
-            if path is not None:
-                path.path_response(response.rtt)
+            facts = self._paths.get(response.path_id)
+            if facts is not None:
+                facts.actor.path_response(response.rtt)
         if quic.handshake_confirmed and not self._confirmed.is_set():
             self._confirmed.set()
+        if quic.spare_peer_cids != self._published_spares:
+            self._publish_soon()  # the CID budget is part of the view
         self._changed.set()
         self._schedule_flush()
 
@@ -229,14 +414,13 @@ class ConnectionActor(Actor):
                 event.stream_id, stream.receive_backlog, self.options.stream_buffer, due=False
             )
         elif isinstance(event, qe.StreamReset):
-            from actors.streams import StreamResetError
-
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.fail(StreamResetError(event.stream_id, event.error_code))
         elif isinstance(event, qe.HandshakeCompleted):
             self.alpn = event.alpn_protocol
             self._handshake_done.set()
+            self._publish_soon()
         elif isinstance(event, qe.ConnectionTerminated):
             by_peer = event.reason_phrase != "Idle timeout"
             self._terminate(
@@ -272,9 +456,9 @@ class ConnectionActor(Actor):
             self._health_wake.set()  # sending again: silence means something from now on
         active = self.quic.active_path_id if self.quic.path_count else None
         for data, addr in self.quic.datagrams_to_send(now):
-            path = self.paths.get(getattr(addr, "path_id", active if active is not None else -1))
-            if path is not None:
-                path.send(data)
+            facts = self._paths.get(getattr(addr, "path_id", active if active is not None else -1))
+            if facts is not None:
+                facts.actor.send(data)
         for stream_id, stream in list(self.streams.items()):
             stream.poke_writable()
             if stream.finished and not self.quic.has_stream(stream_id):
@@ -348,38 +532,44 @@ class ConnectionActor(Actor):
         if isinstance(msg, Connect):
             return Later(self.spawn(self._connect(msg.timeout), name="connect"))
         if isinstance(msg, AddPath):
-            return self._add_path(msg)
+            return Later(self._queued(msg.op, self._add_path(msg), "add-path"))
         if isinstance(msg, Probe):
-            return Later(self._op(self._probe(msg.path_id, msg.timeout), "probe"))
+            return Later(self._queued(msg.op, self._probe(msg.path_id, msg.timeout), "probe"))
         if isinstance(msg, Switch):
-            return Later(self._op(self._switch(msg), "switch"))
+            return Later(self._queued(msg.op, self._switch(msg), "switch"))
         if isinstance(msg, ClosePath):
-            return await self._close_path(msg.path_id)
+            return Later(self._queued(msg.op, self._close_path(msg.path_id), "close-path"))
         if isinstance(msg, Close):
             self._close(msg.error_code, msg.reason)
             return None
         if isinstance(msg, ChildFailed):
             # A path that crashed is a failed path, never a failed connection.
-            for path_id, ref in list(self._path_refs.items()):
-                if ref is msg.ref:
+            for path_id, facts in list(self._paths.items()):
+                if facts.ref is msg.ref:
+                    log.error("path %s of %s crashed: %s", path_id, self.conn_id, msg.error)
                     self._forget_path(path_id)
             return None
         return await super().receive(msg)
 
-    def _op(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = self.spawn(coro, name=name)
-        self._ops.add(task)
-        task.add_done_callback(self._ops.discard)
-        return task
+    def _queued(
+        self, op: int | None, coro: Coroutine[Any, Any, Any], name: str
+    ) -> asyncio.Task[Any]:
+        """Run ``coro`` in the operation queue; it publishes before it replies, so whoever
+        awaited it reads its effect (read-your-writes)."""
 
-    def busy_tasks(self) -> set[asyncio.Task[Any]]:
-        """Probes and switches in progress (including the paths' probe loops)."""
-        busy = {t for t in self._ops if not t.done()}
-        for path in self.paths.values():
-            task = path.probe_task
-            if task is not None and not task.done():
-                busy.add(task)
-        return busy
+        async def run() -> Any:
+            try:
+                async with self._op_queue:
+                    self._op = op
+                    try:
+                        return await coro
+                    finally:
+                        self._op = None
+                        self._publish()
+            finally:
+                coro.close()  # never started (cancelled while queued): no "never awaited"
+
+        return self.spawn(run(), name=name)
 
     async def _watch_active(self, config: HealthConfig) -> None:
         """Judge the active path from what arrives while data is outstanding (no probes).
@@ -402,8 +592,8 @@ class ConnectionActor(Actor):
             if self.closed:
                 return
             active = self.quic.active_path_id
-            path = self.paths.get(active)
-            if path is None:
+            state = self.path_state(active)
+            if state is PathState.CLOSED:
                 continue
             now = _now()
             last = self.quic.last_rx(active)
@@ -418,8 +608,8 @@ class ConnectionActor(Actor):
                 since = last if last is not None else now
                 wait = max(since + config.active_keepalive - now, wait)
                 self._watch_idle = True
-                if path.state is PathState.DEGRADED:
-                    path.set_state(PathState.ACTIVE)
+                if state is PathState.DEGRADED:
+                    self._move(active, PathState.ACTIVE)
                 continue
             verdict = judge.judge(
                 now=now,
@@ -430,15 +620,16 @@ class ConnectionActor(Actor):
             )
             if verdict is Liveness.ACTIVE:
                 self._dead_reported = None
-                if path.state is PathState.DEGRADED:
-                    path.set_state(PathState.ACTIVE)
+                if state is PathState.DEGRADED:
+                    self._move(active, PathState.ACTIVE)
             elif verdict is Liveness.DEGRADED:
-                if path.state is PathState.ACTIVE:
-                    path.set_state(PathState.DEGRADED)
+                if state is PathState.ACTIVE:
+                    self._move(active, PathState.DEGRADED)
             elif self._dead_reported != active:
                 self._dead_reported = active
-                if path.state is PathState.ACTIVE:
-                    path.set_state(PathState.DEGRADED)
+                if state is PathState.ACTIVE:
+                    self._move(active, PathState.DEGRADED)
+                self._publish()  # the policy reads the view the report is about
                 reason = "unreachable" if active in self._unreachable else "silent"
                 self._notify(ActivePathDead(self.conn_id, active, reason))
 
@@ -448,7 +639,7 @@ class ConnectionActor(Actor):
         # that is dropped, and the handshake then waits a whole PTO (~200 ms) to resend it.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self.paths[0].wait_ready()
+                await self._paths[0].actor.wait_ready()
         self.quic.connect(PathAddr(self.remote, 0), now=_now())
         self.quic.attach_initial_path(0)
         self._flush()
@@ -464,8 +655,9 @@ class ConnectionActor(Actor):
             done.cancel()
             ended.cancel()
         if self._handshake_done.is_set():
-            self.paths[0].set_state(PathState.ACTIVE)
-            self.paths[0].validated_at = self._loop.time()
+            self._paths[0].validated_at = self._loop.time()
+            self._move(0, PathState.ACTIVE)
+            self._publish()
             return
         if self.closed:
             raise HandshakeError(_fmt(self.remote), self.close_reason or "connection closed")
@@ -476,26 +668,38 @@ class ConnectionActor(Actor):
         if self.quic.peer_disabled_active_migration:
             raise MigrationNotSupportedError("disable_active_migration", conn_id=self.conn_id)
 
-    def _add_path(self, msg: AddPath) -> int:
+    async def _add_path(self, msg: AddPath) -> int:
+        """Adopt the socket as a new path; errors in the contract's order, nothing left open."""
         sock = self._sockets.pop(msg.socket_key)
         try:
             self.check_open()
             self._require_migratable()
-            if len(self.paths) >= MAX_PATHS:
+            bound = _addr(sock.getsockname())
+            asked = msg.requested or bound
+            for facts in self._live_paths():
+                same_port = asked[1] == facts.local[1] or (
+                    asked[1] == 0 and facts.requested[1] == 0
+                )
+                if facts.local == bound or (facts.local[0] == asked[0] and same_port):
+                    raise PathAlreadyExistsError(msg.label or _fmt(bound))
+            if len(self._live_paths()) >= MAX_PATHS:
                 raise PathLimitError(MAX_PATHS, conn_id=self.conn_id)
             path_id = next(self._path_ids)
             self.quic.add_path(path_id, self.remote)
         except BaseException:
             sock.close()
             raise
-        self._start_path(path_id, sock, PathState.NEW)
+        self._start_path(path_id, sock, asked)
         return path_id
 
-    def path(self, path_id: int) -> PathActor:
-        path = self.paths.get(path_id)
-        if path is None or path.state is PathState.CLOSED:
+    def _live_paths(self) -> list[_PathFacts]:
+        return [f for f in self._paths.values() if f.machine.state is not PathState.CLOSED]
+
+    def _live(self, path_id: int) -> _PathFacts:
+        facts = self._paths.get(path_id)
+        if facts is None or facts.machine.state is PathState.CLOSED:
             raise PathClosedError(None)
-        return path
+        return facts
 
     async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds after some input, at most ``timeout`` seconds."""
@@ -527,68 +731,69 @@ class ConnectionActor(Actor):
     async def _emit_challenge(self, msg: EmitChallenge) -> list[bytes]:
         await self._wait_confirmed()
         self._require_migratable()
-        path = self.path(msg.path_id)
+        facts = self._live(msg.path_id)
         if not self.quic.reserve_peer_cid(msg.path_id):
             # A replenishment may be in flight (we retired a CID): wait one RTT for it.
             rtt = self.quic.smoothed_rtt or self.quic.probe_timeout()
             if not await self._wait_until(lambda: self.quic.spare_peer_cids > 0, rtt):
-                raise NoConnectionIdError(_fmt(path.local))
+                raise NoConnectionIdError(_fmt(facts.local))
             self.quic.reserve_peer_cid(msg.path_id)
         if msg.nudge and self.quic.ack_now(_now()):
             self._flush()
         datagrams = self.quic.emit_challenge(msg.path_id, _now())
         return [data for data, _ in datagrams]
 
-    async def _probe(self, path_id: int, timeout: float) -> float:
-        path = self.path(path_id)
+    async def _probe(self, path_id: int, timeout: float) -> ProbeReport:
+        """Validate a path; a failure carries what was tried as ``exc.report``."""
+        facts = self._live(path_id)
         if path_id == self.quic.active_path_id:
             # The active path is proven by the traffic it carries; report its RTT instead.
-            return self.quic.smoothed_rtt or 0.0
+            return ProbeReport(path_id, self.quic.smoothed_rtt or 0.0)
+        path = facts.actor
         try:
-            result = await self._path_refs[path_id].ask(StartProbe(timeout))
-        except asyncio.CancelledError:
-            self.quic.forget_challenges(path_id)
+            rtt = await facts.ref.ask(StartProbe(timeout))
+        except BaseException as exc:
+            exc.report = ProbeReport(  # type: ignore[attr-defined]
+                path_id, None, _ns(path.stats.probe_try_times)
+            )
             raise
-        except BaseException:
-            if self.quic.has_path(path_id):
-                self.quic.forget_challenges(path_id)
-                self.quic.invalidate_path(path_id)
-            raise
-        assert isinstance(result, float)
-        del path
-        return result
+        assert isinstance(rtt, float)
+        return ProbeReport(path_id, rtt, _ns(path.stats.probe_try_times))
 
-    async def _switch(self, msg: Switch) -> SwitchResult:
-        """Make ``msg.path_id`` active; confirmed by the peer within 3 x PTO or rolled back."""
-        path = self.path(msg.path_id)
+    async def _switch(self, msg: Switch) -> Switched:
+        """Make ``msg.path_id`` active; confirmed by the peer within 3 x PTO or rolled back.
+
+        A stale target is re-probed first with the caller's ``probe_timeout``. Cancelled, the
+        switch rolls back in its own ``finally`` before the cancellation goes on.
+        """
+        target = self._live(msg.path_id)
         active = self.quic.active_path_id
         if msg.path_id == active:
-            return SwitchResult(active, active, path.rtt, 0.0, None, None, False)
+            return Switched(active, active, target.rtt, 0.0, None, None)
         self._require_migratable()
-        if path.state not in (PathState.STANDBY,):
-            raise PathNotValidatedError(_fmt(path.local), state=path.state)
-        reprobed = False
+        if target.machine.state is not PathState.STANDBY:
+            raise PathNotValidatedError(_fmt(target.local), state=target.machine.state)
+        reprobe = None
         now = self._loop.time()
-        if path.validated_at is None or now - path.validated_at > self.options.stale_after:
-            await self._probe(msg.path_id, msg.probe_timeout)
-            reprobed = True
-        old = self.paths[active]
+        if target.validated_at is None or now - target.validated_at > self.options.stale_after:
+            reprobe = await self._probe(msg.path_id, msg.probe_timeout)
+        old = self._paths[active]
         t0 = _now()
         pto_old = self.quic.probe_timeout()
         failover = msg.old_path_dead
         token = self.quic.switch_path(
             msg.path_id,
             t0,
-            seed_rtt=path.rtt,
+            seed_rtt=target.rtt,
             ping_uid=next(self._ping_ids),
             old_path_dead=failover,
         )
         window = max(
             3 * max(pto_old, self.quic.probe_timeout()), self.options.min_confirmation_window
         )
-        path.set_state(PathState.ACTIVE)
-        old.rollback_target = True  # not failed by its own evidence until this is settled
-        old.set_state(PathState.STANDBY)
+        self._move(msg.path_id, PathState.ACTIVE)
+        old.rollback_target = True
+        self._move(active, PathState.STANDBY)
         self._flush()
         confirmed = False
         try:
@@ -600,8 +805,8 @@ class ConnectionActor(Actor):
             if not confirmed and not self.closed:
                 # Rolled back (or cancelled): the old path carries the connection again.
                 self.quic.rollback_switch(token, _now(), ping_uid=next(self._ping_ids))
-                old.set_state(PathState.ACTIVE)
-                path.set_state(PathState.STANDBY)
+                self._move(active, PathState.ACTIVE)
+                self._move(msg.path_id, PathState.STANDBY)
                 self._flush()
                 if failover:
                     # Back on a path judged dead: judge it afresh, so it is reported (degraded,
@@ -610,55 +815,52 @@ class ConnectionActor(Actor):
                     self._health_wake.set()
         if not confirmed:
             self.check_open()
-            path.set_state(PathState.FAILED)
+            self._move(msg.path_id, PathState.FAILED)
             self.quic.invalidate_path(msg.path_id)
             raise MigrationRolledBackError(
                 _fmt(old.local),
-                _fmt(path.local),
+                _fmt(target.local),
                 timeout=window,
                 reason="the peer did not reach us on the new path",
             )
         self.migrations += 1
-        path.validated_at = self._loop.time()
+        target.validated_at = self._loop.time()
         if failover:
             # Failed over from: its keep-alives tell when (if) it comes back.
-            old.set_state(PathState.FAILED)
-            if old.health is not None:
-                if active in self._unreachable:
-                    old.health.on_unreachable()
-                else:
-                    old.health.on_lost()
+            self._move(active, PathState.FAILED)
+            old.actor.failed_over(unreachable=active in self._unreachable)
             self.quic.invalidate_path(active)
             self._dead_reported = None
-        return SwitchResult(
+        return Switched(
             from_path=token.from_path,
             to_path=token.to_path,
-            probe_rtt=path.rtt,
+            probe_rtt=target.rtt,
             confirmation_time=_now() - t0,
             cid_sequence_before=token.cid_sequence_before,
             cid_sequence_after=token.cid_sequence_after,
-            reprobed=reprobed,
+            reprobe=reprobe,
         )
 
     async def _close_path(self, path_id: int) -> bool:
-        path = self.paths.get(path_id)
-        if path is None or path.state is PathState.CLOSED:
+        facts = self._paths.get(path_id)
+        if facts is None or facts.machine.state is PathState.CLOSED:
             return False  # idempotent
         if not self.closed and path_id == self.quic.active_path_id:
-            raise ActivePathCloseError(_fmt(path.local))
+            raise ActivePathCloseError(_fmt(facts.local))
         if self.quic.has_path(path_id) and not self.closed:
             self.quic.close_path(path_id)
             self._schedule_flush()  # sends RETIRE_CONNECTION_ID on the active path
-        ref = self._path_refs.pop(path_id)
-        await ref.stop()
-        self.paths.pop(path_id, None)
+        # Closed once asked, even if the caller gives up while the socket closes.
+        await asyncio.shield(facts.ref.stop())
+        self._move(path_id, PathState.CLOSED)
+        self._paths.pop(path_id, None)
         return True
 
     def _forget_path(self, path_id: int) -> None:
         if self.quic.has_path(path_id) and path_id != self.quic.active_path_id:
             self.quic.close_path(path_id)
-        self._path_refs.pop(path_id, None)
-        self.paths.pop(path_id, None)
+        self._move(path_id, PathState.CLOSED)
+        self._paths.pop(path_id, None)
 
     def _close(self, error_code: int, reason: str) -> None:
         if self.closed:
@@ -674,7 +876,7 @@ class ConnectionActor(Actor):
     def _terminate(
         self, error: ConnectionClosedError, *, error_code: int = 0, by_peer: bool = False
     ) -> None:
-        """End everything once: waiters fail, paths stop, the supervisor is told."""
+        """End everything once: waiters fail, paths close, the supervisor is told."""
         if self.closed:
             return
         self.closed = True
@@ -687,10 +889,32 @@ class ConnectionActor(Actor):
             self._timer = None
         for stream in self.streams.values():
             stream.fail(error)
-        for path in self.paths.values():
-            path.connection_closed(error)
+        for path_id, facts in list(self._paths.items()):
+            facts.actor.connection_closed(error)
+            self._move(path_id, PathState.CLOSED)
+        self._publish()
         self._notify(ConnectionEnded(self.conn_id, error_code, error.reason or "", by_peer))
         self.ref.request_stop()
+
+
+def _addr(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
+    return str(sockaddr[0]), int(sockaddr[1])
+
+
+def _ns(times: list[float]) -> tuple[int, ...]:
+    return tuple(int(t * 1e9) for t in times)
+
+
+def _bound_device(sock: socket.socket) -> str | None:
+    """The interface a path socket is bound to (SO_BINDTODEVICE), None when unbound.
+
+    Read from the socket itself, so paths given with ``sock=`` report their device too.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+    except OSError:
+        return None
+    return raw.split(b"\0", 1)[0].decode(errors="replace") or None
 
 
 def _fmt(addr: tuple[Any, ...]) -> str:

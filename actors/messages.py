@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.envelope import message
-from actors.path_state import PathState
 
 
 @message("conn.Connect")
@@ -22,35 +21,59 @@ class Connect:
     timeout: float
 
 
+# Path operations carry ``op``: a tag chosen by the asker that comes back on the PathChange
+# records the operation causes (the supervisor puts them on that operation's span).
+
+
 @message("conn.AddPath")
 @dataclass(frozen=True, slots=True)
 class AddPath:
-    """Adopt an already bound socket (registered under ``socket_key``) as a new path."""
+    """Adopt an already bound socket (registered under ``socket_key``) as a new path.
+
+    ``requested``: the ``(ip, port)`` the caller asked for (port 0: any), for the duplicate
+    check; None when the socket came from a device or ``sock=``. Answered with the path id.
+    """
 
     socket_key: int
+    requested: tuple[str, int] | None = None
+    label: str | None = None  # how the caller named it, for PathAlreadyExistsError
+    op: int | None = None
 
 
 @message("conn.Probe")
 @dataclass(frozen=True, slots=True)
 class Probe:
+    """Validate a path; answered with a :class:`ProbeReport`."""
+
     path_id: int
     timeout: float
+    op: int | None = None
 
 
 @message("conn.Switch")
 @dataclass(frozen=True, slots=True)
 class Switch:
+    """Make a path active; answered with :class:`Switched` (or a typed error).
+
+    A stale target (validated longer ago than ``ConnectionOptions.stale_after``) is re-probed
+    first, for at most ``probe_timeout`` seconds: the caller's, or the failover policy's.
+    """
+
     path_id: int
     reason: str = "manual"
     probe_timeout: float = 5.0
     #: Failover off a dead path: resend what it had in flight, and mark it failed.
     old_path_dead: bool = False
+    op: int | None = None
 
 
 @message("conn.ClosePath")
 @dataclass(frozen=True, slots=True)
 class ClosePath:
+    """Close a path and retire its CID; answered with True, or False when already closed."""
+
     path_id: int
+    op: int | None = None
 
 
 @message("conn.Close")
@@ -79,26 +102,34 @@ class StartProbe:
     timeout: float
 
 
-@message("conn.SwitchResult")
+@message("conn.ProbeReport")
 @dataclass(frozen=True, slots=True)
-class SwitchResult:
+class ProbeReport:
+    """What one probe did: its RTT (None when it failed) and when each try left (wall clock,
+    ns), for the ``quic.path.probe`` span. A failed probe's error carries it as ``.report``."""
+
+    path_id: int
+    rtt: float | None
+    try_times_ns: tuple[int, ...] = ()
+
+
+@message("conn.Switched")
+@dataclass(frozen=True, slots=True)
+class Switched:
+    """What a switch did: from and to which path, how long the peer took to confirm it."""
+
     from_path: int
     to_path: int
     probe_rtt: float | None
     confirmation_time: float
     cid_sequence_before: int | None
     cid_sequence_after: int | None
-    reprobed: bool
+    #: The re-probe of a stale target, when there was one.
+    reprobe: ProbeReport | None = None
 
-
-@message("conn.PathStateReport")
-@dataclass(frozen=True, slots=True)
-class PathStateReport:
-    """Told upwards whenever a path changes state (becomes EvtPathStateChanged)."""
-
-    path_id: int
-    old: PathState
-    new: PathState
+    @property
+    def reprobed(self) -> bool:
+        return self.reprobe is not None
 
 
 @message("conn.ConnectionEnded")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,18 +20,32 @@ from actors.errors import ConnectionClosedError, MigrationError, ProbeTimeoutErr
 from actors.flag import Flag
 from actors.health import HealthConfig, PathHealth, Verdict
 from actors.messages import EmitChallenge, StartProbe
-from actors.path_state import PathState, PathStateMachine
+from actors.path_state import PathState
 from actors.runtime import Actor, ActorError, ActorRef, Later
 
 
-class DatagramSink(Protocol):
-    """What a path hands received datagrams to: its ConnectionActor, called synchronously."""
+class PathOwner(Protocol):
+    """The path's ConnectionActor, called synchronously (same loop, no mailbox hop).
+
+    It owns the path's state: the path reports what it saw (datagrams, socket errors, probe
+    and keep-alive outcomes) and reads its state back; it never sets it.
+    """
 
     def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None: ...
 
     def path_error(self, path_id: int, exc: OSError) -> None: ...
 
-    def path_failed(self, path_id: int) -> None: ...
+    def path_state(self, path_id: int) -> PathState: ...
+
+    def probe_started(self, path_id: int) -> None: ...
+
+    def probe_answered(self, path_id: int, rtt: float) -> None: ...
+
+    def probe_failed(self, path_id: int, before: PathState, *, timed_out: bool) -> None: ...
+
+    def keepalive_answered(self, path_id: int, rtt: float) -> None: ...
+
+    def keepalive_dead(self, path_id: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -48,7 +62,7 @@ class PathStats:
     last_error: str | None = None
     probes_sent: int = 0
     probe_rtts: list[float] = field(default_factory=list)
-    #: Loop-clock send times of the tries of the latest probe on request (span events).
+    #: Wall-clock send times of the tries of the latest probe on request (span events).
     probe_try_times: list[float] = field(default_factory=list)
     #: What metrics were last told (bytes and drops are reported as deltas, off the datagram
     #: path: when the path changes state or goes away).
@@ -104,10 +118,8 @@ class PathActor(Actor):
         path_id: int,
         sock: socket.socket,
         remote: tuple[Any, ...],
-        sink: DatagramSink,
+        owner: PathOwner,
         conn: ActorRef,
-        on_state: Callable[[int, PathState, PathState], None],
-        initial_state: PathState = PathState.NEW,
         schedule: ProbeSchedule | None = None,
         health: HealthConfig | None = None,
     ) -> None:
@@ -116,27 +128,18 @@ class PathActor(Actor):
         self.local: tuple[Any, ...] = sock.getsockname()
         self.remote = remote
         self._remote_key = _addr_key(remote)
-        self._sink = sink
+        self._owner = owner
         self._conn = conn
-        self._on_state = on_state
-        self._state = PathStateMachine(initial_state)
         self._schedule = schedule or ProbeSchedule()
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _PathProtocol | None = None
         self._response: asyncio.Future[float] | None = None
         self._probe_task: asyncio.Task[float] | None = None
         self.stats = PathStats()
-        self.rtt: float | None = None
-        self.validated_at: float | None = None
         #: Keep-alive evidence (None: no keep-alives, the path is only probed on request).
         self.health = PathHealth(health) if health is not None else None
         self._keepalive_idle = Flag()
         self._keepalive_idle.set()
-        #: Set by the connection while an unconfirmed switch away from this path may still roll
-        #: back to it: evidence (ICMP, lost keep-alives) is recorded, but the path is not marked
-        #: failed until that is settled (a rollback makes it active again, which a failed path
-        #: cannot become).
-        self.rollback_target = False
         # Resolved once asyncio owns the socket (``on_start``): a datagram sent before is lost.
         # A future made on demand, not an Event: most paths never wait, and an Event's deque
         # costs ~0.6 KiB per path (bench B4 counts RSS per connection).
@@ -165,7 +168,6 @@ class PathActor(Actor):
             await asyncio.shield(self._protocol.lost)
         else:
             self.sock.close()
-        self.set_state(PathState.CLOSED)
 
     async def wait_ready(self) -> None:
         """Return once the socket is live (its datagram endpoint made)."""
@@ -176,17 +178,9 @@ class PathActor(Actor):
         await asyncio.shield(self._ready)
 
     @property
-    def probe_task(self) -> asyncio.Task[float] | None:
-        return self._probe_task
-
-    @property
     def state(self) -> PathState:
-        return self._state.state
-
-    def set_state(self, new: PathState) -> None:
-        change = self._state.move(new)
-        if change is not None:
-            self._on_state(self.path_id, *change)
+        """Read from the connection, which owns it."""
+        return self._owner.path_state(self.path_id)
 
     # ------------------------------------------------------------------ data plane
 
@@ -206,7 +200,7 @@ class PathActor(Actor):
             return
         self.stats.bytes_received += len(data)
         self.stats.datagrams_received += 1
-        self._sink.datagram_received(self.path_id, data, addr)
+        self._owner.datagram_received(self.path_id, data, addr)
 
     def _on_error(self, exc: OSError) -> None:
         # ICMP errors surface here (IP_RECVERR is on for UDP sockets in asyncio on Linux):
@@ -217,9 +211,7 @@ class PathActor(Actor):
             self._fail_response(exc)
             if self.health is not None:
                 self.health.on_unreachable()
-                if self.state is PathState.STANDBY and not self.rollback_target:
-                    self._mark_failed()
-        self._sink.path_error(self.path_id, exc)
+        self._owner.path_error(self.path_id, exc)  # it decides what the evidence means
 
     def path_response(self, rtt: float) -> None:
         """Called by the connection when a PATH_RESPONSE for this path arrived on its socket."""
@@ -227,14 +219,18 @@ class PathActor(Actor):
             self._response.set_result(rtt)
         elif self.health is not None:
             # A keep-alive answered after we stopped waiting (a busy loop, a slow path) is
-            # still proof of life: count it, and revive a failed path.
-            now = asyncio.get_running_loop().time()
-            self.health.on_answer(rtt, now)
-            self.rtt = self.health.rtt
-            self.validated_at = now
-            if self.state is PathState.FAILED:
-                self.set_state(PathState.VALIDATING)
-                self.set_state(PathState.STANDBY)
+            # still proof of life: count it (the owner revives a failed path).
+            self.health.on_answer(rtt, asyncio.get_running_loop().time())
+            self._owner.keepalive_answered(self.path_id, self.health.rtt or rtt)
+
+    def failed_over(self, *, unreachable: bool) -> None:
+        """The connection moved off this path because it was dead: record that evidence, so
+        the path ranks last until its keep-alives are answered again."""
+        if self.health is not None:
+            if unreachable:
+                self.health.on_unreachable()
+            else:
+                self.health.on_lost()
 
     def connection_closed(self, exc: BaseException) -> None:
         self._fail_response(exc)
@@ -254,10 +250,6 @@ class PathActor(Actor):
 
     # ------------------------------------------------------------------ keep-alive
 
-    def _mark_failed(self) -> None:
-        self.set_state(PathState.FAILED)
-        self._sink.path_failed(self.path_id)
-
     async def _keepalive_loop(self) -> None:
         """PATH_CHALLENGE keep-alives on standby and failed paths (a PING would make the peer
         migrate to this path). Standby paths stay standby while answered (no event per
@@ -275,16 +267,10 @@ class PathActor(Actor):
                 answered = await self._keepalive_once(health)
             finally:
                 self._keepalive_idle.set()
-            if answered and self.state is PathState.FAILED:
-                self.set_state(PathState.VALIDATING)
-                self.set_state(PathState.STANDBY)
-            elif (
-                not answered
-                and self.state is PathState.STANDBY
-                and health.verdict is Verdict.DEAD
-                and not self.rollback_target
-            ):
-                self._mark_failed()
+            if answered:
+                self._owner.keepalive_answered(self.path_id, health.rtt or 0.0)
+            elif health.verdict is Verdict.DEAD:
+                self._owner.keepalive_dead(self.path_id)
 
     async def _keepalive_once(self, health: PathHealth) -> bool:
         loop = asyncio.get_running_loop()
@@ -316,10 +302,7 @@ class PathActor(Actor):
                 return False
             except MigrationError:
                 return False  # the connection closed while we waited
-            now = loop.time()
-            health.on_answer(rtt, now)
-            self.rtt = health.rtt
-            self.validated_at = now
+            health.on_answer(rtt, loop.time())
             return True
         finally:
             self._response = None
@@ -327,16 +310,15 @@ class PathActor(Actor):
     # ------------------------------------------------------------------ probe on request
 
     async def _probe(self, timeout: float) -> float:
-        """Challenge until answered on this socket or ``timeout``; returns the probe RTT."""
+        """Challenge until answered or ``timeout``; returns the probe RTT."""
         await self._keepalive_idle.wait()  # one outstanding question per path at a time
         loop = asyncio.get_running_loop()
         self.stats.probe_try_times = []
         before = self.state
-        self.set_state(PathState.VALIDATING)
+        self._owner.probe_started(self.path_id)
         deadline = loop.time() + timeout
         wait = self._schedule.first_wait
         tries = 0
-        ok = False
         try:
             while True:
                 tries += 1
@@ -348,7 +330,7 @@ class PathActor(Actor):
                 for data in datagrams:
                     self.send(data)
                 self.stats.probes_sent += 1
-                self.stats.probe_try_times.append(loop.time())
+                self.stats.probe_try_times.append(time.time())
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ProbeTimeoutError(_fmt(self.local), timeout=timeout)
@@ -360,29 +342,20 @@ class PathActor(Actor):
                         raise ProbeTimeoutError(_fmt(self.local), timeout=timeout) from None
                     wait = min(wait * self._schedule.backoff, self._schedule.max_wait)
                     continue
-                ok = True
-                self.rtt = rtt
-                self.validated_at = loop.time()
                 if self.health is not None:
-                    self.health.on_answer(rtt, self.validated_at)
+                    self.health.on_answer(rtt, loop.time())
                 self.stats.probe_rtts.append(rtt)
                 del self.stats.probe_rtts[:-64]
-                self.set_state(PathState.STANDBY)
+                self._owner.probe_answered(self.path_id, rtt)
                 return rtt
-        except asyncio.CancelledError:
-            # Cancelled by the caller: leave no trace (back to where the path was).
-            if not ok and self.state is PathState.VALIDATING:
-                self.set_state(before if before is not PathState.VALIDATING else PathState.NEW)
-            raise
         except (ProbeTimeoutError, OSError) as exc:
-            if self.state is PathState.VALIDATING:
-                self.set_state(PathState.FAILED)
+            self._owner.probe_failed(self.path_id, before, timed_out=True)
             if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
                 raise ProbeTimeoutError(_fmt(self.local), timeout=timeout) from exc
             raise
         except BaseException:
-            if self.state is PathState.VALIDATING:
-                self.set_state(before if before is not PathState.VALIDATING else PathState.NEW)
+            # Cancelled by the caller, no CID, the connection going: leave no trace.
+            self._owner.probe_failed(self.path_id, before, timed_out=False)
             raise
         finally:
             self._response = None

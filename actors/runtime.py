@@ -213,7 +213,10 @@ class ActorRef:
         """Send ``msg`` and wait for what ``receive`` returns (or re-raise what it raised).
 
         Cancelling the caller (or a timeout) does not disturb the actor: a request it has not
-        started yet is skipped, one in progress finishes and its reply is dropped.
+        started yet is skipped, one in progress finishes and its reply is dropped. A request
+        answered with :class:`Later` whose task nobody else waits on is cancelled, and the
+        cancellation waits for that task's cleanup (Trio's rule: a cancelled switch has rolled
+        back by the time the caller sees ``CancelledError``).
         """
         cell = self._cell
         if cell.stopping:
@@ -222,15 +225,17 @@ class ActorRef:
             raise ActorError(f"actor {cell.name!r} asked itself, which would deadlock")
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         cell.mailbox.put_nowait((msg, fut, _sender_ref()))
-        if timeout is None:
-            return await fut
         cm = asyncio.timeout(timeout)
         try:
             async with cm:
                 return await fut
         except TimeoutError:
-            if cm.expired():
+            await cell.settle_abandoned(fut)
+            if cm.expired() and timeout is not None:
                 raise AskTimeoutError(cell.name, type(msg).__name__, timeout) from None
+            raise
+        except asyncio.CancelledError:
+            await cell.settle_abandoned(fut)
             raise
 
     async def stop(self) -> None:
@@ -305,6 +310,7 @@ class _Cell:
         self.reply_tasks: set[asyncio.Future[Any]] = set()  # Later tasks: errors go to askers
         self.later_replies: set[asyncio.Future[object]] = set()  # asks awaiting a Later task
         self.later_askers: dict[asyncio.Future[Any], set[asyncio.Future[object]]] = {}
+        self.later_task: dict[asyncio.Future[object], asyncio.Future[Any]] = {}  # reply -> task
         self.sender: ActorRef | None = None
         self.failure: BaseException | None = None
         self.stopping = False  # no new messages accepted
@@ -387,8 +393,26 @@ class _Cell:
         self.reply_tasks.add(fut)
         self.later_replies.add(reply)
         self.later_askers.setdefault(fut, set()).add(reply)
+        self.later_task[reply] = fut
         fut.add_done_callback(lambda done: self._later_done(reply, done))
         reply.add_done_callback(lambda r: self._later_asker_gone(fut, r))
+
+    async def settle_abandoned(self, reply: asyncio.Future[object]) -> None:
+        """Wait (through further cancellations) until the Later task ``reply`` was waiting on
+        has ended, if giving up on it cancels it; an abandoned request leaves no work behind."""
+        task = self.later_task.pop(reply, None)
+        if task is None or task.done() or self.later_askers.get(task, set()) - {reply}:
+            return  # never started, already over, or another ask still wants it
+        if not reply.done():
+            reply.cancel()  # the timeout path: make the last asker's departure cancel the task
+        cancelled = False
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _later_asker_gone(self, fut: asyncio.Future[Any], reply: asyncio.Future[object]) -> None:
         """An ask on a Later task was answered or given up; the last one to give up cancels it.
@@ -408,6 +432,7 @@ class _Cell:
 
     def _later_done(self, reply: asyncio.Future[object], fut: asyncio.Future[Any]) -> None:
         self.later_replies.discard(reply)
+        self.later_task.pop(reply, None)
         self.reply_tasks.discard(fut)
         if fut.cancelled():
             if not reply.done():

@@ -52,9 +52,17 @@ async def _switch_and_echo(
     conn: Connection, target: Path, stream: Any
 ) -> tuple[float, float, bool]:
     """(confirm seconds, first echoed byte seconds, echo arrived on the new path)."""
-    actor = conn._actor
-    new_path = actor.paths[target.path_id]
-    before = new_path.stats.datagrams_received
+    sup: Any = conn._client
+
+    def received_on_new() -> int:
+        sample = sup.path_samples(conn.conn_id).get(target.path_id)
+        return sample.datagrams_received if sample is not None else 0
+
+    def target_active() -> bool:
+        snap = sup.live_snapshot(conn.conn_id)
+        return any(p.active and p.path_id == target.path_id for p in snap.paths)
+
+    before = received_on_new()
 
     async def switch() -> float:
         await target.switch()
@@ -63,13 +71,13 @@ async def _switch_and_echo(
     t0 = time.perf_counter()
     task = asyncio.create_task(switch())
     for _ in range(100_000):  # a few loop turns: supervisor, then connection actor
-        if actor.quic.active_path_id == target.path_id or task.done():
+        if target_active() or task.done():
             break
         await asyncio.sleep(0)
     await stream.write(b"x")
     await stream.readexactly(1)
     echoed = time.perf_counter() - t0
-    on_new = new_path.stats.datagrams_received > before
+    on_new = received_on_new() > before
     confirmed_at = await task
     return confirmed_at - t0, echoed, on_new
 

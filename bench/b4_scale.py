@@ -163,7 +163,9 @@ async def _ours_client(
         )
 
         def probes() -> int:
-            return sum(p.stats.probes_sent for c in conns for p in c._actor.paths.values())
+            return sum(
+                p.probes_sent for c in conns for p in sup.path_samples(c.conn_id).values()
+            )
 
         def rounds() -> int:
             return sum(1 for _ in asyncio.all_tasks())

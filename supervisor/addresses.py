@@ -372,3 +372,43 @@ def adopt_udp_socket(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     _set_df(sock)
     return sock
+
+
+def bind_path_socket(
+    local_addr: str | None,
+    device: str | None,
+    sock: socket.socket | None,
+    family: int,
+    remote_ip: str,
+    *,
+    what: str,
+) -> socket.socket:
+    """The bound socket of a new path: the one handed in (``sock=``), or one bound to
+    ``local_addr``, or (neither) to the address routed towards the peer, so a path's address
+    is never a wildcard. Argument errors name the input; nothing is left open."""
+    if sock is not None:
+        sock = adopt_udp_socket(sock)
+        if sock.family != family:
+            sock.close()
+            raise InvalidAddressError(
+                "sock", f"socket family differs from the peer's ({remote_ip})", what=what
+            )
+        return sock
+    if local_addr is None:
+        ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        probe = bind_udp_socket(ip, 0, family, device=device)
+        try:
+            probe.connect((remote_ip, 9))  # no packet: only asks the kernel for the route
+            routed = probe.getsockname()[0]
+        finally:
+            probe.close()
+        return bind_udp_socket(routed, 0, family, device=device)
+    ip, port, fam = parse_quic_multiaddr(local_addr, what=what)
+    if fam != family:
+        raise InvalidAddressError(
+            local_addr,
+            f"its IP family differs from the peer's ({remote_ip}): use an "
+            f"{'/ip6' if family == socket.AF_INET6 else '/ip4'} local address",
+            what=what,
+        )
+    return bind_udp_socket(ip, port, family, device=device)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -15,24 +16,30 @@ from typing import Any
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
 
-from actors.connection import ConnectionOptions
 from actors.envelope import CODEC_VERSION, Envelope, type_name
 from actors.errors import ConnectionClosedError
+from actors.factory import ConnectionOptions
+from actors.messages import Close
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
+from actors.view import PathSample
 from supervisor.config import FailoverPolicy
 from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
+from supervisor.failover import FailoverController
 from supervisor.handles import Connection
 from supervisor.messages import ConnectionSnapshot, DialRequest
+from supervisor.policy import PolicyPort
 from supervisor.server import Listener
-from supervisor.supervisor_actor import SupervisorActor
+from supervisor.supervisor_actor import ConnectionEntry, SupervisorActor, snapshot_of
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.propagation import current_trace_fields
 from telemetry.qlog import DEFAULT_MAX_EVENTS as DEFAULT_QLOG_MAX_EVENTS
 from telemetry.qlog import QlogDirectory, QlogWriter
 from telemetry.tracing import Tracing
+
+log = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -69,12 +76,13 @@ class Supervisor:
         self.events = EventBus()
         self._ask_timeout = ask_timeout
         self._runtime: Runtime | None = None
-        self._actor: SupervisorActor | None = None
         self._ref: ActorRef | None = None
+        # The supervisor actor's registry: an ActorRef and the published view per connection.
+        self._conns: dict[str, ConnectionEntry] = {}
         self._sockets: dict[int, socket.socket] = {}
         self._socket_keys = itertools.count(1)
         self._listeners: list[Listener] = []
-        self._failures: list[ChildFailed] = []
+        self._crash: ChildFailed | None = None
         # Providers are the caller's: the library never sets the global ones.
         self.tracing = Tracing(tracer_provider)
         self.metrics = Metrics(meter_provider)
@@ -100,21 +108,31 @@ class Supervisor:
     async def start(self) -> None:
         if self._runtime is not None:
             return
-        self._runtime = Runtime(on_failure=self._failures.append)
+        self._runtime = Runtime(on_failure=self._crashed)
         if self._journal_path is not None:
             self.journal = JournalWriter(self._journal_path)
-        self._actor = SupervisorActor(
+        policy: Callable[[PolicyPort], FailoverController] | None = None
+        if self.failover is not None:
+            policy = functools.partial(FailoverController, policy=self.failover)
+
+        actor = SupervisorActor(
             migration_enabled=self.migration_enabled,
             events=self.events,
             sockets=self._sockets,
+            registry=self._conns,
             options=self.options,
             tracing=self.tracing,
             metrics=self.metrics,
             journal=self.journal,
             qlog=self.qlog,
-            failover=self.failover,
+            policy=policy,
         )
-        self._ref = self._runtime.start(self._actor, name="supervisor")
+        self._ref = self._runtime.start(actor, name="supervisor")
+
+    def _crashed(self, failure: ChildFailed) -> None:
+        """The supervisor actor itself failed (a bug): say so now, and on every later call."""
+        log.error("the supervisor actor crashed: %s\n%s", failure.error, failure.traceback)
+        self._crash = failure
 
     async def close(self) -> None:
         """Close every listener and connection; no socket or task survives this call."""
@@ -125,13 +143,13 @@ class Supervisor:
             qlog.close()
         self._server_qlogs.clear()
         if self._runtime is not None:
-            if self._actor is not None:
-                for entry in list(self._actor.conns.values()):
-                    if entry.ref.is_alive:
-                        with contextlib.suppress(Exception):
-                            await entry.ref.ask(_close_msg(), timeout=5)
+            for entry in list(self._conns.values()):
+                if entry.ref.is_alive:
+                    with contextlib.suppress(Exception):
+                        await entry.ref.ask(Close(0, "supervisor closing"), timeout=5)
             await self._runtime.stop()
             self._runtime = None
+            self._ref = None
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
@@ -143,6 +161,11 @@ class Supervisor:
     # ------------------------------------------------------------------ Client (handles)
 
     async def ask(self, msg: object, timeout: float | None = None) -> object:
+        if self._crash is not None:
+            raise ConnectionClosedError(
+                reason=f"the supervisor crashed ({self._crash.error}); see the log, then "
+                "open a new Supervisor"
+            )
         if self._ref is None:
             raise ConnectionClosedError(reason="the supervisor is not running")
         # The caller's active span travels with the request: it parents the migration span.
@@ -159,27 +182,16 @@ class Supervisor:
             envelope, timeout=timeout if timeout is not None else self._ask_timeout
         )
 
-    async def settle(self, conn_id: str) -> None:
-        """Wait until no path operation of ``conn_id`` is in progress.
-
-        A handle whose probe() or switch() was cancelled calls this before re-raising: the
-        cancellation reaches the ConnectionActor a few loop turns later (supervisor task, then
-        connection task), and only then is the switch rolled back or the probe undone. Waiting
-        here makes a cancelled call leave no trace by the time it returns (read-your-writes).
-        """
-        entry = self._actor.conns.get(conn_id) if self._actor is not None else None
-        while entry is not None:
-            if entry.ops.locked():  # the supervisor side of an operation is still unwinding
-                async with entry.ops:
-                    pass
-                continue
-            busy = entry.actor.busy_tasks()
-            if not busy:
-                return
-            await asyncio.wait(busy)
-
     def live_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
-        return self._actor.snapshot(conn_id) if self._actor is not None else None
+        """From the connection's published view, with RTTs and counters sampled now."""
+        entry = self._conns.get(conn_id)
+        return snapshot_of(entry, self.migration_enabled) if entry is not None else None
+
+    def path_samples(self, conn_id: str) -> dict[int, PathSample]:
+        """Per-path counters of a connection read now (datagrams, bytes, probes, RTT), by
+        path id: for benchmarks and diagnostics; empty once the connection is gone."""
+        entry = self._conns.get(conn_id)
+        return entry.cell.sample() if entry is not None else {}
 
     def register_socket(self, sock: Any) -> int:
         if not isinstance(sock, socket.socket):
@@ -221,9 +233,7 @@ class Supervisor:
             )
         )
         assert isinstance(reply, ConnectionSnapshot)
-        assert self._actor is not None
-        actor = self._actor.conns[reply.conn_id].actor
-        return Connection(self, reply, actor)
+        return Connection(self, reply, self._conns[reply.conn_id].port)
 
     async def listen(
         self,
@@ -250,9 +260,12 @@ class Supervisor:
         return listener
 
     def connections(self) -> list[ConnectionSnapshot]:
-        if self._actor is None:
-            return []
-        return [s for c in list(self._actor.conns) if (s := self._actor.snapshot(c)) is not None]
+        """The open outbound connections."""
+        return [
+            snapshot_of(e, self.migration_enabled)
+            for e in list(self._conns.values())
+            if not e.view.closed
+        ]
 
     async def drain(
         self,
@@ -273,14 +286,3 @@ class Supervisor:
             probe_timeout=probe_timeout,
             close_drained=close_drained,
         )
-
-
-def _close_msg() -> object:
-    from actors.messages import Close
-
-    return Close(0, "supervisor closing")
-
-
-async def _wait_all(tasks: list[asyncio.Task[Any]]) -> None:
-    if tasks:
-        await asyncio.wait(tasks)

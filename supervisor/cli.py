@@ -47,7 +47,7 @@ from supervisor.h3 import H3Error, http3_get
 from telemetry.journal import JournalFormatError, journal_files, read_journal
 from telemetry.otlp_json import OtlpJsonFileSpanExporter
 from telemetry.providers import DropCountingSpanProcessor, Providers, build_providers_from_env
-from telemetry.timeline import plot, render_text
+from telemetry.timeline import plot, render_text, untimed
 
 __all__ = ["build_parser", "main"]
 
@@ -586,12 +586,28 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ journal
 
 
+_MAX_WARNINGS = 5
+
+
 def _journal_records(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path`` and its rotated backups, oldest file first."""
+    """The records of ``path`` and its rotated backups, oldest file first.
+
+    A damaged record costs only itself (or, for corrupt bytes, the rest of its file): it is
+    skipped with a one-line warning on stderr, so the rest of a flight record stays readable.
+    """
     files = journal_files(path)
     if not files:
         raise FileNotFoundError(f"no journal at {path}")
-    return [record for file in files for record in read_journal(file)]
+    problems: list[JournalFormatError] = []
+    records = [
+        record for file in files for record in read_journal(file, on_invalid=problems.append)
+    ]
+    for problem in problems[:_MAX_WARNINGS]:
+        print(f"{PROG} journal: warning: skipped: {_one_line(problem)}", file=sys.stderr)
+    if len(problems) > _MAX_WARNINGS:
+        more = len(problems) - _MAX_WARNINGS
+        print(f"{PROG} journal: warning: skipped {more} more bad record(s)", file=sys.stderr)
+    return records
 
 
 async def cmd_journal_show(args: argparse.Namespace) -> int:
@@ -602,7 +618,9 @@ async def cmd_journal_show(args: argparse.Namespace) -> int:
 async def cmd_journal_plot(args: argparse.Namespace) -> int:
     records = _journal_records(args.file)
     plot(records, args.output)
-    print(f"wrote {args.output} ({len(records)} records)")
+    skipped = untimed(records)
+    note = f", {skipped} without a usable time not drawn" if skipped else ""
+    print(f"wrote {args.output} ({len(records)} records{note})")
     return 0
 
 

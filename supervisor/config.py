@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.health import HealthConfig
+from actors.factory import HealthConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +29,15 @@ class FailoverPolicy:
     min_silence: float = 0.1
     prefer: str | None = None
     hysteresis: float = 2.0
+    #: How long the re-probe of a stale failover target may take (a switch never waits on
+    #: the caller's default 5 s when the policy says otherwise).
+    probe_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if self.hysteresis < 0:
             raise ValueError(f"hysteresis must be >= 0, got {self.hysteresis!r}")
+        if not self.probe_timeout > 0:
+            raise ValueError(f"probe_timeout must be > 0 seconds, got {self.probe_timeout!r}")
         if not self.min_silence > 0:
             raise ValueError(f"min_silence must be > 0, got {self.min_silence!r}")
         if self.prefer is not None:

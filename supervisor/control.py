@@ -11,8 +11,10 @@ Wire: each frame is a 4-byte big-endian length and that many bytes of one envelo
 ``sock=``) and ``ctl.Drain``. Each gets exactly one reply, in order: the result (a
 ``ConnectionSnapshot``, ``ctl.Snapshots``, ``sup.DrainReport`` or ``ctl.Ok``) or a ``ctl.Error``
 that :class:`ControlClient` raises as the original typed exception. A frame over 1 MiB, or
-bytes that are not an envelope, get an error reply and the connection is closed (the stream
-cannot be trusted after that); the server keeps serving everyone else.
+bytes that are not an envelope (anything :func:`actors.envelope.decode` refuses: garbage, nesting
+deeper than its ``MAX_DEPTH``, unknown types), get a ``FrameError`` or ``EnvelopeError`` reply and
+the connection is closed (the stream cannot be trusted after that); the server keeps serving
+everyone else. No frame content can make the server fail without replying.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import stat
@@ -39,10 +42,12 @@ from supervisor.messages import (
     AddPathRequest,
     ClosePathRequest,
     ConnectionSnapshot,
+    PathAddedReply,
     PathSnapshot,
     ProbeRequest,
     SnapshotRequest,
     SwitchRequest,
+    snapshot_of,
 )
 from supervisor.remote_errors import ErrorReply, error_reply, rebuild_error
 from telemetry.propagation import attached, current_trace_fields
@@ -60,6 +65,8 @@ __all__ = [
     "Ok",
     "Snapshots",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Largest request frame the server accepts (replies may be larger: see ControlClient).
 MAX_FRAME = 1 << 20
@@ -133,6 +140,18 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes | None:
 
 def frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data)) + data
+
+
+def _error_payload(exc: BaseException) -> bytes:
+    """``exc`` as an encoded ``ctl.Error``; never raises, so every failure gets its reply.
+
+    The full reply can fail to encode (text with lone surrogates, say): then the text goes
+    ASCII-escaped and without attributes.
+    """
+    try:
+        return encode(error_reply(exc))
+    except (TypeError, ValueError):
+        return encode(ErrorReply(type(exc).__name__, ascii(str(exc))[1:-1]))
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -266,7 +285,11 @@ class ControlServer:
                     env = decode(data)
                 except (FrameError, EnvelopeError) as exc:
                     # The byte stream cannot be trusted any more: answer, then hang up.
-                    await self._send(writer, encode(error_reply(exc)))
+                    await self._send(writer, _error_payload(exc))
+                    return
+                except Exception as exc:  # decode raises only EnvelopeError: a bug, still answered
+                    log.warning("control frame could not be decoded", exc_info=True)
+                    await self._send(writer, _error_payload(exc))
                     return
                 await self._send(writer, await self._answer(env))
         except ConnectionError:
@@ -298,7 +321,7 @@ class ControlServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return encode(error_reply(exc))
+            return _error_payload(exc)
 
     async def _handle(self, msg: object) -> object:
         if isinstance(msg, DrainCommand):
@@ -458,11 +481,10 @@ class ControlClient:
         target = _find_path(snap.paths, ip, port)
         added = target is None
         if target is None:
-            known = {p.path_id for p in snap.paths}
-            snap = _as_snapshot(
-                await self.request(AddPathRequest(conn_id, local_addr=str(to_local_addr)))
-            )
-            target = next(p for p in snap.paths if p.path_id not in known)
+            made = await self.request(AddPathRequest(conn_id, local_addr=str(to_local_addr)))
+            assert isinstance(made, PathAddedReply)
+            snap = made.snapshot
+            target = next(p for p in snap.paths if p.path_id == made.path_id)
         if target.active:
             return snap
         try:
@@ -479,8 +501,7 @@ class ControlClient:
 
 
 def _as_snapshot(reply: object) -> ConnectionSnapshot:
-    assert isinstance(reply, ConnectionSnapshot)
-    return reply
+    return snapshot_of(reply)
 
 
 def _find_path(paths: tuple[PathSnapshot, ...], ip: str, port: int) -> PathSnapshot | None:

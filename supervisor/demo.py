@@ -120,26 +120,8 @@ def self_signed_cert(directory: str | Path) -> tuple[Path, Path]:
 async def echo_handler(stream: Stream) -> None:
     """Server side of the echo protocol: every byte back on the same stream, then FIN."""
     while data := await stream.read(1 << 16):
-        await _write_rechecking(stream, data)
+        await stream.write(data)  # waits while the send buffer is full
     await stream.close()
-
-
-async def _write_rechecking(stream: Stream, data: bytes, every: float = 0.02) -> None:
-    """``stream.write`` that re-checks the send buffer while it is blocked.
-
-    Workaround: the listener's connections (``supervisor.server.InboundProtocol``) wake blocked
-    writers only on aioquic events, and an ACK-only datagram raises none; once the client stops
-    sending, a full echo buffer would then never drain. Drop this when the listener re-checks
-    its streams after every datagram.
-    """
-    write = asyncio.ensure_future(stream.write(data))
-    try:
-        while not write.done():
-            await asyncio.wait({write}, timeout=every)
-            stream.poke_writable()
-        write.result()
-    finally:
-        write.cancel()
 
 
 # --------------------------------------------------------------------------------- traffic

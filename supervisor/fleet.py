@@ -236,8 +236,9 @@ class RayTransport:
 
 
 class _AgentSide:
-    """Stands in for the ConnectionActor, which lives in the agent's process: the inherited
-    handle code sees an open connection (the snapshot says otherwise), and streams fail clearly."""
+    """Stands in for the connection's data-plane port, which lives in the agent's process: the
+    inherited handle code sees an open connection (the snapshot says otherwise), and streams
+    fail clearly."""
 
     closed = False
 

@@ -21,17 +21,13 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamDataReceived, StreamReset
 
-from actors.errors import ConnectionClosedError
-
-if TYPE_CHECKING:
-    from actors.connection import ConnectionActor
-    from supervisor.handles import Connection
+from actors.ports import AppProtocolPort
+from supervisor.handles import Connection
 
 __all__ = ["DEFAULT_BODY_BUFFER", "H3Client", "H3Error", "H3Response", "Sink", "http3_get"]
 
@@ -97,7 +93,7 @@ class H3Client:
 
     def __init__(self, buffer_limit: int = DEFAULT_BODY_BUFFER) -> None:
         self.buffer_limit = buffer_limit
-        self._actor: ConnectionActor | None = None
+        self._port: AppProtocolPort | None = None
         self._h3: H3Connection | None = None
         self._early: list[QuicEvent] = []
         self._requests: dict[int, _Request] = {}
@@ -106,31 +102,30 @@ class H3Client:
     @classmethod
     async def attach(cls, conn: Connection, buffer_limit: int = DEFAULT_BODY_BUFFER) -> H3Client:
         client = cls(buffer_limit)
-        actor = await conn.attach_app_protocol(client._on_quic_event)
-        if actor.alpn not in H3_ALPN:
-            actor.app_handler = None
+        port = await conn.attach_app_protocol(client._on_quic_event)
+        if port.alpn not in H3_ALPN:
+            port.detach()
             raise ValueError(
                 f"HTTP/3 needs a connection dialled with alpn_protocols=['h3'], "
-                f"this one negotiated {actor.alpn!r}"
+                f"this one negotiated {port.alpn!r}"
             )
         # No await since attaching: the replayed early events are still the oldest ones.
-        client._actor = actor
-        client._h3 = H3Connection(actor.quic)
+        client._port = port
+        client._h3 = port.build(H3Connection)
         for event in client._early:
             client._on_quic_event(event)
         client._early.clear()
-        actor.transmit_soon()  # our SETTINGS and QPACK streams
+        port.transmit_soon()  # our SETTINGS and QPACK streams
         client._watcher = asyncio.get_running_loop().create_task(
-            client._watch(actor), name=f"h3-watch-{conn.conn_id}"
+            client._watch(port), name=f"h3-watch-{conn.conn_id}"
         )
         return client
 
-    async def _watch(self, actor: ConnectionActor) -> None:
+    async def _watch(self, port: AppProtocolPort) -> None:
         """Fail every pending request when the connection ends, however it ends."""
-        await actor.ref.wait_stopped()
-        error = actor.close_error or ConnectionClosedError(actor.conn_id)
+        await port.wait_closed()
         for req in self._requests.values():
-            req.fail(error)
+            req.fail(port.close_error)
 
     # ---------------------------------------------------------------- event side (synchronous)
 
@@ -168,9 +163,8 @@ class H3Client:
         req.wake.set()
 
     def _set_backlog(self, req: _Request) -> None:
-        assert self._actor is not None
-        if self._actor.quic.set_receive_backlog(req.stream_id, req.buffered, self.buffer_limit):
-            self._actor.transmit_soon()  # credit was withheld and may flow again
+        assert self._port is not None
+        self._port.set_receive_backlog(req.stream_id, req.buffered, self.buffer_limit)
 
     # ---------------------------------------------------------------- request side
 
@@ -186,10 +180,10 @@ class H3Client:
         """GET ``url_path``; see :func:`http3_get`."""
         if not url_path.startswith("/"):
             raise ValueError(f"url_path must start with '/', got {url_path!r}")
-        actor, h3 = self._actor, self._h3
-        assert actor is not None and h3 is not None
-        actor.check_open()
-        stream_id = actor.quic.get_next_available_stream_id()
+        port, h3 = self._port, self._h3
+        assert port is not None and h3 is not None
+        port.check_open()
+        stream_id = port.next_stream_id()
         req = self._requests[stream_id] = _Request(stream_id)
         request_headers: Headers = [
             (b":method", b"GET"),
@@ -199,19 +193,19 @@ class H3Client:
             *((_b(k).lower(), _b(v)) for k, v in headers),
         ]
         h3.send_headers(stream_id, request_headers, end_stream=True)
-        actor.transmit_soon()
+        port.transmit_soon()
         complete = False
         try:
             body, length = await self._receive(req, sink, max_body)
             complete = True
         finally:
             del self._requests[stream_id]
-            actor.quic.set_receive_backlog(stream_id, 0, self.buffer_limit)
-            if not complete and not actor.closed:
+            port.set_receive_backlog(stream_id, 0, self.buffer_limit)
+            if not complete and not port.closed:
                 # Cancelled or failed midway: tell the server to stop sending.
                 with contextlib.suppress(Exception):
-                    actor.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
-                actor.transmit_soon()
+                    port.stop_stream(stream_id, ErrorCode.H3_REQUEST_CANCELLED)
+                port.transmit_soon()
         assert req.headers is not None
         status = dict(req.headers)[b":status"]
         return H3Response(int(status), req.headers, bytes(body), length, req.trailers)

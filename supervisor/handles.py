@@ -9,14 +9,13 @@ changes made by others (failover, another task) show at once too.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from aioquic.quic.events import QuicEvent, StreamDataReceived
+from aioquic.quic.events import QuicEvent
 from multiaddr import Multiaddr
 
 from actors.errors import (
@@ -25,19 +24,21 @@ from actors.errors import (
     MigrationNotSupportedError,
 )
 from actors.path_state import PathState
+from actors.ports import AppProtocolPort, ConnectionPort
 from actors.streams import Stream
 from supervisor.messages import (
     AddPathRequest,
     CloseConnectionRequest,
     ClosePathRequest,
     ConnectionSnapshot,
+    PathAddedReply,
     PathSnapshot,
     ProbeRequest,
+    SwitchReply,
     SwitchRequest,
+    SwitchResult,
+    snapshot_of,
 )
-
-if TYPE_CHECKING:
-    from actors.connection import ConnectionActor
 
 
 class Client(Protocol):
@@ -77,10 +78,10 @@ def _info(snap: PathSnapshot) -> PathInfo:
 class Connection:
     """A QUIC connection: raw bidirectional streams, addresses, close, ``as_migratable()``."""
 
-    def __init__(self, client: Client, snap: ConnectionSnapshot, actor: ConnectionActor) -> None:
+    def __init__(self, client: Client, snap: ConnectionSnapshot, port: ConnectionPort) -> None:
         self._client = client
         self._snap = snap
-        self._actor = actor
+        self._port = port  # the connection's data plane (streams); control goes by request
         self._migratable: MigratableConn | None = None
 
     @property
@@ -98,15 +99,15 @@ class Connection:
 
     @property
     def is_closed(self) -> bool:
-        return self._actor.closed
+        return self._port.closed
 
     async def open_stream(self) -> Stream:
         """A new raw bidirectional stream, whatever the ALPN."""
-        return self._actor.open_stream()
+        return self._port.open_stream()
 
     async def accept_stream(self) -> Stream:
         """The next stream the peer opened."""
-        return await self._actor.accept_stream()
+        return await self._port.accept_stream()
 
     async def close(self) -> None:
         """Close the connection: every path, socket and task is released. Idempotent."""
@@ -121,7 +122,7 @@ class Connection:
         live = self._client.live_snapshot(self.conn_id)
         if live is not None:
             self._remember(live)
-        elif self._actor.closed and not self._snap.closed:
+        elif self._port.closed and not self._snap.closed:
             # The supervisor forgot the connection: every path went with it.
             self._snap = replace(self._snap, closed=True, supports_migration=False, paths=())
         return self._snap
@@ -136,39 +137,21 @@ class Connection:
                     handle._last = p
 
     def _update(self, reply: object) -> ConnectionSnapshot:
-        if isinstance(reply, ConnectionSnapshot):
-            self._remember(reply)
+        if reply is not None:
+            self._remember(snapshot_of(reply))
         return self._snapshot()
 
     def __repr__(self) -> str:
         return f"<Connection {self.conn_id} {self._snap.local_addr} -> {self._snap.remote_addr}>"
 
-    async def attach_app_protocol(self, handler: Callable[[QuicEvent], bool]) -> ConnectionActor:
+    async def attach_app_protocol(self, handler: Callable[[QuicEvent], bool]) -> AppProtocolPort:
         """Route this connection's QUIC events through ``handler`` first (events it returns True
-        for are consumed): how HTTP/3 runs on top of it. Returns the actor that owns the aioquic
-        connection, for the protocol's sends (``actor.quic``, then ``actor.transmit_soon()``).
-
-        The peer may open streams before this is called (an HTTP/3 server sends SETTINGS right
-        after the handshake); their buffered bytes are replayed to ``handler`` first, so it sees
-        every stream from its first byte. One protocol per connection.
-        """
+        for are consumed): how HTTP/3 runs on top of it. Returns the connection's port for the
+        protocol's sends. Streams the peer opened earlier are replayed to ``handler`` first.
+        One protocol per connection."""
         if self._snap.inbound:
             raise ValueError("application protocols run on outbound (dialled) connections only")
-        actor = self._actor
-        actor.check_open()
-        if actor.app_handler is not None:
-            raise RuntimeError(f"{self!r} already has an application protocol")
-        replay: list[QuicEvent] = []
-        for stream_id, stream in list(actor.streams.items()):
-            if stream_id & 1 and (stream.receive_backlog or stream.at_eof):
-                # read() returns at once with bytes buffered: no other event can slip in
-                # between this replay and installing the handler.
-                data = await stream.read() if stream.receive_backlog else b""
-                replay.append(StreamDataReceived(data, stream.at_eof, stream_id))
-        actor.app_handler = handler
-        for event in replay:
-            handler(event)
-        return actor
+        return await self._port.attach_app_protocol(handler)
 
 
 class MigratableConn:
@@ -212,11 +195,9 @@ class MigratableConn:
                 key,
             )
         )
-        snap = self._conn._update(reply)
-        known = set(self._paths)
-        new = [p for p in snap.paths if p.path_id not in known]
-        path_id = max(p.path_id for p in new) if new else max(p.path_id for p in snap.paths)
-        return self._handle(path_id)
+        assert isinstance(reply, PathAddedReply)
+        self._conn._update(reply)
+        return self._handle(reply.path_id)
 
     def _handle(self, path_id: int) -> Path:
         path = self._paths.get(path_id)
@@ -276,28 +257,26 @@ class Path:
 
     async def probe(self, timeout: float = 5.0) -> None:
         """Validate the path (PATH_CHALLENGE answered on this socket); cancellation-safe."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-        if not timeout > 0 or math.isnan(timeout):
-            raise ValueError(f"probe timeout must be > 0 seconds, got {timeout!r}")
-        await self._cancellable(ProbeRequest(self._conn.conn_id, self.path_id, float(timeout)))
+        _check_timeout(timeout, "timeout")
+        reply = await self._conn._client.ask(
+            ProbeRequest(self._conn.conn_id, self.path_id, float(timeout))
+        )
+        self._conn._update(reply)
 
-    async def switch(self) -> None:
+    async def switch(self, *, probe_timeout: float = 5.0) -> SwitchResult:
         """Make this the active path; returns once the peer is confirmed on it.
 
-        Cancelled, it rolls back before the CancelledError reaches the caller."""
-        await self._cancellable(SwitchRequest(self._conn.conn_id, self.path_id))
-
-    async def _cancellable(self, request: object) -> None:
-        client = self._conn._client
-        try:
-            reply = await client.ask(request)
-        except asyncio.CancelledError:
-            settle = getattr(client, "settle", None)  # in-process: wait for the undo
-            if settle is not None:
-                await settle(self._conn.conn_id)
-            raise
+        A stale target is re-probed first, for at most ``probe_timeout`` seconds. Cancelled,
+        it has rolled back by the time the CancelledError reaches the caller."""
+        _check_timeout(probe_timeout, "probe_timeout")
+        reply = await self._conn._client.ask(
+            SwitchRequest(
+                self._conn.conn_id, self.path_id, probe_timeout=float(probe_timeout)
+            )
+        )
+        assert isinstance(reply, SwitchReply)
         self._conn._update(reply)
+        return reply.result
 
     async def close(self) -> None:
         """Close this (non-active) path and retire its CID. Idempotent."""
@@ -306,6 +285,13 @@ class Path:
 
     def __repr__(self) -> str:
         return f"<Path {self.path_id} of {self._conn.conn_id}>"
+
+
+def _check_timeout(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"probe {name} must be > 0 seconds and finite, got {value!r}")
 
 
 class InboundMigratableConn(MigratableConn):

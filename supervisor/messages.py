@@ -50,6 +50,10 @@ class SwitchRequest:
     conn_id: str
     path_id: int
     reason: str = "manual"
+    #: How long a stale target's re-probe may take (the caller's, or the failover policy's).
+    probe_timeout: float = 5.0
+    #: Failover off a dead active path: what it had in flight is resent on the new path.
+    old_path_dead: bool = False
 
 
 @message("sup.ClosePath")
@@ -98,3 +102,47 @@ class ConnectionSnapshot:
     closed: bool
     paths: tuple[PathSnapshot, ...] = ()
     migrations: int = 0
+
+
+@message("sup.PathAdded")
+@dataclass(frozen=True, slots=True)
+class PathAddedReply:
+    """The reply to AddPathRequest: which path was made (never guessed from a snapshot)."""
+
+    path_id: int
+    snapshot: ConnectionSnapshot
+
+
+@message("sup.SwitchResult")
+@dataclass(frozen=True, slots=True)
+class SwitchResult:
+    """What a switch did (DESIGN section 3): returned by ``Path.switch()``.
+
+    ``from_addr == to_addr`` when the path was already active (nothing happened);
+    ``confirmation_s``: from the first packet on the new path to the peer's answer on it.
+    """
+
+    from_addr: str
+    to_addr: str
+    probe_rtt: float | None
+    confirmation_s: float
+    reprobed: bool
+    trace_id: str | None = None
+
+
+@message("sup.Switched")
+@dataclass(frozen=True, slots=True)
+class SwitchReply:
+    """The reply to SwitchRequest."""
+
+    result: SwitchResult
+    snapshot: ConnectionSnapshot
+
+
+def snapshot_of(reply: object) -> ConnectionSnapshot:
+    """The connection snapshot every path reply carries (remote callers keep it)."""
+    if isinstance(reply, ConnectionSnapshot):
+        return reply
+    if isinstance(reply, (PathAddedReply, SwitchReply)):
+        return reply.snapshot
+    raise TypeError(f"not a connection reply: {type(reply).__name__}")

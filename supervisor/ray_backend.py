@@ -52,8 +52,10 @@ from supervisor.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
     DialRequest,
+    PathAddedReply,
     ProbeRequest,
     SnapshotRequest,
+    SwitchReply,
     SwitchRequest,
 )
 from supervisor.server import Listener
@@ -632,13 +634,11 @@ class SupervisorAgent:
             if path.get("index", 0) == 0:
                 continue
             try:
-                snap = await self.sup.ask(
+                added = await self.sup.ask(
                     AddPathRequest(conn.conn_id, path.get("local_addr"), path.get("device"))
                 )
-                assert isinstance(snap, ConnectionSnapshot)
-                known = {p["path_id"] for p in paths}
-                new_id = max(p.path_id for p in snap.paths if p.path_id not in known)
-                paths.append({**path, "path_id": new_id})  # this incarnation's path id
+                assert isinstance(added, PathAddedReply)
+                paths.append({**path, "path_id": added.path_id})  # this incarnation's path id
             except Exception as exc:
                 log.warning("agent %s: re-adding path %s failed: %s", self.label, path, exc)
         record["paths"] = paths
@@ -802,6 +802,10 @@ class SupervisorAgent:
             return dataclasses.replace(
                 reply, conn_id=self._stable.get(reply.conn_id, reply.conn_id)
             )
+        if isinstance(reply, (PathAddedReply, SwitchReply)):
+            outward = self._outward(reply.snapshot)
+            assert isinstance(outward, ConnectionSnapshot)
+            return dataclasses.replace(reply, snapshot=outward)
         if isinstance(reply, tuple):
             return Snapshots(tuple(self._outward(s) for s in reply))  # type: ignore[misc]
         return reply
@@ -818,19 +822,16 @@ class SupervisorAgent:
         if stable is None or stable not in self._records:
             return
         record = self._records[stable]
-        if isinstance(msg, AddPathRequest) and isinstance(reply, ConnectionSnapshot):
-            known = {p["path_id"] for p in record["paths"]}
-            new = [p.path_id for p in reply.paths if p.path_id not in known]
-            if new:
-                index = max(p.get("index", 0) for p in record["paths"]) + 1
-                record["paths"].append(
-                    {
-                        "path_id": max(new),
-                        "index": index,
-                        "local_addr": msg.local_addr,
-                        "device": msg.device,
-                    }
-                )
+        if isinstance(msg, AddPathRequest) and isinstance(reply, PathAddedReply):
+            index = max(p.get("index", 0) for p in record["paths"]) + 1
+            record["paths"].append(
+                {
+                    "path_id": reply.path_id,
+                    "index": index,
+                    "local_addr": msg.local_addr,
+                    "device": msg.device,
+                }
+            )
         elif isinstance(msg, SwitchRequest):
             for p in record["paths"]:
                 if p["path_id"] == msg.path_id:

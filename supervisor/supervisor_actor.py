@@ -1,17 +1,17 @@
-"""SupervisorActor: the registry of outbound connections and the orchestration of their paths.
+"""SupervisorActor: the registry of outbound connections, contract checks, events and spans.
 
-One per process. It checks requests in the contract's order, serialises the path operations of
-each connection (two concurrent switches end with exactly one active path, the last one asked),
-turns what connections report into events, and cleans up after connections that end. The
-protocol work itself (probe, switch, confirmation, rollback) happens in the ConnectionActor.
+One per process. It checks requests in the contract's order (argument errors, then state
+errors, read from each connection's published view), forwards them to the connection, which
+alone orders its operations and owns its paths' state, and turns what connections publish
+into events, spans, metrics and journal records. It holds an ``ActorRef``, a ``ViewCell`` and
+a data-plane port per connection, never a connection object. Policies (failover) hear of
+changes through this actor's mailbox and act by sending the same requests a user would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import enum
 import functools
 import itertools
 import logging
@@ -19,9 +19,9 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, cast, get_args
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast, get_args
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
@@ -29,7 +29,6 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from actors.connection import MAX_PATHS, ConnectionActor, ConnectionOptions
 from actors.envelope import Envelope
 from actors.errors import (
     ConnectionClosedError,
@@ -39,8 +38,10 @@ from actors.errors import (
     MigrationNotSupportedError,
     MigrationRolledBackError,
     PathAlreadyExistsError,
+    PathClosedError,
     PathLimitError,
 )
+from actors.factory import MAX_PATHS, ConnectionOptions, new_connection
 from actors.messages import (
     ActivePathDead,
     AddPath,
@@ -48,22 +49,22 @@ from actors.messages import (
     ClosePath,
     Connect,
     ConnectionEnded,
-    PathStateReport,
     Probe,
+    ProbeReport,
     Switch,
-    SwitchResult,
+    Switched,
 )
 from actors.path_state import PathState
+from actors.ports import ConnectionPort
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
+from actors.view import ConnectionView, PathChange, PathSample, ViewCell
 from supervisor.addresses import (
-    adopt_udp_socket,
-    bind_udp_socket,
+    bind_path_socket,
     check_local_address,
     multiaddr_text,
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
 )
-from supervisor.config import FailoverPolicy
 from supervisor.events import (
     Event,
     EventBus,
@@ -75,20 +76,24 @@ from supervisor.events import (
     EvtPathStateChanged,
     MigrationReason,
 )
-from supervisor.failover import FailoverController
 from supervisor.messages import (
     AddPathRequest,
     CloseConnectionRequest,
     ClosePathRequest,
     ConnectionSnapshot,
     DialRequest,
+    PathAddedReply,
     PathSnapshot,
     ProbeRequest,
     SnapshotRequest,
+    SwitchReply,
     SwitchRequest,
+    SwitchResult,
 )
+from supervisor.policy import Policy, PolicyPort
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
+from telemetry.plain import plain_dict
 from telemetry.propagation import context_from_fields
 from telemetry.qlog import QlogDirectory, QlogWriter
 from telemetry.tracing import (
@@ -117,51 +122,106 @@ from telemetry.tracing import (
 
 log = logging.getLogger(__name__)
 
-
-def _plain_dict(obj: object) -> dict[str, Any]:
-    plain = _plain(obj)
-    return plain if isinstance(plain, dict) else {"value": plain}
+T = TypeVar("T")
 
 
-def _plain(obj: object) -> object:
-    """A message or event as plain msgpack-able data for the journal."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        return obj
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    return str(obj)
+@dataclass(frozen=True, slots=True)
+class _Changed:
+    """Mailbox note to policies: a connection published path changes."""
 
-
-def _bound_device(sock: socket.socket) -> str | None:
-    """The interface a path socket is bound to (SO_BINDTODEVICE), None when unbound or closed.
-
-    Read from the socket itself, so paths given with ``sock=`` report their device too.
-    """
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
-    except OSError:
-        return None
-    return raw.split(b"\0", 1)[0].decode(errors="replace") or None
+    conn_id: str
+    changes: tuple[PathChange, ...]
 
 
 @dataclass(slots=True)
-class _Entry:
-    """What the supervisor knows of one outbound connection."""
+class ConnectionEntry:
+    """What the supervisor holds of one outbound connection: a reference, a view, a port."""
 
     conn_id: str
-    actor: ConnectionActor
     ref: ActorRef
+    cell: ViewCell
+    port: ConnectionPort
     remote: Multiaddr
-    local: Multiaddr
+    local: Multiaddr  # the dialled (handshake) local address
     family: int
-    ops: asyncio.Lock = field(default_factory=asyncio.Lock)
-    requested: dict[int, tuple[str, int]] = field(default_factory=dict)  # path -> (ip, port asked)
+    qlog: QlogWriter | None = None
+    #: Requests forwarded to the connection and not answered yet: while any is queued there,
+    #: only the connection's queue can say what "already active" will mean.
+    inflight: int = 0
+
+    async def ask(self, msg: object) -> object:
+        self.inflight += 1
+        try:
+            return await self.ref.ask(msg)
+        finally:
+            self.inflight -= 1
+
+    @property
+    def view(self) -> ConnectionView:
+        return self.cell.view
+
+
+class _PolicyPort:
+    """What policies may use of a SupervisorActor (see ``supervisor/policy.py``)."""
+
+    def __init__(self, actor: SupervisorActor) -> None:
+        self._sup = actor
+
+    def view(self, conn_id: str) -> ConnectionView | None:
+        entry = self._sup.conns.get(conn_id)
+        return entry.view if entry is not None else None
+
+    def sample(self, conn_id: str) -> dict[int, PathSample]:
+        entry = self._sup.conns.get(conn_id)
+        return entry.cell.sample() if entry is not None else {}
+
+    async def ask(self, request: object) -> object:
+        return await self._sup.ref.ask(request)
+
+    def emit(self, evt: Event) -> None:
+        self._sup.emit(evt)
+
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+        return self._sup.spawn(coro, name=name)
+
+
+def _local(entry: ConnectionEntry, path_id: int | None) -> Multiaddr:
+    view = entry.view.path(path_id) if path_id is not None else None
+    return sockaddr_to_multiaddr(view.local) if view is not None else entry.local
+
+
+def snapshot_of(entry: ConnectionEntry, migration_enabled: bool) -> ConnectionSnapshot:
+    """The plain-data snapshot of a view, with RTTs and byte counters sampled now."""
+    view = entry.view
+    samples = entry.cell.sample() if not view.closed else {}
+    paths = []
+    for p in view.paths:
+        sample = samples.get(p.path_id)
+        paths.append(
+            PathSnapshot(
+                path_id=p.path_id,
+                local_addr=multiaddr_text(sockaddr_to_multiaddr(p.local)),
+                remote_addr=multiaddr_text(entry.remote),
+                active=p.path_id == view.active_path_id,
+                rtt=sample.rtt if sample is not None else p.rtt,
+                state=p.state,
+                bytes_sent=sample.bytes_sent if sample is not None else 0,
+                bytes_received=sample.bytes_received if sample is not None else 0,
+                device=p.device,
+            )
+        )
+    return ConnectionSnapshot(
+        conn_id=entry.conn_id,
+        local_addr=multiaddr_text(entry.local),
+        remote_addr=multiaddr_text(entry.remote),
+        inbound=False,
+        supports_migration=migration_enabled
+        and not view.peer_disabled_migration
+        and not view.closed,
+        closed=view.closed,
+        paths=tuple(paths),
+        migrations=view.migrations,
+    )
 
 
 class SupervisorActor(Actor):
@@ -171,124 +231,113 @@ class SupervisorActor(Actor):
         migration_enabled: bool,
         events: EventBus,
         sockets: dict[int, socket.socket],
+        registry: dict[str, ConnectionEntry],
         options: ConnectionOptions | None = None,
-        on_event: Callable[[Event], None] | None = None,
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
         journal: JournalWriter | None = None,
         qlog: QlogDirectory | None = None,
-        failover: FailoverPolicy | None = None,
+        policy: Callable[[PolicyPort], Policy] | None = None,
     ) -> None:
-        self.failover = FailoverController(self, failover) if failover is not None else None
+        """``registry`` is shared with the Supervisor front-end, which reads views from it;
+        ``policy`` makes the policy (failover) over this actor's port."""
+        self.policy = policy(_PolicyPort(self)) if policy is not None else None
         self.tracing = tracing or Tracing(None)
         self.metrics = metrics or Metrics(None)
         self.journal = journal
         self.qlog = qlog
-        # The open migration (or standalone probe, or close) span per connection: path events
-        # become its span events. Operations on one connection hold entry.ops: at most one.
-        self._op_spans: dict[str, Span] = {}
         self.migration_enabled = migration_enabled
         self.events = events
         self.sockets = sockets  # sockets handed in with sock=, by key
         self.options = options or ConnectionOptions()
-        self._on_event = on_event
-        self.conns: dict[str, _Entry] = {}
-        self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
+        self.conns = registry
+        # Operation tags: path changes come back tagged, so their span events land on the
+        # span of the operation that caused them (several may wait in a connection's queue).
+        self._op_tags = itertools.count(1)
+        self._op_spans: dict[int, Span] = {}
         self._socket_keys = itertools.count(1 << 30)
+        self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
 
-    # ------------------------------------------------------------------ plumbing
+    # ------------------------------------------------------------------ events and spans
 
     @contextlib.contextmanager
-    def _op_span(self, conn_id: str, span: Span) -> Iterator[Span]:
-        """Path events of ``conn_id`` are recorded on ``span`` while the ``with`` body runs
-        (nested: a close inside a migration; the outer span gets them back afterwards)."""
-        outer = self._op_spans.get(conn_id)
-        self._op_spans[conn_id] = span
+    def _op_span(self, span: Span) -> Iterator[int]:
+        """A tag for one operation whose path changes become events of ``span``."""
+        op = next(self._op_tags)
+        self._op_spans[op] = span
         try:
-            yield span
+            yield op
         finally:
-            if self._op_spans.get(conn_id) is span:
-                if outer is None:
-                    del self._op_spans[conn_id]
-                else:
-                    self._op_spans[conn_id] = outer
+            del self._op_spans[op]
 
-    def _span_event(self, evt: Event) -> None:
-        span = self._op_spans.get(evt.conn_id)
-        if span is None:
-            return
-        if isinstance(evt, EvtPathStateChanged):
-            path_event(span, EVENT_PATH_STATE_CHANGED, evt.local_addr, str(evt.old), str(evt.new))
-        elif isinstance(evt, EvtPathAdded):
-            path_event(span, EVENT_PATH_ADDED, evt.local_addr)
-        elif isinstance(evt, EvtPathRemoved):
-            path_event(span, EVENT_PATH_REMOVED, evt.local_addr)
-
-    def _publish(self, evt: Event) -> None:
+    def emit(self, evt: Event, span: Span | None = None) -> None:
+        """Publish an event: the bus, the operation's span (path events), the journal."""
         self.events.publish(evt)
-        self._span_event(evt)
+        if span is not None:
+            if isinstance(evt, EvtPathStateChanged):
+                path_event(
+                    span, EVENT_PATH_STATE_CHANGED, evt.local_addr, str(evt.old), str(evt.new)
+                )
+            elif isinstance(evt, EvtPathAdded):
+                path_event(span, EVENT_PATH_ADDED, evt.local_addr)
+            elif isinstance(evt, EvtPathRemoved):
+                path_event(span, EVENT_PATH_REMOVED, evt.local_addr)
         if self.journal is not None:
             self.journal.event(
                 type(evt).__name__.removeprefix("Evt"),
-                _plain_dict(evt),
+                plain_dict(evt),
                 conn=evt.conn_id,
                 path=str(getattr(evt, "local_addr", "")) or None,
             )
-        if self._on_event is not None:
-            self._on_event(evt)
 
-    def _entry(self, conn_id: str) -> _Entry:
+    def _on_changes(
+        self, conn_id: str, view: ConnectionView, changes: tuple[PathChange, ...]
+    ) -> None:
+        """A connection published (called synchronously at the end of its loop turn or
+        operation): record, emit, and leave decisions to the policies' mailbox turn."""
         entry = self.conns.get(conn_id)
-        if entry is None or entry.actor.closed:
+        if entry is None or not changes:
+            return
+        now = time.time()
+        for change in changes:
+            local = sockaddr_to_multiaddr(change.local)
+            span = self._op_spans.get(change.op) if change.op is not None else None
+            if change.old is None:
+                self.emit(EvtPathAdded(conn_id, entry.remote, now, local), span)
+                continue
+            state = change.old.value
+            self.metrics.path_bytes(change.bytes_sent, state=state, direction="transmit")
+            self.metrics.path_bytes(change.bytes_received, state=state, direction="receive")
+            if change.dropped_off_path:
+                self.metrics.datagrams_dropped_offpath(change.dropped_off_path)
+            self.emit(
+                EvtPathStateChanged(conn_id, entry.remote, now, local, change.old, change.new),
+                span,
+            )
+            if change.new is PathState.CLOSED:
+                self.emit(EvtPathRemoved(conn_id, entry.remote, now, local), span)
+        if self.policy is not None and self.ref.is_alive:
+            self.ref.tell(_Changed(conn_id, changes))
+
+    def _notify(self, msg: object) -> None:
+        """ConnectionEnded / ActivePathDead from a connection: into the mailbox."""
+        if self.ref.is_alive:
+            self.ref.tell(msg)
+
+    def _min_spare_cids(self) -> int | None:
+        """Runs on the metric reader's thread: reads immutable published views only."""
+        spares = [e.view.spare_peer_cids for e in list(self.conns.values()) if not e.view.closed]
+        return min(spares) if spares else None
+
+    def _entry(self, conn_id: str) -> ConnectionEntry:
+        entry = self.conns.get(conn_id)
+        if entry is None or entry.view.closed:
             raise ConnectionClosedError(conn_id)
         return entry
 
-    def _local_of(self, entry: _Entry, path_id: int) -> Multiaddr:
-        path = entry.actor.paths.get(path_id)
-        if path is None:
-            return entry.local
-        return sockaddr_to_multiaddr(path.local)
-
     def snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
-        """Built from the owners' current state: read-your-writes for every handle."""
         entry = self.conns.get(conn_id)
-        if entry is None:
-            return None
-        actor = entry.actor
-        active = actor.quic.active_path_id if actor.quic.path_count else None
-        paths = []
-        for path_id, path in sorted(actor.paths.items()):
-            if path.state is PathState.CLOSED:
-                continue
-            is_active = path_id == active and not actor.closed
-            rtt = path.rtt
-            if is_active and actor.quic.smoothed_rtt is not None:
-                rtt = actor.quic.smoothed_rtt
-            paths.append(
-                PathSnapshot(
-                    path_id=path_id,
-                    local_addr=multiaddr_text(sockaddr_to_multiaddr(path.local)),
-                    remote_addr=multiaddr_text(entry.remote),
-                    active=is_active,
-                    rtt=rtt,
-                    state=path.state,
-                    bytes_sent=path.stats.bytes_sent,
-                    bytes_received=path.stats.bytes_received,
-                    device=_bound_device(path.sock),
-                )
-            )
-        return ConnectionSnapshot(
-            conn_id=conn_id,
-            local_addr=multiaddr_text(entry.local),
-            remote_addr=multiaddr_text(entry.remote),
-            inbound=False,
-            supports_migration=self.migration_enabled
-            and not actor.quic.peer_disabled_active_migration
-            and not actor.closed,
-            closed=actor.closed,
-            paths=tuple(paths),
-            migrations=actor.migrations,
-        )
+        return None if entry is None else snapshot_of(entry, self.migration_enabled)
 
     def _snap(self, conn_id: str) -> ConnectionSnapshot:
         snap = self.snapshot(conn_id)
@@ -310,10 +359,10 @@ class SupervisorActor(Actor):
                 }
             )
             msg = msg.body
-        if self.journal is not None:
+        if self.journal is not None and not isinstance(msg, _Changed):
             self.journal.msg(
                 type(msg).__name__,
-                _plain_dict(msg),
+                plain_dict(msg),
                 conn=getattr(msg, "conn_id", None),
                 # The caller's span (invalid without one), not this actor task's context.
                 span_context=trace.get_current_span(parent or Context()).get_span_context(),
@@ -331,15 +380,26 @@ class SupervisorActor(Actor):
         if isinstance(msg, CloseConnectionRequest):
             return Later(self.spawn(self._close(msg), name="close"))
         if isinstance(msg, SnapshotRequest):
-            if msg.conn_id is None:
-                return tuple(s for c in list(self.conns) if (s := self.snapshot(c)) is not None)
+            if msg.conn_id is None:  # the open ones (a closed one is forgotten once stopped)
+                return tuple(
+                    snapshot_of(e, self.migration_enabled)
+                    for e in list(self.conns.values())
+                    if not e.view.closed
+                )
             return self._snap(msg.conn_id)
+        if isinstance(msg, _Changed):
+            if self.policy is not None:
+                self.policy.on_changes(msg.conn_id, msg.changes)
+            return None
+        if isinstance(msg, ActivePathDead):
+            if self.policy is not None:
+                self.policy.on_active_dead(msg.conn_id, msg.path_id, msg.reason)
+            return None
         if isinstance(msg, ConnectionEnded):
-            if self.failover is not None:
-                self.failover.on_connection_end(msg.conn_id)
+            if self.policy is not None:
+                self.policy.on_connection_end(msg.conn_id)
             entry = self.conns.get(msg.conn_id)
             if entry is not None:
-                # Forget it once its actor stopped: its paths' last events (closed) come first.
                 self.spawn(self._forget_when_stopped(entry), name=f"forget:{msg.conn_id}")
             return None
         if isinstance(msg, ChildFailed):
@@ -352,50 +412,19 @@ class SupervisorActor(Actor):
 
     # ------------------------------------------------------------------ dial
 
-    def _take_socket(self, key: int) -> socket.socket:
+    def _take_socket(self, key: int | None) -> socket.socket | None:
+        if key is None:
+            return None
         try:
             return self.sockets.pop(key)
         except KeyError:
             raise ValueError(f"unknown socket key {key}") from None
 
-    def _bind(
-        self,
-        local_addr: str | None,
-        device: str | None,
-        socket_key: int | None,
-        family: int,
-        remote_ip: str,
-        *,
-        what: str,
-    ) -> socket.socket:
-        """A bound path socket; argument errors name the input (nothing is left open)."""
-        if socket_key is not None:
-            sock = adopt_udp_socket(self._take_socket(socket_key))
-            if sock.family != family:
+    def _close_handed_socket(self, key: int | None) -> None:
+        if key is not None:
+            sock = self.sockets.pop(key, None)
+            if sock is not None:
                 sock.close()
-                raise InvalidAddressError(
-                    "sock", f"socket family differs from the peer's ({remote_ip})", what=what
-                )
-            return sock
-        if local_addr is None:
-            ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
-            sock = bind_udp_socket(ip, 0, family, device=device)
-            try:
-                # Learn the routed source address so snapshots never show a wildcard.
-                sock.connect((remote_ip, 9))
-                routed = sock.getsockname()[0]
-            finally:
-                sock.close()
-            return bind_udp_socket(routed, 0, family, device=device)
-        ip, port, fam = parse_quic_multiaddr(local_addr, what=what)
-        if fam != family:
-            raise InvalidAddressError(
-                local_addr,
-                f"its IP family differs from the peer's ({remote_ip}): use an "
-                f"{'/ip6' if family == socket.AF_INET6 else '/ip4'} local address",
-                what=what,
-            )
-        return bind_udp_socket(ip, port, family, device=device)
 
     async def _dial(self, req: DialRequest) -> ConnectionSnapshot:
         ip, port, family = parse_quic_multiaddr(req.remote, what="remote address")
@@ -411,8 +440,13 @@ class SupervisorActor(Actor):
             config.verify_mode = ssl.CERT_NONE
         if req.cafile:
             config.load_verify_locations(req.cafile)
-        sock = self._bind(
-            req.local_addr, req.device, req.socket_key, family, ip, what="local address"
+        sock = bind_path_socket(
+            req.local_addr,
+            req.device,
+            self._take_socket(req.socket_key),
+            family,
+            ip,
+            what="local address",
         )
         keylog = os.environ.get("SSLKEYLOGFILE")
         if keylog:
@@ -422,367 +456,321 @@ class SupervisorActor(Actor):
             except OSError as exc:
                 log.warning("SSLKEYLOGFILE %r cannot be opened: %s", keylog, exc)
         conn_id = os.urandom(6).hex()
+        qlog = None
         if self.qlog is not None:
             # Named by our conn id; written when the connection is forgotten (see _forget).
-            config.quic_logger = self.qlog.connection_logger(conn_id)
+            qlog = self.qlog.connection_logger(conn_id)
+            config.quic_logger = qlog
         remote_sockaddr: tuple[Any, ...] = (
             (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
         )
-        actor = ConnectionActor(
+        made = new_connection(
             conn_id=conn_id,
             configuration=config,
             remote=remote_sockaddr,
             first_socket=sock,
             sockets=self.sockets,
-            notify=functools.partial(self._notice, conn_id),
+            on_changes=functools.partial(self._on_changes, conn_id),
+            notify=self._notify,
             options=self.options,
         )
-        ref = self.spawn_child(actor, name=f"conn:{conn_id}")
-        entry = _Entry(
+        entry = ConnectionEntry(
             conn_id=conn_id,
-            actor=actor,
-            ref=ref,
+            ref=self.spawn_child(made.actor, name=f"conn:{conn_id}"),
+            cell=made.view,
+            port=made.port,
             remote=sockaddr_to_multiaddr((ip, port)),
             local=sockaddr_to_multiaddr(sock.getsockname()),
             family=family,
+            qlog=qlog,
         )
-        entry.requested[0] = (sock.getsockname()[0], sock.getsockname()[1])
         self.conns[conn_id] = entry
-        # The handshake path is added before its first state change (new -> active).
-        self._publish(EvtPathAdded(conn_id, entry.remote, time.time(), entry.local))
         try:
-            await ref.ask(Connect(req.timeout))
+            await entry.ref.ask(Connect(req.timeout))
         except BaseException:
-            await ref.stop()
-            self._forget(conn_id)
+            # Nothing of a failed or cancelled dial remains: not the actor, not the entry.
+            await asyncio.shield(self._discard(entry))
             raise
         return self._snap(conn_id)
 
-    def _notice(self, conn_id: str, msg: object) -> None:
-        """Reports from a connection (called synchronously, on the same loop)."""
-        entry = self.conns.get(conn_id)
-        if entry is None:
-            return
-        if isinstance(msg, PathStateReport):
-            path = entry.actor.paths.get(msg.path_id)
-            if path is not None:
-                self._report_traffic(path, msg.old)
-            self._publish(
-                EvtPathStateChanged(
-                    conn_id,
-                    entry.remote,
-                    time.time(),
-                    self._local_of(entry, msg.path_id),
-                    msg.old,
-                    msg.new,
-                )
-            )
-            if self.failover is not None:
-                self.failover.on_path_state(conn_id, msg.path_id, msg.new)
-        elif isinstance(msg, ActivePathDead):
-            if self.failover is not None:
-                self.failover.on_active_dead(conn_id, msg.path_id, msg.reason)
-        elif isinstance(msg, ConnectionEnded) and self.ref.is_alive:
-            # Cleanup is actor work: it goes through the mailbox.
-            self.ref.tell(msg)
+    async def _discard(self, entry: ConnectionEntry) -> None:
+        await entry.ref.stop()
+        self._forget(entry.conn_id)
 
-    async def _forget_when_stopped(self, entry: _Entry) -> None:
+    async def _forget_when_stopped(self, entry: ConnectionEntry) -> None:
         await entry.ref.wait_stopped()
         self._forget(entry.conn_id)
 
-    def _report_traffic(self, path: Any, state: PathState) -> None:
-        """Bytes and off-path drops since the last report, attributed to ``state``."""
-        grown = path.stats.deltas()
-        self.metrics.path_bytes(grown["sent"], state=state.value, direction="transmit")
-        self.metrics.path_bytes(grown["received"], state=state.value, direction="receive")
-        if grown["dropped"]:
-            self.metrics.datagrams_dropped_offpath(grown["dropped"])
-
-    def _min_spare_cids(self) -> int | None:
-        """Runs on the metric reader's thread: copy the registry (atomic under the GIL), read
-        plain ints, and give up quietly on a race rather than fail the export."""
-        try:
-            spares = [
-                e.actor.quic.spare_peer_cids
-                for e in list(self.conns.values())
-                if not e.actor.closed
-            ]
-        except RuntimeError:
-            return None
-        return min(spares) if spares else None
-
     def _forget(self, conn_id: str) -> None:
         entry = self.conns.pop(conn_id, None)
-        if entry is None:
-            return
-        for path in list(entry.actor.paths.values()):
-            self._report_traffic(path, path.state)
-        qlog = entry.actor.quic.configuration.quic_logger
-        if isinstance(qlog, QlogWriter):
+        if entry is not None and entry.qlog is not None:
             try:
-                qlog.close()  # aioquic writes it only after a closing period we do not wait for
+                entry.qlog.close()  # aioquic writes it only after a closing period we skip
             except OSError as exc:
                 log.warning("qlog of connection %s not written: %s", conn_id, exc)
-        for path in list(entry.actor.paths.values()):
-            self._publish(
-                EvtPathRemoved(
-                    conn_id, entry.remote, time.time(), sockaddr_to_multiaddr(path.local)
-                )
-            )
 
     # ------------------------------------------------------------------ paths
 
-    async def _add_path(self, req: AddPathRequest) -> ConnectionSnapshot:
+    def _check_add_path(self, req: AddPathRequest, asked: tuple[str, int] | None) -> None:
+        """State errors in the contract's order, from the view (the connection checks again
+        when it adopts the socket: concurrent calls are decided there)."""
+        if not self.migration_enabled:
+            raise MigrationNotEnabledError()
+        view = self._entry(req.conn_id).view
+        if view.peer_disabled_migration:
+            raise MigrationNotSupportedError("disable_active_migration", conn_id=req.conn_id)
+        if asked is not None:
+            ip, port = asked
+            for p in view.paths:
+                was_any = p.requested is not None and p.requested[1] == 0
+                if p.local[0] == ip and (port == p.local[1] or (port == 0 and was_any)):
+                    raise PathAlreadyExistsError(req.local_addr)
+        if len(view.paths) >= MAX_PATHS:
+            raise PathLimitError(MAX_PATHS, conn_id=req.conn_id)
+
+    async def _add_path(self, req: AddPathRequest) -> PathAddedReply:
         # Argument errors first (DESIGN §3), then state errors in the contract's order.
-        if req.local_addr is None and req.device is None and req.socket_key is None:
-            raise ValueError("add_path needs a local address, a device or a socket (sock=)")
-        if req.local_addr is not None:
-            ip, port, fam = parse_quic_multiaddr(req.local_addr, what="local address")
-        entry = self.conns.get(req.conn_id)
-        if entry is None:
-            self._close_handed_socket(req.socket_key)
-            raise ConnectionClosedError(req.conn_id)
-        if req.local_addr is not None:
-            if fam != entry.family:
-                self._close_handed_socket(req.socket_key)
-                raise InvalidAddressError(
-                    req.local_addr,
-                    "its IP family differs from the peer's: use a local address of the "
-                    "same family as the remote address",
-                    what="local address",
-                )
-            try:
-                check_local_address(ip, fam)
-            except BaseException:
-                self._close_handed_socket(req.socket_key)
-                raise
         try:
-            if not self.migration_enabled:
-                raise MigrationNotEnabledError()
-            entry = self._entry(req.conn_id)
-            if entry.actor.quic.peer_disabled_active_migration:
-                raise MigrationNotSupportedError("disable_active_migration", conn_id=req.conn_id)
+            if req.local_addr is None and req.device is None and req.socket_key is None:
+                raise ValueError("add_path needs a local address, a device or a socket (sock=)")
+            asked = None
             if req.local_addr is not None:
-                for path_id, path in entry.actor.paths.items():
-                    if path.state is PathState.CLOSED:
-                        continue
-                    bound_ip, bound_port = path.local[0], path.local[1]
-                    asked = entry.requested.get(path_id)
-                    if bound_ip == ip and (
-                        port == bound_port or (port == 0 and asked is not None and asked[1] == 0)
-                    ):
-                        raise PathAlreadyExistsError(req.local_addr)
-            live = [p for p in entry.actor.paths.values() if p.state is not PathState.CLOSED]
-            if len(live) >= MAX_PATHS:
-                raise PathLimitError(MAX_PATHS, conn_id=req.conn_id)
+                ip, port, fam = parse_quic_multiaddr(req.local_addr, what="local address")
+                asked = (ip, port)
+            entry = self.conns.get(req.conn_id)
+            if entry is None:
+                raise ConnectionClosedError(req.conn_id)
+            if req.local_addr is not None:
+                if fam != entry.family:
+                    raise InvalidAddressError(
+                        req.local_addr,
+                        "its IP family differs from the peer's: use a local address of the "
+                        "same family as the remote address",
+                        what="local address",
+                    )
+                check_local_address(ip, fam)
+            self._check_add_path(req, asked)
+            sock = bind_path_socket(
+                req.local_addr,
+                req.device,
+                self._take_socket(req.socket_key),
+                entry.family,
+                str(entry.view.remote[0]),
+                what="local address",
+            )
         except BaseException:
             self._close_handed_socket(req.socket_key)
             raise
-        async with entry.ops:
-            sock = self._bind(
-                req.local_addr,
-                req.device,
-                req.socket_key,
-                entry.family,
-                entry.actor.remote[0],
-                what="local address",
+        key = next(self._socket_keys)
+        self.sockets[key] = sock
+        try:
+            added = await entry.ask(
+                AddPath(socket_key=key, requested=asked, label=req.local_addr or req.device)
             )
-            if req.socket_key is None:
-                for path in entry.actor.paths.values():
-                    if (
-                        path.state is not PathState.CLOSED
-                        and path.local[:2] == sock.getsockname()[:2]
-                    ):
-                        sock.close()
-                        raise PathAlreadyExistsError(req.local_addr or req.device)
-            key = next(self._socket_keys)
-            self.sockets[key] = sock
-            try:
-                added = await entry.ref.ask(AddPath(socket_key=key))
-            finally:
-                stray = self.sockets.pop(key, None)
-                if stray is not None:
-                    stray.close()
-            assert isinstance(added, int)
-            path_id = added
-            entry.requested[path_id] = (
-                (ip, port) if req.local_addr is not None else sock.getsockname()[:2]
-            )
-            self._publish(
-                EvtPathAdded(req.conn_id, entry.remote, time.time(), self._local_of(entry, path_id))
-            )
-        return self._snap(req.conn_id)
-
-    def _close_handed_socket(self, key: int | None) -> None:
-        if key is not None:
-            sock = self.sockets.pop(key, None)
-            if sock is not None:
-                sock.close()
+        finally:
+            stray = self.sockets.pop(key, None)  # not adopted (refused, cancelled while queued)
+            if stray is not None:
+                stray.close()
+        assert isinstance(added, int)
+        return PathAddedReply(added, self._snap(req.conn_id))
 
     async def _probe(self, req: ProbeRequest, parent: Context | None = None) -> ConnectionSnapshot:
         if not req.timeout > 0:
             raise ValueError(f"probe timeout must be > 0 seconds, got {req.timeout!r}")
         entry = self._entry(req.conn_id)
-        async with entry.ops:
-            with (
-                self.tracing.span(SPAN_PATH_PROBE, parent_context=parent) as span,
-                self._op_span(req.conn_id, span),
-            ):
-                await self._probe_in_span(entry, req.path_id, req.timeout, span)
+        with (
+            self.tracing.span(SPAN_PATH_PROBE, parent_context=parent) as span,
+            self._op_span(span) as op,
+        ):
+            span.set_attribute(ATTR_CONNECTION_ID, entry.conn_id)
+            span.set_attribute(ATTR_PATH_TO_LOCAL_ADDRESS, str(_local(entry, req.path_id)))
+            try:
+                report = await entry.ask(Probe(req.path_id, req.timeout, op))
+            except BaseException as exc:
+                self._probe_outcome(span, getattr(exc, "report", None), exc)
+                raise
+            assert isinstance(report, ProbeReport)
+            self._probe_outcome(span, report, None)
         return self._snap(req.conn_id)
 
-    async def _probe_in_span(
-        self, entry: _Entry, path_id: int, timeout: float, span: Span
-    ) -> float:
-        """Probe a path inside the current ``quic.path.probe`` span; records tries and RTT."""
-        path = entry.actor.path(path_id)
-        span.set_attribute(ATTR_CONNECTION_ID, entry.conn_id)
-        span.set_attribute(ATTR_PATH_TO_LOCAL_ADDRESS, str(sockaddr_to_multiaddr(path.local)))
-        tries_before = path.stats.probes_sent
-        try:
-            rtt = await entry.ref.ask(Probe(path_id, timeout))
-        except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                self.metrics.probe_failure(type(exc).__name__)
-            raise
-        finally:
-            span.set_attribute(ATTR_PROBE_TRIES, path.stats.probes_sent - tries_before)
-            # Each try as a span event at the time its challenge left (loop clock -> wall).
-            offset = time.time_ns() - int(asyncio.get_running_loop().time() * 1e9)
-            for n, sent in enumerate(path.stats.probe_try_times, start=1):
-                span.add_event(
-                    EVENT_PROBE_TRY, {"quic.probe.try": n}, timestamp=offset + int(sent * 1e9)
-                )
-        assert isinstance(rtt, float)
-        span.set_attribute(ATTR_PROBE_RTT_MS, rtt * 1000)
-        self.metrics.probe_rtt(rtt)
-        return rtt
+    def _probe_outcome(
+        self, span: Span, report: ProbeReport | None, exc: BaseException | None
+    ) -> None:
+        """Tries as span events at the time each challenge left; RTT; failure metric."""
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            self.metrics.probe_failure(type(exc).__name__)
+        if report is None:
+            return
+        span.set_attribute(ATTR_PROBE_TRIES, len(report.try_times_ns))
+        for n, sent in enumerate(report.try_times_ns, start=1):
+            span.add_event(EVENT_PROBE_TRY, {"quic.probe.try": n}, timestamp=sent)
+        if report.rtt is not None:
+            span.set_attribute(ATTR_PROBE_RTT_MS, report.rtt * 1000)
+            self.metrics.probe_rtt(report.rtt)
 
-    async def _switch(
-        self, req: SwitchRequest, parent: Context | None = None, *, old_path_dead: bool = False
-    ) -> ConnectionSnapshot:
+    def _reprobe_span(
+        self, entry: ConnectionEntry, report: ProbeReport, end_ns: int, exc: BaseException | None
+    ) -> None:
+        """The re-probe the connection ran inside a switch, as the migration's child span."""
+        start = report.try_times_ns[0] if report.try_times_ns else end_ns
+        span = self.tracing.past_span(
+            SPAN_PATH_PROBE,
+            start,
+            end_ns,
+            attributes={
+                ATTR_CONNECTION_ID: entry.conn_id,
+                ATTR_PATH_TO_LOCAL_ADDRESS: str(_local(entry, report.path_id)),
+            },
+            error=exc,
+        )
+        self._probe_outcome(span, report, exc)
+
+    async def _switch(self, req: SwitchRequest, parent: Context | None = None) -> SwitchReply:
         if req.reason not in get_args(MigrationReason):
             raise ValueError(
                 f"migration reason must be one of {get_args(MigrationReason)}, got {req.reason!r}"
             )
+        if not req.probe_timeout > 0:
+            raise ValueError(f"probe timeout must be > 0 seconds, got {req.probe_timeout!r}")
         reason = cast(MigrationReason, req.reason)
         entry = self._entry(req.conn_id)
-        async with entry.ops:
-            actor = entry.actor
-            target = actor.path(req.path_id)  # PathClosedError before anything is emitted
-            active = actor.quic.active_path_id
-            if req.path_id == active:
-                return self._snap(req.conn_id)
-            from_addr = self._local_of(entry, active)
-            to_addr = self._local_of(entry, req.path_id)
-            with (
-                self.tracing.migration_span(
-                    req.conn_id,
-                    reason,
-                    multiaddr_text(from_addr),
-                    multiaddr_text(to_addr),
-                    multiaddr_text(entry.remote),
-                    entry.family,
-                    parent_context=parent,
-                ) as span,
-                self._op_span(req.conn_id, span),
-            ):
-                # Published inside the span: the journal records carry the migration's trace.
-                self._publish(
-                    EvtConnectionMigrationStarted(
-                        req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
-                    )
+        view = entry.view
+        if view.path(req.path_id) is None:
+            raise PathClosedError(None)  # before anything is emitted
+        to_addr = _local(entry, req.path_id)
+        if req.path_id == view.active_path_id and not entry.inflight:
+            here = multiaddr_text(to_addr)
+            return SwitchReply(
+                SwitchResult(here, here, None, 0.0, False), self._snap(req.conn_id)
+            )
+        from_addr = _local(entry, view.active_path_id)
+        with self.tracing.migration_span(
+            req.conn_id,
+            reason,
+            multiaddr_text(from_addr),
+            multiaddr_text(to_addr),
+            multiaddr_text(entry.remote),
+            entry.family,
+            parent_context=parent,
+        ) as span:
+            # Published inside the span: the journal records carry the migration's trace.
+            self.emit(
+                EvtConnectionMigrationStarted(
+                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
                 )
-                try:
-                    stale = target.validated_at is None or (
-                        asyncio.get_running_loop().time() - target.validated_at
-                        > self.options.stale_after
-                    )
-                    if target.state is PathState.STANDBY and stale:
-                        # Re-probe inside the migration's trace, then switch.
-                        with self.tracing.child_span(SPAN_PATH_PROBE) as probe_span:
-                            await self._probe_in_span(entry, req.path_id, 5.0, probe_span)
-                    with self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span:
-                        try:
-                            result = await entry.ref.ask(
-                                Switch(req.path_id, reason, old_path_dead=old_path_dead)
+            )
+            try:
+                with (
+                    self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span,
+                    self._op_span(span) as op,
+                ):
+                    try:
+                        done = await entry.ask(
+                            Switch(
+                                req.path_id,
+                                reason,
+                                probe_timeout=req.probe_timeout,
+                                old_path_dead=req.old_path_dead,
+                                op=op,
                             )
-                        except MigrationRolledBackError:
+                        )
+                    except BaseException as exc:
+                        report = getattr(exc, "report", None)
+                        if isinstance(report, ProbeReport):
+                            self._reprobe_span(entry, report, time.time_ns(), exc)
+                        if isinstance(exc, MigrationRolledBackError):
                             switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
                             set_result(span, RESULT_ROLLED_BACK)
                             self.metrics.rollback(reason)
-                            raise
-                        assert isinstance(result, SwitchResult)
-                        for key, value in (
-                            (ATTR_CID_SEQUENCE_BEFORE, result.cid_sequence_before),
-                            (ATTR_CID_SEQUENCE_AFTER, result.cid_sequence_after),
-                        ):
-                            if value is not None:
-                                switch_span.set_attribute(key, value)
-                        switch_span.set_attribute(
-                            ATTR_SWITCH_CONFIRMATION_MS, result.confirmation_time * 1000
+                        raise
+                    assert isinstance(done, Switched)
+                    if done.reprobe is not None:
+                        self._reprobe_span(
+                            entry,
+                            done.reprobe,
+                            time.time_ns() - int(done.confirmation_time * 1e9),
+                            None,
                         )
-                        switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, False)
-                except BaseException as exc:
-                    error = str(exc) or type(exc).__name__
-                    outcome = "failed"
-                    if isinstance(exc, asyncio.CancelledError):
-                        error = "cancelled by the caller (rolled back)"
-                        outcome = "cancelled"
-                    elif isinstance(exc, MigrationRolledBackError):
-                        outcome = "rolled_back"
-                    self.metrics.migration(reason, outcome)
-                    self._publish(
-                        EvtConnectionMigrationFailed(
-                            req.conn_id,
-                            entry.remote,
-                            time.time(),
-                            from_addr,
-                            to_addr,
-                            reason,
-                            error,
-                            actor.closed,
-                        )
+                    for key, value in (
+                        (ATTR_CID_SEQUENCE_BEFORE, done.cid_sequence_before),
+                        (ATTR_CID_SEQUENCE_AFTER, done.cid_sequence_after),
+                    ):
+                        if value is not None:
+                            switch_span.set_attribute(key, value)
+                    switch_span.set_attribute(
+                        ATTR_SWITCH_CONFIRMATION_MS, done.confirmation_time * 1000
                     )
-                    raise
-                self.metrics.migration(reason, "completed")
-                self.metrics.active_path_change(reason)
-                self._publish(
-                    EvtConnectionMigrationCompleted(
+                    switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, False)
+            except BaseException as exc:
+                error = str(exc) or type(exc).__name__
+                outcome = "failed"
+                if isinstance(exc, asyncio.CancelledError):
+                    error = "cancelled by the caller (rolled back)"
+                    outcome = "cancelled"
+                elif isinstance(exc, MigrationRolledBackError):
+                    outcome = "rolled_back"
+                self.metrics.migration(reason, outcome)
+                self.emit(
+                    EvtConnectionMigrationFailed(
                         req.conn_id,
                         entry.remote,
                         time.time(),
                         from_addr,
                         to_addr,
                         reason,
-                        result.probe_rtt,
+                        error,
+                        entry.view.closed,
                     )
                 )
-        return self._snap(req.conn_id)
+                raise
+            from_addr = _local(entry, done.from_path)
+            self.metrics.migration(reason, "completed")
+            self.metrics.active_path_change(reason)
+            self.emit(
+                EvtConnectionMigrationCompleted(
+                    req.conn_id,
+                    entry.remote,
+                    time.time(),
+                    from_addr,
+                    to_addr,
+                    reason,
+                    done.probe_rtt,
+                )
+            )
+            trace_id = span.get_span_context().trace_id
+        result = SwitchResult(
+            from_addr=multiaddr_text(from_addr),
+            to_addr=multiaddr_text(to_addr),
+            probe_rtt=done.probe_rtt,
+            confirmation_s=done.confirmation_time,
+            reprobed=done.reprobed,
+            trace_id=f"{trace_id:032x}" if trace_id else None,
+        )
+        return SwitchReply(result, self._snap(req.conn_id))
 
     async def _close_path(
         self, req: ClosePathRequest, parent: Context | None = None
     ) -> ConnectionSnapshot | None:
-        """Close a path inside its own short ``quic.path.close`` span: the caller's child, or
-        (``parent=None``: called from inside the supervisor, e.g. within an open migration)
-        the current span's."""
+        """Close a path inside its own short ``quic.path.close`` span (the caller's child)."""
         entry = self.conns.get(req.conn_id)
         if entry is None:
             return None  # the connection (and with it every path) is already closed
-        async with entry.ops:
-            local = self._local_of(entry, req.path_id)
-            attrs = {ATTR_CONNECTION_ID: req.conn_id}
-            if req.path_id in entry.actor.paths:  # else _local_of gave the handshake address
-                attrs[ATTR_PATH_LOCAL_ADDRESS] = str(local)
-            with (
-                self.tracing.span(SPAN_PATH_CLOSE, parent_context=parent, attributes=attrs) as span,
-                self._op_span(req.conn_id, span),
-            ):
-                removed = await entry.ref.ask(ClosePath(req.path_id))
-                span.set_attribute(ATTR_PATH_CLOSE_REMOVED, bool(removed))
-                if removed:
-                    entry.requested.pop(req.path_id, None)
-                    self._publish(EvtPathRemoved(req.conn_id, entry.remote, time.time(), local))
+        attrs = {ATTR_CONNECTION_ID: req.conn_id}
+        if entry.view.path(req.path_id) is not None:
+            attrs[ATTR_PATH_LOCAL_ADDRESS] = str(_local(entry, req.path_id))
+        with (
+            self.tracing.span(SPAN_PATH_CLOSE, parent_context=parent, attributes=attrs) as span,
+            self._op_span(span) as op,
+        ):
+            try:
+                removed = await entry.ask(ClosePath(req.path_id, op))
+            except MigrationError:
+                raise
+            except Exception:
+                if entry.ref.is_alive:
+                    raise
+                removed = False  # the connection ended meanwhile: its paths went with it
+            span.set_attribute(ATTR_PATH_CLOSE_REMOVED, bool(removed))
         return self.snapshot(req.conn_id)
 
     async def _close(self, req: CloseConnectionRequest) -> None:
@@ -797,8 +785,8 @@ class SupervisorActor(Actor):
 
     async def on_stop(self) -> None:
         self._unregister_cids()
-        if self.failover is not None:
-            await self.failover.close()
+        if self.policy is not None:
+            await self.policy.close()
         for conn_id in list(self.conns):
             self._forget(conn_id)
         for sock in self.sockets.values():

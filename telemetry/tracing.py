@@ -237,6 +237,23 @@ class Tracing:
         finally:
             span.end()
 
+    def past_span(
+        self,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        *,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        error: BaseException | None = None,
+    ) -> Span:
+        """A child of the current span for work that already happened elsewhere (a re-probe
+        the connection ran inside a switch), with the times it really took."""
+        span = self._tracer.start_span(name, attributes=attributes, start_time=start_ns)
+        if error is not None:
+            record_error(span, error)
+        span.end(end_time=max(end_ns, start_ns))
+        return span
+
     @contextmanager
     def child_span(self, name: str, /, **attrs: AttributeValue) -> Iterator[Span]:
         """A child of the current span (e.g. ``quic.path.switch`` inside ``migration_span``)."""

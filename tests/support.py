@@ -173,3 +173,24 @@ async def event_log(sup: Supervisor, *types: type[Event]) -> AsyncIterator[Event
         yield log
     finally:
         await log.close()
+
+
+# -- test-only introspection ------------------------------------------------------------------
+# Library code above actors/ holds ActorRefs and published views only (an import-linter
+# contract keeps it so). Tests that assert protocol internals no view shows (CIDs per path,
+# DF bits, congestion state) look inside here, in one place.
+
+
+def connection_actor(conn: Any) -> Any:
+    """The ConnectionActor behind a ``Connection`` handle (via its data-plane port)."""
+    return conn._port._conn
+
+
+def path_actor(conn: Any, path_id: int) -> Any:
+    """One PathActor of a connection (owns the socket and its counters)."""
+    return connection_actor(conn)._paths[path_id].actor
+
+
+def supervisor_actor(sup: Any) -> Any:
+    """The SupervisorActor of a running ``Supervisor`` (via its ActorRef's cell)."""
+    return sup._ref._cell.actor

@@ -32,7 +32,14 @@ from supervisor.handles import Connection
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair
 from tests.rig.udp_shim import udp_shim
-from tests.support import addr_of, dial_echo, echo_roundtrip, fd_count, other_tasks
+from tests.support import (
+    addr_of,
+    connection_actor,
+    dial_echo,
+    echo_roundtrip,
+    fd_count,
+    other_tasks,
+)
 
 
 @contextlib.asynccontextmanager
@@ -134,7 +141,7 @@ async def test_eighth_path(conn: Connection, echo: RigServer) -> None:
     # All seven are real paths: each probes with its own CID.
     for path in paths:
         await path.probe()
-    assert len(set(conn._actor.quic.path_cids().values())) == 7
+    assert len(set(connection_actor(conn).quic.path_cids().values())) == 7
 
 
 async def test_add_path_on_a_closed_connection(conn: Connection) -> None:
@@ -213,7 +220,7 @@ async def test_probe_timeout_must_be_positive(conn: Connection, timeout: float) 
 
 async def test_no_spare_connection_id(sup: Supervisor, echo: RigServer) -> None:
     conn = await dial_echo(sup, echo)
-    quic = conn._actor.quic
+    quic = connection_actor(conn).quic
     # The rig emulates a peer that never replenishes the CIDs it issued (the 7 spares a stock
     # aioquic server hands out are all there is).
     server_quic: Any = echo.connections[0].quic

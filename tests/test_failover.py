@@ -31,6 +31,7 @@ from tests.support import (
     echo_roundtrip,
     event_log,
     fd_count,
+    path_actor,
 )
 
 FAST = FailoverPolicy(keepalive_interval=0.2, failures_to_fail=2, hysteresis=0.5)
@@ -156,7 +157,7 @@ async def test_keepalive_racing_a_switch_to_its_path_learns_nothing(shim: UdpShi
     async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
         conn, _first, second = await _two_paths(sup, shim)
         await second.switch()
-        actor = conn._actor.paths[second.path_id]  # type: ignore[attr-defined]
+        actor = path_actor(conn, second.path_id)  # type: ignore[attr-defined]
         assert actor.state is PathState.ACTIVE and actor.health is not None
         failures = actor.health.consecutive_failures
         assert await actor._keepalive_once(actor.health) is False
@@ -172,7 +173,7 @@ async def test_rollback_to_an_old_path_that_failed_meanwhile(shim: UdpShim) -> N
     -> active, and left the path states inconsistent: found by the fault suite)."""
     async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
         conn, first, second = await _two_paths(sup, shim)
-        old = conn._actor.paths[first.path_id]  # type: ignore[attr-defined]
+        old = path_actor(conn, first.path_id)  # type: ignore[attr-defined]
         async with event_log(sup, EvtPathStateChanged) as log:
             _blackhole(shim, second)  # the switch will not be confirmed
             switch = asyncio.create_task(second.switch())

@@ -53,7 +53,15 @@ from tests.rig.aioquic_server import ConnectionInfo, RigServer, echo_server
 from tests.rig.certs import CertPair
 from tests.rig.faults import SnatRebinder, delay_unavailable, nat_unavailable, nfq_delay
 from tests.rig.netns import Filters, TwoPathTopology, cleanup_stale, netns_available
-from tests.support import ChecksummedStream, EventLog, event_log, fd_count, other_tasks
+from tests.support import (
+    ChecksummedStream,
+    EventLog,
+    connection_actor,
+    event_log,
+    fd_count,
+    other_tasks,
+    supervisor_actor,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -222,7 +230,7 @@ async def _failover_under(
             await stream.start()
             try:
                 await stream.advance(512 * 1024, timeout=GUARD)
-                pto = conn._actor.quic.probe_timeout()  # test-only introspection
+                pto = connection_actor(conn).quic.probe_timeout()  # test-only introspection
                 t_fault, wall_fault = loop.time(), time.time()
                 await fault()
                 await log.wait_for(lambda: _completed(log), timeout=GUARD)
@@ -392,10 +400,9 @@ async def test_delayed_path_rtt_reflects_delay_and_policy_prefers_fast_path(
                     assert slow_rtt is not None and fast_rtt is not None
                     assert slow_rtt >= DELAY, slow_rtt
                     assert fast_rtt < DELAY, fast_rtt
-                    actor = sup._actor
-                    assert actor is not None and actor.failover is not None
-                    entry = actor.conns[conn.conn_id]
-                    order = [p.path_id for p in actor.failover.candidates(entry)]
+                    policy = supervisor_actor(sup).policy
+                    view = policy.port.view(conn.conn_id)
+                    order = [p.path_id for p in policy.candidates(conn.conn_id, view)]
                     assert order == [fast.path_id, slow.path_id], order
 
                     # Kill A only (its port, both directions, receiving sides): B and C live.

@@ -7,7 +7,7 @@ import asyncio
 
 from supervisor import Supervisor
 from tests.rig.aioquic_server import RigServer
-from tests.support import dial_echo, echo_roundtrip, fd_count, other_tasks
+from tests.support import connection_actor, dial_echo, echo_roundtrip, fd_count, other_tasks
 
 CYCLES = 1000
 
@@ -18,7 +18,7 @@ async def test_thousand_add_probe_close_cycles_leak_nothing(
     conn = await dial_echo(sup, echo)
     mc = conn.as_migratable()
     [home] = mc.paths()
-    actor = conn._actor
+    actor = connection_actor(conn)
     quic = actor.quic
     await echo_roundtrip(conn)  # every CID the server issued has arrived
     fds, tasks, spare = fd_count(), other_tasks(), quic.spare_peer_cids
@@ -41,11 +41,10 @@ async def test_thousand_add_probe_close_cycles_leak_nothing(
             await echo_roundtrip(conn, size=16)
     assert fd_count() == fds
     assert other_tasks() - tasks == set()
-    assert len(actor.paths) == 1 and quic.path_count == 1
+    assert len(actor._paths) == 1 and quic.path_count == 1
     assert len(mc.available_paths()) == 1
     # Nothing piles up per cycle in the bookkeeping either.
-    entry = sup._actor.conns[conn.conn_id]
-    assert len(entry.requested) == 1
+    assert [p.path_id for p in sup.live_snapshot(conn.conn_id).paths] == [home.path_id]
     del path
     assert list(mc._paths) == [home.path_id]  # no handle of a closed path is kept alive
     await echo_roundtrip(conn)

@@ -34,11 +34,13 @@ from tests.rig.waiting import poll_until
 from tests.support import (
     ChecksummedStream,
     addr_of,
+    connection_actor,
     dial_echo,
     echo_roundtrip,
     event_log,
     fd_count,
     other_tasks,
+    path_actor,
 )
 
 P2 = "/ip4/127.0.0.2/udp/0/quic-v1"
@@ -219,7 +221,7 @@ async def test_fifty_migrations_on_one_stream_lose_nothing(
 async def test_each_path_has_its_own_dcid(sup: Supervisor, echo: RigServer) -> None:
     conn = await dial_echo(sup, echo)
     mc = conn.as_migratable()
-    quic = conn._actor.quic
+    quic = connection_actor(conn).quic
     paths = [await mc.add_path(f"/ip4/127.0.0.{i}/udp/0/quic-v1") for i in (2, 3, 4)]
     for path in paths:
         await path.probe()
@@ -294,7 +296,7 @@ async def test_add_path_sends_nothing(sup: Supervisor, echo: RigServer) -> None:
     await echo_roundtrip(conn)  # a round trip later
     assert echo.peer_addresses() == {addr_of(conn.local_multiaddr)}
     assert echo.connections[0].datagrams_from[new_addr] == 0
-    assert conn._actor.paths[path.path_id].stats.datagrams_sent == 0
+    assert path_actor(conn, path.path_id).stats.datagrams_sent == 0
 
 
 async def test_every_path_socket_has_df_set(sup: Supervisor, echo: RigServer) -> None:
@@ -302,7 +304,7 @@ async def test_every_path_socket_has_df_set(sup: Supervisor, echo: RigServer) ->
     mc = conn.as_migratable()
     await mc.add_path(P2)
     await mc.add_path("/ip4/127.0.0.3/udp/0/quic-v1")
-    socks = [p.sock for p in conn._actor.paths.values()]
+    socks = [f.actor.sock for f in connection_actor(conn)._paths.values()]
     assert len(socks) == 3
     assert all(df_bit_set(s) for s in socks)
 
@@ -415,7 +417,7 @@ async def test_cancelled_probe_leaves_no_trace(sup: Supervisor, echo: RigServer)
                 await probe
         info = path.info()
         assert info.state is PathState.NEW and info.rtt is None
-        assert conn._actor.quic.active_path_id == mc.paths()[0].path_id
+        assert connection_actor(conn).quic.active_path_id == mc.paths()[0].path_id
         await echo_roundtrip(conn)
         # The path is usable afterwards.
         shim.clear_rules()
@@ -505,7 +507,7 @@ async def test_sslkeylogfile_is_honoured(
 
 async def test_closing_a_path_retires_its_cid(sup: Supervisor, echo: RigServer) -> None:
     conn = await dial_echo(sup, echo)
-    quic = conn._actor.quic
+    quic = connection_actor(conn).quic
     tap = FrameTap(echo.connections[0].quic)
     mc = conn.as_migratable()
     path = await mc.add_path(P2)
@@ -531,7 +533,7 @@ async def test_datagrams_from_strangers_are_dropped_and_counted(
     mc = conn.as_migratable()
     path = await mc.add_path(P2)
     await path.probe()
-    targets = [conn._actor.paths[p.path_id] for p in mc.paths()]
+    targets = [path_actor(conn, p.path_id) for p in mc.paths()]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
         stranger.bind(("127.0.0.5", 0))
         for target in targets:

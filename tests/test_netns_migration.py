@@ -39,6 +39,7 @@ from tests.rig.netns import (
     cleanup_stale,
     netns_available,
 )
+from tests.support import connection_actor
 
 pytestmark = pytest.mark.netns
 
@@ -201,7 +202,7 @@ async def test_blackholed_probe_leaves_active_congestion_window_unchanged(
     topo: TwoPathTopology, server4: RigServer, sup: Supervisor, cert: CertPair
 ) -> None:
     async with _blackholed_net1(topo, server4, sup, cert) as (conn, path, _hole, _addr0):
-        quic = conn._actor.quic  # test-only introspection: the MigratingQuicConnection
+        quic = connection_actor(conn).quic  # test-only introspection: the MigratingQuicConnection
         await _wait(lambda: quic.bytes_in_flight == 0, 5, "connection idle before the probe")
         cwnd_before = quic.congestion_window
         await _probe_expecting_timeout(path)

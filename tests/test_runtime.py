@@ -21,7 +21,6 @@ from actors.runtime import (
     Later,
     Runtime,
 )
-from actors.transport import AskTransport, LocalTransport
 
 T = TypeVar("T")
 WAIT = 5.0  # generous upper bound for "should happen promptly"; never reached when things work
@@ -403,17 +402,6 @@ async def test_actor_instance_starts_once() -> None:
         rt.start(rec)
         with pytest.raises(ActorError, match="already started"):
             rt.start(rec)
-
-
-async def test_local_transport_implements_ask_transport() -> None:
-    async with Runtime() as rt:
-        ref = rt.start(Recorder(), name="rec")
-        transport = LocalTransport(ref)
-        assert isinstance(transport, AskTransport)
-        t: AskTransport = transport
-        assert await within(t.ask("over transport", timeout=WAIT)) == ("echo", "over transport")
-        with pytest.raises(ValueError, match="x"):
-            await within(t.ask(("boom", "x")))
 
 
 class Deferring(Actor):

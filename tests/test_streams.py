@@ -13,7 +13,7 @@ from supervisor import Supervisor
 from tests.rig.aioquic_server import RigServer
 from tests.rig.udp_shim import udp_shim
 from tests.rig.waiting import poll_until
-from tests.support import addr_of, dial_echo, echo_roundtrip
+from tests.support import addr_of, connection_actor, dial_echo, echo_roundtrip
 
 LIMIT = 256 * 1024
 
@@ -64,7 +64,7 @@ async def test_write_waits_while_the_send_buffer_is_full(echo: RigServer) -> Non
     ):
         conn = await dial_echo(sup, shim.listen_addr)
         stream = await conn.open_stream()
-        actor = conn._actor
+        actor = connection_actor(conn)
         # Nothing we send is acknowledged any more.
         rule = shim.drop_client_to_server(addr_of(conn.local_multiaddr))
         payload = os.urandom(4 * LIMIT)
@@ -95,7 +95,7 @@ async def test_finished_streams_are_forgotten(sup: Supervisor, echo: RigServer) 
     # otherwise grow, and every flush walks the table). The last ones go once the peer has
     # acknowledged their FIN: a few more round trips at most.
     async with asyncio.timeout(5):
-        while len(conn._actor.streams) > 2:
+        while len(connection_actor(conn).streams) > 2:
             await echo_roundtrip(conn, size=100)
 
 
@@ -128,7 +128,7 @@ async def test_listener_streams_are_bounded_too(cert: Any) -> None:
         stream = await conn.open_stream()
         payload = os.urandom(3 * DEFAULT_STREAM_BUFFER)
         writer = asyncio.create_task(stream.write(payload))
-        backlog = lambda: conn._actor.stream_send_backlog(stream.stream_id)  # noqa: E731
+        backlog = lambda: connection_actor(conn).stream_send_backlog(stream.stream_id)  # noqa: E731
         await poll_until(lambda: accepted and backlog() >= LIMIT, 10, what="client blocked")
         [inbound] = accepted
         # All the credit the server granted arrived and waits unread; no more is granted.

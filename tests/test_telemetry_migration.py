@@ -27,7 +27,7 @@ from telemetry.qlog import BoundedTrace, QlogDirectory
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair, generate_cert
 from tests.rig.udp_shim import udp_shim
-from tests.support import echo_roundtrip, event_log
+from tests.support import connection_actor, echo_roundtrip, event_log
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +410,7 @@ async def test_qlog_memory_is_capped(server: RigServer, tmp_path: Path) -> None:
         enable_experimental_connection_migration=True, qlog_dir=tmp_path, qlog_max_events=40
     ) as sup:
         conn = await _dial(sup, server)
-        trace = conn._actor.quic._quic_logger
+        trace = connection_actor(conn).quic._quic_logger
         assert isinstance(trace, BoundedTrace)
         await echo_roundtrip(conn, size=256 * 1024)
         assert len(trace._events) == 40 and trace.dropped > 0

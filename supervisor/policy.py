@@ -1,0 +1,47 @@
+"""How policies (failover; drain is one-shot and uses requests only) meet the supervisor.
+
+A policy hears of changes as messages handled in the supervisor's mailbox turn (never inside
+an operation's call chain) and acts only through :class:`PolicyPort`: the published views,
+the same requests a user sends, and the event bus. It never holds a connection or calls the
+supervisor's internals, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, Protocol, TypeVar
+
+from actors.view import ConnectionView, PathChange, PathSample
+from supervisor.events import Event
+
+T = TypeVar("T")
+
+
+class Policy(Protocol):
+    def on_changes(self, conn_id: str, changes: tuple[PathChange, ...]) -> None: ...
+
+    def on_active_dead(self, conn_id: str, path_id: int, reason: str) -> None: ...
+
+    def on_connection_end(self, conn_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class PolicyPort(Protocol):
+    def view(self, conn_id: str) -> ConnectionView | None:
+        """The connection's latest published view (None once it is forgotten)."""
+        ...
+
+    def sample(self, conn_id: str) -> dict[int, PathSample]:
+        """Its paths' live figures (RTT, keep-alive health), read now."""
+        ...
+
+    async def ask(self, request: object) -> object:
+        """Send a request exactly as a user would (events, spans, the connection's queue)."""
+        ...
+
+    def emit(self, evt: Event) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> Any:
+        """Run ``coro`` as a task the supervisor owns (cancelled and awaited when it stops)."""
+        ...
