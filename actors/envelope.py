@@ -12,7 +12,13 @@ three extension types, so a value's kind never depends on guessing: a ``Multiadd
 form), a registered enum member (``[enum name, value]``) and a nested registered message
 (``[type name, body]``). Decoding checks every field against the dataclass's type hints and turns
 lists back into tuples where the field says tuple. Every decode problem is an :class:`EnvelopeError`
-that says what is wrong and what to do about it.
+that says what is wrong and what to do about it: :func:`decode` raises nothing else, whatever the
+bytes.
+
+Limits, so that hostile or corrupt bytes cost bounded work and no recursion: an envelope is at most
+:data:`MAX_ENVELOPE_BYTES`, and no value nests deeper than :data:`MAX_DEPTH` levels (each map,
+array and enum/message extension payload is one level, the envelope map level 1). Nesting is
+checked by an iterative walk before any field is decoded.
 
 Compatibility rules: a body field the receiver does not know is ignored, and a missing field that
 has a default takes it, so adding an optional field needs no version bump; anything else does.
@@ -33,6 +39,8 @@ from multiaddr import Multiaddr
 
 __all__ = [
     "CODEC_VERSION",
+    "MAX_DEPTH",
+    "MAX_ENVELOPE_BYTES",
     "Envelope",
     "EnvelopeError",
     "decode",
@@ -50,6 +58,11 @@ CODEC_VERSION = 1
 EXT_MULTIADDR = 1
 EXT_ENUM = 2
 EXT_MESSAGE = 3
+
+#: Deepest nesting :func:`decode` accepts (real messages use about a dozen levels).
+MAX_DEPTH = 64
+#: Largest envelope :func:`decode` accepts (the control socket's replies stay far below).
+MAX_ENVELOPE_BYTES = 64 * 1024 * 1024
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -328,11 +341,44 @@ def _to_wire(value: object, where: str) -> Any:
 # -- decoding -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Nested:
+    """An enum or message extension whose payload the depth walk has already unpacked."""
+
+    code: int
+    payload: Any
+
+
 def decode(data: bytes) -> Envelope:
-    """Parse envelope bytes, check every field against the message's type hints, rebuild it."""
+    """Parse envelope bytes, check every field against the message's type hints, rebuild it.
+
+    Raises only :class:`EnvelopeError`, for any input.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EnvelopeError(f"envelope must be bytes, not {type(data).__name__}")
-    doc = _unpack(data, "envelope")
+    try:
+        size = memoryview(data).nbytes
+    except (TypeError, ValueError) as exc:  # e.g. a released memoryview
+        raise EnvelopeError(f"envelope bytes cannot be read: {exc}") from exc
+    if size > MAX_ENVELOPE_BYTES:
+        raise EnvelopeError(
+            f"envelope of {size} bytes exceeds the {MAX_ENVELOPE_BYTES}-byte limit: "
+            "a control message is never that large (corrupt length, or not a quic-supervisor peer)"
+        )
+    try:
+        return _decode(data)
+    except EnvelopeError:
+        raise
+    except Exception as exc:
+        # A message class's own checks (__post_init__) may raise anything; so may a codec bug.
+        raise EnvelopeError(
+            f"envelope could not be decoded ({type(exc).__name__}: {exc}); if these bytes came "
+            "from quic-supervisor itself, this is a bug: please report it"
+        ) from exc
+
+
+def _decode(data: bytes | bytearray | memoryview) -> Envelope:
+    doc = _unpack_tree(data, "envelope")
     if not isinstance(doc, dict):
         raise EnvelopeError(
             f"malformed envelope: expected a msgpack map, got {type(doc).__name__}: "
@@ -369,6 +415,43 @@ def decode(data: bytes) -> Envelope:
     return Envelope(v, name, body, trace["traceparent"], trace["tracestate"], trace["baggage"])
 
 
+def _unpack_tree(data: bytes | bytearray | memoryview, where: str) -> Any:
+    """Unpack ``data`` and, iteratively, every enum/message extension inside it (each becomes a
+    :class:`_Nested`); EnvelopeError if anything nests deeper than :data:`MAX_DEPTH`.
+
+    After this, decoding recurses at most MAX_DEPTH levels, far inside Python's stack limit.
+    """
+    root = _unpack(data, where)
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, list):
+            slots: Any = enumerate(node)
+        elif isinstance(node, dict):
+            slots = node.items()
+        else:
+            continue
+        if level > MAX_DEPTH:
+            raise EnvelopeError(
+                f"malformed {where}: nested deeper than {MAX_DEPTH} levels; no control message "
+                "is, so these bytes are corrupt or not a quic-supervisor envelope"
+            )
+        nested: list[tuple[Any, _Nested]] = []
+        for key, item in slots:
+            if isinstance(item, msgpack.ExtType) and item.code in (EXT_ENUM, EXT_MESSAGE):
+                try:
+                    ext = _Nested(item.code, _unpack(item.data, where))
+                except EnvelopeError:
+                    continue  # left as is: decoding the field reports it, naming the field
+                nested.append((key, ext))
+                stack.append((ext.payload, level + 1))
+            elif isinstance(item, list | dict):
+                stack.append((item, level + 1))
+        for key, ext in nested:  # replaced after the loop: a dict must not change while iterated
+            node[key] = ext
+    return root
+
+
 def _unpack(data: bytes | bytearray | memoryview, where: str) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
@@ -395,7 +478,7 @@ def _build(cls: type, name: str, body: object) -> object:
     }
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # __post_init__ checks may raise anything
         raise EnvelopeError(f"{name} rejected its decoded fields: {exc}") from exc
 
 
@@ -414,7 +497,7 @@ def _hint_name(hint: Any) -> str:
 
 def _from_wire(raw: Any, hint: Any, where: str) -> Any:
     """Turn a raw unpacked value into the field's type, or raise EnvelopeError."""
-    if isinstance(raw, msgpack.ExtType):
+    if isinstance(raw, msgpack.ExtType | _Nested):
         obj = _decode_ext(raw, where)
         if not _accepts(obj, hint):
             raise _mismatch(obj, hint, where)
@@ -497,7 +580,7 @@ def _accepts(obj: object, hint: Any) -> bool:
 
 def _generic(raw: Any, where: str) -> Any:
     """Decode a value whose field is typed Any/object: by its own wire kind (tuples stay lists)."""
-    if isinstance(raw, msgpack.ExtType):
+    if isinstance(raw, msgpack.ExtType | _Nested):
         return _decode_ext(raw, where)
     if isinstance(raw, list):
         return [_generic(v, f"{where}[{i}]") for i, v in enumerate(raw)]
@@ -508,8 +591,8 @@ def _generic(raw: Any, where: str) -> Any:
     raise EnvelopeError(f"field {where}: unsupported msgpack value {_describe(raw)}")
 
 
-def _decode_ext(ext: msgpack.ExtType, where: str) -> object:
-    if ext.code == EXT_MULTIADDR:
+def _decode_ext(ext: msgpack.ExtType | _Nested, where: str) -> object:
+    if isinstance(ext, msgpack.ExtType) and ext.code == EXT_MULTIADDR:
         data = bytes(ext.data)
         try:
             # The multiaddr library parses binary lazily and accepts truncated components:
@@ -521,9 +604,12 @@ def _decode_ext(ext: msgpack.ExtType, where: str) -> object:
         if not ok:
             raise EnvelopeError(f"field {where}: invalid multiaddr bytes {data.hex()}")
         return addr
-    if ext.code not in (EXT_ENUM, EXT_MESSAGE):
+    if isinstance(ext, _Nested):
+        payload = ext.payload
+    elif ext.code in (EXT_ENUM, EXT_MESSAGE):  # the walk could not unpack it: this raises
+        payload = _unpack_tree(ext.data, f"field {where}")
+    else:
         raise EnvelopeError(f"field {where}: unknown msgpack extension type {ext.code}")
-    payload = _unpack(ext.data, f"field {where}")
     if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], str)):
         raise EnvelopeError(f"field {where}: malformed extension payload {_describe(payload)}")
     name, value = payload
@@ -537,7 +623,7 @@ def _decode_ext(ext: msgpack.ExtType, where: str) -> object:
         raise EnvelopeError(f"field {where}: unknown enum {name!r}: {_VERSION_SKEW}")
     try:
         return enum_cls(_generic(value, where))
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # an enum's _missing_ may raise anything
         raise EnvelopeError(
             f"field {where}: {value!r} is not a member of {name}: {_VERSION_SKEW}"
         ) from exc
