@@ -30,8 +30,9 @@ from supervisor.failover import FailoverController
 from supervisor.handles import Connection
 from supervisor.messages import ConnectionSnapshot, DialRequest
 from supervisor.policy import PolicyPort
+from supervisor.registry import ConnectionEntry, snapshot_of
 from supervisor.server import Listener
-from supervisor.supervisor_actor import ConnectionEntry, SupervisorActor, snapshot_of
+from supervisor.supervisor_actor import SupervisorActor
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.propagation import current_trace_fields

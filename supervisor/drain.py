@@ -4,7 +4,7 @@ One implementation for every front end: ``Supervisor.drain()``, the control sock
 (``quic-supervisor ctl drain``) and the Ray agent call :func:`drain` with the supervisor they
 host. It only sends the supervisor's ordinary requests (snapshot, probe, switch with reason
 ``"drain"``, close path), so a drain is a set of normal migrations: same events, spans,
-metrics and per-connection operation lock as ``path.switch()``.
+metrics and place in the connection's operation queue as ``path.switch()``.
 
 Which paths are "on" a device: a path socket bound to a device (``SO_BINDTODEVICE``,
 ``PathSnapshot.device``) is on that device and no other; an unbound one is on the interface

@@ -8,11 +8,14 @@ supervisor's internals, so neither imports the other.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from actors.runtime import ActorRef
 from actors.view import ConnectionView, PathChange, PathSample
 from supervisor.events import Event
+from supervisor.registry import ConnectionEntry
 
 T = TypeVar("T")
 
@@ -45,3 +48,24 @@ class PolicyPort(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> Any:
         """Run ``coro`` as a task the supervisor owns (cancelled and awaited when it stops)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorPort:
+    """A :class:`PolicyPort` over a SupervisorActor's registry, ref and event emitter."""
+
+    registry: Mapping[str, ConnectionEntry]
+    ref: ActorRef
+    emit: Callable[[Event], None]
+    spawn: Callable[..., Any]
+
+    def view(self, conn_id: str) -> ConnectionView | None:
+        entry = self.registry.get(conn_id)
+        return entry.view if entry is not None else None
+
+    def sample(self, conn_id: str) -> dict[int, PathSample]:
+        entry = self.registry.get(conn_id)
+        return entry.cell.sample() if entry is not None else {}
+
+    async def ask(self, request: object) -> object:
+        return await self.ref.ask(request)

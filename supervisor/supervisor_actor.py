@@ -17,14 +17,11 @@ import itertools
 import logging
 import os
 import socket
-import ssl
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast, get_args
+from typing import Any, cast, get_args
 
-from aioquic.quic.configuration import QuicConfiguration
-from multiaddr import Multiaddr
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
@@ -55,9 +52,8 @@ from actors.messages import (
     Switched,
 )
 from actors.path_state import PathState
-from actors.ports import ConnectionPort
-from actors.runtime import Actor, ActorRef, ChildFailed, Later
-from actors.view import ConnectionView, PathChange, PathSample, ViewCell
+from actors.runtime import Actor, ChildFailed, Later
+from actors.view import ConnectionView, PathChange
 from supervisor.addresses import (
     bind_path_socket,
     check_local_address,
@@ -65,6 +61,7 @@ from supervisor.addresses import (
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
 )
+from supervisor.client_config import client_configuration, open_key_log
 from supervisor.events import (
     Event,
     EventBus,
@@ -83,19 +80,19 @@ from supervisor.messages import (
     ConnectionSnapshot,
     DialRequest,
     PathAddedReply,
-    PathSnapshot,
     ProbeRequest,
     SnapshotRequest,
     SwitchReply,
     SwitchRequest,
     SwitchResult,
 )
-from supervisor.policy import Policy, PolicyPort
+from supervisor.policy import Policy, PolicyPort, SupervisorPort
+from supervisor.registry import ConnectionEntry, local_addr_of, snapshot_of
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.plain import plain_dict
 from telemetry.propagation import context_from_fields
-from telemetry.qlog import QlogDirectory, QlogWriter
+from telemetry.qlog import QlogDirectory
 from telemetry.tracing import (
     ATTR_CID_SEQUENCE_AFTER,
     ATTR_CID_SEQUENCE_BEFORE,
@@ -122,8 +119,6 @@ from telemetry.tracing import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 @dataclass(frozen=True, slots=True)
 class _Changed:
@@ -131,97 +126,6 @@ class _Changed:
 
     conn_id: str
     changes: tuple[PathChange, ...]
-
-
-@dataclass(slots=True)
-class ConnectionEntry:
-    """What the supervisor holds of one outbound connection: a reference, a view, a port."""
-
-    conn_id: str
-    ref: ActorRef
-    cell: ViewCell
-    port: ConnectionPort
-    remote: Multiaddr
-    local: Multiaddr  # the dialled (handshake) local address
-    family: int
-    qlog: QlogWriter | None = None
-    #: Requests forwarded to the connection and not answered yet: while any is queued there,
-    #: only the connection's queue can say what "already active" will mean.
-    inflight: int = 0
-
-    async def ask(self, msg: object) -> object:
-        self.inflight += 1
-        try:
-            return await self.ref.ask(msg)
-        finally:
-            self.inflight -= 1
-
-    @property
-    def view(self) -> ConnectionView:
-        return self.cell.view
-
-
-class _PolicyPort:
-    """What policies may use of a SupervisorActor (see ``supervisor/policy.py``)."""
-
-    def __init__(self, actor: SupervisorActor) -> None:
-        self._sup = actor
-
-    def view(self, conn_id: str) -> ConnectionView | None:
-        entry = self._sup.conns.get(conn_id)
-        return entry.view if entry is not None else None
-
-    def sample(self, conn_id: str) -> dict[int, PathSample]:
-        entry = self._sup.conns.get(conn_id)
-        return entry.cell.sample() if entry is not None else {}
-
-    async def ask(self, request: object) -> object:
-        return await self._sup.ref.ask(request)
-
-    def emit(self, evt: Event) -> None:
-        self._sup.emit(evt)
-
-    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
-        return self._sup.spawn(coro, name=name)
-
-
-def _local(entry: ConnectionEntry, path_id: int | None) -> Multiaddr:
-    view = entry.view.path(path_id) if path_id is not None else None
-    return sockaddr_to_multiaddr(view.local) if view is not None else entry.local
-
-
-def snapshot_of(entry: ConnectionEntry, migration_enabled: bool) -> ConnectionSnapshot:
-    """The plain-data snapshot of a view, with RTTs and byte counters sampled now."""
-    view = entry.view
-    samples = entry.cell.sample() if not view.closed else {}
-    paths = []
-    for p in view.paths:
-        sample = samples.get(p.path_id)
-        paths.append(
-            PathSnapshot(
-                path_id=p.path_id,
-                local_addr=multiaddr_text(sockaddr_to_multiaddr(p.local)),
-                remote_addr=multiaddr_text(entry.remote),
-                active=p.path_id == view.active_path_id,
-                rtt=sample.rtt if sample is not None else p.rtt,
-                state=p.state,
-                bytes_sent=sample.bytes_sent if sample is not None else 0,
-                bytes_received=sample.bytes_received if sample is not None else 0,
-                device=p.device,
-            )
-        )
-    return ConnectionSnapshot(
-        conn_id=entry.conn_id,
-        local_addr=multiaddr_text(entry.local),
-        remote_addr=multiaddr_text(entry.remote),
-        inbound=False,
-        supports_migration=migration_enabled
-        and not view.peer_disabled_migration
-        and not view.closed,
-        closed=view.closed,
-        paths=tuple(paths),
-        migrations=view.migrations,
-    )
 
 
 class SupervisorActor(Actor):
@@ -241,7 +145,8 @@ class SupervisorActor(Actor):
     ) -> None:
         """``registry`` is shared with the Supervisor front-end, which reads views from it;
         ``policy`` makes the policy (failover) over this actor's port."""
-        self.policy = policy(_PolicyPort(self)) if policy is not None else None
+        self._make_policy = policy
+        self.policy: Policy | None = None
         self.tracing = tracing or Tracing(None)
         self.metrics = metrics or Metrics(None)
         self.journal = journal
@@ -257,6 +162,11 @@ class SupervisorActor(Actor):
         self._op_spans: dict[int, Span] = {}
         self._socket_keys = itertools.count(1 << 30)
         self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
+
+    async def on_start(self) -> None:
+        if self._make_policy is not None:
+            port = SupervisorPort(self.conns, self.ref, self.emit, self.spawn)
+            self.policy = self._make_policy(port)
 
     # ------------------------------------------------------------------ events and spans
 
@@ -430,16 +340,7 @@ class SupervisorActor(Actor):
         ip, port, family = parse_quic_multiaddr(req.remote, what="remote address")
         if port == 0:
             raise InvalidAddressError(req.remote, "port 0 cannot be dialled", what="remote address")
-        config = QuicConfiguration(
-            is_client=True,
-            alpn_protocols=list(req.alpn_protocols) if req.alpn_protocols else None,
-            server_name=req.server_name,
-            idle_timeout=req.idle_timeout,
-        )
-        if not req.verify:
-            config.verify_mode = ssl.CERT_NONE
-        if req.cafile:
-            config.load_verify_locations(req.cafile)
+        config = client_configuration(req)
         sock = bind_path_socket(
             req.local_addr,
             req.device,
@@ -448,13 +349,7 @@ class SupervisorActor(Actor):
             ip,
             what="local address",
         )
-        keylog = os.environ.get("SSLKEYLOGFILE")
-        if keylog:
-            # Closed by the ConnectionActor when it stops. Unwritable: no key log (as curl).
-            try:
-                config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the conn
-            except OSError as exc:
-                log.warning("SSLKEYLOGFILE %r cannot be opened: %s", keylog, exc)
+        open_key_log(config)  # closed by the ConnectionActor when it stops
         conn_id = os.urandom(6).hex()
         qlog = None
         if self.qlog is not None:
@@ -583,7 +478,7 @@ class SupervisorActor(Actor):
             self._op_span(span) as op,
         ):
             span.set_attribute(ATTR_CONNECTION_ID, entry.conn_id)
-            span.set_attribute(ATTR_PATH_TO_LOCAL_ADDRESS, str(_local(entry, req.path_id)))
+            span.set_attribute(ATTR_PATH_TO_LOCAL_ADDRESS, str(local_addr_of(entry, req.path_id)))
             try:
                 report = await entry.ask(Probe(req.path_id, req.timeout, op))
             except BaseException as exc:
@@ -619,7 +514,7 @@ class SupervisorActor(Actor):
             end_ns,
             attributes={
                 ATTR_CONNECTION_ID: entry.conn_id,
-                ATTR_PATH_TO_LOCAL_ADDRESS: str(_local(entry, report.path_id)),
+                ATTR_PATH_TO_LOCAL_ADDRESS: str(local_addr_of(entry, report.path_id)),
             },
             error=exc,
         )
@@ -637,13 +532,11 @@ class SupervisorActor(Actor):
         view = entry.view
         if view.path(req.path_id) is None:
             raise PathClosedError(None)  # before anything is emitted
-        to_addr = _local(entry, req.path_id)
+        to_addr = local_addr_of(entry, req.path_id)
         if req.path_id == view.active_path_id and not entry.inflight:
             here = multiaddr_text(to_addr)
-            return SwitchReply(
-                SwitchResult(here, here, None, 0.0, False), self._snap(req.conn_id)
-            )
-        from_addr = _local(entry, view.active_path_id)
+            return SwitchReply(SwitchResult(here, here, None, 0.0, False), self._snap(req.conn_id))
+        from_addr = local_addr_of(entry, view.active_path_id)
         with self.tracing.migration_span(
             req.conn_id,
             reason,
@@ -723,7 +616,7 @@ class SupervisorActor(Actor):
                     )
                 )
                 raise
-            from_addr = _local(entry, done.from_path)
+            from_addr = local_addr_of(entry, done.from_path)
             self.metrics.migration(reason, "completed")
             self.metrics.active_path_change(reason)
             self.emit(
@@ -757,7 +650,7 @@ class SupervisorActor(Actor):
             return None  # the connection (and with it every path) is already closed
         attrs = {ATTR_CONNECTION_ID: req.conn_id}
         if entry.view.path(req.path_id) is not None:
-            attrs[ATTR_PATH_LOCAL_ADDRESS] = str(_local(entry, req.path_id))
+            attrs[ATTR_PATH_LOCAL_ADDRESS] = str(local_addr_of(entry, req.path_id))
         with (
             self.tracing.span(SPAN_PATH_CLOSE, parent_context=parent, attributes=attrs) as span,
             self._op_span(span) as op,
