@@ -17,7 +17,7 @@ import pytest
 from actors.factory import ConnectionOptions
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.errors import ProbeTimeoutError
+from supervisor.errors import ConnectionClosedError, ProbeTimeoutError
 from supervisor.events import EvtConnectionMigrationCompleted
 from telemetry.journal import read_journal
 from tests.rig.aioquic_server import RigServer
@@ -31,6 +31,7 @@ from tests.support import (
     event_log,
     fd_count,
     other_tasks,
+    supervisor_actor,
 )
 
 P2 = "/ip4/127.0.0.2/udp/0/quic-v1"
@@ -171,3 +172,18 @@ async def test_failover_reprobe_uses_the_policys_timeout(echo: RigServer, tmp_pa
     ]
     assert switches and all(s["probe_timeout"] == 0.7 for s in switches), switches
     assert all(s["reason"] == "failover" for s in switches)
+
+
+async def test_a_crashed_supervisor_actor_is_logged_and_fails_every_later_call(
+    echo: RigServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Supervisor(enable_experimental_connection_migration=True) as sup:
+        conn = await dial_echo(sup, echo)
+        actor = supervisor_actor(sup)
+        actor.ref.tell(object())  # a message it has no handler for: the actor fails
+        await actor.ref.wait_stopped()
+        assert "the supervisor actor crashed" in caplog.text
+        with pytest.raises(ConnectionClosedError, match="supervisor crashed"):
+            await dial_echo(sup, echo)
+        with pytest.raises(ConnectionClosedError, match="supervisor crashed"):
+            await conn.as_migratable().add_path(P2)
