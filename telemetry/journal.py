@@ -43,6 +43,7 @@ import dataclasses
 import enum
 import logging
 import os
+import reprlib
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -440,8 +441,8 @@ def _check_header(fh: BinaryIO, path: StrPath) -> dict[str, Any]:
         )
     if obj.get("version") != JOURNAL_VERSION:
         raise JournalFormatError(
-            f"{os.fspath(path)}: journal version {obj.get('version')!r:.40} is not supported "
-            f"(this code reads version {JOURNAL_VERSION})"
+            f"{os.fspath(path)}: journal version {reprlib.repr(obj.get('version'))} is not "
+            f"supported (this code reads version {JOURNAL_VERSION})"
         )
     return obj
 
@@ -471,10 +472,10 @@ def _depth_ok(record: dict[Any, Any]) -> bool:
 def _record_problem(record: object) -> str | None:
     if not isinstance(record, dict):
         return "is not a map"
-    if record.get("kind") not in KINDS:
-        return f"has kind {record.get('kind')!r:.40}, not one of {KINDS}"
     if not _depth_ok(record):
         return f"is nested deeper than {MAX_DEPTH} levels"
+    if record.get("kind") not in KINDS:
+        return f"has kind {reprlib.repr(record.get('kind'))}, not one of {KINDS}"
     return None
 
 
