@@ -455,17 +455,15 @@ def read_header(path: StrPath) -> dict[str, Any]:
 
 def _depth_ok(record: dict[Any, Any]) -> bool:
     """Is every container in ``record`` at most MAX_DEPTH levels deep? (Iterative: no
-    recursion, whatever the input.)"""
-    stack: list[tuple[Any, int]] = [(record, 1)]
+    recursion, whatever the input.) Map keys are never containers: msgpack refuses unhashable
+    keys, and with lists for arrays, tuples never occur."""
+    stack: list[tuple[Any, int]] = [(v, 2) for v in record.values() if isinstance(v, dict | list)]
     while stack:
         value, level = stack.pop()
         if level > MAX_DEPTH:
             return False
-        if isinstance(value, dict):
-            children: Any = (*value.keys(), *value.values())
-        else:
-            children = value
-        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list | tuple))
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
     return True
 
 
