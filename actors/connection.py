@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -95,6 +96,18 @@ class ConnectionOptions:
     #: Path health (keep-alives on standby paths, liveness of the active path); None: off.
     #: Set from ``FailoverPolicy`` by the Supervisor.
     health: HealthConfig | None = None
+
+    def __post_init__(self) -> None:
+        # NaN or infinite durations reach asyncio's timer heap and delay unrelated timers.
+        for name, low in (("stale_after", 0.0), ("min_confirmation_window", 1e-3)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds, not {type(value)}")
+            if not (math.isfinite(value) and low <= value <= 86_400):
+                raise ValueError(f"{name} must be seconds in [{low:g}, 86400], got {value!r}")
+        buffer = self.stream_buffer
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or not 1200 <= buffer <= 1 << 30:
+            raise ValueError(f"stream_buffer must be an int of 1200 bytes to 1 GiB, got {buffer!r}")
 
 
 @dataclass(slots=True)
@@ -698,7 +711,7 @@ class ConnectionActor(Actor):
     def _live(self, path_id: int) -> _PathFacts:
         facts = self._paths.get(path_id)
         if facts is None or facts.machine.state is PathState.CLOSED:
-            raise PathClosedError(None)
+            raise PathClosedError(path_id=path_id, conn_id=self.conn_id)
         return facts
 
     async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:

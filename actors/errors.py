@@ -27,6 +27,7 @@ __all__ = [
     "DialTimeoutError",
     "HandshakeError",
     "InvalidAddressError",
+    "InvalidArgumentError",
     "InvalidTransitionError",
     "MigrationError",
     "MigrationNotEnabledError",
@@ -38,6 +39,7 @@ __all__ = [
     "PathLimitError",
     "PathNotValidatedError",
     "ProbeTimeoutError",
+    "SupervisorClosedError",
 ]
 
 
@@ -157,13 +159,27 @@ class PathNotValidatedError(MigrationError):
 
 
 class PathClosedError(MigrationError):
-    """Raised by any operation but ``close()`` on a closed path (``close()`` is idempotent)."""
+    """Raised by any operation but ``close()`` on a closed path (``close()`` is idempotent).
 
-    def __init__(self, local_addr: object | None = None) -> None:
+    Names the path by its local address when known, else by its id and connection."""
+
+    def __init__(
+        self,
+        local_addr: object | None = None,
+        *,
+        path_id: int | None = None,
+        conn_id: str | None = None,
+    ) -> None:
         self.local_addr = local_addr
+        self.path_id = path_id
+        self.conn_id = conn_id
+        name = _path(local_addr)
+        if local_addr is None and path_id is not None:
+            name = f"path {path_id}"
+        if conn_id is not None:
+            name += f" of connection {conn_id}"
         super().__init__(
-            f"{_path(local_addr)} is closed: add a new path with add_path() to use that "
-            "address again"
+            f"{name} is closed: add a new path with add_path() to use that address again"
         )
 
 
@@ -251,6 +267,22 @@ class AddressInUseError(InvalidAddressError):
         )
 
 
+class InvalidArgumentError(MigrationError, ValueError):
+    """An argument that is not a path address but cannot be used either: a duration that is
+    negative, NaN, infinite or absurd, a size out of range, a file that is missing or not what
+    it should be, a name too long. ``name`` is the argument, ``value`` what was given,
+    ``reason`` the problem and its fix. Also a ``ValueError``."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        self.name = name
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid {name} {shown}: {reason}")
+
+
 class ConnectionClosedError(MigrationError):
     """Raised by any operation on a connection (or its paths, streams) after it closed."""
 
@@ -260,6 +292,19 @@ class ConnectionClosedError(MigrationError):
         conn = "the connection" if conn_id is None else f"connection {conn_id}"
         because = "" if not reason else f" ({reason})"
         super().__init__(f"{conn} is closed{because}: dial a new connection")
+
+
+class SupervisorClosedError(ConnectionClosedError):
+    """Raised by every call on a ``Supervisor`` that is not running: never started, closed
+    (its ``async with`` block ended), or crashed (``reason`` says which)."""
+
+    def __init__(self, reason: str = "it was closed") -> None:
+        MigrationError.__init__(
+            self, f"the supervisor is not running ({reason}): use it inside "
+            "'async with Supervisor(...)', or open a new one"
+        )
+        self.conn_id = None
+        self.reason = reason
 
 
 class DialTimeoutError(MigrationError, TimeoutError):

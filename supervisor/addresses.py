@@ -235,6 +235,51 @@ def _new_udp_socket(family: int) -> socket.socket:
     return sock
 
 
+def check_path_ip(ip: str, *, what: str = "local address") -> None:
+    """Raise ``InvalidAddressError`` unless ``ip`` can be a path's own address: one unicast
+    address, never a wildcard (a path's address is what the peer sees and what snapshots
+    show), multicast or broadcast."""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_unspecified:
+        raise InvalidAddressError(
+            ip,
+            "a wildcard is not a path address: give the address the path sends from (or "
+            "device= to use the interface's address)",
+            what=what,
+        )
+    if addr.is_multicast:
+        raise InvalidAddressError(ip, "a multicast address cannot be a path address", what=what)
+    if isinstance(addr, ipaddress.IPv4Address) and _is_broadcast(addr):
+        raise InvalidAddressError(ip, "a broadcast address cannot be a path address", what=what)
+
+
+def _is_broadcast(addr: ipaddress.IPv4Address) -> bool:
+    """The limited broadcast address, or the broadcast address of a network on one of this
+    host's interfaces (getifaddrs(3), as drain reads them)."""
+    if addr == ipaddress.IPv4Address("255.255.255.255"):
+        return True
+    from supervisor.drain import interface_addresses  # drain imports this module
+
+    return any(
+        isinstance(net, ipaddress.IPv4Interface)
+        and net.network.prefixlen < 31
+        and net.network.broadcast_address == addr
+        for nets in interface_addresses().values()
+        for net in nets
+    )
+
+
+def path_socket_error(exc: OSError, shown: str, *, what: str) -> BaseException:
+    """The typed error for a failed bind of ``shown`` (a listener's or a path's address)."""
+    if exc.errno == errno.EADDRINUSE:
+        return AddressInUseError(shown, what=what, errno=exc.errno)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return _not_on_host(shown)
+    if isinstance(exc, socket.gaierror):
+        return InvalidAddressError(shown, f"it cannot be used as a local address ({exc})")
+    return exc
+
+
 def check_local_address(ip: str, family: int) -> None:
     """Raise ``InvalidAddressError`` unless a UDP socket can bind ``ip`` here.
 
@@ -243,6 +288,7 @@ def check_local_address(ip: str, family: int) -> None:
     127.0.0.0/8 binds without setup. Other socket errors (EMFILE ...) propagate unchanged.
     """
     _check_family(ip, family)
+    check_path_ip(ip)
     sock = _new_udp_socket(family)
     try:
         sock.bind((ip, 0))
@@ -388,11 +434,27 @@ def bind_path_socket(
     is never a wildcard. Argument errors name the input; nothing is left open."""
     if sock is not None:
         sock = adopt_udp_socket(sock)
-        if sock.family != family:
+        try:
+            if sock.family != family:
+                raise InvalidAddressError(
+                    "sock", f"socket family differs from the peer's ({remote_ip})", what=what
+                )
+            bound_ip, bound_port = sock.getsockname()[:2]
+            check_path_ip(bound_ip, what="sock")
+            if local_addr is not None:
+                ip, port, _fam = parse_quic_multiaddr(local_addr, what=what)
+                if ipaddress.ip_address(ip) != ipaddress.ip_address(bound_ip) or (
+                    port not in (0, bound_port)
+                ):
+                    raise InvalidAddressError(
+                        local_addr,
+                        f"the socket given with sock= is bound to "
+                        f"{to_multiaddr(bound_ip, bound_port)}: give that address, or none",
+                        what=what,
+                    )
+        except BaseException:
             sock.close()
-            raise InvalidAddressError(
-                "sock", f"socket family differs from the peer's ({remote_ip})", what=what
-            )
+            raise
         return sock
     if local_addr is None:
         ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
@@ -411,4 +473,5 @@ def bind_path_socket(
             f"{'/ip6' if family == socket.AF_INET6 else '/ip4'} local address",
             what=what,
         )
+    check_path_ip(ip, what=what)
     return bind_udp_socket(ip, port, family, device=device)

@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -17,12 +18,14 @@ from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
 
 from actors.envelope import CODEC_VERSION, Envelope, type_name
-from actors.errors import ConnectionClosedError
+from actors.errors import InvalidArgumentError, SupervisorClosedError
 from actors.factory import ConnectionOptions
 from actors.messages import Close
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
 from actors.view import PathSample
+from supervisor import validate
+from supervisor.client_config import open_key_log
 from supervisor.config import FailoverPolicy
 from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
@@ -66,7 +69,21 @@ class Supervisor:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
         of its newest events are kept in memory (see ``telemetry.qlog``)."""
-        self.migration_enabled = bool(enable_experimental_connection_migration)
+        self.migration_enabled = validate.flag(
+            "enable_experimental_connection_migration", enable_experimental_connection_migration
+        )
+        if failover is not None and not isinstance(failover, FailoverPolicy):
+            raise TypeError(
+                f"failover must be a FailoverPolicy (e.g. FailoverPolicy()) or None, not "
+                f"{type(failover).__name__}"
+            )
+        if options is not None and not isinstance(options, ConnectionOptions):
+            raise TypeError(f"options must be ConnectionOptions or None, not {type(options)}")
+        ask_timeout = validate.optional_duration("ask_timeout", ask_timeout)
+        qlog_max_events = validate.count("qlog_max_events", qlog_max_events, minimum=1)
+        for name, value in (("journal", journal), ("qlog_dir", qlog_dir)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path or None, not {type(value).__name__}")
         self.failover = failover
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
@@ -84,6 +101,7 @@ class Supervisor:
         self._socket_keys = itertools.count(1)
         self._listeners: list[Listener] = []
         self._crash: ChildFailed | None = None
+        self._closed = False
         # Providers are the caller's: the library never sets the global ones.
         self.tracing = Tracing(tracer_provider)
         self.metrics = Metrics(meter_provider)
@@ -109,9 +127,12 @@ class Supervisor:
     async def start(self) -> None:
         if self._runtime is not None:
             return
-        self._runtime = Runtime(on_failure=self._crashed)
+        if self._closed:
+            raise SupervisorClosedError("it was closed: a Supervisor runs once")
         if self._journal_path is not None:
+            # First: a refused path (not a journal of ours) leaves nothing started.
             self.journal = JournalWriter(self._journal_path)
+        self._runtime = Runtime(on_failure=self._crashed)
         policy: Callable[[PolicyPort], FailoverController] | None = None
         if self.failover is not None:
             policy = functools.partial(FailoverController, policy=self.failover)
@@ -137,6 +158,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Close every listener and connection; no socket or task survives this call."""
+        self._closed = True
         for listener in self._listeners:
             await listener.close()
         self._listeners.clear()
@@ -161,14 +183,15 @@ class Supervisor:
 
     # ------------------------------------------------------------------ Client (handles)
 
-    async def ask(self, msg: object, timeout: float | None = None) -> object:
+    def _check_running(self) -> None:
         if self._crash is not None:
-            raise ConnectionClosedError(
-                reason=f"the supervisor crashed ({self._crash.error}); see the log, then "
-                "open a new Supervisor"
-            )
+            raise SupervisorClosedError(f"it crashed: {self._crash.error}; see the log")
         if self._ref is None:
-            raise ConnectionClosedError(reason="the supervisor is not running")
+            raise SupervisorClosedError("it was closed" if self._closed else "not started yet")
+
+    async def ask(self, msg: object, timeout: float | None = None) -> object:
+        self._check_running()
+        assert self._ref is not None
         # The caller's active span travels with the request: it parents the migration span.
         fields = current_trace_fields()
         envelope = Envelope(
@@ -217,12 +240,26 @@ class Supervisor:
         timeout: float = 10.0,
         idle_timeout: float = 30.0,
     ) -> Connection:
-        """Dial a QUIC server; returns once the handshake completed."""
+        """Dial a QUIC server; returns once the handshake completed.
+
+        Cancelled, it leaves nothing behind (the half-made connection is closed)."""
+        self._check_running()
+        if not isinstance(addr, (str, Multiaddr)):
+            raise TypeError(f"addr must be a multiaddr string or Multiaddr, not {type(addr)}")
+        if local_addr is not None and not isinstance(local_addr, (str, Multiaddr)):
+            raise TypeError(f"local_addr must be a multiaddr or None, not {type(local_addr)}")
+        alpn = validate.alpn_list(alpn_protocols)
+        server_name = validate.server_name(server_name)
+        if cafile is not None:
+            cafile = validate.ca_file(cafile)
+        verify = validate.flag("verify", verify)
+        timeout = validate.duration("timeout", timeout)
+        idle_timeout = validate.duration("idle_timeout", idle_timeout)
         key = self.register_socket(sock) if sock is not None else None
         reply = await self.ask(
             DialRequest(
                 remote=str(addr),
-                alpn_protocols=tuple(alpn_protocols) if alpn_protocols else None,
+                alpn_protocols=alpn,
                 server_name=server_name,
                 cafile=cafile,
                 verify=verify,
@@ -246,15 +283,29 @@ class Supervisor:
         handler: Callable[[Stream], Awaitable[None]] | None = None,
     ) -> Listener:
         """Serve QUIC on ``addr``; ``handler(stream)`` runs for every stream a peer opens."""
-        config = QuicConfiguration(is_client=False, alpn_protocols=alpn_protocols)
-        config.load_cert_chain(certfile, keyfile)
+        self._check_running()
+        certfile = validate.existing_file("certfile", certfile)
+        if keyfile is not None:
+            keyfile = validate.existing_file("keyfile", keyfile)
+        alpn = validate.alpn_list(alpn_protocols)
+        if handler is not None and not callable(handler):
+            raise TypeError(f"handler must be an async function of a stream, not {handler!r}")
+        config = QuicConfiguration(is_client=False, alpn_protocols=list(alpn) if alpn else None)
+        try:
+            config.load_cert_chain(certfile, keyfile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise InvalidArgumentError(
+                "certfile",
+                certfile,
+                f"no certificate and matching key could be loaded from it "
+                f"{'and keyfile ' + repr(keyfile) + ' ' if keyfile else ''}({exc}): give a PEM "
+                "certificate chain and its private key",
+            ) from None
         if self.qlog is not None:
             server_qlog = self.qlog.server_logger()
             config.quic_logger = server_qlog
             self._server_qlogs.append(server_qlog)
-        keylog = os.environ.get("SSLKEYLOGFILE")
-        if keylog:
-            config.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the server
+        open_key_log(config)  # closed with the listener
         listener = Listener(self, handler)
         await listener.start(addr, config)
         self._listeners.append(listener)
@@ -280,6 +331,9 @@ class Supervisor:
 
         See :func:`supervisor.drain.drain`; one report entry per connection.
         """
+        self._check_running()
+        probe_timeout = validate.duration("probe_timeout", probe_timeout)
+        close_drained = validate.flag("close_drained", close_drained)
         return await drain(
             self,
             local_addr=local_addr,

@@ -34,12 +34,13 @@ class FailoverPolicy:
     probe_timeout: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.hysteresis < 0:
-            raise ValueError(f"hysteresis must be >= 0, got {self.hysteresis!r}")
-        if not self.probe_timeout > 0:
-            raise ValueError(f"probe_timeout must be > 0 seconds, got {self.probe_timeout!r}")
-        if not self.min_silence > 0:
-            raise ValueError(f"min_silence must be > 0, got {self.min_silence!r}")
+        from supervisor import validate
+
+        for name in ("keepalive_interval", "dead_after_ptos", "min_silence", "probe_timeout"):
+            validate.duration(name, getattr(self, name))
+        validate.duration("hysteresis", self.hysteresis, allow_zero=True)
+        validate.duration("jitter", self.jitter, allow_zero=True, maximum=0.9)
+        validate.count("failures_to_fail", self.failures_to_fail, minimum=1, maximum=1000)
         if self.prefer is not None:
             from supervisor.addresses import parse_quic_multiaddr
 

@@ -8,6 +8,7 @@ from actors.errors import (
     DialTimeoutError,
     HandshakeError,
     InvalidAddressError,
+    InvalidArgumentError,
     InvalidTransitionError,
     MigrationError,
     MigrationNotEnabledError,
@@ -19,6 +20,7 @@ from actors.errors import (
     PathLimitError,
     PathNotValidatedError,
     ProbeTimeoutError,
+    SupervisorClosedError,
 )
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "DialTimeoutError",
     "HandshakeError",
     "InvalidAddressError",
+    "InvalidArgumentError",
     "InvalidTransitionError",
     "MigrationError",
     "MigrationNotEnabledError",
@@ -39,4 +42,5 @@ __all__ = [
     "PathLimitError",
     "PathNotValidatedError",
     "ProbeTimeoutError",
+    "SupervisorClosedError",
 ]

@@ -9,7 +9,6 @@ changes made by others (failover, another task) show at once too.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,10 +21,13 @@ from actors.errors import (
     ConnectionClosedError,
     MigrationNotEnabledError,
     MigrationNotSupportedError,
+    PathClosedError,
 )
 from actors.path_state import PathState
 from actors.ports import AppProtocolPort, ConnectionPort
 from actors.streams import Stream
+from supervisor import validate
+from supervisor.addresses import parse_quic_multiaddr
 from supervisor.messages import (
     AddPathRequest,
     CloseConnectionRequest,
@@ -257,10 +259,8 @@ class Path:
 
     async def probe(self, timeout: float = 5.0) -> None:
         """Validate the path (PATH_CHALLENGE answered on this socket); cancellation-safe."""
-        _check_timeout(timeout, "timeout")
-        reply = await self._conn._client.ask(
-            ProbeRequest(self._conn.conn_id, self.path_id, float(timeout))
-        )
+        timeout = validate.duration("timeout", timeout)
+        reply = await self._ask(ProbeRequest(self._conn.conn_id, self.path_id, timeout))
         self._conn._update(reply)
 
     async def switch(self, *, probe_timeout: float = 5.0) -> SwitchResult:
@@ -268,11 +268,9 @@ class Path:
 
         A stale target is re-probed first, for at most ``probe_timeout`` seconds. Cancelled,
         it has rolled back by the time the CancelledError reaches the caller."""
-        _check_timeout(probe_timeout, "probe_timeout")
-        reply = await self._conn._client.ask(
-            SwitchRequest(
-                self._conn.conn_id, self.path_id, probe_timeout=float(probe_timeout)
-            )
+        probe_timeout = validate.duration("probe_timeout", probe_timeout)
+        reply = await self._ask(
+            SwitchRequest(self._conn.conn_id, self.path_id, probe_timeout=probe_timeout)
         )
         assert isinstance(reply, SwitchReply)
         self._conn._update(reply)
@@ -280,18 +278,22 @@ class Path:
 
     async def close(self) -> None:
         """Close this (non-active) path and retire its CID. Idempotent."""
-        reply = await self._conn._client.ask(ClosePathRequest(self._conn.conn_id, self.path_id))
+        reply = await self._ask(ClosePathRequest(self._conn.conn_id, self.path_id))
         self._conn._update(reply)
+
+    async def _ask(self, request: object) -> object:
+        try:
+            return await self._conn._client.ask(request)
+        except PathClosedError as exc:
+            if exc.local_addr is not None or self._last is None:
+                raise
+            # The connection forgets a closed path; this handle still knows its address.
+            raise PathClosedError(
+                self._last.local_addr, path_id=self.path_id, conn_id=self._conn.conn_id
+            ) from None
 
     def __repr__(self) -> str:
         return f"<Path {self.path_id} of {self._conn.conn_id}>"
-
-
-def _check_timeout(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"probe {name} must be > 0 seconds and finite, got {value!r}")
 
 
 class InboundMigratableConn(MigratableConn):
@@ -311,8 +313,13 @@ class InboundMigratableConn(MigratableConn):
         device: str | None = None,
         sock: Any = None,
     ) -> Path:
+        # Argument errors first, as on outbound connections (DESIGN section 3).
         if local_addr is None and device is None and sock is None:
             raise ValueError("add_path needs local_addr, device= or sock=")
+        if local_addr is not None:
+            parse_quic_multiaddr(local_addr, what="local address")
+        if device is not None and not isinstance(device, str):
+            raise TypeError(f"device must be an interface name (str), not {type(device)}")
         if not self._conn._client.migration_enabled:
             raise MigrationNotEnabledError()
         raise MigrationNotSupportedError("inbound", conn_id=self._conn.conn_id)

@@ -25,7 +25,7 @@ from actors.errors import ConnectionClosedError
 from actors.path_state import PathState
 from actors.quic_adapter import StreamCredit, has_stream, server_sockname, stream_send_backlog
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
-from supervisor.addresses import parse_quic_multiaddr, sockaddr_to_multiaddr
+from supervisor.addresses import parse_quic_multiaddr, path_socket_error, sockaddr_to_multiaddr
 from supervisor.handles import Client, Connection, InboundMigratableConn, MigratableConn, PathInfo
 from supervisor.messages import ConnectionSnapshot
 
@@ -202,12 +202,18 @@ class Listener:
         configuration.max_stream_data = min(configuration.max_stream_data, DEFAULT_STREAM_BUFFER)
         try:
             ip, port, _family = parse_quic_multiaddr(addr, what="listen address")
-            self._server = await serve(
-                ip,
-                port,
-                configuration=configuration,
-                create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
-            )
+            try:
+                self._server = await serve(
+                    ip,
+                    port,
+                    configuration=configuration,
+                    create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
+                )
+            except OSError as exc:  # busy port, an address of another host: typed, named
+                typed = path_socket_error(exc, str(addr), what="listen address")
+                if typed is exc:
+                    raise
+                raise typed from exc
         except BaseException:
             self._close_keylog()
             raise

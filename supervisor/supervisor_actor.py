@@ -54,9 +54,11 @@ from actors.messages import (
 from actors.path_state import PathState
 from actors.runtime import Actor, ChildFailed, Later
 from actors.view import ConnectionView, PathChange
+from supervisor import validate
 from supervisor.addresses import (
     bind_path_socket,
     check_local_address,
+    check_path_ip,
     multiaddr_text,
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
@@ -277,6 +279,11 @@ class SupervisorActor(Actor):
                 # The caller's span (invalid without one), not this actor task's context.
                 span_context=trace.get_current_span(parent or Context()).get_span_context(),
             )
+        try:
+            validate.request(msg)  # argument errors first, however the request arrived
+        except BaseException:
+            self._close_handed_socket(getattr(msg, "socket_key", None))
+            raise
         if isinstance(msg, DialRequest):
             return Later(self.spawn(self._dial(msg), name="dial"))
         if isinstance(msg, AddPathRequest):
@@ -443,7 +450,10 @@ class SupervisorActor(Actor):
                         "same family as the remote address",
                         what="local address",
                     )
-                check_local_address(ip, fam)
+                if req.socket_key is None:  # else: the socket's namespace decides (bind_path)
+                    check_local_address(ip, fam)
+                else:
+                    check_path_ip(ip)
             self._check_add_path(req, asked)
             sock = bind_path_socket(
                 req.local_addr,
@@ -470,8 +480,6 @@ class SupervisorActor(Actor):
         return PathAddedReply(added, self._snap(req.conn_id))
 
     async def _probe(self, req: ProbeRequest, parent: Context | None = None) -> ConnectionSnapshot:
-        if not req.timeout > 0:
-            raise ValueError(f"probe timeout must be > 0 seconds, got {req.timeout!r}")
         entry = self._entry(req.conn_id)
         with (
             self.tracing.span(SPAN_PATH_PROBE, parent_context=parent) as span,
@@ -525,13 +533,12 @@ class SupervisorActor(Actor):
             raise ValueError(
                 f"migration reason must be one of {get_args(MigrationReason)}, got {req.reason!r}"
             )
-        if not req.probe_timeout > 0:
-            raise ValueError(f"probe timeout must be > 0 seconds, got {req.probe_timeout!r}")
         reason = cast(MigrationReason, req.reason)
         entry = self._entry(req.conn_id)
         view = entry.view
         if view.path(req.path_id) is None:
-            raise PathClosedError(None)  # before anything is emitted
+            # Before anything is emitted.
+            raise PathClosedError(path_id=req.path_id, conn_id=req.conn_id)
         to_addr = local_addr_of(entry, req.path_id)
         if req.path_id == view.active_path_id and not entry.inflight:
             here = multiaddr_text(to_addr)
