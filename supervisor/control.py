@@ -419,7 +419,10 @@ class ControlClient:
                 async with asyncio.timeout(self.timeout):
                     reader, writer = await self._connect()
                     writer.write(frame(data))
-                    await writer.drain()
+                    with contextlib.suppress(ConnectionError):
+                        # The server may have answered and hung up already (it does after a
+                        # frame it cannot read): its reply is still in the reader.
+                        await writer.drain()
                     reply = await read_frame(reader, self.max_reply)
             except BaseException:
                 await self.close()  # mid-request: the stream's state is unknown
@@ -429,7 +432,12 @@ class ControlClient:
                 raise ControlSocketError(self.path, "the supervisor closed the connection")
         body = decode(reply).body
         if isinstance(body, ErrorReply):
-            raise rebuild_error(body)
+            error = rebuild_error(body)
+            if isinstance(error, EnvelopeError):
+                # The server hangs up after a frame it could not read: the next request
+                # must not find this connection dead.
+                await self.close()
+            raise error
         if isinstance(body, Ok):
             return None
         if isinstance(body, Snapshots):

@@ -128,3 +128,25 @@ async def test_an_error_whose_text_cannot_be_encoded_still_reaches_the_client(
             await client.snapshot()
         with pytest.raises(ValueError):  # and the connection is still good
             await client.snapshot()
+
+
+async def test_the_client_reconnects_after_the_server_hung_up_on_a_bad_frame(
+    sup: Supervisor, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import supervisor.control as control
+    from actors.envelope import EnvelopeError
+
+    async with ControlServer(sup, sock_path), ControlClient(sock_path) as client:
+        assert await client.snapshot() == ()
+        real = control.encode
+
+        def garbled(msg: object, **kwargs: Any) -> bytes:  # the client's requests only
+            if isinstance(msg, SnapshotRequest):
+                return BAD_FRAMES["garbage"]
+            return real(msg, **kwargs)
+
+        monkeypatch.setattr(control, "encode", garbled)
+        with pytest.raises(EnvelopeError):
+            await client.snapshot()
+        monkeypatch.setattr(control, "encode", real)
+        assert await client.snapshot() == ()  # a new connection, not the one the server closed
