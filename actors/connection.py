@@ -124,6 +124,7 @@ class _PathFacts:
     device: str | None
     rtt: float | None = None
     validated_at: float | None = None
+    asymmetric: bool = False  # the latest validation came back on another path
     #: Switched away from, while the switch may still roll back to it: evidence (ICMP, lost
     #: keep-alives) is recorded but the path is not failed until that is settled (a rollback
     #: makes it active again, which a failed path cannot become).
@@ -340,7 +341,14 @@ class ConnectionActor(Actor):
             local=self.cell.view.local,
             paths=tuple(
                 PathView(
-                    pid, f.local, f.machine.state, f.rtt, f.validated_at, f.device, f.requested
+                    pid,
+                    f.local,
+                    f.machine.state,
+                    f.rtt,
+                    f.validated_at,
+                    f.device,
+                    f.requested,
+                    f.asymmetric,
                 )
                 for pid, f in sorted(self._paths.items())
                 if f.machine.state is not PathState.CLOSED
@@ -406,6 +414,9 @@ class ConnectionActor(Actor):
         for response in quic.take_path_responses():
             facts = self._paths.get(response.path_id)
             if facts is not None:
+                if facts.asymmetric != response.asymmetric:
+                    facts.asymmetric = response.asymmetric
+                    self._publish_soon()
                 facts.actor.path_response(response.rtt)
         if quic.handshake_confirmed and not self._confirmed.is_set():
             self._confirmed.set()
@@ -749,7 +760,13 @@ class ConnectionActor(Actor):
             # A replenishment may be in flight (we retired a CID): wait one RTT for it.
             rtt = self.quic.smoothed_rtt or self.quic.probe_timeout()
             if not await self._wait_until(lambda: self.quic.spare_peer_cids > 0, rtt):
-                raise NoConnectionIdError(_fmt(facts.local))
+                held = sum(1 for cid in self.quic.path_cids().values() if cid is not None)
+                raise NoConnectionIdError(
+                    _fmt(facts.local),
+                    spare=self.quic.spare_peer_cids,
+                    in_use=held,
+                    pending_retires=self.quic.pending_retires,
+                )
             self.quic.reserve_peer_cid(msg.path_id)
         if msg.nudge and self.quic.ack_now(_now()):
             self._flush()
@@ -771,7 +788,7 @@ class ConnectionActor(Actor):
             )
             raise
         assert isinstance(rtt, float)
-        return ProbeReport(path_id, rtt, _ns(path.stats.probe_try_times))
+        return ProbeReport(path_id, rtt, _ns(path.stats.probe_try_times), facts.asymmetric)
 
     async def _switch(self, msg: Switch) -> Switched:
         """Make ``msg.path_id`` active; confirmed by the peer within 3 x PTO or rolled back.

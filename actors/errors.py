@@ -201,11 +201,28 @@ class NoConnectionIdError(MigrationError):
     """Raised by ``Path.probe()`` when the peer has issued no spare connection ID for this
     path and none arrived within about one RTT (RFC 9000 section 9.5: one CID per path)."""
 
-    def __init__(self, local_addr: object | None = None) -> None:
+    def __init__(
+        self,
+        local_addr: object | None = None,
+        *,
+        spare: int = 0,
+        in_use: int | None = None,
+        pending_retires: int | None = None,
+    ) -> None:
         self.local_addr = local_addr
+        self.spare = spare
+        self.in_use = in_use
+        self.pending_retires = pending_retires
+        figures = f" ({spare} spare"
+        if in_use is not None:
+            figures += f", {in_use} held by paths"
+        if pending_retires:
+            figures += f", {pending_retires} retired and not yet replaced"
+        figures += ")"
         super().__init__(
-            f"no spare connection ID from the peer for {_path(local_addr)}: close a path you "
-            "no longer need (its ID is retired and the peer issues a new one), then probe again"
+            f"no spare connection ID from the peer for {_path(local_addr)}{figures}: close a "
+            "path you no longer need (its ID is retired and the peer issues a new one), then "
+            "probe again"
         )
 
 

@@ -111,6 +111,8 @@ class ProbeReport:
     path_id: int
     rtt: float | None
     try_times_ns: tuple[int, ...] = ()
+    #: The response arrived on another path than the probed one (RFC 9000 §8.2.3).
+    asymmetric: bool = False
 
 
 @message("conn.Switched")

@@ -158,11 +158,16 @@ class PathAddr(tuple):
 
 @dataclass(frozen=True, slots=True)
 class PathResponse:
-    """A PATH_RESPONSE that answered one of our challenges on the socket it was sent from."""
+    """A PATH_RESPONSE that answered one of our challenges (RFC 9000 §8.2.3: on any path).
+
+    ``asymmetric``: it arrived on another socket than the probed one (msquic answers on its
+    active path), so ``rtt`` crossed two paths and nothing proves the return direction of
+    the probed path yet: the switch confirmation does that."""
 
     path_id: int
     rtt: float
     time: float
+    asymmetric: bool = False
 
 
 @dataclass(slots=True)
@@ -293,7 +298,7 @@ class MigratingQuicConnection(QuicConnection):
         self.peer_disabled_active_migration = False
         self._challenge_sent_at: dict[bytes, tuple[int, float]] = {}
         self._path_responses: list[PathResponse] = []
-        self._misrouted_responses = 0
+        self._asymmetric_responses = 0
         # Last time a non-probing packet arrived on each path: the proof the peer uses a path.
         self._last_non_probing_rx: dict[int, float] = {}
         # Last time any authenticated packet arrived on each path (liveness of the active path).
@@ -339,19 +344,28 @@ class MigratingQuicConnection(QuicConnection):
             return
         path_id, sent_at = sent
         arrived_on = getattr(context.network_path.addr, "path_id", None)
-        if arrived_on != path_id:
-            # Proof of reachability is a response on the probed socket itself.
-            self._misrouted_responses += 1
-            return
+        try:
+            probed = self._path(path_id)
+        except KeyError:
+            return  # the probed path was closed meanwhile
+        # RFC 9000 §8.2.2/§9.3.3: the initiator MUST NOT require the response on the probed
+        # path; §8.2.3: a matching response on any path validates the path probed.
+        asymmetric = arrived_on != path_id
+        if asymmetric:
+            self._asymmetric_responses += 1
         del self._challenge_sent_at[data]
-        network_path = context.network_path
-        network_path.is_validated = True
-        network_path.local_challenges.clear()
+        probed.is_validated = True
+        probed.local_challenges.clear()
         for challenge in [c for c, (pid, _) in self._challenge_sent_at.items() if pid == path_id]:
             del self._challenge_sent_at[challenge]
         # Deliberately no auto-migration here (aioquic migrates to validated reserved paths).
         self._path_responses.append(
-            PathResponse(path_id=path_id, rtt=max(context.time - sent_at, 0.0), time=context.time)
+            PathResponse(
+                path_id=path_id,
+                rtt=max(context.time - sent_at, 0.0),
+                time=context.time,
+                asymmetric=asymmetric,
+            )
         )
 
     def _send_probing_frames(
@@ -518,8 +532,9 @@ class MigratingQuicConnection(QuicConnection):
         return float(self._loss._rtt_smoothed) if self._loss._rtt_initialized else None
 
     @property
-    def misrouted_responses(self) -> int:
-        return self._misrouted_responses
+    def asymmetric_responses(self) -> int:
+        """Responses that validated a path from another path's socket (RFC 9000 §8.2.3)."""
+        return self._asymmetric_responses
 
     def probe_timeout(self) -> float:
         return float(self._loss.get_probe_timeout())

@@ -37,6 +37,9 @@ class PathView:
     device: str | None = None
     #: The (ip, port) asked for when it was added (port 0: any); add_path's duplicate check.
     requested: Addr | None = None
+    #: Its latest validation came back on another path (RFC 9000 §8.2.3): its RTT crossed
+    #: two paths and only a switch confirmation proves its return direction.
+    asymmetric: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,12 @@ from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
 from supervisor.failover import FailoverController
 from supervisor.handles import Connection
-from supervisor.messages import ConnectionSnapshot, DialRequest
+from supervisor.messages import (
+    ConnectionSnapshot,
+    DialRequest,
+    MigrationStats,
+    StatsRequest,
+)
 from supervisor.policy import PolicyPort
 from supervisor.registry import ConnectionEntry, snapshot_of
 from supervisor.server import Listener
@@ -310,6 +315,12 @@ class Supervisor:
         await listener.start(addr, config)
         self._listeners.append(listener)
         return listener
+
+    async def migration_stats(self) -> MigrationStats:
+        """How this supervisor's migrations ended (completed, failed by outcome, rate)."""
+        stats = await self.ask(StatsRequest())
+        assert isinstance(stats, MigrationStats)
+        return stats
 
     def connections(self) -> list[ConnectionSnapshot]:
         """The open outbound connections."""

@@ -79,6 +79,13 @@ def add_ctl_commands(subparsers: Any) -> None:
     paths.add_argument("--json", action="store_true", help="print JSON instead of a table")
     paths.set_defaults(_ctl_run=_paths)
 
+    stats = sub.add_parser(
+        "stats", help="how the supervisor's migrations ended: success rate and outcomes"
+    )
+    _socket_flag(stats, suppress=True)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    stats.set_defaults(_ctl_run=_stats)
+
     drain = sub.add_parser(
         "drain",
         help="move every connection off a local address or interface",
@@ -164,6 +171,21 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return str(n)
+
+
+async def _stats(args: argparse.Namespace, client: ControlClient) -> int:
+    stats = await client.migration_stats()
+    if args.json:
+        _json(
+            {
+                "completed": stats.completed,
+                "failed": stats.failed,
+                "success_rate": stats.success_rate,
+            }
+        )
+    else:
+        print(stats.summary())
+    return 0
 
 
 async def _paths(args: argparse.Namespace, client: ControlClient) -> int:

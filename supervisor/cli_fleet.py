@@ -119,6 +119,7 @@ async def _ls(args: argparse.Namespace) -> int:
     for sup in fleet.list_supervisors():
         try:
             info = await sup.info()
+            stats = (await sup.metrics()).migration_stats
             rows.append(
                 {
                     "label": sup.label,
@@ -127,12 +128,20 @@ async def _ls(args: argparse.Namespace) -> int:
                     "pid": info.pid,
                     "connections": info.connections,
                     "restored": len(info.restored),
+                    "migrations": stats.ended,
+                    "success_rate": stats.success_rate,
+                    "failed": stats.failed,
                 }
             )
         except Exception as exc:
             rows.append({"label": sup.label, "error": str(exc)})
     lines = [
         f"{r['label'][:16]:16}  {r.get('host', '-'):20}  conns={r.get('connections', '-')}"
+        + (
+            f"  migrations={r['migrations']} ok={r['success_rate']:.0%}"
+            if r.get("success_rate") is not None
+            else ""
+        )
         + (f"  ERROR {r['error']}" if "error" in r else "")
         for r in rows
     ] or [f"no agents in namespace {args.namespace!r}"]

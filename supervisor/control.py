@@ -42,10 +42,12 @@ from supervisor.messages import (
     AddPathRequest,
     ClosePathRequest,
     ConnectionSnapshot,
+    MigrationStats,
     PathAddedReply,
     PathSnapshot,
     ProbeRequest,
     SnapshotRequest,
+    StatsRequest,
     SwitchRequest,
     snapshot_of,
 )
@@ -99,7 +101,14 @@ class Snapshots:
     conns: tuple[ConnectionSnapshot, ...] = ()
 
 
-_FORWARDED = (SnapshotRequest, SwitchRequest, ProbeRequest, ClosePathRequest, AddPathRequest)
+_FORWARDED = (
+    SnapshotRequest,
+    SwitchRequest,
+    ProbeRequest,
+    ClosePathRequest,
+    AddPathRequest,
+    StatsRequest,
+)
 
 
 class FrameError(ValueError):
@@ -443,6 +452,12 @@ class ControlClient:
         if isinstance(body, Snapshots):
             return body.conns
         return body
+
+    async def migration_stats(self) -> MigrationStats:
+        """How the supervisor's migrations ended (see ``Supervisor.migration_stats``)."""
+        reply = await self.request(StatsRequest())
+        assert isinstance(reply, MigrationStats)
+        return reply
 
     async def snapshot(self) -> tuple[ConnectionSnapshot, ...]:
         """Every outbound connection of the supervisor with its paths."""

@@ -24,6 +24,7 @@ from actors.path_state import PathState
 
 __all__ = [
     "EVENT_TYPES",
+    "OUTCOMES",
     "Event",
     "EventBus",
     "EvtConnectionMigrationCompleted",
@@ -32,6 +33,7 @@ __all__ = [
     "EvtPathAdded",
     "EvtPathRemoved",
     "EvtPathStateChanged",
+    "MigrationOutcome",
     "MigrationReason",
     "Subscription",
 ]
@@ -40,6 +42,21 @@ log = logging.getLogger(__name__)
 
 MigrationReason = Literal["manual", "failover", "drain"]
 _REASONS: Final = frozenset(get_args(MigrationReason))
+
+#: How a migration that did not complete ended: exactly one per failed migration (DESIGN
+#: section 3), on the Failed event, the ``quic.migration`` span (``quic.migration.outcome``)
+#: and the ``quic.migrations`` metric. ``rejected``: refused before anything was sent (the
+#: target was not validated, or closed meanwhile).
+MigrationOutcome = Literal[
+    "probe_timeout",
+    "no_connection_id",
+    "peer_disabled",
+    "rolled_back",
+    "cancelled",
+    "connection_closed",
+    "rejected",
+]
+OUTCOMES: Final = frozenset(get_args(MigrationOutcome))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,17 +106,21 @@ class EvtConnectionMigrationCompleted(Event):
 @message("event.EvtConnectionMigrationFailed")
 @dataclass(frozen=True, slots=True)
 class EvtConnectionMigrationFailed(Event):
-    """The switch did not complete. ``connection_closed`` says whether the connection is gone;
-    otherwise it is back on ``from_local_addr``."""
+    """The switch did not complete. ``outcome`` says how (one of :data:`OUTCOMES`);
+    ``connection_closed`` whether the connection is gone; otherwise it is back on
+    ``from_local_addr``."""
 
     from_local_addr: Multiaddr
     to_local_addr: Multiaddr
     reason: MigrationReason
     error: str
     connection_closed: bool
+    outcome: MigrationOutcome = "rolled_back"
 
     def __post_init__(self) -> None:
         _check_reason(self.reason)
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, got {self.outcome!r}")
 
 
 @message("event.EvtPathAdded")

@@ -85,6 +85,7 @@ class FailoverController:
                     "failover",
                     "no usable path before the connection ended (idle timeout)",
                     True,
+                    "connection_closed",
                 )
             )
 

@@ -65,6 +65,10 @@ class PathInfo:
     active: bool
     rtt: float | None  # seconds; None before any successful probe
     state: PathState
+    #: Validated by a PATH_RESPONSE that came back on another path (RFC 9000 §8.2.3, e.g.
+    #: msquic answers on its active path): ``rtt`` crossed two paths, and only ``switch()``
+    #: (its confirmation) proves this path's return direction.
+    asymmetric: bool = False
 
 
 def _info(snap: PathSnapshot) -> PathInfo:
@@ -74,6 +78,7 @@ def _info(snap: PathSnapshot) -> PathInfo:
         active=snap.active,
         rtt=snap.rtt,
         state=snap.state,
+        asymmetric=snap.asymmetric,
     )
 
 
@@ -209,6 +214,11 @@ class MigratableConn:
                 if p.path_id == path_id:
                     path._last = p
         return path
+
+    def spare_connection_ids(self) -> int:
+        """Peer connection IDs left for new paths (the CID budget: each path uses its own,
+        RFC 9000 §9.5; a closed path's ID is retired and the peer issues a replacement)."""
+        return self._conn._snapshot().spare_connection_ids
 
     def active_path(self) -> PathInfo:
         for p in self._conn._snapshot().paths:

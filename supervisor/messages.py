@@ -6,7 +6,7 @@ boundary (the Ray backend swaps the transport, not the messages).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actors.envelope import message
 from actors.path_state import PathState
@@ -89,6 +89,7 @@ class PathSnapshot:
     bytes_sent: int = 0
     bytes_received: int = 0
     device: str | None = None  # interface the socket is bound to (SO_BINDTODEVICE), if any
+    asymmetric: bool = False  # validated by a response that came back on another path
 
 
 @message("sup.ConnectionSnapshot")
@@ -102,6 +103,8 @@ class ConnectionSnapshot:
     closed: bool
     paths: tuple[PathSnapshot, ...] = ()
     migrations: int = 0
+    #: Peer CIDs left for new paths (each path needs its own: RFC 9000 §9.5).
+    spare_connection_ids: int = 0
 
 
 @message("sup.PathAdded")
@@ -137,6 +140,41 @@ class SwitchReply:
 
     result: SwitchResult
     snapshot: ConnectionSnapshot
+
+
+@message("sup.Stats")
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Ask for the supervisor's migration outcomes since it started."""
+
+
+@message("sup.MigrationStats")
+@dataclass(frozen=True, slots=True)
+class MigrationStats:
+    """How this supervisor's migrations ended: completed, and failed by outcome
+    (``supervisor.events.OUTCOMES``). ``success_rate`` is completed over all that ended
+    (None before the first); cancelled ones count as ended, not as failures of the path."""
+
+    completed: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> int:
+        return self.completed + sum(self.failed.values())
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.completed / self.ended if self.ended else None
+
+    def summary(self) -> str:
+        """One line for people: ``12 migrations, 11 completed (91.7 %); rolled_back 1``."""
+        if not self.ended:
+            return "no migrations yet"
+        rate = self.success_rate or 0.0
+        text = f"{self.ended} migrations, {self.completed} completed ({rate:.1%})"
+        if self.failed:
+            text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items()))
+        return text
 
 
 def snapshot_of(reply: object) -> ConnectionSnapshot:

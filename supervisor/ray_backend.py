@@ -52,9 +52,11 @@ from supervisor.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
     DialRequest,
+    MigrationStats,
     PathAddedReply,
     ProbeRequest,
     SnapshotRequest,
+    StatsRequest,
     SwitchReply,
     SwitchRequest,
 )
@@ -351,6 +353,8 @@ class AgentMetrics:
     probe_failures: dict[str, int] = field(default_factory=dict)  # error type -> n
     probe_rtt: RttSummary = field(default_factory=RttSummary)
     paths: tuple[PathMetrics, ...] = ()  # every path of every connection, bytes per path
+    #: How this incarnation's migrations ended: completed, failed by outcome, success rate.
+    migration_stats: MigrationStats = field(default_factory=MigrationStats)
 
 
 # -- errors over the wire ------------------------------------------------------------------------
@@ -1007,6 +1011,8 @@ class SupervisorAgent:
                     )
                 )
         counters = _read_counters(self._reader)
+        stats = await self.sup.ask(StatsRequest())
+        assert isinstance(stats, MigrationStats)
         return AgentMetrics(
             label=self.label,
             since=self.started,
@@ -1017,6 +1023,7 @@ class SupervisorAgent:
             probe_failures=counters.probe_failures,
             probe_rtt=counters.probe_rtt,
             paths=tuple(paths),
+            migration_stats=stats,
         )
 
     # ------------------------------------------------------------------ diagnostics

@@ -71,6 +71,7 @@ def snapshot_of(entry: ConnectionEntry, migration_enabled: bool) -> ConnectionSn
                 bytes_sent=sample.bytes_sent if sample is not None else 0,
                 bytes_received=sample.bytes_received if sample is not None else 0,
                 device=p.device,
+                asymmetric=p.asymmetric,
             )
         )
     return ConnectionSnapshot(
@@ -84,4 +85,5 @@ def snapshot_of(entry: ConnectionEntry, migration_enabled: bool) -> ConnectionSn
         closed=view.closed,
         paths=tuple(paths),
         migrations=view.migrations,
+        spare_connection_ids=view.spare_peer_cids,
     )

@@ -34,9 +34,11 @@ from actors.errors import (
     MigrationNotEnabledError,
     MigrationNotSupportedError,
     MigrationRolledBackError,
+    NoConnectionIdError,
     PathAlreadyExistsError,
     PathClosedError,
     PathLimitError,
+    ProbeTimeoutError,
 )
 from actors.factory import MAX_PATHS, ConnectionOptions, new_connection
 from actors.messages import (
@@ -73,6 +75,7 @@ from supervisor.events import (
     EvtPathAdded,
     EvtPathRemoved,
     EvtPathStateChanged,
+    MigrationOutcome,
     MigrationReason,
 )
 from supervisor.messages import (
@@ -81,9 +84,11 @@ from supervisor.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
     DialRequest,
+    MigrationStats,
     PathAddedReply,
     ProbeRequest,
     SnapshotRequest,
+    StatsRequest,
     SwitchReply,
     SwitchRequest,
     SwitchResult,
@@ -99,6 +104,7 @@ from telemetry.tracing import (
     ATTR_CID_SEQUENCE_AFTER,
     ATTR_CID_SEQUENCE_BEFORE,
     ATTR_CONNECTION_ID,
+    ATTR_MIGRATION_OUTCOME,
     ATTR_PATH_CLOSE_REMOVED,
     ATTR_PATH_LOCAL_ADDRESS,
     ATTR_PATH_TO_LOCAL_ADDRESS,
@@ -106,10 +112,13 @@ from telemetry.tracing import (
     ATTR_PROBE_TRIES,
     ATTR_SWITCH_CONFIRMATION_MS,
     ATTR_SWITCH_ROLLED_BACK,
+    ATTR_VALIDATION_ASYMMETRIC,
     EVENT_PATH_ADDED,
     EVENT_PATH_REMOVED,
     EVENT_PATH_STATE_CHANGED,
     EVENT_PROBE_TRY,
+    RESULT_CANCELLED,
+    RESULT_FAILED,
     RESULT_ROLLED_BACK,
     SPAN_PATH_CLOSE,
     SPAN_PATH_PROBE,
@@ -128,6 +137,23 @@ class _Changed:
 
     conn_id: str
     changes: tuple[PathChange, ...]
+
+
+def outcome_of(exc: BaseException, *, closed: bool) -> MigrationOutcome:
+    """The one outcome of a migration that ended with ``exc`` (DESIGN section 3)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if closed or isinstance(exc, ConnectionClosedError):
+        return "connection_closed"
+    if isinstance(exc, MigrationRolledBackError):
+        return "rolled_back"
+    if isinstance(exc, ProbeTimeoutError):
+        return "probe_timeout"
+    if isinstance(exc, NoConnectionIdError):
+        return "no_connection_id"
+    if isinstance(exc, MigrationNotSupportedError):
+        return "peer_disabled"
+    return "rejected"
 
 
 class SupervisorActor(Actor):
@@ -163,6 +189,8 @@ class SupervisorActor(Actor):
         self._op_tags = itertools.count(1)
         self._op_spans: dict[int, Span] = {}
         self._socket_keys = itertools.count(1 << 30)
+        self._completed = 0
+        self._failed: dict[str, int] = {}  # outcome -> migrations that ended so
         self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
 
     async def on_start(self) -> None:
@@ -296,6 +324,8 @@ class SupervisorActor(Actor):
             return Later(self.spawn(self._close_path(msg, parent), name="close-path"))
         if isinstance(msg, CloseConnectionRequest):
             return Later(self.spawn(self._close(msg), name="close"))
+        if isinstance(msg, StatsRequest):
+            return MigrationStats(self._completed, dict(self._failed))
         if isinstance(msg, SnapshotRequest):
             if msg.conn_id is None:  # the open ones (a closed one is forgotten once stopped)
                 return tuple(
@@ -509,6 +539,7 @@ class SupervisorActor(Actor):
             span.add_event(EVENT_PROBE_TRY, {"quic.probe.try": n}, timestamp=sent)
         if report.rtt is not None:
             span.set_attribute(ATTR_PROBE_RTT_MS, report.rtt * 1000)
+            span.set_attribute(ATTR_VALIDATION_ASYMMETRIC, report.asymmetric)
             self.metrics.probe_rtt(report.rtt)
 
     def _reprobe_span(
@@ -580,7 +611,6 @@ class SupervisorActor(Actor):
                             self._reprobe_span(entry, report, time.time_ns(), exc)
                         if isinstance(exc, MigrationRolledBackError):
                             switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
-                            set_result(span, RESULT_ROLLED_BACK)
                             self.metrics.rollback(reason)
                         raise
                     assert isinstance(done, Switched)
@@ -603,13 +633,16 @@ class SupervisorActor(Actor):
                     switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, False)
             except BaseException as exc:
                 error = str(exc) or type(exc).__name__
-                outcome = "failed"
                 if isinstance(exc, asyncio.CancelledError):
                     error = "cancelled by the caller (rolled back)"
-                    outcome = "cancelled"
-                elif isinstance(exc, MigrationRolledBackError):
-                    outcome = "rolled_back"
-                self.metrics.migration(reason, outcome)
+                outcome = outcome_of(exc, closed=entry.view.closed)
+                ended = {"cancelled": RESULT_CANCELLED, "rolled_back": RESULT_ROLLED_BACK}.get(
+                    outcome, RESULT_FAILED
+                )
+                set_result(span, ended)
+                span.set_attribute(ATTR_MIGRATION_OUTCOME, outcome)
+                self.metrics.migration(reason, ended, outcome)
+                self._failed[outcome] = self._failed.get(outcome, 0) + 1
                 self.emit(
                     EvtConnectionMigrationFailed(
                         req.conn_id,
@@ -620,11 +653,13 @@ class SupervisorActor(Actor):
                         reason,
                         error,
                         entry.view.closed,
+                        outcome,
                     )
                 )
                 raise
             from_addr = local_addr_of(entry, done.from_path)
             self.metrics.migration(reason, "completed")
+            self._completed += 1
             self.metrics.active_path_change(reason)
             self.emit(
                 EvtConnectionMigrationCompleted(
@@ -636,6 +671,10 @@ class SupervisorActor(Actor):
                     reason,
                     done.probe_rtt,
                 )
+            )
+            target = entry.view.path(req.path_id)
+            span.set_attribute(
+                ATTR_VALIDATION_ASYMMETRIC, bool(target is not None and target.asymmetric)
             )
             trace_id = span.get_span_context().trace_id
         result = SwitchResult(

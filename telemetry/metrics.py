@@ -35,6 +35,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.util.types import AttributeValue
 
 from telemetry.tracing import (
+    ATTR_MIGRATION_OUTCOME,
     ATTR_MIGRATION_REASON,
     ATTR_MIGRATION_RESULT,
     INSTRUMENTATION_NAME,
@@ -51,6 +52,19 @@ ATTR_ERROR_TYPE = "error.type"
 
 OTHER = "other"
 REASONS = frozenset({"manual", "failover", "drain"})
+#: supervisor.events.OUTCOMES (telemetry imports nothing of ours: the same names, kept equal
+#: by tests/test_telemetry_metrics.py).
+OUTCOMES = frozenset(
+    {
+        "probe_timeout",
+        "no_connection_id",
+        "peer_disabled",
+        "rolled_back",
+        "cancelled",
+        "connection_closed",
+        "rejected",
+    }
+)
 PATH_STATES = frozenset({"new", "validating", "standby", "active", "degraded", "failed", "closed"})
 PROBE_ERRORS = frozenset({"timeout", "unreachable", "no_cid", "cancelled"})
 _DIRECTIONS = {
@@ -182,14 +196,15 @@ class Metrics:
             description="Lowest number of spare peer connection IDs over live connections.",
         )
 
-    def migration(self, reason: str, result: str) -> None:
-        self._migrations.add(
-            1,
-            {
-                ATTR_MIGRATION_REASON: _clamp(reason, REASONS),
-                ATTR_MIGRATION_RESULT: _clamp(result, MIGRATION_RESULTS),
-            },
-        )
+    def migration(self, reason: str, result: str, outcome: str | None = None) -> None:
+        """One finished migration; ``outcome`` (the finer taxonomy) for the failed ones."""
+        attrs = {
+            ATTR_MIGRATION_REASON: _clamp(reason, REASONS),
+            ATTR_MIGRATION_RESULT: _clamp(result, MIGRATION_RESULTS),
+        }
+        if outcome is not None:
+            attrs[ATTR_MIGRATION_OUTCOME] = _clamp(outcome, OUTCOMES)
+        self._migrations.add(1, attrs)
 
     def probe_rtt(self, seconds: float) -> None:
         self._probe_rtt.record(seconds)

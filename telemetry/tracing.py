@@ -67,6 +67,8 @@ NETWORK_TRANSPORT_QUIC = "quic"
 ATTR_CONNECTION_ID = "quic.connection.id"
 ATTR_MIGRATION_REASON = "quic.migration.reason"  # manual | failover | drain
 ATTR_MIGRATION_RESULT = "quic.migration.result"
+#: The finer taxonomy of a migration that did not complete (supervisor.events.OUTCOMES).
+ATTR_MIGRATION_OUTCOME = "quic.migration.outcome"
 ATTR_PATH_FROM_LOCAL_ADDRESS = "quic.path.from.local_address"
 ATTR_PATH_TO_LOCAL_ADDRESS = "quic.path.to.local_address"
 ATTR_CID_SEQUENCE_BEFORE = "quic.cid.sequence.before"
@@ -74,6 +76,8 @@ ATTR_CID_SEQUENCE_AFTER = "quic.cid.sequence.after"
 ATTR_SWITCH_CONFIRMATION_MS = "quic.switch.confirmation_ms"
 ATTR_SWITCH_ROLLED_BACK = "quic.switch.rolled_back"
 ATTR_PROBE_RTT_MS = "quic.probe.rtt_ms"
+#: The PATH_RESPONSE came back on another path than the probed one (RFC 9000 §8.2.3).
+ATTR_VALIDATION_ASYMMETRIC = "quic.path.validation.asymmetric"
 ATTR_PROBE_TRIES = "quic.probe.tries"
 ATTR_PATH_LOCAL_ADDRESS = "quic.path.local_address"  # quic.path.close and path events
 ATTR_PATH_CLOSE_REMOVED = "quic.path.close.removed"  # False: it was closed already

@@ -227,15 +227,20 @@ async def test_no_spare_connection_id(sup: Supervisor, echo: RigServer) -> None:
     server_quic._replenish_connection_ids = lambda: None
     mc = conn.as_migratable()
     await echo_roundtrip(conn)
+    assert mc.spare_connection_ids() == quic.spare_peer_cids == 7
     while quic.spare_peer_cids:
         path = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
         await path.probe()
+        assert mc.spare_connection_ids() == quic.spare_peer_cids  # read-your-writes
         await path.close()
+    assert mc.spare_connection_ids() == 0
     last = await mc.add_path("/ip4/127.0.0.3/udp/0/quic-v1")
     async with unchanged(conn, echo):
         with pytest.raises(NoConnectionIdError) as err:
             await last.probe(timeout=5)
     assert "127.0.0.3" in str(err.value)
+    assert err.value.spare == 0 and err.value.in_use == 1  # the handshake path's
+    assert "0 spare, 1 held by paths" in str(err.value)
     assert last.info().state is PathState.NEW
     await last.close()
 

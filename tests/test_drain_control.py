@@ -492,6 +492,11 @@ def test_serve_and_dial_expose_a_control_socket_for_ctl(
     assert moved.returncode == 0 and "active path /ip4/127.0.0.2/" in moved.stdout, moved.stderr
     drained = ctl("--socket", str(dial_sock), "drain", "--local-addr", "127.0.0.2")
     assert drained.returncode == 0 and "moved 1, failed 0" in drained.stdout, drained.stderr
+    stats = ctl("--socket", str(dial_sock), "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout) == {"completed": 2, "failed": {}, "success_rate": 1.0}
+    line = ctl("--socket", str(dial_sock), "stats")
+    assert "2 migrations, 2 completed (100.0%)" in line.stdout, line.stderr
     assert dial.poll() is None  # still streaming, verified, through all of it
     assert _stop(dial, signal.SIGINT) == 130
     assert not dial_sock.exists()  # removed on the way out

@@ -57,7 +57,7 @@ def test_field_order_and_names() -> None:
     assert names == {
         "EvtConnectionMigrationStarted": started,
         "EvtConnectionMigrationCompleted": [*started, "probe_rtt"],
-        "EvtConnectionMigrationFailed": [*started, "error", "connection_closed"],
+        "EvtConnectionMigrationFailed": [*started, "error", "connection_closed", "outcome"],
         "EvtPathAdded": [*common, "local_addr"],
         "EvtPathRemoved": [*common, "local_addr"],
         "EvtPathStateChanged": [*common, "local_addr", "old", "new"],

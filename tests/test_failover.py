@@ -141,6 +141,8 @@ async def test_no_usable_path_ends_with_connection_closed_and_nothing_leaked(
                 lambda: any(e.connection_closed for e in log.of(EvtConnectionMigrationFailed)),
                 timeout=15,
             )
+            closed = [e for e in log.of(EvtConnectionMigrationFailed) if e.connection_closed]
+            assert {e.outcome for e in closed} == {"connection_closed"}  # type: ignore[attr-defined]
             # Cleanup is done when both paths are reported removed.
             await log.wait_for(lambda: len(log.of(EvtPathRemoved)) == 2, timeout=5)
             await stream.abort()

@@ -307,6 +307,7 @@ async def test_metrics_reflect_a_migration_through_the_handle(
     sup = await _started(fleet, "metrics", persist=False)
     before = await sup.metrics()
     assert before.connections == 0 and before.migrations == {} and before.probe_rtt.count == 0
+    assert before.migration_stats.ended == 0 and before.migration_stats.success_rate is None
 
     conn = await sup.dial(_remote(server), alpn_protocols=["echo"], verify=False)
     path = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
@@ -320,6 +321,7 @@ async def test_metrics_reflect_a_migration_through_the_handle(
     assert m.connections == 1
     assert m.paths_by_state == {"active": 1, "standby": 1}, m.paths_by_state
     assert m.migrations == {"manual": {"completed": 1}}, m.migrations
+    assert m.migration_stats.completed == 1 and m.migration_stats.success_rate == 1.0
     assert m.rollbacks == {} and m.probe_failures == {}
     rtt = m.probe_rtt
     assert rtt.count >= 1 and rtt.min is not None and rtt.max is not None

@@ -107,6 +107,8 @@ class UdpShim:
         self.clients: list[Addr] = []
         self.rules: list[DropRule] = []
         self._relays: dict[Addr, _Relay] = {}
+        #: server->client datagrams for the key are delivered to the value instead.
+        self.redirects: dict[Addr, Addr] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._listen: asyncio.DatagramTransport | None = None
         self._notifier = Notifier()
@@ -137,6 +139,15 @@ class UdpShim:
     ) -> DropRule:
         """Drop server->client datagrams to `client` once `after(stats of client)` holds."""
         return self.add_rule(DropRule("s2c", _norm(client), after_n, when=after))
+
+    def redirect_to(self, client: Addr, instead: Addr) -> None:
+        """From now on, deliver what the server sends to ``client`` to ``instead`` (another
+        client socket): a peer answering on the wrong path, as msquic does (it sends its
+        PATH_RESPONSE on its active path). ``clear_redirect`` undoes it."""
+        self.redirects[normalize_addr(client)] = normalize_addr(instead)
+
+    def clear_redirect(self, client: Addr) -> None:
+        self.redirects.pop(normalize_addr(client), None)
 
     # ---- observation ------------------------------------------------------------------------
 
@@ -183,7 +194,9 @@ class UdpShim:
             stats.dropped_s2c += 1
         else:
             stats.forwarded_s2c += 1
-            self._listen.sendto(data, self._relays[client].client_raw)
+            target = self.redirects.get(client)
+            dest = self._relays[client].client_raw if target is None else target
+            self._listen.sendto(data, dest)
         self._notifier.changed()
 
     def _new_relay(self, client: Addr, raw: Any) -> _Relay:
