@@ -57,6 +57,7 @@ from actors.messages import (
     Connect,
     ConnectionEnded,
     EmitChallenge,
+    PreferredAddressOffered,
     Probe,
     ProbeReport,
     StartProbe,
@@ -122,6 +123,7 @@ class _PathFacts:
     #: The ``(ip, port)`` asked for (port 0: any), for add_path's duplicate check.
     requested: tuple[str, int]
     device: str | None
+    remote: tuple[Any, ...]  # the server address this path sends to
     rtt: float | None = None
     validated_at: float | None = None
     asymmetric: bool = False  # the latest validation came back on another path
@@ -150,7 +152,10 @@ class ConnectionActor(Actor):
         last one), synchronously; ``notify`` carries ConnectionEnded and ActivePathDead to the
         supervisor's mailbox."""
         self.conn_id = conn_id
+        #: Where new paths send: the dialled address, or the server's preferred one once the
+        #: connection moved there.
         self.remote = remote
+        self._dialled = remote
         self.options = options or ConnectionOptions()
         # A stream's first window must not exceed its buffer either (see StreamCredit).
         configuration.max_stream_data = min(
@@ -219,12 +224,17 @@ class ConnectionActor(Actor):
             keylog.close()  # SSLKEYLOGFILE, opened for this connection
 
     def _start_path(
-        self, path_id: int, sock: socket.socket, requested: tuple[str, int] | None
+        self,
+        path_id: int,
+        sock: socket.socket,
+        requested: tuple[str, int] | None,
+        remote: tuple[Any, ...] | None = None,
     ) -> None:
+        remote = remote if remote is not None else self.remote
         path = PathActor(
             path_id=path_id,
             sock=sock,
-            remote=self.remote,
+            remote=remote,
             owner=self,
             conn=self.ref,
             schedule=self.options.probe_schedule,
@@ -238,6 +248,7 @@ class ConnectionActor(Actor):
             local=local,
             requested=requested or local,
             device=_bound_device(sock),
+            remote=remote,
         )
         self._pending.append(PathChange(path_id, local, None, PathState.NEW, self._op))
         self._publish_soon()
@@ -349,6 +360,7 @@ class ConnectionActor(Actor):
                     f.device,
                     f.requested,
                     f.asymmetric,
+                    None if f.remote == self._dialled else _addr(f.remote),
                 )
                 for pid, f in sorted(self._paths.items())
                 if f.machine.state is not PathState.CLOSED
@@ -360,6 +372,7 @@ class ConnectionActor(Actor):
             closed=self.closed,
             close_reason=self.close_reason,
             alpn=self.alpn,
+            preferred_address=quic.preferred_address,
             version=self._version,
         )
         changes = tuple(self._pending)
@@ -682,6 +695,9 @@ class ConnectionActor(Actor):
             self._paths[0].validated_at = self._loop.time()
             self._move(0, PathState.ACTIVE)
             self._publish()
+            offer = self.quic.preferred_address
+            if offer is not None:
+                self._notify(PreferredAddressOffered(self.conn_id, offer))
             return
         if self.closed:
             raise HandshakeError(_fmt(self.remote), self.close_reason or "connection closed")
@@ -698,9 +714,17 @@ class ConnectionActor(Actor):
         try:
             self.check_open()
             self._require_migratable()
+            remote = self.remote
+            if msg.preferred:
+                offer = self.quic.preferred_address
+                if offer is None:
+                    raise MigrationNotSupportedError("no preferred address", conn_id=self.conn_id)
+                remote = offer if len(self.remote) == 2 else (*offer, 0, 0)
             bound = _addr(sock.getsockname())
             asked = msg.requested or bound
             for facts in self._live_paths():
+                if _addr(facts.remote) != _addr(remote):
+                    continue  # another 4-tuple whatever the local address
                 same_port = asked[1] == facts.local[1] or (
                     asked[1] == 0 and facts.requested[1] == 0
                 )
@@ -709,11 +733,11 @@ class ConnectionActor(Actor):
             if len(self._live_paths()) >= MAX_PATHS:
                 raise PathLimitError(MAX_PATHS, conn_id=self.conn_id)
             path_id = next(self._path_ids)
-            self.quic.add_path(path_id, self.remote)
+            self.quic.add_path(path_id, remote)
         except BaseException:
             sock.close()
             raise
-        self._start_path(path_id, sock, asked)
+        self._start_path(path_id, sock, asked, remote)
         return path_id
 
     def _live_paths(self) -> list[_PathFacts]:
@@ -855,6 +879,7 @@ class ConnectionActor(Actor):
             )
         self.migrations += 1
         target.validated_at = self._loop.time()
+        self.remote = target.remote  # new paths follow the server where it now is
         if failover:
             # Failed over from: its keep-alives tell when (if) it comes back.
             self._move(active, PathState.FAILED)

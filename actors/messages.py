@@ -38,6 +38,8 @@ class AddPath:
     requested: tuple[str, int] | None = None
     label: str | None = None  # how the caller named it, for PathAlreadyExistsError
     op: int | None = None
+    #: Towards the server's preferred address (RFC 9000 §9.6) instead of the current one.
+    preferred: bool = False
 
 
 @message("conn.Probe")
@@ -143,6 +145,16 @@ class ConnectionEnded:
     error_code: int
     reason: str
     by_peer: bool
+
+
+@message("conn.PreferredAddressOffered")
+@dataclass(frozen=True, slots=True)
+class PreferredAddressOffered:
+    """Told to the supervisor once the handshake completed with a server preferred address
+    (RFC 9000 §9.6); the supervisor's policy decides whether to follow it."""
+
+    conn_id: str
+    address: tuple[str, int]
 
 
 @message("conn.ActivePathDead")

@@ -299,6 +299,8 @@ class MigratingQuicConnection(QuicConnection):
         self._challenge_sent_at: dict[bytes, tuple[int, float]] = {}
         self._path_responses: list[PathResponse] = []
         self._asymmetric_responses = 0
+        #: The server's preferred address (RFC 9000 §9.6) in the dialled family, unfollowed.
+        self.preferred_address: tuple[str, int] | None = None
         # Last time a non-probing packet arrived on each path: the proof the peer uses a path.
         self._last_non_probing_rx: dict[int, float] = {}
         # Last time any authenticated packet arrived on each path (liveness of the active path).
@@ -327,7 +329,13 @@ class MigratingQuicConnection(QuicConnection):
         params: QuicTransportParameters = pull_quic_transport_parameters(Buffer(data=data))
         if not from_session_ticket:
             self.peer_disabled_active_migration = bool(params.disable_active_migration)
-        # aioquic 1.7 would migrate to the server's preferred address by itself; we never do.
+        # aioquic 1.7 would migrate to the server's preferred address by itself; we never do:
+        # the offer is kept (RFC 9000 §9.6) for a policy to follow, or not.
+        offer = self._remote_preferred_address
+        if offer is not None and self._network_paths:
+            v6 = ":" in str(self._network_paths[0].addr[0])
+            raw = offer.ipv6_address if v6 else offer.ipv4_address
+            self.preferred_address = (str(raw[0]), int(raw[1])) if raw is not None else None
         self._remote_preferred_address = None
 
     def _handle_path_response_frame(

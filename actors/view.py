@@ -40,6 +40,9 @@ class PathView:
     #: Its latest validation came back on another path (RFC 9000 §8.2.3): its RTT crossed
     #: two paths and only a switch confirmation proves its return direction.
     asymmetric: bool = False
+    #: The server address this path sends to; None: the connection's (dialled) one. Differs
+    #: for a path to the server's preferred address (RFC 9000 §9.6).
+    remote: Addr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,8 @@ class ConnectionView:
     closed: bool = False
     close_reason: str | None = None
     alpn: str | None = None
+    #: The server's preferred address (RFC 9000 §9.6) as advertised, whether followed or not.
+    preferred_address: Addr | None = None
     #: Grows with every publication: a reader holding two views keeps the newer one.
     version: int = 0
 

@@ -475,3 +475,37 @@ def bind_path_socket(
         )
     check_path_ip(ip, what=what)
     return bind_udp_socket(ip, port, family, device=device)
+
+
+def preferred_address_refusal(offered: str, dialled: str) -> str | None:
+    """Why a server's preferred address (RFC 9000 §9.6) must not be followed, or None.
+
+    RFC 9000 §21.5.3 and §9.6: a server could point clients at a victim. Refused: the
+    unspecified, multicast and broadcast addresses, another IP family, and loopback,
+    link-local or private addresses unless the dialled address is of the same class (a
+    public server cannot send us into our own network)."""
+    try:
+        to = ipaddress.ip_address(offered)
+        came = ipaddress.ip_address(dialled)
+    except ValueError:
+        return "not an IP address"
+    if to.version != came.version:
+        return "another IP family than the dialled address"
+    if to.is_unspecified or to.is_multicast:
+        return "unspecified or multicast"
+    if isinstance(to, ipaddress.IPv4Address) and to == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast"
+    kind, dialled_kind = _address_class(to), _address_class(came)
+    if kind != "global" and kind != dialled_kind:
+        return f"a {kind} address, while the dialled one is {dialled_kind}"
+    return None
+
+
+def _address_class(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_link_local:
+        return "link-local"
+    if addr.is_private:
+        return "private"
+    return "global"

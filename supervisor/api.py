@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
@@ -38,6 +38,7 @@ from supervisor.messages import (
     StatsRequest,
 )
 from supervisor.policy import PolicyPort
+from supervisor.preferred import PreferredAddressMode
 from supervisor.registry import ConnectionEntry, snapshot_of
 from supervisor.server import Listener
 from supervisor.supervisor_actor import SupervisorActor
@@ -70,6 +71,7 @@ class Supervisor:
         journal: str | os.PathLike[str] | None = None,
         qlog_dir: str | os.PathLike[str] | None = None,
         qlog_max_events: int = DEFAULT_QLOG_MAX_EVENTS,
+        preferred_address: str = "ignore",
     ) -> None:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
@@ -85,6 +87,21 @@ class Supervisor:
         if options is not None and not isinstance(options, ConnectionOptions):
             raise TypeError(f"options must be ConnectionOptions or None, not {type(options)}")
         ask_timeout = validate.optional_duration("ask_timeout", ask_timeout)
+        if preferred_address not in ("ignore", "follow"):
+            raise InvalidArgumentError(
+                "preferred_address",
+                preferred_address,
+                'give "ignore" (the default: stay on the dialled address) or "follow" (move to '
+                "the server's preferred address, RFC 9000 §9.6, when it is safe)",
+            )
+        if preferred_address == "follow" and not self.migration_enabled:
+            raise InvalidArgumentError(
+                "preferred_address",
+                preferred_address,
+                "following it is a migration: also pass "
+                "enable_experimental_connection_migration=True",
+            )
+        self._preferred_address = cast(PreferredAddressMode, preferred_address)
         qlog_max_events = validate.count("qlog_max_events", qlog_max_events, minimum=1)
         for name, value in (("journal", journal), ("qlog_dir", qlog_dir)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -153,6 +170,7 @@ class Supervisor:
             journal=self.journal,
             qlog=self.qlog,
             policy=policy,
+            preferred_address=self._preferred_address,
         )
         self._ref = self._runtime.start(actor, name="supervisor")
 

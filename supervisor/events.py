@@ -40,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MigrationReason = Literal["manual", "failover", "drain"]
+MigrationReason = Literal["manual", "failover", "drain", "preferred_address"]
 _REASONS: Final = frozenset(get_args(MigrationReason))
 
 #: How a migration that did not complete ended: exactly one per failed migration (DESIGN

@@ -34,6 +34,9 @@ class AddPathRequest:
     local_addr: str | None = None
     device: str | None = None
     socket_key: int | None = None
+    #: A path to the server's preferred address (RFC 9000 §9.6), from the active path's local
+    #: address: what ``Supervisor(preferred_address="follow")`` sends.
+    preferred_address: bool = False
 
 
 @message("sup.Probe")
@@ -157,6 +160,9 @@ class MigrationStats:
 
     completed: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    #: Server preferred addresses (RFC 9000 §9.6) seen: followed, ignored, refused (unsafe:
+    #: see ``addresses.preferred_address_refusal``) or unreachable (its probe failed).
+    preferred_address: dict[str, int] = field(default_factory=dict)
 
     @property
     def ended(self) -> int:

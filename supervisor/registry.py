@@ -64,7 +64,9 @@ def snapshot_of(entry: ConnectionEntry, migration_enabled: bool) -> ConnectionSn
             PathSnapshot(
                 path_id=p.path_id,
                 local_addr=multiaddr_text(sockaddr_to_multiaddr(p.local)),
-                remote_addr=multiaddr_text(entry.remote),
+                remote_addr=multiaddr_text(
+                    sockaddr_to_multiaddr(p.remote) if p.remote is not None else entry.remote
+                ),
                 active=p.path_id == view.active_path_id,
                 rtt=sample.rtt if sample is not None else p.rtt,
                 state=p.state,

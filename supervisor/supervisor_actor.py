@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -48,6 +49,7 @@ from actors.messages import (
     ClosePath,
     Connect,
     ConnectionEnded,
+    PreferredAddressOffered,
     Probe,
     ProbeReport,
     Switch,
@@ -94,6 +96,7 @@ from supervisor.messages import (
     SwitchResult,
 )
 from supervisor.policy import Policy, PolicyPort, SupervisorPort
+from supervisor.preferred import PreferredAddressMode, PreferredAddressPolicy
 from supervisor.registry import ConnectionEntry, local_addr_of, snapshot_of
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
@@ -170,11 +173,15 @@ class SupervisorActor(Actor):
         journal: JournalWriter | None = None,
         qlog: QlogDirectory | None = None,
         policy: Callable[[PolicyPort], Policy] | None = None,
+        preferred_address: PreferredAddressMode = "ignore",
     ) -> None:
         """``registry`` is shared with the Supervisor front-end, which reads views from it;
         ``policy`` makes the policy (failover) over this actor's port."""
         self._make_policy = policy
         self.policy: Policy | None = None
+        self._preferred_mode = preferred_address
+        self._preferred: PreferredAddressPolicy | None = None
+        self._preferred_counts: dict[str, int] = {}
         self.tracing = tracing or Tracing(None)
         self.metrics = metrics or Metrics(None)
         self.journal = journal
@@ -194,9 +201,16 @@ class SupervisorActor(Actor):
         self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
 
     async def on_start(self) -> None:
+        port = SupervisorPort(self.conns, self.ref, self.emit, self.spawn)
         if self._make_policy is not None:
-            port = SupervisorPort(self.conns, self.ref, self.emit, self.spawn)
             self.policy = self._make_policy(port)
+        self._preferred = PreferredAddressPolicy(
+            port, self._preferred_mode, self._count_preferred
+        )
+
+    def _count_preferred(self, what: str) -> None:
+        self._preferred_counts[what] = self._preferred_counts.get(what, 0) + 1
+        self.metrics.preferred_address(what)
 
     # ------------------------------------------------------------------ events and spans
 
@@ -325,7 +339,13 @@ class SupervisorActor(Actor):
         if isinstance(msg, CloseConnectionRequest):
             return Later(self.spawn(self._close(msg), name="close"))
         if isinstance(msg, StatsRequest):
-            return MigrationStats(self._completed, dict(self._failed))
+            return MigrationStats(
+                self._completed, dict(self._failed), dict(self._preferred_counts)
+            )
+        if isinstance(msg, PreferredAddressOffered):
+            if self._preferred is not None:
+                self._preferred.on_offer(msg.conn_id, msg.address)
+            return None
         if isinstance(msg, SnapshotRequest):
             if msg.conn_id is None:  # the open ones (a closed one is forgotten once stopped)
                 return tuple(
@@ -462,6 +482,14 @@ class SupervisorActor(Actor):
 
     async def _add_path(self, req: AddPathRequest) -> PathAddedReply:
         # Argument errors first (DESIGN §3), then state errors in the contract's order.
+        if req.preferred_address:
+            # From the active path's local address, to the server's preferred one: another
+            # 4-tuple, so no duplicate of any path (the connection checks per remote).
+            active = self._entry(req.conn_id).view.active
+            if active is None:
+                raise ConnectionClosedError(req.conn_id)
+            local = multiaddr_text(sockaddr_to_multiaddr((active.local[0], 0)))
+            req = dataclasses.replace(req, local_addr=local, device=None, socket_key=None)
         try:
             if req.local_addr is None and req.device is None and req.socket_key is None:
                 raise ValueError("add_path needs a local address, a device or a socket (sock=)")
@@ -484,7 +512,7 @@ class SupervisorActor(Actor):
                     check_local_address(ip, fam)
                 else:
                     check_path_ip(ip)
-            self._check_add_path(req, asked)
+            self._check_add_path(req, None if req.preferred_address else asked)
             sock = bind_path_socket(
                 req.local_addr,
                 req.device,
@@ -500,7 +528,12 @@ class SupervisorActor(Actor):
         self.sockets[key] = sock
         try:
             added = await entry.ask(
-                AddPath(socket_key=key, requested=asked, label=req.local_addr or req.device)
+                AddPath(
+                    socket_key=key,
+                    requested=asked,
+                    label=req.local_addr or req.device,
+                    preferred=req.preferred_address,
+                )
             )
         finally:
             stray = self.sockets.pop(key, None)  # not adopted (refused, cancelled while queued)

@@ -51,7 +51,8 @@ ATTR_IO_DIRECTION = "network.io.direction"  # semantic convention: transmit | re
 ATTR_ERROR_TYPE = "error.type"
 
 OTHER = "other"
-REASONS = frozenset({"manual", "failover", "drain"})
+REASONS = frozenset({"manual", "failover", "drain", "preferred_address"})
+_PREFERRED = frozenset({"followed", "ignored", "refused", "unreachable"})
 #: supervisor.events.OUTCOMES (telemetry imports nothing of ours: the same names, kept equal
 #: by tests/test_telemetry_metrics.py).
 OUTCOMES = frozenset(
@@ -159,6 +160,11 @@ class Metrics:
         self._migrations = meter.create_counter(
             "quic.migrations", unit="{migration}", description="Migrations by reason and result."
         )
+        self._preferred = meter.create_counter(
+            "quic.preferred_address.offers",
+            unit="{offer}",
+            description="Server preferred addresses seen, by what became of them.",
+        )
         self._probe_rtt = meter.create_histogram(
             "quic.probe.rtt",
             unit="s",
@@ -205,6 +211,10 @@ class Metrics:
         if outcome is not None:
             attrs[ATTR_MIGRATION_OUTCOME] = _clamp(outcome, OUTCOMES)
         self._migrations.add(1, attrs)
+
+    def preferred_address(self, what: str) -> None:
+        """A server preferred address (RFC 9000 §9.6): followed, ignored, refused, unreachable."""
+        self._preferred.add(1, {"quic.preferred_address.result": _clamp(what, _PREFERRED)})
 
     def probe_rtt(self, seconds: float) -> None:
         self._probe_rtt.record(seconds)

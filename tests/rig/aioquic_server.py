@@ -283,6 +283,7 @@ async def _serve(
     preferred_address: Addr | None,
     idle_timeout: float,
     protocol_kwargs: dict[str, Any],
+    preferred_sink: bool = True,
 ) -> AsyncIterator[RigServer]:
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
@@ -297,7 +298,11 @@ async def _serve(
         )
         configuration.load_cert_chain(str(certfile), str(keyfile))
 
-        if preferred_address is not None:
+        if preferred_address is not None and not preferred_sink:
+            # Advertised as given, nothing listens: for addresses a client must refuse (never
+            # sent to; a test that sends there is wrong).
+            server.preferred_address = preferred_address
+        elif preferred_address is not None:
             sink_sock = _bind_udp(*preferred_address)
             sink_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _PreferredAddressSink(server), sock=sink_sock
@@ -341,6 +346,7 @@ async def echo_server(
     preferred_address: Addr | None = None,
     sock: socket.socket | None = None,
     idle_timeout: float = 30.0,
+    preferred_sink: bool = True,
 ) -> AsyncIterator[RigServer]:
     """Run an aioquic echo server in this loop until the block exits.
 
@@ -353,6 +359,7 @@ async def echo_server(
         _EchoProtocol, RigServer(alpn), host=host, port=port, sock=sock,
         certfile=certfile, keyfile=keyfile, disable_active_migration=disable_active_migration,
         preferred_address=preferred_address, idle_timeout=idle_timeout, protocol_kwargs={},
+        preferred_sink=preferred_sink,
     ) as server:
         yield server
 
