@@ -1,0 +1,493 @@
+"""Shared-fate health groups on a fake clock: traffic per group, confirmation, fan-out, lag."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors.health import HealthConfig, Verdict
+from actors.health_groups import (
+    Command,
+    GroupConfig,
+    GroupKey,
+    GroupVerdict,
+    HealthGroups,
+    ProbeMember,
+    ProbeReason,
+)
+from actors.scheduler import LagMeter
+
+A = GroupKey("192.0.2.10", "198.51.100.1")
+B = GroupKey("eth1", "198.51.100.1")
+
+
+@dataclass
+class Net:
+    """The owner and the network: wakes at each deadline (``late`` seconds late when the
+    loop is starved), reads queued answers before ticking, answers probes after ``rtt``."""
+
+    groups: HealthGroups
+    meter: LagMeter | None = None
+    up: bool = True
+    mute: set[Hashable] = field(default_factory=set)
+    rtt: float = 0.01
+    read_first: bool = True  # read the socket before ticking, as the owner should
+    now: float = 0.0
+    probes: list[tuple[float, ProbeMember]] = field(default_factory=list)
+    verdicts: list[tuple[float, GroupVerdict]] = field(default_factory=list)
+    _answers: list[tuple[float, int, Hashable]] = field(default_factory=list)
+    _seq: int = 0
+
+    def feed(self, commands: Sequence[Command]) -> None:
+        for c in commands:
+            if isinstance(c, GroupVerdict):
+                self.verdicts.append((self.now, c))
+                continue
+            self.probes.append((self.now, c))
+            if self.up and c.member not in self.mute:
+                self._seq += 1
+                heapq.heappush(self._answers, (self.now + self.rtt, self._seq, c.member))
+
+    def run(self, until: float, late: float = 0.0) -> None:
+        while True:
+            deadline = self.groups.next_deadline()
+            d = math.inf if deadline is None else deadline
+            a = self._answers[0][0] if self._answers else math.inf
+            if min(d, a) > until:
+                break
+            if a <= d and not late:  # a starved loop reads only when it wakes
+                _, _, member = heapq.heappop(self._answers)
+                self.now = max(self.now, a)
+                self.feed(self.groups.on_answer(member, self.rtt, self.now))
+                continue
+            self.now = max(self.now, d + late)
+            if self.meter is not None:
+                self.meter.on_fire(d, self.now)
+            if self.read_first:
+                self.read()
+            self.feed(self.groups.tick(self.now))
+            self.read()
+        self.now = max(self.now, until)
+
+    def read(self) -> None:
+        """What waited in the socket while the loop did not run."""
+        while self._answers and self._answers[0][0] <= self.now:
+            _, _, member = heapq.heappop(self._answers)
+            self.feed(self.groups.on_answer(member, self.rtt, self.now))
+
+    def run_until_state(self, key: GroupKey, state: Verdict, limit: float = 20.0) -> None:
+        end = self.now + limit
+        while (s := self.groups.status(key)) is None or s.state is not state:
+            assert self.now < end, f"{key} never became {state}"
+            self.run(until=self.now + 0.01)
+
+    def reasons(self, since: float = -1.0) -> Counter[ProbeReason]:
+        return Counter(p.reason for t, p in self.probes if t >= since)
+
+
+def make(config: GroupConfig | None = None, meter: LagMeter | None = None, seed: int = 1) -> Net:
+    groups = HealthGroups(config or GroupConfig(), random.Random(seed), lag=meter)
+    return Net(groups, meter=meter)
+
+
+def populate(net: Net, keys: Sequence[GroupKey], per_group: int) -> list[Hashable]:
+    members: list[Hashable] = []
+    for key in keys:
+        for i in range(per_group):
+            member = (key, i)
+            net.groups.add(member, key, net.now)
+            members.append(member)
+    return members
+
+
+# ------------------------------------------------------------------ traffic and rotation
+
+
+@pytest.mark.parametrize(("groups", "per_group"), [(2, 500), (100, 10)])
+def test_probes_grow_with_groups_not_members(groups: int, per_group: int) -> None:
+    """1000 paths: ~one representative probe per group per interval, over 100 intervals."""
+    net = make()
+    keys = [GroupKey(f"10.0.{g}.1", "203.0.113.7") for g in range(groups)]
+    populate(net, keys, per_group)
+    net.run(until=100.0)
+    assert net.reasons() == Counter({ProbeReason.REPRESENTATIVE: len(net.probes)})
+    assert 0.95 * groups * 100 <= len(net.probes) <= 1.05 * groups * 100
+    per_second = Counter(int(t) for t, _ in net.probes)
+    assert max(per_second.values()) <= 2 * groups  # spread by phase and jitter, no bursts
+    per_member = Counter(p.member for _, p in net.probes)
+    assert max(per_member.values()) <= math.ceil(100 * 1.25 / per_group)
+    assert net.verdicts == []
+
+
+def test_rotation_visits_every_member_once_per_round() -> None:
+    net = make(GroupConfig(jitter=0.0))
+    members = populate(net, [A], 5)
+    net.run(until=5.0)
+    first = [p.member for _, p in net.probes]
+    assert sorted(first, key=str) == sorted(members, key=str)  # each once
+    late = ("late", 0)
+    net.groups.add(late, A, net.now)  # joins at the next round
+    net.run(until=11.0)
+    rounds = [p.member for _, p in net.probes]
+    assert Counter(rounds[:10]) == Counter({m: 2 for m in members})
+    assert rounds[10] == late
+
+
+# ------------------------------------------------------------------ confirmation and verdicts
+
+
+def go_dead(net: Net) -> float:
+    """Answered for 5 s (an RTT sample sets the answer wait), then the link goes."""
+    net.run(until=5.0)
+    net.up = False
+    return net.now
+
+
+def test_a_representative_miss_probes_a_sample_before_any_verdict() -> None:
+    net = make(GroupConfig(threshold=3, confirm_batch=2))
+    members = populate(net, [A], 10)
+    down = go_dead(net)
+    net.run_until_state(A, Verdict.SUSPECT)  # the next representative went out, missed
+    assert net.verdicts == []
+    after = [(t, p) for t, p in net.probes if t >= down]
+    rep_at, rep = after[0]
+    assert rep.reason is ProbeReason.REPRESENTATIVE
+    confirms = [p for _, p in after[1:]]
+    assert [p.reason for p in confirms] == [ProbeReason.CONFIRM] * 2
+    assert rep.member not in {p.member for p in confirms}
+    assert len({p.member for p in confirms}) == 2
+    net.run(until=down + 10.0)
+    assert len(net.verdicts) == 1  # one command for the group, not one per member
+    when, verdict = net.verdicts[0]
+    assert verdict == GroupVerdict(A, Verdict.DEAD, tuple(members))
+    assert when > rep_at and net.groups.status(A) is not None
+    assert net.reasons(since=down)[ProbeReason.CONFIRM] == 2
+
+
+def test_status_shows_suspect_while_confirming() -> None:
+    net = make(GroupConfig(threshold=3, confirm_batch=2))
+    populate(net, [A], 4)
+    go_dead(net)
+    net.run_until_state(A, Verdict.SUSPECT)
+    status = net.groups.status(A)
+    assert status is not None and status.state is Verdict.SUSPECT and status.misses == 1
+    assert Counter(r for _, r in status.outstanding) == Counter({ProbeReason.CONFIRM: 2})
+    assert net.verdicts == []
+
+
+def test_confirmation_is_paced_in_batches() -> None:
+    net = make(GroupConfig(threshold=6, confirm_batch=2, confirm_pace=0.5))
+    populate(net, [A], 20)
+    down = go_dead(net)
+    net.run(until=down + 10.0)
+    confirm_times = [t for t, p in net.probes if p.reason is ProbeReason.CONFIRM]
+    assert len(confirm_times) == 5  # threshold - 1: only what is still needed
+    batches = sorted(Counter(confirm_times).items())
+    assert [n for _, n in batches] == [2, 2, 1]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches)]
+    assert all(gap >= 0.5 - 1e-9 for gap in gaps)
+    assert [v.verdict for _, v in net.verdicts] == [Verdict.DEAD]
+
+
+def test_an_answer_while_confirming_clears_the_suspicion() -> None:
+    net = make(GroupConfig(threshold=3, confirm_batch=2))
+    members = populate(net, [A], 6)
+    go_dead(net)
+    net.run_until_state(A, Verdict.SUSPECT)
+    assert net.groups.on_answer(members[0], 0.01, net.now) == []  # no verdict was declared
+    status = net.groups.status(A)
+    assert status is not None and (status.state, status.misses) == (Verdict.ALIVE, 0)
+    net.run(until=net.now + 0.5)  # the sample's misses are older than the answer
+    status = net.groups.status(A)
+    assert status is not None and (status.state, status.misses) == (Verdict.ALIVE, 0)
+    assert net.verdicts == []
+
+
+def test_recovery_fans_out_alive_once() -> None:
+    net = make()
+    members = populate(net, [A, B], 3)
+    down = go_dead(net)
+    net.run(until=down + 10.0)
+    assert sorted((v.group.local, v.verdict) for _, v in net.verdicts) == [
+        (A.local, Verdict.DEAD),
+        (B.local, Verdict.DEAD),
+    ]
+    net.up = True  # the link is back: the rotation, still running, notices
+    net.run(until=down + 20.0)
+    recovered = [v for _, v in net.verdicts[2:]]
+    assert sorted(v.group.local for v in recovered) == [A.local, B.local]
+    assert all(v.verdict is Verdict.ALIVE for v in recovered)
+    assert {m for v in recovered for m in v.members} == set(members)
+
+
+def test_a_late_answer_revives_and_a_probe_older_than_an_answer_proves_nothing() -> None:
+    net = make(GroupConfig(threshold=2, initial_wait=0.5))
+    members = populate(net, [A], 3)
+    net.up = False
+    net.run_until_state(A, Verdict.DEAD)
+    while not (status := net.groups.status(A)) or not status.outstanding:
+        net.run(until=net.now + 0.01)  # the rotation goes on: wait for a probe in flight
+    ghost = status.outstanding[0][0]
+    other = next(m for m in members if m != ghost)
+    net.feed(net.groups.on_answer(other, None, net.now))  # traffic, from another member
+    assert [v.verdict for _, v in net.verdicts] == [Verdict.DEAD, Verdict.ALIVE]
+    net.run(until=net.now + 0.5 + 1e-6)  # the ghost probe times out: sent before the answer
+    status = net.groups.status(A)
+    assert status is not None and (status.state, status.misses) == (Verdict.ALIVE, 0)
+    assert len(net.verdicts) == 2
+
+
+def test_a_lone_member_is_dead_after_threshold_misses_of_its_own() -> None:
+    net = make(GroupConfig(threshold=3))
+    populate(net, [A], 1)
+    down = go_dead(net)
+    net.run(until=down + 10.0)
+    after = [p for t, p in net.probes if t >= down]
+    assert [p.reason for p in after[:3]] == [
+        ProbeReason.REPRESENTATIVE,
+        ProbeReason.CONFIRM,
+        ProbeReason.CONFIRM,
+    ]
+    assert [v.verdict for _, v in net.verdicts] == [Verdict.DEAD]
+
+
+def test_an_explicit_miss_counts_at_once_and_only_for_an_outstanding_probe() -> None:
+    net = make(GroupConfig(threshold=2, confirm_batch=1))
+    members = populate(net, [A], 2)
+    assert net.groups.on_miss(members[0], 0.0) == []  # nothing was asked: nothing learnt
+    net.up = False
+    net.run(until=1.0)
+    (_, rep), *_ = net.probes
+    commands = net.groups.on_miss(rep.member, net.now)  # ICMP unreachable
+    assert [type(c) for c in commands] == [ProbeMember]
+    (confirm,) = commands
+    assert isinstance(confirm, ProbeMember) and confirm.member != rep.member
+    (verdict,) = net.groups.on_miss(confirm.member, net.now)
+    assert verdict == GroupVerdict(A, Verdict.DEAD, tuple(members))
+
+
+# ------------------------------------------------------------------ membership
+
+
+def test_removing_the_representative_drops_its_probe() -> None:
+    net = make(GroupConfig(jitter=0.0))
+    populate(net, [A], 3)
+    net.up = False
+    net.run(until=1.0)
+    (_, rep), *_ = net.probes
+    net.groups.remove(rep.member)
+    net.run(until=1.0 + 0.9)
+    status = net.groups.status(A)
+    assert status is not None and (status.state, status.misses, status.members) == (
+        Verdict.ALIVE,
+        0,
+        2,
+    )
+    net.run(until=2.5)  # the next representative is another member
+    assert net.probes[1][1].member != rep.member
+
+
+def test_removing_members_mid_confirmation() -> None:
+    net = make(GroupConfig(threshold=3, confirm_batch=2))
+    members = populate(net, [A], 6)
+    down = go_dead(net)
+    while not any(p.reason is ProbeReason.CONFIRM for _, p in net.probes):
+        net.run(until=net.now + 0.01)
+    sample = [p.member for _, p in net.probes if p.reason is ProbeReason.CONFIRM]
+    rep = next(p.member for t, p in net.probes if t >= down)
+    for gone in (*sample, rep):  # the whole sample and the missed representative leave
+        net.groups.remove(gone)
+    net.run(until=net.now + 10.0)
+    replacements = [p for _, p in net.probes if p.reason is ProbeReason.CONFIRM][2:]
+    assert len(replacements) == 2 and not {p.member for p in replacements} & set(sample)
+    remaining = tuple(m for m in members if m not in (*sample, rep))
+    assert [v for _, v in net.verdicts] == [GroupVerdict(A, Verdict.DEAD, remaining)]
+
+
+def test_an_emptied_group_goes_away_without_a_verdict() -> None:
+    net = make()
+    members = populate(net, [A], 4)
+    go_dead(net)
+    net.run_until_state(A, Verdict.SUSPECT)
+    for m in members:
+        net.groups.remove(m)
+    assert len(net.groups) == 0 and net.groups.status(A) is None
+    assert net.groups.next_deadline() is None
+    net.run(until=100.0)
+    assert net.verdicts == []
+
+
+def test_add_tells_the_verdict_and_moves_a_member_between_groups() -> None:
+    net = make()
+    members = populate(net, [A], 2)
+    net.up = False
+    net.run(until=10.0)
+    assert net.groups.add(("new", 0), A, net.now) is Verdict.DEAD
+    assert net.groups.add(("new", 0), A, net.now) is Verdict.DEAD  # idempotent
+    assert net.groups.add(members[0], B, net.now) is Verdict.ALIVE  # re-keyed: a new group
+    status_a, status_b = net.groups.status(A), net.groups.status(B)
+    assert status_a is not None and status_a.members == 2
+    assert status_b is not None and status_b.members == 1
+    net.groups.remove(("unknown", 9))  # harmless
+    assert net.groups.on_answer(("unknown", 9), 0.01, net.now) == []
+
+
+# ------------------------------------------------------------------ a starved loop
+
+
+def test_a_starved_loop_never_declares_death() -> None:
+    """The peer is gone, but every wake-up of the loop is 2 s late: silence that the loop
+    could not read proves nothing. Once the loop runs on time, the group is declared."""
+    net = make(meter=LagMeter())
+    populate(net, [A, B], 50)
+    down = go_dead(net)
+    net.run(until=down + 200.0, late=2.0)
+    assert net.verdicts == []
+    assert all(s is not None and s.state is Verdict.ALIVE for s in map(net.groups.status, (A, B)))
+    net.run(until=net.now + 10.0)
+    assert sorted(v.group.local for _, v in net.verdicts) == sorted([A.local, B.local])
+
+
+@pytest.mark.parametrize("metered", [True, False])
+def test_answers_queued_during_a_freeze_are_not_misses(metered: bool) -> None:
+    """Every wake-up is 20 s late and the owner ticks before reading its socket: the answers
+    are there, unread. With the meter, no suspicion; without it, one per wake-up."""
+    net = make(meter=LagMeter() if metered else None)
+    populate(net, [A], 10)
+    net.run(until=5.0)
+    net.read_first = False
+    net.run(until=net.now + 300.0, late=20.0)
+    assert net.verdicts == []
+    confirms = net.reasons(since=5.0)[ProbeReason.CONFIRM]
+    assert confirms == 0 if metered else confirms > 0
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_from_health_and_validation() -> None:
+    health = HealthConfig(keepalive_interval=2.0, jitter=0.1, failures_to_fail=1)
+    config = GroupConfig.from_health(health)
+    assert (config.interval, config.jitter, config.threshold) == (2.0, 0.1, 2)
+    for bad in (
+        {"interval": 0.0},
+        {"jitter": 1.0},
+        {"min_wait": 0.0},
+        {"threshold": 1},
+        {"confirm_batch": 0},
+        {"confirm_pace": -1.0},
+    ):
+        with pytest.raises(ValueError):
+            GroupConfig(**bad)
+
+
+# ------------------------------------------------------------------ invariants
+
+
+_op = st.one_of(
+    st.tuples(st.just("add"), st.integers(0, 9), st.integers(0, 2)),
+    st.tuples(st.just("remove"), st.integers(0, 9), st.just(0)),
+    st.tuples(st.just("advance"), st.integers(1, 30), st.just(0)),
+    st.tuples(st.just("stall"), st.integers(1, 50), st.just(0)),
+    st.tuples(st.just("answer"), st.integers(0, 20), st.just(0)),
+    st.tuples(st.just("miss"), st.integers(0, 20), st.just(0)),
+    st.tuples(st.just("traffic"), st.integers(0, 9), st.just(0)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=80), st.integers(0, 2**16), st.integers(2, 4))
+def test_state_machine_invariants(
+    ops: list[tuple[str, int, int]], seed: int, threshold: int
+) -> None:
+    """Random membership, outcomes, time and stalls. Never DEAD without ``threshold``
+    probes of the group since its last answer; never DEAD in a stalled turn; verdicts
+    alternate and list the members; at most one representative outstanding per group."""
+    config = GroupConfig(threshold=threshold, confirm_batch=2, confirm_pace=0.2, initial_wait=0.3)
+    meter = LagMeter()
+    groups = HealthGroups(config, random.Random(seed), lag=meter)
+    keys = [GroupKey(f"10.0.0.{k}", "192.0.2.1") for k in range(3)]
+    where: dict[Hashable, GroupKey] = {}
+    since_answer: Counter[GroupKey] = Counter()
+    last: dict[GroupKey, Verdict] = {}
+    now = 0.0
+
+    def check(commands: list[Command], stalled: bool = False) -> None:
+        probed = [c.member for c in commands if isinstance(c, ProbeMember)]
+        assert len(probed) == len(set(probed))
+        for c in commands:
+            if isinstance(c, ProbeMember):
+                assert where.get(c.member) == c.group
+                since_answer[c.group] += 1
+                continue
+            assert set(c.members) == {m for m, k in where.items() if k == c.group}
+            assert len(c.members) == len(set(c.members))
+            if c.verdict is Verdict.DEAD:
+                assert not stalled
+                assert since_answer[c.group] >= threshold
+                assert last.get(c.group, Verdict.ALIVE) is Verdict.ALIVE
+            else:
+                assert last.get(c.group) is Verdict.DEAD
+            last[c.group] = c.verdict
+        for key in keys:
+            status = groups.status(key)
+            if status is None:
+                assert key not in where.values()
+                since_answer.pop(key, None)
+                last.pop(key, None)
+                continue
+            reps = [m for m, r in status.outstanding if r is ProbeReason.REPRESENTATIVE]
+            assert len(reps) <= 1
+            assert all(where.get(m) == key for m, _ in status.outstanding)
+            if status.state is Verdict.DEAD:
+                assert status.misses >= threshold
+
+    def outstanding() -> list[Hashable]:
+        found: list[Hashable] = []
+        for key in keys:
+            status = groups.status(key)
+            found += [m for m, _ in status.outstanding] if status else []
+        return found
+
+    for op, x, y in ops:
+        if op == "add":
+            old = where.get(x)
+            groups.add(x, keys[y], now)
+            where[x] = keys[y]
+            if old is not None and old != keys[y] and old not in where.values():
+                since_answer.pop(old, None)
+                last.pop(old, None)
+        elif op == "remove":
+            groups.remove(x)
+            where.pop(x, None)
+        elif op in ("advance", "stall"):
+            target = now + x / 10
+            stalled = op == "stall"
+            while (d := groups.next_deadline()) is not None and d <= target:
+                now = max(now, target if stalled else d)
+                meter.on_fire(d, now)
+                check(groups.tick(now), stalled=stalled)
+                stalled = False
+            now = target
+        elif op in ("answer", "miss"):
+            pending = outstanding()
+            if pending:
+                member = pending[x % len(pending)]
+                if op == "answer":
+                    since_answer[where[member]] = 0
+                    check(groups.on_answer(member, 0.02, now))
+                else:
+                    check(groups.on_miss(member, now))
+        elif x in where:  # traffic: any packet from a member
+            since_answer[where[x]] = 0
+            check(groups.on_answer(x, None, now))
+        check([])
