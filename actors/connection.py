@@ -97,6 +97,10 @@ class ConnectionOptions:
     #: Path health (keep-alives on standby paths, liveness of the active path); None: off.
     #: Set from ``FailoverPolicy`` by the Supervisor.
     health: HealthConfig | None = None
+    #: An idle connection sends one PING on its active path a third into its idle period, so
+    #: neither side's idle timeout (the smaller of both: 10 s for js-libp2p) ends it and its
+    #: NAT binding stays. One timer per connection, no task; False: let idle connections end.
+    idle_keepalive: bool = True
 
     def __post_init__(self) -> None:
         # NaN or infinite durations reach asyncio's timer heap and delay unrelated timers.
@@ -504,6 +508,10 @@ class ConnectionActor(Actor):
 
     def _arm_timer(self) -> None:
         when = None if self.closed else self.quic.get_timer()
+        if when is not None and self.options.idle_keepalive and self._confirmed.is_set():
+            keepalive = self.quic.idle_keepalive_at()
+            if keepalive is not None and keepalive < when:
+                when = keepalive
         if self._timer is not None:
             if when == self._timer_at:
                 # Most flushes leave the deadline as it was (bench B3: ~60 %): keep the handle
@@ -519,7 +527,10 @@ class ConnectionActor(Actor):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.quic.handle_timer(_now())
+        now = _now()
+        if self.options.idle_keepalive and self._confirmed.is_set():
+            self.quic.send_idle_keepalive(now, next(self._ping_ids))
+        self.quic.handle_timer(now)  # checks each of its deadlines: early is harmless
         self._after_input()
 
     # ------------------------------------------------------------------ streams (data plane)

@@ -82,6 +82,8 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "_quic_logger",
         "_version",
         "_close_at",
+        "_close_pending",
+        "_idle_timeout",
         "_remote_max_idle_timeout",
     ),
     QuicNetworkPath: (
@@ -299,6 +301,7 @@ class MigratingQuicConnection(QuicConnection):
         self._challenge_sent_at: dict[bytes, tuple[int, float]] = {}
         self._path_responses: list[PathResponse] = []
         self._asymmetric_responses = 0
+        self._ka_for: float | None = None  # the idle deadline a keep-alive PING was sent for
         #: The server's preferred address (RFC 9000 §9.6) in the dialled family, unfollowed.
         self.preferred_address: tuple[str, int] | None = None
         # Last time a non-probing packet arrived on each path: the proof the peer uses a path.
@@ -553,6 +556,25 @@ class MigratingQuicConnection(QuicConnection):
     def last_rx(self, path_id: int) -> float | None:
         """When an authenticated packet last arrived on a path (probing or not)."""
         return self._last_rx.get(path_id)
+
+    def idle_keepalive_at(self) -> float | None:
+        """When an idle connection should send an ack-eliciting packet to stay open: a third
+        into its idle period (RFC 9000 §10.1.2), the period being the smaller of both sides'
+        idle timeouts (a js-libp2p peer: 10 s). None once one was sent for this period (only a
+        receipt starts a new one) or while closing."""
+        if self._close_pending or self._close_at is None or self._close_at == self._ka_for:
+            return None
+        idle = self._idle_timeout()
+        return float(self._close_at - idle + idle / 3)
+
+    def send_idle_keepalive(self, now: float, uid: int) -> bool:
+        """Send the keep-alive PING if due; True when one was queued."""
+        at = self.idle_keepalive_at()
+        if at is None or now < at:
+            return False
+        self._ka_for = self._close_at
+        self.send_ping(uid)
+        return True
 
     def outstanding_since(self) -> float | None:
         """Send time of the oldest unacknowledged ack-eliciting packet sent on the active path.
