@@ -225,13 +225,19 @@ class ActorRef:
             raise ActorError(f"actor {cell.name!r} asked itself, which would deadlock")
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         cell.mailbox.put_nowait((msg, fut, _sender_ref()))
+        if timeout is None:  # the common case: no timeout context manager per ask
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                await cell.settle_abandoned(fut)
+                raise
         cm = asyncio.timeout(timeout)
         try:
             async with cm:
                 return await fut
         except TimeoutError:
             await cell.settle_abandoned(fut)
-            if cm.expired() and timeout is not None:
+            if cm.expired():
                 raise AskTimeoutError(cell.name, type(msg).__name__, timeout) from None
             raise
         except asyncio.CancelledError:
