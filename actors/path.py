@@ -57,11 +57,7 @@ class PathStats:
     datagrams_sent: int = 0
     datagrams_received: int = 0
     dropped_off_path: int = 0
-    send_errors: int = 0
-    icmp_errors: int = 0
-    last_error: str | None = None
     probes_sent: int = 0
-    probe_rtts: list[float] = field(default_factory=list)
     #: Wall-clock send times of the tries of the latest probe on request (span events).
     probe_try_times: list[float] = field(default_factory=list)
     #: What metrics were last told (bytes and drops are reported as deltas, off the datagram
@@ -205,8 +201,6 @@ class PathActor(Actor):
     def _on_error(self, exc: OSError) -> None:
         # ICMP errors surface here (IP_RECVERR is on for UDP sockets in asyncio on Linux):
         # immediate evidence about this path's health.
-        self.stats.icmp_errors += 1
-        self.stats.last_error = f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc}"
         if exc.errno in UNREACHABLE_ERRNOS:
             self._fail_response(exc)
             if self.health is not None:
@@ -344,8 +338,6 @@ class PathActor(Actor):
                     continue
                 if self.health is not None:
                     self.health.on_answer(rtt, loop.time())
-                self.stats.probe_rtts.append(rtt)
-                del self.stats.probe_rtts[:-64]
                 self._owner.probe_answered(self.path_id, rtt)
                 return rtt
         except (ProbeTimeoutError, OSError) as exc:

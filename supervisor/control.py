@@ -49,7 +49,7 @@ from supervisor.messages import (
     SnapshotRequest,
     StatsRequest,
     SwitchRequest,
-    snapshot_of,
+    reply_snapshot,
 )
 from supervisor.remote_errors import ErrorReply, error_reply, rebuild_error
 from telemetry.propagation import attached, current_trace_fields
@@ -524,7 +524,7 @@ class ControlClient:
 
 
 def _as_snapshot(reply: object) -> ConnectionSnapshot:
-    return snapshot_of(reply)
+    return reply_snapshot(reply)
 
 
 def _find_path(paths: tuple[PathSnapshot, ...], ip: str, port: int) -> PathSnapshot | None:

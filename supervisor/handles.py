@@ -39,7 +39,7 @@ from supervisor.messages import (
     SwitchReply,
     SwitchRequest,
     SwitchResult,
-    snapshot_of,
+    reply_snapshot,
 )
 
 
@@ -145,7 +145,7 @@ class Connection:
 
     def _update(self, reply: object) -> ConnectionSnapshot:
         if reply is not None:
-            self._remember(snapshot_of(reply))
+            self._remember(reply_snapshot(reply))
         return self._snapshot()
 
     def __repr__(self) -> str:

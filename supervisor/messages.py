@@ -183,7 +183,7 @@ class MigrationStats:
         return text
 
 
-def snapshot_of(reply: object) -> ConnectionSnapshot:
+def reply_snapshot(reply: object) -> ConnectionSnapshot:
     """The connection snapshot every path reply carries (remote callers keep it)."""
     if isinstance(reply, ConnectionSnapshot):
         return reply
