@@ -1,4 +1,8 @@
-"""Messages and events as plain msgpack-able data, for the journal."""
+"""Messages and events as plain msgpack-able data, for the journal.
+
+Why not leave it to the journal's own fallback conversion: a ``Multiaddr`` is a ``Mapping``,
+which the journal would record as a map of protocol objects; here it is its text, as people
+read it in ``journal show``."""
 
 from __future__ import annotations
 
