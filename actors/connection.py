@@ -48,7 +48,8 @@ from actors.errors import (
     PathNotValidatedError,
 )
 from actors.flag import Flag
-from actors.health import ActiveLiveness, HealthConfig, Liveness
+from actors.health import ActiveLiveness, HealthConfig, Liveness, Verdict
+from actors.health_groups import GroupKey, ProbeReason
 from actors.messages import (
     ActivePathDead,
     AddPath,
@@ -64,6 +65,7 @@ from actors.messages import (
     Switch,
     Switched,
 )
+from actors.node_health import NodeHealth
 from actors.path import UNREACHABLE_ERRNOS, PathActor, ProbeSchedule
 from actors.path_state import PathState, PathStateMachine
 from actors.quic_adapter import MigratingQuicConnection, PathAddr
@@ -94,8 +96,8 @@ class ConnectionOptions:
     #: Lower bound of the switch confirmation window (3 x PTO can be a few ms on loopback, less
     #: than one scheduling hiccup of a busy Python process).
     min_confirmation_window: float = 0.2
-    #: Path health (keep-alives on standby paths, liveness of the active path); None: off.
-    #: Set from ``FailoverPolicy`` by the Supervisor.
+    #: Path health (health-group probes and NAT keep-alives on standby paths, liveness of the
+    #: active path); None: off. Set from ``FailoverPolicy`` by the Supervisor.
     health: HealthConfig | None = None
     #: An idle connection sends one PING on its active path a third into its idle period, so
     #: neither side's idle timeout (the smaller of both: 10 s for js-libp2p) ends it and its
@@ -128,6 +130,7 @@ class _PathFacts:
     requested: tuple[str, int]
     device: str | None
     remote: tuple[Any, ...]  # the server address this path sends to
+    group: GroupKey  # what it shares fate with: (device or local IP, remote IP)
     rtt: float | None = None
     validated_at: float | None = None
     asymmetric: bool = False  # the latest validation came back on another path
@@ -151,16 +154,20 @@ class ConnectionActor(Actor):
         on_changes: Callable[[ConnectionView, tuple[PathChange, ...]], None],
         notify: Callable[[object], None],
         options: ConnectionOptions | None = None,
+        health: NodeHealth | None = None,
     ) -> None:
         """``on_changes`` receives each publication (the view and the path changes since the
         last one), synchronously; ``notify`` carries ConnectionEnded and ActivePathDead to the
-        supervisor's mailbox."""
+        supervisor's mailbox; ``health`` is the node's (one per supervisor: its timer and
+        health groups), a private one when not given."""
         self.conn_id = conn_id
         #: Where new paths send: the dialled address, or the server's preferred one once the
         #: connection moved there.
         self.remote = remote
         self._dialled = remote
         self.options = options or ConnectionOptions()
+        self._health = health if health is not None else NodeHealth(self.options.health)
+        self._groups_on = self._health.groups is not None and self.options.health is not None
         # A stream's first window must not exceed its buffer either (see StreamCredit).
         configuration.max_stream_data = min(
             configuration.max_stream_data, self.options.stream_buffer
@@ -196,8 +203,8 @@ class ConnectionActor(Actor):
         self._op_queue = asyncio.Lock()
         self._op: int | None = None  # the ``op`` tag of the operation being served
         self._unreachable: set[int] = set()  # paths with a fresh ICMP unreachable
-        self._health_wake = Flag()
-        self._watch_idle = False  # the active-path watcher sleeps until traffic resumes
+        self._live_at: float | None = None  # the next active-path liveness look (node clock)
+        self._asked: dict[int, float] = {}  # active path -> when a group's PING went out
         self._dead_reported: int | None = None  # active path already reported dead
         # Publication (actors/view.py): pending changes, at most one publication per turn.
         local = first_socket.getsockname()
@@ -213,13 +220,14 @@ class ConnectionActor(Actor):
     # ------------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
+        self._health.register(self.conn_id, self)
         self._start_path(next(self._path_ids), self._first_socket, None)
-        if self.options.health is not None:
-            self.spawn(self._watch_active(self.options.health), name="watch-active")
 
     async def on_stop(self) -> None:
         if not self.closed:
             self._terminate(ConnectionClosedError(self.conn_id, reason="connection actor stopped"))
+        self._health.unregister(self.conn_id, list(self._paths))
+        self._health.cancel(("live", self.conn_id))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -242,17 +250,18 @@ class ConnectionActor(Actor):
             owner=self,
             conn=self.ref,
             schedule=self.options.probe_schedule,
-            health=self.options.health,
         )
         local = _addr(path.local)
+        device = _bound_device(sock)
         self._paths[path_id] = _PathFacts(
             actor=path,
             ref=self.spawn_child(path, name=f"{self.conn_id}/path{path_id}"),
             machine=PathStateMachine(PathState.NEW),
             local=local,
             requested=requested or local,
-            device=_bound_device(sock),
+            device=device,
             remote=remote,
+            group=GroupKey(device or local[0], _ip(remote)),
         )
         self._pending.append(PathChange(path_id, local, None, PathState.NEW, self._op))
         self._publish_soon()
@@ -267,6 +276,8 @@ class ConnectionActor(Actor):
         change = facts.machine.move(new)
         if change is None:
             return
+        if self._groups_on:
+            self._track(path_id, facts)
         grown = facts.actor.stats.deltas()
         self._pending.append(
             PathChange(
@@ -311,21 +322,80 @@ class ConnectionActor(Actor):
         else:
             self._move(path_id, before if before is not PathState.VALIDATING else PathState.NEW)
 
-    def keepalive_answered(self, path_id: int, rtt: float) -> None:
+    # ------------------------------------------------------------------ health (node groups)
+
+    def _track(self, path_id: int, facts: _PathFacts) -> None:
+        """Group membership follows the state: standby, failed and active paths are members
+        (the active one is asked with a PING); new, validating (a probe on request asks its
+        own questions) and closed ones are not."""
+        state = facts.machine.state
+        if self.closed or state in (PathState.NEW, PathState.VALIDATING, PathState.CLOSED):
+            self._health.leave(self.conn_id, path_id)
+            return
+        carrying = state in (PathState.ACTIVE, PathState.DEGRADED)
+        self._health.join(
+            self.conn_id,
+            path_id,
+            facts.group,
+            nat=not carrying,  # the active path's NAT binding is kept by the idle PING
+            failed=state is PathState.FAILED,
+        )
+
+    def health_probe(self, path_id: int, reason: ProbeReason) -> bool:
+        """One question from the node's health groups (see NodeHealth): a PATH_CHALLENGE on
+        a standby or failed path, a PING on the active one (a PATH_CHALLENGE there would be
+        answered too, but a PING also refreshes the peer's idle timer)."""
+        facts = self._paths.get(path_id)
+        if facts is None or self.closed or not self._confirmed.is_set():
+            return False
+        now = _now()
+        if path_id == self.quic.active_path_id:
+            self.quic.send_ping(next(self._ping_ids))
+            self._asked[path_id] = now
+            self._schedule_flush()
+            return True
+        if self.quic.peer_disabled_active_migration or not self.quic.reserve_peer_cid(path_id):
+            return False
+        datagrams = self.quic.emit_challenge(path_id, now)
+        for data, _ in datagrams:
+            facts.actor.send(data)
+        facts.actor.stats.probes_sent += bool(datagrams)
+        return bool(datagrams)
+
+    def health_verdict(self, path_id: int, verdict: Verdict) -> None:
+        """The path's whole group was judged: dead fails a standby path and reports a carrying
+        one dead (the failover policy decides); alive again revives a failed path."""
+        facts = self._paths.get(path_id)
+        if facts is None or self.closed:
+            return
+        if verdict is Verdict.DEAD:
+            if path_id == self.quic.active_path_id:
+                self._report_dead(path_id, "silent")
+            else:
+                self._fail_standby(path_id)
+        elif verdict is Verdict.ALIVE:
+            self._revive(path_id, facts)
+
+    def _revive(self, path_id: int, facts: _PathFacts) -> None:
+        if facts.machine.state is PathState.FAILED and not facts.rollback_target:
+            self._move(path_id, PathState.VALIDATING)
+            self._move(path_id, PathState.STANDBY)
+
+    def _answered(self, path_id: int, rtt: float) -> None:
+        """A PATH_RESPONSE for a non-active path: it is reachable, and so is its group."""
         facts = self._paths.get(path_id)
         if facts is None:
             return
         facts.rtt = rtt
         facts.validated_at = self._loop.time()
-        if facts.machine.state is PathState.FAILED:
-            self._move(path_id, PathState.VALIDATING)
-            self._move(path_id, PathState.STANDBY)
-
-    def keepalive_dead(self, path_id: int) -> None:
-        self._fail_standby(path_id)
+        if facts.machine.state is PathState.VALIDATING:
+            return  # a probe on request owns this answer
+        self._revive(path_id, facts)
+        if self._groups_on:
+            self._health.answered(self.conn_id, path_id, rtt)
 
     def _fail_standby(self, path_id: int) -> None:
-        """A standby path's keep-alives failed (or ICMP said unreachable): switch() must
+        """A standby path's group was judged dead (or ICMP said unreachable): switch() must
         re-validate it first."""
         facts = self._paths.get(path_id)
         if facts is None or facts.rollback_target:
@@ -394,12 +464,13 @@ class ConnectionActor(Actor):
             rtt = f.rtt
             if pid == active and self.quic.smoothed_rtt is not None:
                 rtt = self.quic.smoothed_rtt
-            health, stats = f.actor.health, f.actor.stats
+            stats = f.actor.stats
+            verdict = self._health.verdict(self.conn_id, pid) if self._groups_on else None
             out[pid] = PathSample(
                 rtt,
                 stats.bytes_sent,
                 stats.bytes_received,
-                health.score() if health is not None else None,
+                _RANK[verdict] if verdict is not None else None,
                 stats.datagrams_sent,
                 stats.datagrams_received,
                 stats.probes_sent,
@@ -414,14 +485,19 @@ class ConnectionActor(Actor):
         self.quic.receive_datagram(data, PathAddr(addr, path_id), _now())
         if self._unreachable:
             self._unreachable.discard(path_id)  # it delivers again
+        if self._asked:
+            asked = self._asked.pop(path_id, None)
+            if asked is not None:  # the active path delivers after a group's PING
+                self._health.answered(self.conn_id, path_id, None)
         self._after_input()
 
     def path_error(self, path_id: int, exc: OSError) -> None:
         if exc.errno in UNREACHABLE_ERRNOS:
             self._unreachable.add(path_id)
-            self._health_wake.set()  # the active path may have just died: judge now
             if self.options.health is not None:
+                self._health.missed(self.conn_id, path_id)
                 self._fail_standby(path_id)
+                self._look_soon()  # the active path may have just died: judge now
         self._changed.set()
 
     def _after_input(self) -> None:
@@ -435,6 +511,7 @@ class ConnectionActor(Actor):
                     facts.asymmetric = response.asymmetric
                     self._publish_soon()
                 facts.actor.path_response(response.rtt)
+                self._answered(response.path_id, response.rtt)
         if quic.handshake_confirmed and not self._confirmed.is_set():
             self._confirmed.set()
         if quic.spare_peer_cids != self._published_spares:
@@ -492,14 +569,18 @@ class ConnectionActor(Actor):
         if self.closed and not self.quic.close_pending:
             return
         now = _now()
-        if self._watch_idle:
-            self._watch_idle = False
-            self._health_wake.set()  # sending again: silence means something from now on
         active = self.quic.active_path_id if self.quic.path_count else None
+        sent = False
         for data, addr in self.quic.datagrams_to_send(now):
             facts = self._paths.get(getattr(addr, "path_id", active if active is not None else -1))
             if facts is not None:
                 facts.actor.send(data)
+                sent = True
+        if sent and self._live_at is None and self.options.health is not None:
+            # Sending again: silence means something from now on; look when it could matter.
+            config = self.options.health
+            pto = self.quic.probe_timeout()
+            self._look_soon(now + max(config.degraded_ptos * pto, config.min_silence / 2))
         for stream_id, stream in list(self.streams.items()):
             stream.poke_writable()
             if stream.finished and not self.quic.has_stream(stream_id):
@@ -528,8 +609,12 @@ class ConnectionActor(Actor):
         self._timer = None
         self._timer_at = None
         now = _now()
-        if self.options.idle_keepalive and self._confirmed.is_set():
-            self.quic.send_idle_keepalive(now, next(self._ping_ids))
+        if (
+            self.options.idle_keepalive
+            and self._confirmed.is_set()
+            and self.quic.send_idle_keepalive(now, next(self._ping_ids))
+        ):
+            self._health.count("idle")
         self.quic.handle_timer(now)  # checks each of its deadlines: early is harmless
         self._after_input()
 
@@ -619,67 +704,83 @@ class ConnectionActor(Actor):
 
         return self.spawn(run(), name=name)
 
-    async def _watch_active(self, config: HealthConfig) -> None:
-        """Judge the active path from what arrives while data is outstanding (no probes).
+    # ------------------------------------------------------------------ active-path liveness
 
-        Degraded and back is a state change; dead is reported once to the supervisor, whose
-        failover policy decides what to do. When idle, a PING now and then keeps the
-        judgement meaningful (the PING is non-probing, which is fine on the active path).
+    def _look_soon(self, at: float | None = None) -> None:
+        """Judge the active path at ``at`` (now by default) on the node's one timer: no task
+        per connection, and none at all while it is idle."""
+        if self.options.health is None or self.closed:
+            return
+        at = _now() if at is None else at
+        if self._live_at is not None and self._live_at <= at:
+            return
+        self._live_at = at
+        self._health.schedule(("live", self.conn_id), at, self._look)
+
+    def _look(self) -> None:
+        """Judge the active path from what arrived while data was outstanding (no probes).
+
+        Degraded and back is a state change; dead is reported once to the supervisor (whose
+        failover policy decides) and to the path's health group, which confirms it for every
+        connection that shares its fate. Silence counts only for time the loop could read.
+        The next look is at the time the judgement could change; an idle path gets none until
+        it sends again (its group and the idle PING watch it meanwhile).
         """
-        judge = ActiveLiveness(config)
-        await self._wait_confirmed()
-        wait = 0.0
-        while not self.closed:
-            self._health_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._health_wake.wait()
-            self._watch_idle = False
-            pto = self.quic.probe_timeout()
-            wait = min(max(pto / 2, 0.02), 0.1)
-            if self.closed:
-                return
-            active = self.quic.active_path_id
-            state = self.path_state(active)
-            if state is PathState.CLOSED:
-                continue
-            now = _now()
-            last = self.quic.last_rx(active)
-            outstanding = self.quic.outstanding_since()
-            if judge.needs_keepalive(now=now, last_receive=last, outstanding_since=outstanding):
-                self.quic.send_ping(next(self._ping_ids))
-                self._schedule_flush()
-                continue
-            if outstanding is None and active not in self._unreachable:
-                # Idle: nothing to judge until the keep-alive is due, or until we send
-                # something (_flush wakes us), so idle connections cost no wake-ups.
-                since = last if last is not None else now
-                wait = max(since + config.active_keepalive - now, wait)
-                self._watch_idle = True
-                if state is PathState.DEGRADED:
-                    self._move(active, PathState.ACTIVE)
-                continue
-            verdict = judge.judge(
-                now=now,
-                last_receive=last,
-                outstanding_since=outstanding,
-                pto=pto,
-                unreachable=active in self._unreachable,
-            )
-            if verdict is Liveness.ACTIVE:
-                self._dead_reported = None
-                if state is PathState.DEGRADED:
-                    self._move(active, PathState.ACTIVE)
-            elif verdict is Liveness.DEGRADED:
-                if state is PathState.ACTIVE:
-                    self._move(active, PathState.DEGRADED)
-            elif self._dead_reported != active:
-                self._dead_reported = active
-                if state is PathState.ACTIVE:
-                    self._move(active, PathState.DEGRADED)
-                self._publish()  # the policy reads the view the report is about
-                reason = "unreachable" if active in self._unreachable else "silent"
-                self._notify(ActivePathDead(self.conn_id, active, reason))
+        self._live_at = None
+        config = self.options.health
+        if config is None or self.closed or not self._confirmed.is_set():
+            return
+        active = self.quic.active_path_id
+        state = self.path_state(active)
+        if state is PathState.CLOSED:
+            return
+        now = _now()
+        unreachable = active in self._unreachable
+        outstanding = self.quic.outstanding_since()
+        if outstanding is None and not unreachable:
+            self._dead_reported = None
+            if state is PathState.DEGRADED:
+                self._move(active, PathState.ACTIVE)
+            return
+        last = self.quic.last_rx(active)
+        pto = self.quic.probe_timeout()
+        since = (
+            now
+            if outstanding is None
+            else (outstanding if last is None else max(last, outstanding))
+        )
+        heard = since + self._health.lag.discounted_silence(since, now)
+        verdict = ActiveLiveness(config).judge(
+            now=heard,
+            last_receive=last,
+            outstanding_since=outstanding,
+            pto=pto,
+            unreachable=unreachable,
+        )
+        if verdict is Liveness.ACTIVE:
+            self._dead_reported = None
+            if state is PathState.DEGRADED:
+                self._move(active, PathState.ACTIVE)
+            next_at = since + max(config.degraded_ptos * pto, config.min_silence / 2)
+        elif verdict is Liveness.DEGRADED:
+            if state is PathState.ACTIVE:
+                self._move(active, PathState.DEGRADED)
+            next_at = since + max(config.dead_ptos * pto, config.min_silence)
+        else:
+            if self._dead_reported != active and self._groups_on:
+                self._health.suspect(self.conn_id, active)
+            self._report_dead(active, "unreachable" if unreachable else "silent")
+            next_at = now + max(pto, config.min_silence)  # watch for it coming back
+        self._look_soon(max(next_at, now + 0.005))
+
+    def _report_dead(self, active: int, reason: str) -> None:
+        if self._dead_reported == active:
+            return
+        self._dead_reported = active
+        if self.path_state(active) is PathState.ACTIVE:
+            self._move(active, PathState.DEGRADED)
+        self._publish()  # the policy reads the view the report is about
+        self._notify(ActivePathDead(self.conn_id, active, reason))
 
     async def _connect(self, timeout: float) -> None:
         deadline = self._loop.time() + timeout
@@ -750,6 +851,17 @@ class ConnectionActor(Actor):
             raise
         self._start_path(path_id, sock, asked, remote)
         return path_id
+
+    def _stale(self, path_id: int, facts: _PathFacts) -> bool:
+        """Validated too long ago to switch to without a re-probe? Its group's answers count:
+        paths that share fate are as fresh as the group's latest answer."""
+        fresh = facts.validated_at
+        group = self._health.last_answer(self.conn_id, path_id) if self._groups_on else None
+        if group is not None:
+            # The node's clock is the connections' (_now); validated_at is the loop's.
+            group += self._loop.time() - _now()
+            fresh = group if fresh is None else max(fresh, group)
+        return fresh is None or self._loop.time() - fresh > self.options.stale_after
 
     def _live_paths(self) -> list[_PathFacts]:
         return [f for f in self._paths.values() if f.machine.state is not PathState.CLOSED]
@@ -839,8 +951,7 @@ class ConnectionActor(Actor):
         if target.machine.state is not PathState.STANDBY:
             raise PathNotValidatedError(_fmt(target.local), state=target.machine.state)
         reprobe = None
-        now = self._loop.time()
-        if target.validated_at is None or now - target.validated_at > self.options.stale_after:
+        if self._stale(msg.path_id, target):
             reprobe = await self._probe(msg.path_id, msg.probe_timeout)
         old = self._paths[active]
         t0 = _now()
@@ -877,7 +988,7 @@ class ConnectionActor(Actor):
                     # Back on a path judged dead: judge it afresh, so it is reported (degraded,
                     # ActivePathDead) again if it still is, and the failover keeps looking.
                     self._dead_reported = None
-                    self._health_wake.set()
+                    self._look_soon()
         if not confirmed:
             self.check_open()
             self._move(msg.path_id, PathState.FAILED)
@@ -892,9 +1003,9 @@ class ConnectionActor(Actor):
         target.validated_at = self._loop.time()
         self.remote = target.remote  # new paths follow the server where it now is
         if failover:
-            # Failed over from: its keep-alives tell when (if) it comes back.
+            # Failed over from: its group tells when (if) it comes back (a failed member is
+            # re-tried first in its group's rotation).
             self._move(active, PathState.FAILED)
-            old.actor.failed_over(unreachable=active in self._unreachable)
             self.quic.invalidate_path(active)
             self._dead_reported = None
         return Switched(
@@ -958,6 +1069,8 @@ class ConnectionActor(Actor):
         for path_id, facts in list(self._paths.items()):
             facts.actor.connection_closed(error)
             self._move(path_id, PathState.CLOSED)
+        self._health.unregister(self.conn_id, list(self._paths))
+        self._health.cancel(("live", self.conn_id))
         self._publish()
         self._notify(ConnectionEnded(self.conn_id, error_code, error.reason or "", by_peer))
         self.ref.request_stop()
@@ -965,6 +1078,16 @@ class ConnectionActor(Actor):
 
 def _addr(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
     return str(sockaddr[0]), int(sockaddr[1])
+
+
+def _ip(sockaddr: tuple[Any, ...]) -> str:
+    host = str(sockaddr[0])
+    return host[7:] if host.startswith("::ffff:") else host
+
+
+#: Failover order of a path by its group's verdict (PathSample.health_rank). A suspicion is
+#: not a verdict: it is often the failing path's own report, its group not yet confirming it.
+_RANK = {Verdict.ALIVE: 0, Verdict.SUSPECT: 0, Verdict.DEAD: 1}
 
 
 def _ns(times: list[float]) -> tuple[int, ...]:

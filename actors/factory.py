@@ -17,6 +17,7 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from actors.connection import MAX_PATHS, ConnectionActor, ConnectionOptions
 from actors.health import HealthConfig
+from actors.node_health import HealthStatus, NodeHealth
 from actors.path import ProbeSchedule
 from actors.ports import ConnectionPort
 from actors.runtime import Actor
@@ -26,7 +27,9 @@ __all__ = [
     "MAX_PATHS",
     "ConnectionOptions",
     "HealthConfig",
+    "HealthStatus",
     "NewConnection",
+    "NodeHealth",
     "ProbeSchedule",
     "new_connection",
 ]
@@ -49,9 +52,11 @@ def new_connection(
     on_changes: Callable[[ConnectionView, tuple[PathChange, ...]], None],
     notify: Callable[[object], None],
     options: ConnectionOptions | None = None,
+    health: NodeHealth | None = None,
 ) -> NewConnection:
     """A client connection over ``first_socket`` to ``remote`` (not started: spawn it, then
-    ask ``Connect``). See :class:`actors.connection.ConnectionActor` for the callbacks."""
+    ask ``Connect``). See :class:`actors.connection.ConnectionActor` for the callbacks;
+    ``health`` is the node's (one per supervisor, shared by all its connections)."""
     actor = ConnectionActor(
         conn_id=conn_id,
         configuration=configuration,
@@ -61,5 +66,6 @@ def new_connection(
         on_changes=on_changes,
         notify=notify,
         options=options,
+        health=health,
     )
     return NewConnection(actor, actor.cell, ConnectionPort(actor))

@@ -16,7 +16,16 @@ Each group is in one explicit state (:class:`~actors.health.Verdict`):
 
 Any answer from any member clears the suspicion (a DEAD group fans out ALIVE). A probe that
 outlived an answer says nothing: misses count only since the last answer (an epoch). Silence
-counts only for time the loop could read (:class:`~actors.scheduler.LagMeter`).
+counts only for time the loop could read (:class:`~actors.scheduler.LagMeter`). The owner's own
+evidence (a connection that judged its active path dead) counts as a miss too (:meth:`suspect`),
+so one connection's detection starts the confirmation for all that share its fate.
+
+Two duties are per member because they cannot be shared: a member marked ``failed`` (by its own
+evidence) goes first in the rotation, so it is re-tried within an interval or two rather than
+once per round of a thousand members; and a member with ``nat=True`` (a standby path: NAT
+bindings are per 5-tuple) gets a NAT keep-alive every ``nat_interval`` (jittered) unless the
+rotation asked it something meanwhile. NAT keep-alives are not judged: their answers count,
+their silence does not.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class GroupKey:
 class ProbeReason(StrEnum):
     REPRESENTATIVE = "representative"  # the rotation's one probe per interval
     CONFIRM = "confirm"  # a sample member, after a miss
+    NAT = "nat"  # a standby path's own NAT keep-alive (not judged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,9 @@ class GroupConfig:
     threshold: int = 3
     confirm_batch: int = 2
     confirm_pace: float = 0.25
+    #: NAT keep-alive period of ``nat=True`` members (RFC 9000 10.1.2: 30 s suits most
+    #: middleboxes), jittered by ``jitter``; None: none.
+    nat_interval: float | None = 30.0
 
     def __post_init__(self) -> None:
         if not (self.interval > 0 and 0 <= self.jitter < 1):
@@ -79,6 +92,8 @@ class GroupConfig:
             raise ValueError("threshold must be >= 2: one miss is never a verdict")
         if self.confirm_batch < 1 or self.confirm_pace < 0:
             raise ValueError("need confirm_batch >= 1 and confirm_pace >= 0")
+        if self.nat_interval is not None and not self.nat_interval > 0:
+            raise ValueError("nat_interval must be > 0 (or None for no NAT keep-alives)")
 
     @classmethod
     def from_health(cls, health: HealthConfig) -> GroupConfig:
@@ -88,6 +103,7 @@ class GroupConfig:
             answer_rtts=health.keepalive_rtts,
             min_wait=health.min_wait,
             threshold=max(2, health.failures_to_fail),
+            nat_interval=health.nat_keepalive,
         )
 
 
@@ -145,6 +161,8 @@ class _Group:
     pos: int = 0
     rtt: float | None = None
     rtt_var: float = 0.0
+    last_answer: float | None = None
+    failed: dict[Hashable, None] = field(default_factory=dict)  # re-tried first, in turn
 
 
 class HealthGroups:
@@ -164,6 +182,7 @@ class HealthGroups:
         self._groups: dict[GroupKey, _Group] = {}
         self._member_group: dict[Hashable, GroupKey] = {}
         self._timers: Scheduler[tuple[str, Hashable], None] = Scheduler()
+        self._asked_at: dict[Hashable, float] = {}  # nat members: when last asked anything
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -175,14 +194,42 @@ class HealthGroups:
         outstanding = tuple((m, p.reason) for m, p in g.probes.items())
         return GroupStatus(g.state, len(g.members), g.misses, outstanding)
 
+    @property
+    def members(self) -> int:
+        return len(self._member_group)
+
+    @property
+    def timers(self) -> int:
+        return len(self._timers)
+
+    def verdict_of(self, member: Hashable) -> Verdict | None:
+        key = self._member_group.get(member)
+        return None if key is None else self._groups[key].state
+
+    def last_answer(self, member: Hashable) -> float | None:
+        """When the member's group last heard from any member: shared-fate freshness."""
+        key = self._member_group.get(member)
+        return None if key is None else self._groups[key].last_answer
+
     def next_deadline(self) -> float | None:
         return self._timers.next_deadline()
 
-    def add(self, member: Hashable, key: GroupKey, now: float) -> Verdict:
+    def add(
+        self,
+        member: Hashable,
+        key: GroupKey,
+        now: float,
+        *,
+        nat: bool = False,
+        failed: bool = False,
+    ) -> Verdict:
         """Join ``member`` to ``key``'s group (leaving any other); returns the group's verdict.
-        A new group probes first at a random phase of the interval, so groups spread out."""
+        A new group probes first at a random phase of the interval, so groups spread out.
+        Joining again with other flags only updates them."""
         if self._member_group.get(member) == key:
-            return self._groups[key].state
+            same = self._groups[key]
+            self._flag(same, member, nat=nat, failed=failed, now=now)
+            return same.state
         self.remove(member)
         g = self._groups.get(key)
         if g is None:
@@ -191,7 +238,21 @@ class HealthGroups:
             self._timers.schedule(("probe", key), now + phase, None)
         g.members[member] = None
         self._member_group[member] = key
+        self._flag(g, member, nat=nat, failed=failed, now=now)
         return g.state
+
+    def _flag(self, g: _Group, member: Hashable, *, nat: bool, failed: bool, now: float) -> None:
+        if failed:
+            g.failed[member] = None
+        else:
+            g.failed.pop(member, None)
+        interval = self.config.nat_interval
+        if nat and interval is not None:
+            if member not in self._asked_at:
+                self._asked_at[member] = now
+                self._timers.schedule(("nat", member), now + self._jittered(interval), None)
+        elif self._asked_at.pop(member, None) is not None:
+            self._timers.cancel(("nat", member))
 
     def remove(self, member: Hashable) -> None:
         """Forget ``member`` and its outstanding probe; an empty group goes away."""
@@ -202,6 +263,9 @@ class HealthGroups:
         self._settle(g, member)
         del g.members[member]
         g.tried.discard(member)
+        g.failed.pop(member, None)
+        if self._asked_at.pop(member, None) is not None:
+            self._timers.cancel(("nat", member))
         if not g.members:
             del self._groups[key]
             self._timers.cancel(("probe", key))
@@ -216,6 +280,9 @@ class HealthGroups:
         for (kind, ref), _ in self._timers.due(now):
             if kind == "timeout":
                 self._timeout(ref, now, out)
+                continue
+            if kind == "nat":
+                self._nat(ref, now, out)
                 continue
             assert isinstance(ref, GroupKey)
             if kind == "probe":
@@ -239,6 +306,7 @@ class HealthGroups:
                 g.rtt = 0.875 * g.rtt + 0.125 * rtt
         g.epoch += 1
         g.misses = 0
+        g.last_answer = now
         g.tried.clear()
         self._timers.cancel(("confirm", key))
         was, g.state = g.state, Verdict.ALIVE
@@ -255,7 +323,50 @@ class HealthGroups:
             self._missed(self._groups[key], member, now, out)
         return out
 
+    def suspect(self, member: Hashable, now: float) -> list[Command]:
+        """The owner's own evidence that ``member`` is silent (a connection judged its active
+        path dead): one miss for the group, which starts confirming as after a probe's miss."""
+        key = self._member_group.get(member)
+        out: list[Command] = []
+        if key is None:
+            return out
+        g = self._groups[key]
+        g.misses += 1
+        if g.state is Verdict.ALIVE:
+            g.state = Verdict.SUSPECT
+            g.tried = {member}
+        if g.state is Verdict.SUSPECT and g.misses >= self.config.threshold:
+            self._declare_dead(g, out)
+        self._confirm(g, now, out)
+        return out
+
+    def withdraw(self, member: Hashable, now: float) -> list[Command]:
+        """The probe of ``member`` could not be sent (no CID, closing): it proves nothing
+        either way; the confirmation asks someone else if it still needs an answer."""
+        key = self._member_group.get(member)
+        out: list[Command] = []
+        if key is not None and self._settle(self._groups[key], member) is not None:
+            self._confirm(self._groups[key], now, out)
+        return out
+
     # ------------------------------------------------------------------ internals
+
+    def _jittered(self, interval: float) -> float:
+        j = self.config.jitter
+        return interval * (1 + self._rng.uniform(-j, j))
+
+    def _nat(self, member: Hashable, now: float, out: list[Command]) -> None:
+        interval = self.config.nat_interval
+        key = self._member_group.get(member)
+        if interval is None or key is None or member not in self._asked_at:
+            return
+        due = self._asked_at[member] + interval
+        if due <= now and member not in self._groups[key].probes:
+            self._asked_at[member] = now
+            out.append(ProbeMember(key, member, ProbeReason.NAT))
+            due = now + interval
+        # Asked by the rotation meanwhile (or busy being asked): look again a period later.
+        self._timers.schedule(("nat", member), due + self._jittered(interval) - interval, None)
 
     def _representative(self, g: _Group, now: float, out: list[Command]) -> None:
         jitter = self._rng.uniform(-self.config.jitter, self.config.jitter)
@@ -268,6 +379,11 @@ class HealthGroups:
             self._probe(g, member, ProbeReason.REPRESENTATIVE, now, out)
 
     def _next_in_rotation(self, g: _Group) -> Hashable | None:
+        for member in g.failed:  # its own evidence failed it: re-try it first, in turn
+            if member not in g.probes:
+                del g.failed[member]
+                g.failed[member] = None  # to the back of the failed members' queue
+                return member
         for _ in range(2):  # the rest of this round, then one fresh round
             while g.pos < len(g.rotation):
                 member = g.rotation[g.pos]
@@ -312,6 +428,8 @@ class HealthGroups:
         if g.rtt is not None:
             wait = max(c.min_wait, c.answer_rtts * g.rtt + 4 * g.rtt_var)
         g.probes[m] = _Probe(why, now, wait, g.epoch)
+        if m in self._asked_at:
+            self._asked_at[m] = now  # a question is also a NAT keep-alive
         self._timers.schedule(("timeout", m), now + wait, None)
         out.append(ProbeMember(g.key, m, why))
 
@@ -334,10 +452,13 @@ class HealthGroups:
                 g.state = Verdict.SUSPECT
                 g.tried = {member}
             if g.state is Verdict.SUSPECT and g.misses >= self.config.threshold:
-                g.state = Verdict.DEAD
-                self._timers.cancel(("confirm", g.key))
-                out.append(GroupVerdict(g.key, Verdict.DEAD, tuple(g.members)))
+                self._declare_dead(g, out)
         self._confirm(g, now, out)  # also after a stale miss: its member may be needed
+
+    def _declare_dead(self, g: _Group, out: list[Command]) -> None:
+        g.state = Verdict.DEAD
+        self._timers.cancel(("confirm", g.key))
+        out.append(GroupVerdict(g.key, Verdict.DEAD, tuple(g.members)))
 
     def _settle(self, g: _Group, member: Hashable) -> _Probe | None:
         probe = g.probes.pop(member, None)

@@ -1,10 +1,14 @@
-"""PathActor: one local UDP socket of a connection and that path's probe loop.
+"""PathActor: one local UDP socket of a connection and that path's probe on request.
 
 The socket is read by an asyncio datagram protocol that hands each datagram to the
 ConnectionActor with a direct synchronous call (no mailbox hop per datagram: DESIGN section 1).
 Control (probe, close) goes through the mailbox. The probe loop decides when to send a challenge
 and for how long to wait; the ConnectionActor builds the challenge (it owns all packet building),
 hands it back, and tells the path when a PATH_RESPONSE arrived on this socket.
+
+Keep-alives are not the path's: the node's health groups (``actors/node_health.py``) ask one
+path per group and interval through the connection, so an idle path has no task, no timer and,
+while its mailbox is empty, no reader task either (``parks_when_idle``).
 """
 
 from __future__ import annotations
@@ -16,19 +20,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actors.errors import ConnectionClosedError, MigrationError, ProbeTimeoutError
-from actors.flag import Flag
-from actors.health import HealthConfig, PathHealth, Verdict
+from actors.errors import ConnectionClosedError, ProbeTimeoutError
 from actors.messages import EmitChallenge, StartProbe
 from actors.path_state import PathState
-from actors.runtime import Actor, ActorError, ActorRef, Later
+from actors.runtime import Actor, ActorRef, Later
 
 
 class PathOwner(Protocol):
     """The path's ConnectionActor, called synchronously (same loop, no mailbox hop).
 
     It owns the path's state: the path reports what it saw (datagrams, socket errors, probe
-    and keep-alive outcomes) and reads its state back; it never sets it.
+    outcomes) and reads its state back; it never sets it.
     """
 
     def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None: ...
@@ -42,10 +44,6 @@ class PathOwner(Protocol):
     def probe_answered(self, path_id: int, rtt: float) -> None: ...
 
     def probe_failed(self, path_id: int, before: PathState, *, timed_out: bool) -> None: ...
-
-    def keepalive_answered(self, path_id: int, rtt: float) -> None: ...
-
-    def keepalive_dead(self, path_id: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -108,6 +106,8 @@ class _PathProtocol(asyncio.DatagramProtocol):
 class PathActor(Actor):
     """Owns one UDP socket; the ConnectionActor is its parent."""
 
+    parks_when_idle = True  # mail is rare (a probe on request): no reader task in between
+
     def __init__(
         self,
         *,
@@ -117,7 +117,6 @@ class PathActor(Actor):
         owner: PathOwner,
         conn: ActorRef,
         schedule: ProbeSchedule | None = None,
-        health: HealthConfig | None = None,
     ) -> None:
         self.path_id = path_id
         self.sock = sock
@@ -132,10 +131,6 @@ class PathActor(Actor):
         self._response: asyncio.Future[float] | None = None
         self._probe_task: asyncio.Task[float] | None = None
         self.stats = PathStats()
-        #: Keep-alive evidence (None: no keep-alives, the path is only probed on request).
-        self.health = PathHealth(health) if health is not None else None
-        self._keepalive_idle = Flag()
-        self._keepalive_idle.set()
         # Resolved once asyncio owns the socket (``on_start``): a datagram sent before is lost.
         # A future made on demand, not an Event: most paths never wait, and an Event's deque
         # costs ~0.6 KiB per path (bench B4 counts RSS per connection).
@@ -152,8 +147,6 @@ class PathActor(Actor):
         self._protocol = protocol
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
-        if self.health is not None:
-            self.spawn(self._keepalive_loop(), name="keepalive")
 
     async def on_stop(self) -> None:
         self._fail_response(ConnectionClosedError(reason="path closed"))
@@ -203,28 +196,13 @@ class PathActor(Actor):
         # immediate evidence about this path's health.
         if exc.errno in UNREACHABLE_ERRNOS:
             self._fail_response(exc)
-            if self.health is not None:
-                self.health.on_unreachable()
         self._owner.path_error(self.path_id, exc)  # it decides what the evidence means
 
     def path_response(self, rtt: float) -> None:
-        """Called by the connection when a PATH_RESPONSE for this path arrived on its socket."""
+        """Called by the connection when a PATH_RESPONSE for this path arrived on its socket
+        (the connection also keeps it as evidence for the path's health group)."""
         if self._response is not None and not self._response.done():
             self._response.set_result(rtt)
-        elif self.health is not None:
-            # A keep-alive answered after we stopped waiting (a busy loop, a slow path) is
-            # still proof of life: count it (the owner revives a failed path).
-            self.health.on_answer(rtt, asyncio.get_running_loop().time())
-            self._owner.keepalive_answered(self.path_id, self.health.rtt or rtt)
-
-    def failed_over(self, *, unreachable: bool) -> None:
-        """The connection moved off this path because it was dead: record that evidence, so
-        the path ranks last until its keep-alives are answered again."""
-        if self.health is not None:
-            if unreachable:
-                self.health.on_unreachable()
-            else:
-                self.health.on_lost()
 
     def connection_closed(self, exc: BaseException) -> None:
         self._fail_response(exc)
@@ -242,70 +220,10 @@ class PathActor(Actor):
             return Later(self._probe_task)
         return await super().receive(msg)
 
-    # ------------------------------------------------------------------ keep-alive
-
-    async def _keepalive_loop(self) -> None:
-        """PATH_CHALLENGE keep-alives on standby and failed paths (a PING would make the peer
-        migrate to this path). Standby paths stay standby while answered (no event per
-        keep-alive); unanswered ones fail; a failed path that answers is standby again."""
-        assert self.health is not None
-        health = self.health
-        while True:
-            await asyncio.sleep(health.next_keepalive())  # a timer, not synchronisation
-            if self.state not in (PathState.STANDBY, PathState.FAILED):
-                continue
-            if self._probe_task is not None and not self._probe_task.done():
-                continue  # a probe is already asking the same question
-            self._keepalive_idle.clear()
-            try:
-                answered = await self._keepalive_once(health)
-            finally:
-                self._keepalive_idle.set()
-            if answered:
-                self._owner.keepalive_answered(self.path_id, health.rtt or 0.0)
-            elif health.verdict is Verdict.DEAD:
-                self._owner.keepalive_dead(self.path_id)
-
-    async def _keepalive_once(self, health: PathHealth) -> bool:
-        loop = asyncio.get_running_loop()
-        self._response = loop.create_future()
-        try:
-            try:
-                datagrams = await self._conn.ask(EmitChallenge(self.path_id), timeout=None)
-            except (MigrationError, ActorError):
-                return False  # no CID, or the connection is going: nothing to learn now
-            except ValueError:
-                if self.state in (PathState.STANDBY, PathState.FAILED):
-                    raise
-                # Switched to while the question was on its way (the active path is judged
-                # from the traffic it carries and is never challenged): nothing learnt.
-                return False
-            assert isinstance(datagrams, list)
-            for data in datagrams:
-                self.send(data)
-            self.stats.probes_sent += 1
-            try:
-                async with asyncio.timeout(health.answer_wait()):
-                    rtt = await self._response
-            except TimeoutError:
-                if self.state in (PathState.STANDBY, PathState.FAILED):
-                    health.on_lost()  # not when it became the active path meanwhile
-                return False
-            except OSError:
-                health.on_unreachable()
-                return False
-            except MigrationError:
-                return False  # the connection closed while we waited
-            health.on_answer(rtt, loop.time())
-            return True
-        finally:
-            self._response = None
-
     # ------------------------------------------------------------------ probe on request
 
     async def _probe(self, timeout: float) -> float:
         """Challenge until answered or ``timeout``; returns the probe RTT."""
-        await self._keepalive_idle.wait()  # one outstanding question per path at a time
         loop = asyncio.get_running_loop()
         self.stats.probe_try_times = []
         before = self.state
@@ -336,8 +254,6 @@ class PathActor(Actor):
                         raise ProbeTimeoutError(_fmt(self.local), timeout=timeout) from None
                     wait = min(wait * self._schedule.backoff, self._schedule.max_wait)
                     continue
-                if self.health is not None:
-                    self.health.on_answer(rtt, loop.time())
                 self._owner.probe_answered(self.path_id, rtt)
                 return rtt
         except (ProbeTimeoutError, OSError) as exc:

@@ -104,8 +104,9 @@ class PathSample:
     rtt: float | None  # the active path: the connection's smoothed RTT; others: the last probe
     bytes_sent: int
     bytes_received: int
-    #: Failover ordering from keep-alive evidence: (rank alive/suspect/dead, loss, rtt).
-    health: tuple[int, float, float] | None = None
+    #: Failover order from the path's health group: 0 alive or suspect, 1 dead (None: no
+    #: failover policy, or a path outside any group: new, validating).
+    health_rank: int | None = None
     datagrams_sent: int = 0
     datagrams_received: int = 0
     #: PATH_CHALLENGEs sent on this path (probes and keep-alives).

@@ -19,7 +19,7 @@ from multiaddr import Multiaddr
 
 from actors.envelope import CODEC_VERSION, Envelope, type_name
 from actors.errors import InvalidArgumentError, SupervisorClosedError
-from actors.factory import ConnectionOptions
+from actors.factory import ConnectionOptions, HealthStatus
 from actors.messages import Close
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
@@ -34,6 +34,7 @@ from supervisor.handles import Connection
 from supervisor.messages import (
     ConnectionSnapshot,
     DialRequest,
+    HealthStatusRequest,
     MigrationStats,
     StatsRequest,
 )
@@ -333,6 +334,13 @@ class Supervisor:
         await listener.start(addr, config)
         self._listeners.append(listener)
         return listener
+
+    async def health_status(self) -> HealthStatus:
+        """The node's health groups at work: groups, members, live timers, keep-alives sent
+        by kind (representative, confirm, nat, idle), verdicts, recent loop lag."""
+        status = await self.ask(HealthStatusRequest())
+        assert isinstance(status, HealthStatus)
+        return status
 
     async def migration_stats(self) -> MigrationStats:
         """How this supervisor's migrations ended (completed, failed by outcome, rate)."""

@@ -32,12 +32,18 @@ class FailoverPolicy:
     #: How long the re-probe of a stale failover target may take (a switch never waits on
     #: the caller's default 5 s when the policy says otherwise).
     probe_timeout: float = 2.0
+    #: NAT keep-alive period of each standby path (jittered by ``jitter``). NAT bindings are
+    #: per 5-tuple, so this one duty cannot be shared by a health group; RFC 9000 10.1.2
+    #: notes 30 s suits most middleboxes (UDP bindings often last 30-120 s). None: none.
+    nat_keepalive: float | None = 30.0
 
     def __post_init__(self) -> None:
         from supervisor import validate
 
         for name in ("keepalive_interval", "dead_after_ptos", "min_silence", "probe_timeout"):
             validate.duration(name, getattr(self, name))
+        if self.nat_keepalive is not None:
+            validate.duration("nat_keepalive", self.nat_keepalive)
         validate.duration("hysteresis", self.hysteresis, allow_zero=True)
         validate.duration("jitter", self.jitter, allow_zero=True, maximum=0.9)
         validate.count("failures_to_fail", self.failures_to_fail, minimum=1, maximum=1000)
@@ -55,4 +61,5 @@ class FailoverPolicy:
             dead_ptos=self.dead_after_ptos,
             degraded_ptos=min(1.5, self.dead_after_ptos),
             min_silence=self.min_silence,
+            nat_keepalive=self.nat_keepalive,
         )

@@ -98,7 +98,7 @@ class FailoverController:
         return local[0] == ip and (port == 0 or local[1] == port)
 
     def candidates(self, conn_id: str, view: ConnectionView) -> list[PathView]:
-        """Validated standby paths, best first: alive, preferred, lower loss, lower RTT."""
+        """Validated standby paths, best first: alive group, preferred, lower RTT."""
         samples = self.port.sample(conn_id)
         paths = [
             p
@@ -106,14 +106,12 @@ class FailoverController:
             if p.path_id != view.active_path_id and p.state is PathState.STANDBY
         ]
 
-        def score(p: PathView) -> tuple[int, int, float, float]:
+        def score(p: PathView) -> tuple[int, int, float]:
             preferred = 0 if self._is_preferred(p.local) else 1
             sample = samples.get(p.path_id)
-            if sample is not None and sample.health is not None:
-                rank, loss, rtt = sample.health
-            else:
-                rank, loss, rtt = 0, 0.0, p.rtt if p.rtt is not None else float("inf")
-            return rank, preferred, loss, rtt
+            rank = sample.health_rank if sample is not None else None
+            rtt = sample.rtt if sample is not None else p.rtt
+            return rank or 0, preferred, rtt if rtt is not None else float("inf")
 
         return sorted(paths, key=score)
 

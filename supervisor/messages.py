@@ -145,6 +145,12 @@ class SwitchReply:
     snapshot: ConnectionSnapshot
 
 
+@dataclass(frozen=True, slots=True)
+class HealthStatusRequest:
+    """Ask for the node's health machinery at work (groups, keep-alives by kind, loop lag):
+    answered in process with ``actors.factory.HealthStatus``."""
+
+
 @message("sup.Stats")
 @dataclass(frozen=True, slots=True)
 class StatsRequest:

@@ -41,7 +41,7 @@ from actors.errors import (
     PathLimitError,
     ProbeTimeoutError,
 )
-from actors.factory import MAX_PATHS, ConnectionOptions, new_connection
+from actors.factory import MAX_PATHS, ConnectionOptions, NodeHealth, new_connection
 from actors.messages import (
     ActivePathDead,
     AddPath,
@@ -86,6 +86,7 @@ from supervisor.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
     DialRequest,
+    HealthStatusRequest,
     MigrationStats,
     PathAddedReply,
     ProbeRequest,
@@ -190,6 +191,8 @@ class SupervisorActor(Actor):
         self.events = events
         self.sockets = sockets  # sockets handed in with sock=, by key
         self.options = options or ConnectionOptions()
+        #: The node's one health timer and its health groups, shared by every connection.
+        self.health = NodeHealth(self.options.health)
         self.conns = registry
         # Operation tags: path changes come back tagged, so their span events land on the
         # span of the operation that caused them (several may wait in a connection's queue).
@@ -204,9 +207,7 @@ class SupervisorActor(Actor):
         port = SupervisorPort(self.conns, self.ref, self.emit, self.spawn)
         if self._make_policy is not None:
             self.policy = self._make_policy(port)
-        self._preferred = PreferredAddressPolicy(
-            port, self._preferred_mode, self._count_preferred
-        )
+        self._preferred = PreferredAddressPolicy(port, self._preferred_mode, self._count_preferred)
 
     def _count_preferred(self, what: str) -> None:
         self._preferred_counts[what] = self._preferred_counts.get(what, 0) + 1
@@ -338,10 +339,10 @@ class SupervisorActor(Actor):
             return Later(self.spawn(self._close_path(msg, parent), name="close-path"))
         if isinstance(msg, CloseConnectionRequest):
             return Later(self.spawn(self._close(msg), name="close"))
+        if isinstance(msg, HealthStatusRequest):
+            return self.health.status()
         if isinstance(msg, StatsRequest):
-            return MigrationStats(
-                self._completed, dict(self._failed), dict(self._preferred_counts)
-            )
+            return MigrationStats(self._completed, dict(self._failed), dict(self._preferred_counts))
         if isinstance(msg, PreferredAddressOffered):
             if self._preferred is not None:
                 self._preferred.on_offer(msg.conn_id, msg.address)
@@ -425,6 +426,7 @@ class SupervisorActor(Actor):
             on_changes=functools.partial(self._on_changes, conn_id),
             notify=self._notify,
             options=self.options,
+            health=self.health,
         )
         entry = ConnectionEntry(
             conn_id=conn_id,
@@ -761,6 +763,7 @@ class SupervisorActor(Actor):
             await self.policy.close()
         for conn_id in list(self.conns):
             self._forget(conn_id)
+        self.health.close()
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()

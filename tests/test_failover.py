@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from actors.health_groups import ProbeReason
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
 from supervisor.errors import MigrationRolledBackError
@@ -24,9 +25,11 @@ from supervisor.events import (
 )
 from tests.rig.aioquic_server import RigServer
 from tests.rig.udp_shim import UdpShim, udp_shim
+from tests.rig.waiting import poll_until
 from tests.support import (
     ChecksummedStream,
     addr_of,
+    connection_actor,
     dial_echo,
     echo_roundtrip,
     event_log,
@@ -152,18 +155,20 @@ async def test_no_usable_path_ends_with_connection_closed_and_nothing_leaked(
     assert fd_count() == fds + len(shim.clients)
 
 
-async def test_keepalive_racing_a_switch_to_its_path_learns_nothing(shim: UdpShim) -> None:
-    """A keep-alive decided while the path was standby can reach the connection after a switch
-    made it active: the connection refuses to challenge the active path, and the keep-alive
-    records nothing (it used to crash the PathActor: found by the fault suite, 200 switches)."""
+async def test_a_group_probe_of_the_active_path_is_a_ping_and_is_answered(
+    shim: UdpShim,
+) -> None:
+    """A health group may pick a path that became active since it joined: the connection
+    asks it with a PING (a PATH_CHALLENGE is for paths that do not carry the connection),
+    and the first datagram back on it answers the group (this used to be a keep-alive that
+    crashed the PathActor: found by the fault suite, 200 switches)."""
     async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
         conn, _first, second = await _two_paths(sup, shim)
         await second.switch()
-        actor = path_actor(conn, second.path_id)  # type: ignore[attr-defined]
-        assert actor.state is PathState.ACTIVE and actor.health is not None
-        failures = actor.health.consecutive_failures
-        assert await actor._keepalive_once(actor.health) is False
-        assert actor.health.consecutive_failures == failures
+        actor = connection_actor(conn)
+        assert actor.health_probe(second.path_id, ProbeReason.REPRESENTATIVE)  # type: ignore[attr-defined]
+        assert second.path_id in actor._asked  # type: ignore[attr-defined]
+        await poll_until(lambda: second.path_id not in actor._asked, timeout=5)
         assert second.info().state is PathState.ACTIVE
         await echo_roundtrip(conn)
 

@@ -1,62 +1,13 @@
-"""Path health without sockets: the verdicts a failover policy acts on."""
+"""Active-path liveness without sockets: the verdicts a failover policy acts on (standby
+paths are judged by health groups: tests/test_health_groups.py)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.health import ActiveLiveness, HealthConfig, Liveness, PathHealth, Verdict
-
-
-def test_consecutive_losses_make_a_standby_path_dead_and_one_answer_revives_it() -> None:
-    health = PathHealth(HealthConfig(failures_to_fail=3))
-    health.on_answer(0.010, now=1.0)
-    health.on_lost()
-    health.on_lost()
-    assert health.verdict is Verdict.SUSPECT
-    health.on_lost()
-    assert health.verdict is Verdict.DEAD
-    health.on_answer(0.012, now=5.0)
-    assert health.verdict is Verdict.ALIVE
-    assert health.loss_ratio == pytest.approx(3 / 5)
-
-
-def test_icmp_unreachable_is_immediate_evidence() -> None:
-    health = PathHealth()
-    health.on_answer(0.01, now=0.0)
-    health.on_unreachable()
-    assert health.verdict is Verdict.DEAD
-
-
-def test_rtt_ewma_follows_rfc6298_gains() -> None:
-    health = PathHealth()
-    health.on_answer(0.100, now=0.0)
-    assert (health.rtt, health.rtt_var) == (0.100, 0.050)
-    health.on_answer(0.020, now=1.0)
-    assert health.rtt == pytest.approx(0.875 * 0.100 + 0.125 * 0.020)
-    assert health.rtt_var == pytest.approx(0.75 * 0.050 + 0.25 * 0.080)
-
-
-def test_keepalive_jitter_stays_in_bounds() -> None:
-    health = PathHealth(HealthConfig(keepalive_interval=1.0, jitter=0.2))
-    rng = random.Random(7)
-    delays = [health.next_keepalive(rng) for _ in range(1000)]
-    assert min(delays) >= 0.8 and max(delays) <= 1.2
-    assert len({round(d, 3) for d in delays}) > 100  # really jittered
-
-
-def test_candidates_sort_healthy_then_low_loss_then_low_rtt() -> None:
-    fast, slow, lossy, dead = (PathHealth() for _ in range(4))
-    fast.on_answer(0.005, now=0)
-    slow.on_answer(0.050, now=0)
-    lossy.on_answer(0.001, now=0)
-    lossy.on_lost()
-    dead.on_unreachable()
-    ranked = sorted([dead, lossy, slow, fast], key=PathHealth.score)
-    assert ranked == [fast, slow, lossy, dead]
+from actors.health import ActiveLiveness, HealthConfig, Liveness
 
 
 def test_active_path_is_not_dead_when_nothing_was_asked_of_it() -> None:
@@ -92,13 +43,6 @@ def test_liveness_is_monotonic_in_silence(pto: float, silence: float) -> None:
     a = judge.judge(now=silence, last_receive=0.0, outstanding_since=0.0, pto=pto)
     b = judge.judge(now=silence * 1.5 + 0.01, last_receive=0.0, outstanding_since=0.0, pto=pto)
     assert order.index(b) >= order.index(a)
-
-
-def test_idle_active_path_asks_for_an_ack_now_and_then() -> None:
-    judge = ActiveLiveness(HealthConfig(active_keepalive=1.0))
-    assert not judge.needs_keepalive(now=5.0, last_receive=4.5, outstanding_since=None)
-    assert judge.needs_keepalive(now=5.0, last_receive=3.9, outstanding_since=None)
-    assert not judge.needs_keepalive(now=5.0, last_receive=0.0, outstanding_since=4.0)
 
 
 @pytest.mark.parametrize(

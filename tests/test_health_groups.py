@@ -491,3 +491,102 @@ def test_state_machine_invariants(
             since_answer[where[x]] = 0
             check(groups.on_answer(x, None, now))
         check([])
+
+
+# ------------------------------------------------------------------ per-member duties
+
+
+def test_nat_keepalives_are_per_standby_member_and_group_probes_per_group() -> None:
+    """Over 300 s: group probes ~1 per group and interval whatever the members; NAT
+    keep-alives one per nat member and period (the one duty that grows with paths), none
+    for members without a NAT binding of their own to keep (the active paths)."""
+    for per_group in (10, 400):
+        net = make(GroupConfig(nat_interval=30.0))
+        for key in (A, B):
+            for i in range(per_group):
+                net.groups.add((key, i), key, net.now, nat=i % 2 == 0)
+        net.run(until=300.0)
+        reasons = net.reasons()
+        assert 0.9 * 2 * 300 <= reasons[ProbeReason.REPRESENTATIVE] <= 1.1 * 2 * 300
+        nat_members = per_group  # half of 2 x per_group
+        periods = 300 / 30
+        # Minus the members the rotation happened to ask within their period.
+        assert reasons[ProbeReason.NAT] <= nat_members * periods * 1.25
+        assert reasons[ProbeReason.NAT] >= nat_members * (periods - 2) - 600
+        nat_probed = {p.member for _, p in net.probes if p.reason is ProbeReason.NAT}
+        assert all(member[1] % 2 == 0 for member in nat_probed)  # type: ignore[index]
+
+
+def test_a_member_asked_by_the_rotation_needs_no_nat_keepalive_that_period() -> None:
+    net = make(GroupConfig(interval=1.0, jitter=0.0, nat_interval=5.0))
+    net.groups.add("only", A, net.now, nat=True)  # the rotation asks it every second
+    net.run(until=60.0)
+    assert net.reasons()[ProbeReason.NAT] == 0
+    assert net.reasons()[ProbeReason.REPRESENTATIVE] >= 55
+
+
+def test_a_failed_member_is_retried_first_in_the_rotation() -> None:
+    net = make(GroupConfig(jitter=0.0))
+    populate(net, [A], 1000)
+    net.run(until=3.0)
+    net.groups.add("lost", A, net.now, failed=True)
+    net.run(until=5.0)
+    reps = [p.member for t, p in net.probes if t > 3.0]
+    assert reps[0] == "lost"  # not after a round of 1000 members
+    net.groups.add("lost", A, net.now, failed=False)  # it answered: back to its turn
+    net.run(until=10.0)
+    assert [p.member for t, p in net.probes if t > 5.0].count("lost") == 0
+
+
+def test_a_connections_own_dead_judgement_starts_the_groups_confirmation() -> None:
+    """One connection judged its active path dead: its group confirms with a paced sample,
+    and only the sample's silence makes the verdict that moves everyone."""
+    net = make(GroupConfig(threshold=3, confirm_batch=2))
+    members = populate(net, [A], 50)
+    go_dead(net)
+    net.feed(net.groups.suspect(members[0], net.now))
+    status = net.groups.status(A)
+    assert status is not None and status.state is Verdict.SUSPECT and status.misses == 1
+    assert net.verdicts == []
+    confirm = net.reasons()[ProbeReason.CONFIRM]
+    assert confirm == 2  # one batch at once, only as many as still needed
+    net.run_until_state(A, Verdict.DEAD)
+    ((_, verdict),) = net.verdicts
+    assert set(verdict.members) == set(members)
+
+
+def test_reported_suspicion_is_cleared_by_any_answer() -> None:
+    net = make(GroupConfig(threshold=3))
+    members = populate(net, [A], 5)
+    net.run(until=3.0)
+    net.feed(net.groups.suspect(members[0], net.now))  # up: the sample answers
+    net.run(until=6.0)
+    status = net.groups.status(A)
+    assert status is not None and status.state is Verdict.ALIVE and status.misses == 0
+    assert net.verdicts == []
+
+
+def test_a_probe_that_could_not_be_sent_is_withdrawn_not_missed() -> None:
+    net = make(GroupConfig(threshold=2, confirm_batch=1))
+    members = populate(net, [A], 3)
+    net.up = False
+    while not net.probes:  # until the first representative goes out (it would be missed)
+        net.run(until=net.now + 0.01)
+    status = net.groups.status(A)
+    assert status is not None and len(status.outstanding) == 1
+    ((member, _reason),) = status.outstanding
+    net.feed(net.groups.withdraw(member, net.now))
+    after = net.groups.status(A)
+    assert after is not None and after.outstanding == () and after.misses == 0
+    assert net.verdicts == []
+    assert member in members
+
+
+def test_group_freshness_is_its_latest_answer() -> None:
+    net = make(GroupConfig(jitter=0.0))
+    members = populate(net, [A], 3)
+    assert net.groups.last_answer(members[0]) is None
+    net.run(until=3.0)
+    fresh = net.groups.last_answer(members[2])
+    assert fresh is not None and 2.0 <= fresh <= 3.0  # answered for another member
+    assert net.groups.last_answer("stranger") is None

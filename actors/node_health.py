@@ -1,0 +1,244 @@
+"""NodeHealth: the one timer and the health groups of a supervisor (DESIGN.md §8).
+
+A node holds thousands of connections over a few interfaces. Their health duties are deadlines
+in one :class:`~actors.scheduler.Scheduler` (active-path liveness looks, and anything else a
+connection wants done later) and in one :class:`~actors.health_groups.HealthGroups` (group
+probes, confirmations, NAT keep-alives), driven by a single loop timer armed at the earliest of
+the two. No task sleeps for health; an idle connection costs no wake-up at all.
+
+This is the I/O shell around those sans-I/O cores: it reads the clock, arms the loop timer,
+measures how late the timer ran (:class:`~actors.scheduler.LagMeter`: a starved loop's silence
+does not count), and turns group commands into calls on the connections that own the paths
+(:class:`HealthMember`), in the same loop, with no mailbox hop. Connections report what they
+saw (answers, send errors, their own judgement of an active path); they alone decide their
+paths' states. Members are ``(conn_id, path_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from actors.health import HealthConfig, Verdict
+from actors.health_groups import (
+    Command,
+    GroupConfig,
+    GroupKey,
+    GroupVerdict,
+    HealthGroups,
+    ProbeReason,
+)
+from actors.scheduler import LagMeter, Scheduler
+
+__all__ = ["HealthMember", "HealthStatus", "NodeHealth", "ProbeReason"]
+
+log = logging.getLogger(__name__)
+
+#: The clock of every deadline here: the connections' (time.monotonic; uvloop's loop.time()
+#: is cached per turn).
+_now = time.monotonic
+
+#: Deadlines run per timer callback at most: a burst (thousands of connections due at once)
+#: is spread over loop turns so the sockets are read in between.
+_BATCH = 512
+
+
+class HealthMember(Protocol):
+    """A connection, as the health groups reach it (its own methods, called synchronously)."""
+
+    def health_probe(self, path_id: int, reason: ProbeReason) -> bool:
+        """Ask the path one question now (PATH_CHALLENGE; a PING on the active path). False
+        when it cannot be asked (no spare CID, closing): that proves nothing either way."""
+        ...
+
+    def health_verdict(self, path_id: int, verdict: Verdict) -> None:
+        """The path's group was judged (dead, or alive again): the connection decides."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    """What the node's health machinery is doing (``Supervisor.health_status()``, bench B4)."""
+
+    groups: int
+    members: int
+    #: Live deadlines: scheduled looks plus the groups' probe, confirm, timeout and NAT timers.
+    timers: int
+    #: Questions sent since start, by kind: representative, confirm, nat (standby NAT
+    #: keep-alives), idle (an idle connection's PING a third into its idle period).
+    keepalives: dict[str, int]
+    #: Group verdicts fanned out since start: dead, alive.
+    verdicts: dict[str, int]
+    #: Seconds the loop was stalled (its timer ran late) within the last minute.
+    loop_lag_s: float
+
+
+class NodeHealth:
+    """One per supervisor; ``config`` None: no group probing (idle keep-alives still counted)."""
+
+    def __init__(
+        self,
+        config: HealthConfig | None = None,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = _now,
+    ) -> None:
+        self.config = config
+        self.lag = LagMeter()
+        self._clock = clock
+        self.groups = (
+            HealthGroups(GroupConfig.from_health(config), rng or random.Random(), self.lag)
+            if config is not None
+            else None
+        )
+        self._timers: Scheduler[Hashable, Callable[[], None]] = Scheduler()
+        self._members: dict[str, HealthMember] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at: float | None = None
+        self._closed = False
+        self.sent: Counter[str] = Counter()
+        self.verdicts: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ connections
+
+    def register(self, conn_id: str, member: HealthMember) -> None:
+        self._members[conn_id] = member
+
+    def unregister(self, conn_id: str, path_ids: list[int]) -> None:
+        self._members.pop(conn_id, None)
+        for path_id in path_ids:
+            self.leave(conn_id, path_id)
+
+    def join(
+        self, conn_id: str, path_id: int, key: GroupKey, *, nat: bool, failed: bool
+    ) -> Verdict | None:
+        """Make the path a member of ``key``'s group (or update its flags); its verdict."""
+        if self.groups is None or self._closed:
+            return None
+        verdict = self.groups.add((conn_id, path_id), key, self._clock(), nat=nat, failed=failed)
+        self._arm()
+        return verdict
+
+    def leave(self, conn_id: str, path_id: int) -> None:
+        if self.groups is not None:
+            self.groups.remove((conn_id, path_id))
+
+    def answered(self, conn_id: str, path_id: int, rtt: float | None) -> None:
+        if self.groups is not None:
+            self._run(self.groups.on_answer((conn_id, path_id), rtt, self._clock()))
+
+    def missed(self, conn_id: str, path_id: int) -> None:
+        """The path's outstanding question failed outright (ICMP unreachable, send error)."""
+        if self.groups is not None:
+            self._run(self.groups.on_miss((conn_id, path_id), self._clock()))
+
+    def suspect(self, conn_id: str, path_id: int) -> None:
+        """The connection judged this (active) path dead: its group starts confirming."""
+        if self.groups is not None:
+            self._run(self.groups.suspect((conn_id, path_id), self._clock()))
+
+    def verdict(self, conn_id: str, path_id: int) -> Verdict | None:
+        return None if self.groups is None else self.groups.verdict_of((conn_id, path_id))
+
+    def last_answer(self, conn_id: str, path_id: int) -> float | None:
+        """When the path's group last heard an answer (on this node's clock)."""
+        return None if self.groups is None else self.groups.last_answer((conn_id, path_id))
+
+    def count(self, kind: str) -> None:
+        self.sent[kind] += 1
+
+    def clock(self) -> float:
+        return self._clock()
+
+    # ------------------------------------------------------------------ deadlines
+
+    def schedule(self, key: Hashable, at: float, callback: Callable[[], None]) -> None:
+        """Call ``callback`` at ``at`` (this node's clock), replacing ``key``'s deadline."""
+        if self._closed:
+            return
+        self._timers.schedule(key, at, callback)
+        if self._armed_at is None or at < self._armed_at:
+            self._arm()
+
+    def cancel(self, key: Hashable) -> None:
+        self._timers.cancel(key)
+
+    def status(self) -> HealthStatus:
+        groups = self.groups
+        return HealthStatus(
+            groups=len(groups) if groups is not None else 0,
+            members=groups.members if groups is not None else 0,
+            timers=len(self._timers) + (groups.timers if groups is not None else 0),
+            keepalives=dict(self.sent),
+            verdicts=dict(self.verdicts),
+            loop_lag_s=round(self.lag.lag(60.0, self._clock()), 6),
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._armed_at = None
+
+    # ------------------------------------------------------------------ the one timer
+
+    def _arm(self) -> None:
+        if self._closed:
+            return
+        at = self._timers.next_deadline()
+        if self.groups is not None:
+            g = self.groups.next_deadline()
+            if g is not None and (at is None or g < at):
+                at = g
+        if at == self._armed_at and self._handle is not None:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._armed_at = at
+        if at is not None:
+            loop = asyncio.get_running_loop()
+            self._handle = loop.call_later(max(0.0, at - self._clock()), self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        due, self._armed_at = self._armed_at, None
+        now = self._clock()
+        if due is not None:
+            self.lag.on_fire(due, now)
+        for _key, callback in self._timers.due(now, _BATCH):
+            try:
+                callback()
+            except Exception:  # one connection's bug must not stop every node timer
+                log.exception("health deadline %r failed", _key)
+        if self.groups is not None:
+            self._run(self.groups.tick(now), arm=False)
+        self._arm()
+
+    def _run(self, commands: list[Command], *, arm: bool = True) -> None:
+        groups = self.groups
+        assert groups is not None
+        for command in commands:
+            if isinstance(command, GroupVerdict):
+                self.verdicts[command.verdict.value] += 1
+                for member in command.members:
+                    conn_id, path_id = cast(tuple[str, int], member)
+                    target = self._members.get(conn_id)
+                    if target is not None:
+                        target.health_verdict(path_id, command.verdict)
+                continue
+            conn_id, path_id = cast(tuple[str, int], command.member)
+            conn = self._members.get(conn_id)
+            if conn is not None and conn.health_probe(path_id, command.reason):
+                self.sent[command.reason.value] += 1
+            elif command.reason is not ProbeReason.NAT:
+                self._run(groups.withdraw(command.member, self._clock()), arm=False)
+        if arm:
+            self._arm()

@@ -1,0 +1,189 @@
+"""NodeHealth, the I/O shell of the node's health machinery, on a real loop with fake members.
+
+The cores (Scheduler, HealthGroups, LagMeter) are tested on a fake clock elsewhere; here: the one
+loop timer runs their deadlines, group commands reach the connections that own the paths,
+verdicts fan out, and a question that could not be sent proves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from actors.health import HealthConfig, Verdict
+from actors.health_groups import GroupKey, ProbeReason
+from actors.node_health import NodeHealth
+
+A = GroupKey("192.0.2.10", "198.51.100.1")
+B = GroupKey("192.0.2.11", "198.51.100.1")
+FAST = HealthConfig(keepalive_interval=0.02, jitter=0.1, failures_to_fail=2, min_wait=0.01)
+
+
+@dataclass
+class Member:
+    """A connection as the groups see it: answers at once unless ``silent``."""
+
+    health: NodeHealth
+    conn_id: str
+    silent: set[int] = field(default_factory=set)
+    sendable: bool = True
+    asked: list[tuple[int, ProbeReason]] = field(default_factory=list)
+    verdicts: list[tuple[int, Verdict]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def health_probe(self, path_id: int, reason: ProbeReason) -> bool:
+        self.asked.append((path_id, reason))
+        self.changed.set()
+        if not self.sendable:
+            return False
+        if path_id not in self.silent:
+            asyncio.get_running_loop().call_soon(
+                self.health.answered, self.conn_id, path_id, 0.001
+            )
+        return True
+
+    def health_verdict(self, path_id: int, verdict: Verdict) -> None:
+        self.verdicts.append((path_id, verdict))
+        self.changed.set()
+
+
+async def until(members: list[Member], predicate: object, timeout: float = 10.0) -> None:
+    assert callable(predicate)
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            waits = [asyncio.ensure_future(m.changed.wait()) for m in members]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            for m in members:
+                m.changed.clear()
+
+
+def join_all(health: NodeHealth, members: list[Member], key_of: object, paths: int) -> None:
+    assert callable(key_of)
+    for m in members:
+        health.register(m.conn_id, m)
+        for path_id in range(paths):
+            health.join(m.conn_id, path_id, key_of(m, path_id), nat=False, failed=False)
+
+
+async def test_deadlines_run_in_order_on_one_timer_and_a_failing_one_stops_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    health = NodeHealth()
+    ran: list[str] = []
+    done = asyncio.Event()
+
+    def boom() -> None:
+        ran.append("boom")
+        raise RuntimeError("a connection's bug")
+
+    def last() -> None:
+        ran.append("c")
+        done.set()
+
+    now = health.clock()
+    health.schedule("c", now + 0.03, last)
+    health.schedule("a", now + 0.01, lambda: ran.append("a"))
+    health.schedule("b", now + 0.02, boom)
+    health.schedule("x", now + 0.015, lambda: ran.append("x"))
+    health.cancel("x")
+    with caplog.at_level(logging.ERROR):
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert ran == ["a", "boom", "c"]
+    assert "a connection's bug" in caplog.text
+    assert health.status().timers == 0
+    health.close()
+
+
+async def test_one_probe_per_group_and_interval_and_the_dead_verdict_fans_out() -> None:
+    """Two groups of 20 paths: questions go one at a time per group, in rotation; when every
+    path of group A falls silent, A's verdict reaches all 20 (and nothing of B's)."""
+    health = NodeHealth(FAST, rng=random.Random(3))
+    members = [Member(health, f"c{i}") for i in range(20)]
+    join_all(health, members, lambda m, p: A if p == 0 else B, paths=2)
+    assert health.status().groups == 2 and health.status().members == 40
+
+    def asked() -> int:
+        return sum(len(m.asked) for m in members)
+
+    await until(members, lambda: asked() >= 40)
+    per_path: dict[tuple[str, int], int] = {}
+    for m in members:
+        for path_id, _ in m.asked:
+            per_path[(m.conn_id, path_id)] = per_path.get((m.conn_id, path_id), 0) + 1
+    assert max(per_path.values()) <= 2  # rotation: nobody is asked twice before a round ends
+    assert all(v == [] for v in (m.verdicts for m in members))
+
+    for m in members:
+        m.silent.add(0)  # link A goes silent
+    await until(members, lambda: all((0, Verdict.DEAD) in m.verdicts for m in members))
+    assert all(p == 0 for m in members for p, _ in m.verdicts)  # B untouched
+    assert health.status().verdicts == {"dead": 1}
+
+    for m in members:
+        m.silent.clear()  # back: the rotation goes on, one answer revives the whole group
+    await until(members, lambda: all((0, Verdict.ALIVE) in m.verdicts for m in members))
+    assert health.status().verdicts == {"dead": 1, "alive": 1}
+    assert health.status().keepalives["representative"] >= 40
+    health.close()
+
+
+async def test_a_question_that_cannot_be_sent_proves_nothing() -> None:
+    """No spare CID, a closing connection: the probe is withdrawn, never counted as a miss."""
+    health = NodeHealth(FAST)
+    member = Member(health, "c0", sendable=False)
+    join_all(health, [member], lambda m, p: A, paths=1)
+    await until([member], lambda: len(member.asked) >= 10)
+    assert member.verdicts == []
+    assert health.status().keepalives == {}
+    assert health.verdict("c0", 0) is Verdict.ALIVE
+    health.close()
+
+
+async def test_nat_keepalives_go_to_standby_members_only() -> None:
+    config = HealthConfig(keepalive_interval=3600, nat_keepalive=0.02, jitter=0.1)
+    health = NodeHealth(config)
+    member = Member(health, "c0")
+    health.register("c0", member)
+    health.join("c0", 0, A, nat=False, failed=False)  # the active path
+    health.join("c0", 1, A, nat=True, failed=False)  # a standby path
+    await until([member], lambda: sum(r is ProbeReason.NAT for _, r in member.asked) >= 5)
+    assert {p for p, r in member.asked if r is ProbeReason.NAT} == {1}
+    health.leave("c0", 1)
+    assert health.status().members == 1
+    health.close()
+
+
+async def test_a_stalled_loop_is_measured_as_lag() -> None:
+    """The timer ran late because a callback blocked the loop: that time is lag, which the
+    groups and the active-path judge discount from silence."""
+    health = NodeHealth()
+    done = asyncio.Event()
+    now = health.clock()
+    health.schedule("block", now, lambda: time.sleep(0.2))  # a blocked loop, on purpose
+    health.schedule("after", now + 0.01, done.set)
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert health.status().loop_lag_s >= 0.15
+    health.close()
+
+
+async def test_unregistered_connections_leave_their_groups() -> None:
+    health = NodeHealth(FAST)
+    members = [Member(health, f"c{i}") for i in range(3)]
+    join_all(health, members, lambda m, p: A, paths=2)
+    health.unregister("c1", [0, 1])
+    assert health.status().members == 4
+    await until(members, lambda: sum(len(m.asked) for m in members) >= 8)
+    assert members[1].asked == []  # it left before the first question
+    health.close()
+    assert health.status().groups == 1
