@@ -143,6 +143,10 @@ class _PathFacts:
 class ConnectionActor(Actor):
     """Owns one client QUIC connection and its paths."""
 
+    #: Mail is control (add, probe, switch, close): a node holds thousands of idle connections,
+    #: each without a reader task until a request arrives (datagrams come by direct call).
+    parks_when_idle = True
+
     def __init__(
         self,
         *,

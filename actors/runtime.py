@@ -7,14 +7,19 @@ and a process model we do not want on the data path.
 
 The rules this module keeps:
 
-* One mailbox (a FIFO with one reader) and one task per actor; messages are handled one at a time in
-  arrival order, so an actor's state needs no lock and delivery is ordered per sender.
+* One mailbox (a FIFO with one reader) and at most one task per actor reading it; messages are
+  handled one at a time in arrival order, so an actor's state needs no lock and delivery is ordered
+  per sender.
+* An actor class that sets ``parks_when_idle`` has that task only while it has mail: the task ends
+  when the mailbox runs empty and the next message (or stop) starts a new one, because a node holds
+  thousands of mostly idle connections of three actors each, and a parked actor costs no task.
 * ``ask`` failures go back to the asker only; the actor keeps running.
 * Any other failure (a ``tell`` handler, ``on_start``, a task the actor owns) stops the actor and
   is reported to its parent as a :class:`ChildFailed` *message* (Erlang style). A TaskGroup would
   instead cancel the siblings, which is exactly what a supervisor must not do.
 * Nothing leaks: children stop before their parent (reverse start order), owned tasks are cancelled
-  and awaited, and :class:`Runtime` awaits every task it created before ``__aexit__`` returns.
+  and awaited, and :class:`Runtime` awaits every task it created before ``__aexit__`` returns,
+  whether an actor is parked or not.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "Actor",
@@ -134,6 +139,14 @@ class Actor:
 
     _cell: _Cell | None = None
 
+    #: True: the actor's task ends whenever its mailbox runs empty ("parks") and the next message
+    #: or stop request starts a new one. For actors that are numerous and idle most of their life
+    #: (a connection's): a parked actor holds no task, coroutine frame or waiter future, at the
+    #: price of one task creation per message that finds it idle. Its tasks share one context, so
+    #: contextvars survive parking. Unlike a waiting task, a parked actor is not woken by loop
+    #: teardown to run ``on_stop``: stop it (or its Runtime) before the loop closes.
+    parks_when_idle: ClassVar[bool] = False
+
     async def on_start(self) -> None:
         """Runs in the actor's task before the first message; a failure here stops the actor."""
 
@@ -198,6 +211,14 @@ class ActorRef:
         """False from the moment a stop was requested or a failure happened."""
         return not self._cell.stopping
 
+    @property
+    def parked(self) -> bool:
+        """True while the actor holds no task because it is idle (``parks_when_idle`` only).
+
+        Lets tests and benchmarks check the cost of idle connections without counting tasks.
+        """
+        return self._cell.task is None
+
     def request_stop(self) -> None:
         """Ask for a graceful stop without waiting for it (usable from anywhere, even sync code)."""
         self._cell.request_stop()
@@ -208,6 +229,8 @@ class ActorRef:
         if cell.stopping:
             raise ActorStoppedError(cell.name, cell.failure)
         cell.mailbox.put_nowait((msg, None, _sender_ref()))
+        if cell.task is None:
+            cell.unpark()
 
     async def ask(self, msg: object, timeout: float | None = None) -> object:
         """Send ``msg`` and wait for what ``receive`` returns (or re-raise what it raised).
@@ -221,10 +244,13 @@ class ActorRef:
         cell = self._cell
         if cell.stopping:
             raise ActorStoppedError(cell.name, cell.failure)
-        if asyncio.current_task() is cell.task:
+        task = cell.task  # None when parked: then no handler of this actor is running
+        if task is not None and asyncio.current_task() is task:
             raise ActorError(f"actor {cell.name!r} asked itself, which would deadlock")
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         cell.mailbox.put_nowait((msg, fut, _sender_ref()))
+        if task is None:
+            cell.unpark()
         if timeout is None:  # the common case: no timeout context manager per ask
             try:
                 return await fut
@@ -247,14 +273,17 @@ class ActorRef:
     async def stop(self) -> None:
         """Stop gracefully: finish the message in hand, handle nothing further, run ``on_stop``.
 
-        Returns once the actor's task has ended. Idempotent. Called from the actor itself (or one
-        of its descendants) it only requests the stop, since waiting would wait on itself.
+        Returns once the actor has fully stopped (``on_stop`` ran, a failure was reported); a
+        parked actor gets a task for that. Idempotent. Called from the actor itself (or one of its
+        descendants) it only requests the stop, since waiting would wait on itself.
         """
         await self._cell.stop_and_wait()
 
     async def wait_stopped(self) -> None:
-        """Wait until the actor's task has ended, whatever ended it."""
-        await asyncio.wait({self._cell.task})
+        """Wait until the actor has fully stopped (or its task was killed), whatever ended it."""
+        cell = self._cell
+        if not cell.finished:
+            await asyncio.wait({cell.stopped_future()})
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -269,6 +298,8 @@ def _sender_ref() -> ActorRef | None:
 class _Mailbox:
     """A FIFO with one reader (the actor's task): a deque and, while it waits, one future.
 
+    A parking actor's task never waits on it (it parks instead), so it holds no future then.
+
     Not an ``asyncio.Queue``: that carries two more deques and an Event (one more) for many
     readers and bounded sizes, ~2 KiB per actor at ~0.6 KiB a deque, and a connection has three
     actors (bench B4 counts RSS per connection).
@@ -279,6 +310,9 @@ class _Mailbox:
     def __init__(self) -> None:
         self._items: collections.deque[_Item] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def put_nowait(self, item: _Item) -> None:
         self._items.append(item)
@@ -320,32 +354,69 @@ class _Cell:
         self.sender: ActorRef | None = None
         self.failure: BaseException | None = None
         self.stopping = False  # no new messages accepted
-        self.entered = False  # _main began (cancelling a task that never ran would skip cleanup)
+        self.started = False  # the first task began (on_start runs once, in it)
+        self.entered = False  # this task began _main (cancelling one that never ran skips cleanup)
         self.shutting_down = False  # past the point where a forced cancel is allowed
         self.forced = False  # we cancelled our own task to cut a handler short
-        self.finished = False
+        self.finished = False  # _finish ran, or the task was killed: nothing runs this actor again
+        # Created only when someone waits for the stop, so an idle actor holds no future.
+        self._stopped: asyncio.Future[None] | None = None
+        self.loop = asyncio.get_running_loop()
+        # Every task of this actor runs in this one context (they never overlap), so contextvars
+        # set in on_start or a handler survive parking as they would in a single task.
+        self.context = contextvars.copy_context()
         actor._cell = self
-        self.task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
-            self._main(), name=f"actor:{name}"
-        )
+        #: The task reading the mailbox; None while parked (a message then starts one).
+        self.task: asyncio.Task[None] | None = None
+        self.unpark()
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def unpark(self) -> None:
+        """Start the task that reads the mailbox (at start, or when mail reaches a parked actor).
+
+        Registered with the runtime, since ``Runtime.stop`` must await every task it created,
+        including the many short ones of a parking actor.
+        """
+        if self.finished:
+            return
+        self.entered = False
+        task = self.loop.create_task(self._main(), name=f"actor:{self.name}", context=self.context)
+        self.task = task
+        self.runtime._tasks.add(task)
+        task.add_done_callback(self._task_ended)
 
     async def _main(self) -> None:
         _current.set(self)
         self.entered = True
+        parked = False
         try:
-            # Stopped before it ever ran: skip on_start (it could not spawn anyway) but still
-            # run on_stop, so resources handed to the constructor are released.
-            if not self.stopping:
-                await self.actor.on_start()
-            while not self.stopping:
-                item = await self.mailbox.get()
-                if self.stopping:
-                    self._reject(item)
-                    break
-                if item[0] is not _WAKE:
-                    await self._dispatch(*item)
+            if not self.started:
+                self.started = True
+                # Stopped before it ever ran: skip on_start (it could not spawn anyway) but still
+                # run on_stop, so resources handed to the constructor are released.
+                if not self.stopping:
+                    await self.actor.on_start()
+            mailbox = self.mailbox
+            if self.actor.parks_when_idle:
+                while not self.stopping:
+                    if not mailbox:
+                        # Synchronous up to the task's end, so a message posted after this line
+                        # sees task None and starts the next task: never two readers at once.
+                        self.task = None
+                        parked = True
+                        return
+                    item = mailbox.get_nowait()
+                    if item[0] is not _WAKE:
+                        await self._dispatch(*item)
+            else:
+                while not self.stopping:
+                    item = await mailbox.get()
+                    if self.stopping:
+                        self._reject(item)
+                        break
+                    if item[0] is not _WAKE:
+                        await self._dispatch(*item)
         except asyncio.CancelledError:
             if not self.forced:
                 raise  # cancelled from outside (e.g. loop shutdown): clean up, then propagate
@@ -355,7 +426,34 @@ class _Cell:
         except Exception as exc:
             self.fail(exc)
         finally:
-            await self._shutdown()
+            if not parked:
+                await self._shutdown()
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        self.runtime._tasks.discard(task)
+        if task is self.task and not self.finished:
+            # It neither parked nor reached _finish: killed from outside (loop teardown, or
+            # cancelled before it ran). No task will run this actor again: release its waiters.
+            self.stopping = True
+            self._mark_ended()
+
+    def _mark_ended(self) -> None:
+        self.finished = True
+        fut = self._stopped
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def stopped_future(self) -> asyncio.Future[None]:
+        """Done once the actor fully stopped; what stop and ``wait_stopped`` wait on.
+
+        A future rather than the task, since a parked actor has no task to wait on.
+        """
+        fut = self._stopped
+        if fut is None:
+            fut = self._stopped = self.loop.create_future()
+            if self.finished:
+                fut.set_result(None)
+        return fut
 
     async def _dispatch(
         self, msg: object, reply: asyncio.Future[object] | None, sender: ActorRef | None
@@ -470,13 +568,23 @@ class _Cell:
         if self.stopping:
             return
         self.stopping = True
-        self.mailbox.put_nowait((_WAKE, None, None))
+        self.post((_WAKE, None, None))
+
+    def post(self, item: _Item) -> None:
+        """Queue ``item``, starting a task if the actor is parked (so a stop gets its shutdown)."""
+        self.mailbox.put_nowait(item)
+        if self.task is None:
+            self.unpark()
 
     def force(self) -> None:
-        """Cut the running handler short (not ``on_stop``: cleanup always runs to the end)."""
-        if self.entered and not self.shutting_down and not self.task.done():
+        """Cut the running handler short (not ``on_stop``: cleanup always runs to the end).
+
+        A parked actor has no handler to cut: its stop request already started its shutdown.
+        """
+        task = self.task
+        if task is not None and self.entered and not self.shutting_down and not task.done():
             self.forced = True
-            self.task.cancel()
+            task.cancel()
 
     async def stop_and_wait(self) -> None:
         self.request_stop()
@@ -485,14 +593,17 @@ class _Cell:
             if here is self:
                 return  # we are inside this actor (or a descendant): waiting would deadlock
             here = here.parent
+        if self.finished:
+            return
+        stopped = self.stopped_future()
         grace = self.runtime.stop_grace
-        done, _ = await asyncio.wait({self.task}, timeout=grace)
+        done, _ = await asyncio.wait({stopped}, timeout=grace)
         if not done:
             log.warning(
                 "actor %r did not stop within %ss; cancelling its handler", self.name, grace
             )
             self.force()
-            await asyncio.wait({self.task})
+            await asyncio.wait({stopped})
 
     async def _shutdown(self) -> None:
         self.stopping = True
@@ -532,6 +643,7 @@ class _Cell:
             siblings.remove(self)
         if self.failure is not None:
             self._report(self.failure)
+        self._mark_ended()
 
     def _reject(self, item: _Item) -> None:
         reply = item[1]
@@ -548,7 +660,7 @@ class _Cell:
                 "actor %r failed while its parent %r stops: %r", self.name, parent.name, exc
             )
         else:
-            parent.mailbox.put_nowait((report, None, self.ref))
+            parent.post((report, None, self.ref))
 
     # -- owned tasks ------------------------------------------------------------------------
 
@@ -583,6 +695,8 @@ class _Cell:
 
 class Runtime:
     """Owns every actor task; ``async with Runtime() as rt`` guarantees none outlives the block.
+
+    That includes each task a parked actor was given for later mail or for its stop.
 
     ``on_failure`` receives :class:`ChildFailed` for top-level actors (they have no parent mailbox);
     by default the failure is logged. ``stop_grace`` bounds how long a stop waits for the handler in
@@ -621,9 +735,9 @@ class Runtime:
         self._closed = True
         for cell in reversed(list(self._top)):
             await cell.stop_and_wait()
-        # Actors that stopped by themselves (or failed) may still be finishing their last step.
-        pending = {task for task in self._tasks if not task.done()}
-        if pending:
+        # Actors that stopped by themselves (or failed) may still be finishing their last step;
+        # loop until none is left, so that a task one of those steps started is awaited too.
+        while pending := {task for task in self._tasks if not task.done()}:
             await asyncio.wait(pending)
 
     def _start(self, actor: Actor, name: str | None, parent: _Cell | None) -> ActorRef:
@@ -635,8 +749,6 @@ class Runtime:
             raise ActorError(f"{type(actor).__name__} instance was already started")
         cell = _Cell(actor, name or type(actor).__name__, self, parent)
         (parent.children if parent is not None else self._top).append(cell)
-        self._tasks.add(cell.task)
-        cell.task.add_done_callback(self._tasks.discard)
         return cell.ref
 
     def _report(self, report: ChildFailed) -> None:

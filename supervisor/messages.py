@@ -145,6 +145,7 @@ class SwitchReply:
     snapshot: ConnectionSnapshot
 
 
+@message("sup.HealthStatus")
 @dataclass(frozen=True, slots=True)
 class HealthStatusRequest:
     """Ask for the node's health machinery at work (groups, keep-alives by kind, loop lag):
