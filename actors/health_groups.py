@@ -17,8 +17,9 @@ Each group is in one explicit state (:class:`~actors.health.Verdict`):
 Any answer from any member clears the suspicion (a DEAD group fans out ALIVE). A probe that
 outlived an answer says nothing: misses count only since the last answer (an epoch). Silence
 counts only for time the loop could read (:class:`~actors.scheduler.LagMeter`). The owner's own
-evidence (a connection that judged its active path dead) counts as a miss too (:meth:`suspect`),
-so one connection's detection starts the confirmation for all that share its fate.
+evidence (a connection that judged its active path dead) starts the confirmation
+(:meth:`suspect`) without being a miss itself, so one connection's detection gets the group
+asked at once while only probed silence makes the verdict.
 
 Two duties are per member because they cannot be shared: a member marked ``failed`` (by its own
 evidence) goes first in the rotation, so it is re-tried within an interval or two rather than
@@ -325,19 +326,18 @@ class HealthGroups:
 
     def suspect(self, member: Hashable, now: float) -> list[Command]:
         """The owner's own evidence that ``member`` is silent (a connection judged its active
-        path dead): one miss for the group, which starts confirming as after a probe's miss."""
+        path dead): the group starts confirming, but the report is not a miss. Only the
+        sample's silence counts: a burst that lost a few connections' flights (a full
+        receive buffer at the peer) must not move every connection that shares the link."""
         key = self._member_group.get(member)
         out: list[Command] = []
         if key is None:
             return out
         g = self._groups[key]
-        g.misses += 1
         if g.state is Verdict.ALIVE:
             g.state = Verdict.SUSPECT
             g.tried = {member}
-        if g.state is Verdict.SUSPECT and g.misses >= self.config.threshold:
-            self._declare_dead(g, out)
-        self._confirm(g, now, out)
+            self._confirm(g, now, out)
         return out
 
     def withdraw(self, member: Hashable, now: float) -> list[Command]:

@@ -11,10 +11,11 @@ from actors.factory import HealthConfig
 class FailoverPolicy:
     """Automatic failover (opt-in: ``Supervisor(failover=FailoverPolicy())``).
 
-    With a policy, standby paths get PATH_CHALLENGE keep-alives and the active path is judged
-    from what arrives while data is outstanding; when it is judged dead the connection moves
-    to the best validated standby path (healthy first, then lower loss, then lower RTT),
-    resending what the dead path had in flight. ``prefer`` (a local multiaddr; port 0 matches
+    With a policy, paths are watched by shared-fate health groups (one question per group of
+    paths with the same local address and server IP, and interval; verdicts for all) and the
+    active path is judged from what arrives while data is outstanding; when it is judged dead
+    the connection moves to the best validated standby path (not in a dead group, then lower
+    RTT), resending what the dead path had in flight. ``prefer`` (a local multiaddr; port 0 matches
     any port) is switched back to once it has been healthy for ``hysteresis`` seconds, so a
     flapping link causes no switch storm.
     """

@@ -546,10 +546,14 @@ def test_a_connections_own_dead_judgement_starts_the_groups_confirmation() -> No
     go_dead(net)
     net.feed(net.groups.suspect(members[0], net.now))
     status = net.groups.status(A)
-    assert status is not None and status.state is Verdict.SUSPECT and status.misses == 1
+    # A report is not a miss: only the sample's silence counts towards the verdict.
+    assert status is not None and status.state is Verdict.SUSPECT and status.misses == 0
     assert net.verdicts == []
     confirm = net.reasons()[ProbeReason.CONFIRM]
-    assert confirm == 2  # one batch at once, only as many as still needed
+    assert confirm == 2  # one batch at once
+    for other in members[1:4]:  # more reports add no misses and no extra probes
+        net.feed(net.groups.suspect(other, net.now))
+    assert net.reasons()[ProbeReason.CONFIRM] == 2
     net.run_until_state(A, Verdict.DEAD)
     ((_, verdict),) = net.verdicts
     assert set(verdict.members) == set(members)

@@ -59,6 +59,7 @@ __all__ = [
     "NftTable",
     "PathSpec",
     "TwoPathTopology",
+    "UdpCounters",
     "blackhole",
     "cleanup_stale",
     "create_socket_in_netns",
@@ -519,6 +520,60 @@ class Filters:
             table.close()
 
     def __enter__(self) -> Filters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UdpCounters:
+    """Count UDP datagrams per interface and direction in namespace `ns` (nft counters only,
+    nothing is dropped): ``read()`` returns ``{"in:<if>": packets, "out:<if>": packets}``.
+
+    Counted at the input and output hooks (a datagram the namespace forwards is not counted).
+    Close (or leave the ``with``) to delete the table.
+    """
+
+    def __init__(self, ns: str, ifnames: Sequence[str]) -> None:
+        self.table = NftTable(ns)
+        self.ifnames = tuple(ifnames)
+        try:
+            hooks: tuple[tuple[Literal["input", "output"], str, str], ...] = (
+                ("input", "iifname", "in"), ("output", "oifname", "out"))
+            for ifname in self.ifnames:
+                for chain, key, tag in hooks:
+                    self.table.add(
+                        chain,
+                        f'{key} "{ifname}" meta l4proto udp counter comment "{tag}:{ifname}"',
+                    )
+        except BaseException:
+            self.table.close()
+            raise
+
+    def read(self) -> dict[str, int]:
+        """Packets counted so far, by ``"in:<if>"`` / ``"out:<if>"``."""
+        out = _run(["ip", "netns", "exec", self.table.ns, "nft", "-j", "list", "table", "inet",
+                    self.table.name])
+        counts: dict[str, int] = {}
+        for item in json.loads(out).get("nftables", []):
+            rule = item.get("rule")
+            if not rule or "comment" not in rule:
+                continue
+            packets = next(
+                (e["counter"]["packets"] for e in rule.get("expr", []) if "counter" in e), 0
+            )
+            counts[rule["comment"]] = int(packets)
+        return counts
+
+    def link(self, ifname: str, counts: dict[str, int] | None = None) -> int:
+        """Both directions of one interface (from `counts`, or read now)."""
+        counts = self.read() if counts is None else counts
+        return counts.get(f"in:{ifname}", 0) + counts.get(f"out:{ifname}", 0)
+
+    def close(self) -> None:
+        self.table.close()
+
+    def __enter__(self) -> UdpCounters:
         return self
 
     def __exit__(self, *exc: object) -> None:
