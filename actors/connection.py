@@ -381,6 +381,8 @@ class ConnectionActor(Actor):
             self._revive(path_id, facts)
 
     def _revive(self, path_id: int, facts: _PathFacts) -> None:
+        """Failed -> standby on evidence: an answer of its own (which also validated it in
+        aioquic) or its group's (then a switch re-probes it first: see ``_stale``)."""
         if facts.machine.state is PathState.FAILED and not facts.rollback_target:
             self._move(path_id, PathState.VALIDATING)
             self._move(path_id, PathState.STANDBY)
@@ -858,7 +860,11 @@ class ConnectionActor(Actor):
 
     def _stale(self, path_id: int, facts: _PathFacts) -> bool:
         """Validated too long ago to switch to without a re-probe? Its group's answers count:
-        paths that share fate are as fresh as the group's latest answer."""
+        paths that share fate are as fresh as the group's latest answer. A path revived by
+        its group's verdict (not by an answer of its own) is standby but unvalidated: its
+        first use validates this very 4-tuple."""
+        if not self.quic.is_path_validated(path_id):
+            return True
         fresh = facts.validated_at
         group = self._health.last_answer(self.conn_id, path_id) if self._groups_on else None
         if group is not None:

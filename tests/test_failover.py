@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from actors.health import Verdict
 from actors.health_groups import ProbeReason
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
@@ -206,3 +207,22 @@ def test_policy_rejects_bad_values() -> None:
         FailoverPolicy(keepalive_interval=0)
     with pytest.raises(ValueError, match="prefer"):
         FailoverPolicy(prefer="10.0.0.1:4433")
+
+
+async def test_a_path_revived_by_its_group_is_revalidated_before_use(shim: UdpShim) -> None:
+    """A dead group fails its standby paths (and aioquic forgets their validation); an answer
+    for another member revives them all. Such a path is standby on its group's word only:
+    a switch to it re-probes it first (this crashed the supervisor with "path not
+    validated" in bench B4's drain: found when groups landed)."""
+    async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
+        conn, _first, second = await _two_paths(sup, shim)
+        actor = connection_actor(conn)
+        actor.health_verdict(second.path_id, Verdict.DEAD)
+        await poll_until(lambda: second.info().state is PathState.FAILED, timeout=5)
+        assert not actor.quic.is_path_validated(second.path_id)
+        actor.health_verdict(second.path_id, Verdict.ALIVE)
+        await poll_until(lambda: second.info().state is PathState.STANDBY, timeout=5)
+        result = await second.switch()
+        assert result.reprobed  # validated again on its own 4-tuple first
+        assert second.info().state is PathState.ACTIVE
+        await echo_roundtrip(conn)
