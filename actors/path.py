@@ -107,6 +107,22 @@ class PathActor(Actor):
     """Owns one UDP socket; the ConnectionActor is its parent."""
 
     parks_when_idle = True  # mail is rare (a probe on request): no reader task in between
+    __slots__ = (  # slots, not an instance dict: a node holds thousands of paths
+        "_conn",
+        "_owner",
+        "_probe_task",
+        "_protocol",
+        "_ready",
+        "_remote_key",
+        "_response",
+        "_schedule",
+        "_transport",
+        "local",
+        "path_id",
+        "remote",
+        "sock",
+        "stats",
+    )
 
     def __init__(
         self,

@@ -295,6 +295,22 @@ class MigratingQuicConnection(QuicConnection):
     rather than retransmitted.
     """
 
+    # Our own state lives in slots, not in the instance dict: aioquic's 84 attributes fill
+    # a dict table exactly, and 11 more doubled it (1.6 -> 3.3 KiB per connection, bench B4).
+    __slots__ = (
+        "_asymmetric_responses",
+        "_challenge_sent_at",
+        "_credit",
+        "_ka_for",
+        "_last_non_probing_rx",
+        "_last_rx",
+        "_path_responses",
+        "_rtt_floor_packet_number",
+        "_rx_keeps_alive",
+        "peer_disabled_active_migration",
+        "preferred_address",
+    )
+
     def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
         super().__init__(configuration=configuration, **kwargs)
         self.peer_disabled_active_migration = False

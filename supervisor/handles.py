@@ -136,10 +136,11 @@ class Connection:
 
     def _remember(self, snap: ConnectionSnapshot) -> None:
         self._snap = snap
-        if self._migratable is not None:
+        handles = self._migratable._paths if self._migratable is not None else None
+        if handles:
             # Path handles keep their last live snapshot: a closed path's info() shows it closed.
             for p in snap.paths:
-                handle = self._migratable._paths.get(p.path_id)
+                handle = handles.get(p.path_id)
                 if handle is not None:
                     handle._last = p
 
@@ -167,8 +168,9 @@ class MigratableConn:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         # The handles the caller still holds (mc.paths() returns the same objects while they
-        # live); weak, so a thousand paths added and closed leave no handle behind.
-        self._paths: weakref.WeakValueDictionary[int, Path] = weakref.WeakValueDictionary()
+        # live); weak, so a thousand paths added and closed leave no handle behind. Made on
+        # first use: a WeakValueDictionary costs ~0.5 KiB and a node holds thousands.
+        self._paths: weakref.WeakValueDictionary[int, Path] | None = None
 
     @property
     def connection(self) -> Connection:
@@ -207,6 +209,8 @@ class MigratableConn:
         return self._handle(reply.path_id)
 
     def _handle(self, path_id: int) -> Path:
+        if self._paths is None:
+            self._paths = weakref.WeakValueDictionary()
         path = self._paths.get(path_id)
         if path is None:
             path = self._paths[path_id] = Path(self, path_id)
