@@ -393,7 +393,8 @@ class ConnectionActor(Actor):
     def health_probe(self, path_id: int, reason: ProbeReason) -> bool:
         """One question from the node's health groups (see NodeHealth): a PATH_CHALLENGE on
         a standby or failed path, a PING on the active one (a PATH_CHALLENGE there would be
-        answered too, but a PING also refreshes the peer's idle timer)."""
+        answered too, but a PING also refreshes the peer's idle timer); a NAT keep-alive is a
+        small probing packet that asks nothing."""
         facts = self._paths.get(path_id)
         if facts is None or self.closed or not self._confirmed.is_set():
             return False
@@ -405,10 +406,13 @@ class ConnectionActor(Actor):
             return True
         if self.quic.peer_disabled_active_migration or not self.quic.reserve_peer_cid(path_id):
             return False
-        datagrams = self.quic.emit_challenge(path_id, now)
+        if reason is ProbeReason.NAT:  # a NAT binding needs outbound bytes, not an answer
+            datagrams = self.quic.emit_nat_keepalive(path_id, now)
+        else:
+            datagrams = self.quic.emit_challenge(path_id, now)
+            facts.actor.stats.probes_sent += bool(datagrams)
         for data, _ in datagrams:
             facts.actor.send(data)
-        facts.actor.stats.probes_sent += bool(datagrams)
         return bool(datagrams)
 
     def health_verdict(self, path_id: int, verdict: Verdict) -> None:

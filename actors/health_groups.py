@@ -25,8 +25,8 @@ Two duties are per member because they cannot be shared: a member marked ``faile
 evidence) goes first in the rotation, so it is re-tried within an interval or two rather than
 once per round of a thousand members; and a member with ``nat=True`` (a standby path: NAT
 bindings are per 5-tuple) gets a NAT keep-alive every ``nat_interval`` (jittered) unless the
-rotation asked it something meanwhile. NAT keep-alives are not judged: their answers count,
-their silence does not.
+rotation asked it something meanwhile. NAT keep-alives ask nothing (the owner sends a small
+probing packet: a binding needs outbound bytes, not an answer) and are never judged.
 """
 
 from __future__ import annotations

@@ -442,9 +442,15 @@ class MigratingQuicConnection(QuicConnection):
     # ----------------------------------------------------------------- probe building
 
     def _build_probe(
-        self, network_path: QuicNetworkPath, now: float, challenge: bytes | None
+        self,
+        network_path: QuicNetworkPath,
+        now: float,
+        challenge: bytes | None,
+        *,
+        keepalive: bool = False,
     ) -> list[tuple[bytes, NetworkAddress]]:
-        """A padded packet with our challenge and/or pending responses, outside recovery."""
+        """A padded packet with our challenge and/or pending responses, outside recovery;
+        ``keepalive``: at least one PADDING frame, so the packet exists even with neither."""
         if network_path.peer_cid is None or self._version is None:
             return []
         builder = QuicPacketBuilder(
@@ -458,6 +464,8 @@ class MigratingQuicConnection(QuicConnection):
         )
         try:
             builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[Epoch.ONE_RTT])
+            if keepalive:
+                builder.start_frame(QuicFrameType.PADDING)
             if challenge is not None:
                 self._write_challenge(builder, network_path, challenge)
             while network_path.remote_challenges:
@@ -686,6 +694,17 @@ class MigratingQuicConnection(QuicConnection):
             for stale in mine[:-MAX_OUTSTANDING_CHALLENGES]:
                 del self._challenge_sent_at[stale]
         return datagrams
+
+    def emit_nat_keepalive(self, path_id: int, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """A small PADDING-only packet on a non-active path: it refreshes the path's NAT
+        binding (NATs refresh on outbound traffic, RFC 4787 REQ-6) and is probing (RFC 9000
+        §9.1: the peer does not migrate to the path) and not ack-eliciting: no answer, no
+        ACK, no 1200-byte padding (that is for PATH_CHALLENGE and PATH_RESPONSE, §8.2.1).
+        About a tenth of a padded challenge round trip (bench B4). Empty without a CID."""
+        path = self._path(path_id)
+        if path is self._network_paths[0]:
+            raise ValueError("the active path's NAT binding is kept by its own traffic")
+        return self._build_probe(path, now, challenge=None, keepalive=True)
 
     def forget_challenges(self, path_id: int) -> None:
         """Drop outstanding challenges of a path (probe cancelled or timed out)."""

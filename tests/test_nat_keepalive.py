@@ -1,0 +1,90 @@
+"""A standby path's NAT keep-alive: a small probing packet that asks nothing.
+
+NAT bindings are per 5-tuple and refreshed by outbound traffic (RFC 4787 REQ-6), so a standby
+path needs bytes out now and then, not an answer. The keep-alive is a PADDING-only 1-RTT
+packet on the path's own CID: probing (RFC 9000 §9.1: the server must not migrate to it) and
+not ack-eliciting (no reply, no ACK). Checked against the stock aioquic server and ngtcp2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.health_groups import ProbeReason
+from supervisor import Supervisor
+from supervisor.h3 import http3_get
+from supervisor.handles import Connection
+from tests.rig.aioquic_server import RigServer
+from tests.rig.certs import CertPair
+from tests.rig.ngtcp2 import gtlsserver, gtlsserver_available
+from tests.support import connection_actor, dial_echo, echo_roundtrip, path_actor
+
+pytest_plugins = ["tests.rig.fixtures"]
+
+_NGTCP2, _NO_NGTCP2 = gtlsserver_available()
+P2 = "/ip4/127.0.0.2/udp/0/quic-v1"
+KEEPALIVES = 5
+
+
+async def _keepalives(conn: Connection, path_id: int) -> tuple[int, int]:
+    """Send the keep-alives; (datagrams, bytes) they took on the path's socket."""
+    actor = connection_actor(conn)
+    stats = path_actor(conn, path_id).stats
+    before = (stats.datagrams_sent, stats.bytes_sent)
+    for _ in range(KEEPALIVES):
+        assert actor.health_probe(path_id, ProbeReason.NAT)
+    return stats.datagrams_sent - before[0], stats.bytes_sent - before[1]
+
+
+async def test_a_nat_keepalive_is_small_unanswered_and_moves_nothing(echo: RigServer) -> None:
+    async with Supervisor(enable_experimental_connection_migration=True) as sup:
+        conn = await dial_echo(sup, echo)
+        mc = conn.as_migratable()
+        [first] = mc.paths()
+        second = await mc.add_path(P2)
+        await second.probe()
+        received = path_actor(conn, second.path_id).stats.datagrams_received
+        sent, size = await _keepalives(conn, second.path_id)
+        assert sent == KEEPALIVES
+        assert size <= KEEPALIVES * 64  # not padded to 1200 bytes like a PATH_CHALLENGE
+        await echo_roundtrip(conn)  # a round trip later: any reply would have arrived
+        await echo_roundtrip(conn)
+        assert path_actor(conn, second.path_id).stats.datagrams_received == received
+        # The server did not migrate: its replies still come on the first path only.
+        assert mc.active_path().local_addr == first.info().local_addr
+
+
+@pytest.mark.skipif(not _NGTCP2, reason=_NO_NGTCP2)
+@pytest.mark.interop
+async def test_ngtcp2_takes_a_nat_keepalive_without_migrating(
+    rig_cert: CertPair, tmp_path: Path
+) -> None:
+    async with (
+        gtlsserver(
+            certfile=rig_cert.certfile,
+            keyfile=rig_cert.keyfile,
+            cadata=rig_cert.cert_pem,
+            size_mb=1,
+            log_path=tmp_path / "gtlsserver.log",
+        ) as server,
+        Supervisor(enable_experimental_connection_migration=True) as sup,
+    ):
+        conn = await sup.dial(
+            f"/ip4/127.0.0.1/udp/{server.port}/quic-v1",
+            alpn_protocols=["h3"],
+            cafile=str(rig_cert.certfile),
+        )
+        mc = conn.as_migratable()
+        [first] = mc.paths()
+        second = await mc.add_path(P2)
+        await second.probe()
+        received = path_actor(conn, second.path_id).stats.datagrams_received
+        sent, size = await _keepalives(conn, second.path_id)
+        assert sent == KEEPALIVES and size <= KEEPALIVES * 64
+        authority = f"localhost:{server.port}"
+        response = await http3_get(conn, "/file", authority=authority)
+        assert len(response.body) == 1024 * 1024
+        assert path_actor(conn, second.path_id).stats.datagrams_received == received
+        assert mc.active_path().local_addr == first.info().local_addr
