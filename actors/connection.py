@@ -101,7 +101,7 @@ class ConnectionOptions:
     health: HealthConfig | None = None
     #: An idle connection sends one PING on its active path a third into its idle period, so
     #: neither side's idle timeout (the smaller of both: 10 s for js-libp2p) ends it and its
-    #: NAT binding stays. One timer per connection, no task; False: let idle connections end.
+    #: NAT binding stays. Merged into aioquic's own deadline, no task; False: let idle ones end.
     idle_keepalive: bool = True
 
     def __post_init__(self) -> None:
@@ -174,8 +174,8 @@ class ConnectionActor(Actor):
         "_published_spares",
         "_sockets",
         "_terminated",
-        "_timer",
         "_timer_at",
+        "_timer_key",
         "_unreachable",
         "_version",
         "alpn",
@@ -234,8 +234,10 @@ class ConnectionActor(Actor):
         # client connections never see one (bench B4 counts RSS per connection).
         self._incoming: asyncio.Queue[Stream] | None = None
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None  # the deadline ``_timer`` was armed for
+        # aioquic's deadline, a deadline of the node's one timer (not a loop TimerHandle per
+        # connection: thousands of them re-armed per packet cost heap work in Python).
+        self._timer_at: float | None = None
+        self._timer_key = ("quic", conn_id)
         self._flush_scheduled = False
         self._handshake_done = Flag()
         self._confirmed = Flag()
@@ -277,9 +279,7 @@ class ConnectionActor(Actor):
             self._terminate(ConnectionClosedError(self.conn_id, reason="connection actor stopped"))
         self._health.unregister(self.conn_id, list(self._paths))
         self._health.cancel(("live", self.conn_id))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._health.cancel(self._timer_key)
         keylog = self.quic.configuration.secrets_log_file
         if keylog is not None:
             keylog.close()  # SSLKEYLOGFILE, opened for this connection
@@ -648,20 +648,16 @@ class ConnectionActor(Actor):
             keepalive = self.quic.idle_keepalive_at()
             if keepalive is not None and keepalive < when:
                 when = keepalive
-        if self._timer is not None:
-            if when == self._timer_at:
-                # Most flushes leave the deadline as it was (bench B3: ~60 %): keep the handle
-                # rather than cancel it and push a new one on the loop's heap every flush.
-                return
-            self._timer.cancel()
-            self._timer = None
+        if when == self._timer_at:
+            # Most flushes leave the deadline as it was (bench B3: ~60 %): nothing to move.
+            return
         self._timer_at = when
-        if when is not None:
-            # aioquic's deadline is on _now()'s clock: arm the loop's timer by delay.
-            self._timer = self._loop.call_later(max(0.0, when - _now()), self._on_timer)
+        if when is None:
+            self._health.cancel(self._timer_key)
+        else:  # aioquic's clock (_now) is the node's
+            self._health.schedule(self._timer_key, when, self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
         self._timer_at = None
         now = _now()
         if (
@@ -1120,9 +1116,8 @@ class ConnectionActor(Actor):
         self.close_reason = str(error)
         self._terminated.set()
         self._changed.set()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer_at = None
+        self._health.cancel(self._timer_key)
         for stream in self.streams.values():
             stream.fail(error)
         for path_id, facts in list(self._paths.items()):
