@@ -202,3 +202,16 @@ def _num(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
     return str(x)
+
+
+def proc_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of process ``pid`` (this one when None) so far, from
+    /proc/<pid>/stat: another process of the bench (a server) can be read without asking it."""
+    stat = Path(f"/proc/{pid if pid is not None else 'self'}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name (which may hold spaces)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_fds() -> int:
+    """File descriptors this process has open now."""
+    return len(os.listdir("/proc/self/fd"))
