@@ -1,10 +1,11 @@
 """ConnectionActor: one outbound QUIC connection, the only code that builds or parses its packets.
 
-It owns the aioquic connection (through ``MigratingQuicConnection``), its timer, its streams
-and, as children, one PathActor per local socket. Datagrams arrive by direct synchronous call
-from the paths and are answered in one batch per event-loop turn. Control messages (connect,
-add/probe/switch/close a path, close) arrive through the mailbox; the long ones run as owned
-tasks answered with :class:`Later`, so the mailbox never waits on the network.
+It owns the aioquic connection (through ``MigratingQuicConnection``), its deadline (one entry on
+the node's timer), its streams and, as children, one PathActor per local socket. Datagrams
+arrive by direct synchronous call from the paths and are answered in one batch per event-loop
+turn. Control messages (connect, add/probe/switch/close a path, close) arrive through the
+mailbox; the long ones run as owned tasks answered with :class:`Later`, so the mailbox never
+waits on the network.
 
 It is the one owner of its paths' state (the PathStateMachines live here: paths report what
 they saw, this actor decides) and of the order of its operations: add, probe, switch and close
