@@ -8,6 +8,7 @@ not ack-eliciting (no reply, no ACK). Checked against the stock aioquic server a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,32 +29,36 @@ P2 = "/ip4/127.0.0.2/udp/0/quic-v1"
 KEEPALIVES = 5
 
 
-async def _keepalives(conn: Connection, path_id: int) -> tuple[int, int]:
-    """Send the keep-alives; (datagrams, bytes) they took on the path's socket."""
+async def _keepalives_on_a_standby(conn: Connection) -> Callable[[], None]:
+    """Add a standby path and send NAT keep-alives on it (small: not padded to 1200 bytes
+    like a PATH_CHALLENGE); returns the check to run once traffic has flowed: nothing came
+    back on that path, and the server did not migrate (the first path is still active)."""
+    mc = conn.as_migratable()
+    [first] = mc.paths()
+    second = await mc.add_path(P2)
+    await second.probe()
+    stats = path_actor(conn, second.path_id).stats
+    received, sent, size = stats.datagrams_received, stats.datagrams_sent, stats.bytes_sent
     actor = connection_actor(conn)
-    stats = path_actor(conn, path_id).stats
-    before = (stats.datagrams_sent, stats.bytes_sent)
     for _ in range(KEEPALIVES):
-        assert actor.health_probe(path_id, ProbeReason.NAT)
-    return stats.datagrams_sent - before[0], stats.bytes_sent - before[1]
+        assert actor.health_probe(second.path_id, ProbeReason.NAT)
+    assert stats.datagrams_sent - sent == KEEPALIVES
+    assert stats.bytes_sent - size <= KEEPALIVES * 64
+
+    def nothing_moved() -> None:
+        assert stats.datagrams_received == received
+        assert mc.active_path().local_addr == first.info().local_addr
+
+    return nothing_moved
 
 
 async def test_a_nat_keepalive_is_small_unanswered_and_moves_nothing(echo: RigServer) -> None:
     async with Supervisor(enable_experimental_connection_migration=True) as sup:
         conn = await dial_echo(sup, echo)
-        mc = conn.as_migratable()
-        [first] = mc.paths()
-        second = await mc.add_path(P2)
-        await second.probe()
-        received = path_actor(conn, second.path_id).stats.datagrams_received
-        sent, size = await _keepalives(conn, second.path_id)
-        assert sent == KEEPALIVES
-        assert size <= KEEPALIVES * 64  # not padded to 1200 bytes like a PATH_CHALLENGE
+        nothing_moved = await _keepalives_on_a_standby(conn)
         await echo_roundtrip(conn)  # a round trip later: any reply would have arrived
         await echo_roundtrip(conn)
-        assert path_actor(conn, second.path_id).stats.datagrams_received == received
-        # The server did not migrate: its replies still come on the first path only.
-        assert mc.active_path().local_addr == first.info().local_addr
+        nothing_moved()
 
 
 @pytest.mark.skipif(not _NGTCP2, reason=_NO_NGTCP2)
@@ -76,15 +81,7 @@ async def test_ngtcp2_takes_a_nat_keepalive_without_migrating(
             alpn_protocols=["h3"],
             cafile=str(rig_cert.certfile),
         )
-        mc = conn.as_migratable()
-        [first] = mc.paths()
-        second = await mc.add_path(P2)
-        await second.probe()
-        received = path_actor(conn, second.path_id).stats.datagrams_received
-        sent, size = await _keepalives(conn, second.path_id)
-        assert sent == KEEPALIVES and size <= KEEPALIVES * 64
-        authority = f"localhost:{server.port}"
-        response = await http3_get(conn, "/file", authority=authority)
+        nothing_moved = await _keepalives_on_a_standby(conn)
+        response = await http3_get(conn, "/file", authority=f"localhost:{server.port}")
         assert len(response.body) == 1024 * 1024
-        assert path_actor(conn, second.path_id).stats.datagrams_received == received
-        assert mc.active_path().local_addr == first.info().local_addr
+        nothing_moved()

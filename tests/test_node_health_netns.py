@@ -36,10 +36,12 @@ from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigr
 from supervisor.handles import Connection
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair
-from tests.rig.netns import TwoPathTopology, UdpCounters, cleanup_stale, netns_available
+from tests.rig.netns import TwoPathTopology, UdpCounters
 from tests.support import EventLog, event_log, supervisor_actor
 
 pytestmark = pytest.mark.netns
+
+pytest_plugins = ["tests.rig.fixtures"]
 
 N = 200
 #: Health-group probe period: short, so a few-second window holds many rounds.
@@ -67,12 +69,8 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 @pytest.fixture
-def topo() -> Iterator[TwoPathTopology]:
+def topo(rig_netns: None) -> Iterator[TwoPathTopology]:
     """A fresh two-path topology (IPv4); namespaces and their rules are deleted afterwards."""
-    ok, reason = netns_available()
-    if not ok:
-        pytest.skip(reason)
-    cleanup_stale()
     with TwoPathTopology(ipv6=False) as topology:
         yield topology
 
