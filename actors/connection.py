@@ -278,9 +278,7 @@ class ConnectionActor(Actor):
     async def on_stop(self) -> None:
         if not self.closed:
             self._terminate(ConnectionClosedError(self.conn_id, reason="connection actor stopped"))
-        self._health.unregister(self.conn_id, list(self._paths))
-        self._health.cancel(("live", self.conn_id))
-        self._health.cancel(self._timer_key)
+        # _terminate left the node's groups and timer (nothing rejoins once closed).
         keylog = self.quic.configuration.secrets_log_file
         if keylog is not None:
             keylog.close()  # SSLKEYLOGFILE, opened for this connection

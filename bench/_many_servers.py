@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench._server import ServerInfo
+from bench._server import ChildProcess, ServerInfo
 
 
 @dataclass(frozen=True)
@@ -91,34 +90,13 @@ def _child(spec: ManySpec, pipe: Connection) -> None:
         run(lambda: _serve(spec, pipe), spec.loop)
 
 
-class ManyServersProcess:
+class ManyServersProcess(ChildProcess):
     """Handle on the process; ``infos`` has one :class:`ServerInfo` per address (same pid)."""
 
     def __init__(self, spec: ManySpec) -> None:
-        ctx = mp.get_context("spawn")
-        self._pipe, child_end = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(spec, child_end), daemon=True)
-        self._proc.start()
-        child_end.close()
-        if not self._pipe.poll(60):
-            self.stop()
-            raise RuntimeError("bench servers process did not start within 60 s")
-        bound, pid = self._pipe.recv()
+        super().__init__(_child, spec, "bench servers process")
+        bound, pid = self.started
         self.infos = [ServerInfo(host, port, 0, pid) for host, port in bound]
-
-    def cpu(self) -> float:
-        """The process's CPU seconds so far (user + system)."""
-        self._pipe.send("cpu")
-        return float(self._pipe.recv())
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self._pipe.send("stop")
-        self._proc.join(10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-        self._pipe.close()
 
 
 @contextlib.contextmanager

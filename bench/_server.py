@@ -18,7 +18,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -111,23 +111,23 @@ def _child(spec: ServerSpec, pipe: Connection) -> None:
         run(lambda: _serve(spec, pipe), spec.loop)
 
 
-class ServerProcess:
-    """Handle on a running server process; ``cpu()`` asks for its process CPU time."""
+class ChildProcess:
+    """A spawned bench process on a pipe: it sends one start-up message, then answers "cpu"
+    (its process CPU seconds) and "stop"."""
 
-    def __init__(self, spec: ServerSpec) -> None:
+    def __init__(self, target: Callable[[Any, Connection], None], spec: Any, what: str) -> None:
         ctx = mp.get_context("spawn")
         self._pipe, child_end = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(spec, child_end), daemon=True)
+        self._proc = ctx.Process(target=target, args=(spec, child_end), daemon=True)
         self._proc.start()
         child_end.close()
         if not self._pipe.poll(60):
             self.stop()
-            raise RuntimeError("bench server process did not start within 60 s")
-        quic_port, udp_port, pid = self._pipe.recv()
-        self.info = ServerInfo(spec.host, quic_port, udp_port, pid)
+            raise RuntimeError(f"{what} did not start within 60 s")
+        self.started: Any = self._pipe.recv()
 
     def cpu(self) -> float:
-        """The server's process CPU seconds so far (user + system)."""
+        """The process's CPU seconds so far (user + system)."""
         self._pipe.send("cpu")
         return float(self._pipe.recv())
 
@@ -139,6 +139,15 @@ class ServerProcess:
             self._proc.kill()
             self._proc.join(5)
         self._pipe.close()
+
+
+class ServerProcess(ChildProcess):
+    """Handle on a running server process; ``cpu()`` asks for its process CPU time."""
+
+    def __init__(self, spec: ServerSpec) -> None:
+        super().__init__(_child, spec, "bench server process")
+        quic_port, udp_port, pid = self.started
+        self.info = ServerInfo(spec.host, quic_port, udp_port, pid)
 
 
 @contextlib.contextmanager
