@@ -50,7 +50,7 @@ from actors.errors import (
 )
 from actors.flag import Flag
 from actors.health import ActiveLiveness, HealthConfig, Liveness, Verdict
-from actors.health_groups import GroupKey, ProbeReason
+from actors.health_groups import MAX_RECHECKS, RECHECK_AFTER, GroupKey, ProbeReason
 from actors.messages import (
     ActivePathDead,
     AddPath,
@@ -67,10 +67,11 @@ from actors.messages import (
     Switched,
 )
 from actors.node_health import NodeHealth
-from actors.path import UNREACHABLE_ERRNOS, PathActor, ProbeSchedule
+from actors.path import PathActor, ProbeSchedule
 from actors.path_state import PathState, PathStateMachine
 from actors.quic_adapter import MigratingQuicConnection, PathAddr
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
+from actors.socket_errors import Evidence
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
 from actors.view import ConnectionView, PathChange, PathSample, PathView, ViewCell
 
@@ -169,15 +170,16 @@ class ConnectionActor(Actor):
         "_op_queue",
         "_path_ids",
         "_paths",
+        "_peer_gone",
         "_pending",
         "_ping_ids",
         "_publish_scheduled",
         "_published_spares",
+        "_rechecks",
         "_sockets",
         "_terminated",
         "_timer_at",
         "_timer_key",
-        "_unreachable",
         "_version",
         "alpn",
         "app_handler",
@@ -254,7 +256,10 @@ class ConnectionActor(Actor):
         # of this actor's own, never shared: a cancelled waiter leaves the queue with no trace.
         self._op_queue = asyncio.Lock()
         self._op: int | None = None  # the ``op`` tag of the operation being served
-        self._unreachable: set[int] = set()  # paths with a fresh ICMP unreachable
+        #: A port unreachable came from the peer itself since we last heard from it: its
+        #: process is gone, not the path (no failover; the idle timeout ends the connection).
+        self._peer_gone = False
+        self._rechecks = 0  # dead-judgement deferrals for unread datagrams (bounded)
         self._live_at: float | None = None  # the next active-path liveness look (node clock)
         self._asked: dict[int, float] = {}  # active path -> when a group's PING went out
         self._dead_reported: int | None = None  # active path already reported dead
@@ -537,22 +542,26 @@ class ConnectionActor(Actor):
         if self.closed:
             return
         self.quic.receive_datagram(data, PathAddr(addr, path_id), _now())
-        if self._unreachable:
-            self._unreachable.discard(path_id)  # it delivers again
+        self._peer_gone = False  # it talks to us again (a restarted peer may, by a reset)
         if self._asked:
             asked = self._asked.pop(path_id, None)
             if asked is not None:  # the active path delivers after a group's PING
                 self._health.answered(self.conn_id, path_id, None)
         self._after_input()
 
-    def path_error(self, path_id: int, exc: OSError) -> None:
-        if exc.errno in UNREACHABLE_ERRNOS:
-            self._unreachable.add(path_id)
-            if self.options.health is not None:
-                self._health.missed(self.conn_id, path_id)
-                self._fail_standby(path_id)
-                self._look_soon()  # the active path may have just died: judge now
+    def path_error(self, path_id: int, exc: OSError, evidence: Evidence | None) -> None:
+        """A socket error, judged by the path (``actors/socket_errors.py``): an unreachable
+        makes the path suspect and its group asks it once now (the group's verdict decides);
+        the peer gone is no reason to move (every path leads to the same dead port)."""
+        if evidence is Evidence.PEER_GONE:
+            self._peer_gone = True
+        if evidence is not None and self.options.health is not None:
+            self._health.evidence(self.conn_id, path_id, evidence)
         self._changed.set()
+
+    def health_queued(self, path_id: int) -> bool:
+        facts = self._paths.get(path_id)
+        return facts is not None and facts.actor.queued()
 
     def _after_input(self) -> None:
         quic = self.quic
@@ -785,28 +794,27 @@ class ConnectionActor(Actor):
         if state is PathState.CLOSED:
             return
         now = _now()
-        unreachable = active in self._unreachable
         outstanding = self.quic.outstanding_since()
-        if outstanding is None and not unreachable:
+        if outstanding is None:
             self._dead_reported = None
             if state is PathState.DEGRADED:
                 self._move(active, PathState.ACTIVE)
             return
         last = self.quic.last_rx(active)
         pto = self.quic.probe_timeout()
-        since = (
-            now
-            if outstanding is None
-            else (outstanding if last is None else max(last, outstanding))
-        )
+        since = outstanding if last is None else max(last, outstanding)
         heard = since + self._health.lag.discounted_silence(since, now)
         verdict = ActiveLiveness(config).judge(
-            now=heard,
-            last_receive=last,
-            outstanding_since=outstanding,
-            pto=pto,
-            unreachable=unreachable,
+            now=heard, last_receive=last, outstanding_since=outstanding, pto=pto
         )
+        if verdict is not Liveness.ACTIVE and self._rechecks < MAX_RECHECKS:
+            facts = self._paths.get(active)
+            if facts is not None and facts.actor.queued():
+                # The kernel holds datagrams the loop has not read: read them, then judge.
+                self._rechecks += 1
+                self._look_soon(now + RECHECK_AFTER)
+                return
+        self._rechecks = 0
         if verdict is Liveness.ACTIVE:
             self._dead_reported = None
             if state is PathState.DEGRADED:
@@ -817,14 +825,20 @@ class ConnectionActor(Actor):
                 self._move(active, PathState.DEGRADED)
             next_at = since + max(config.dead_ptos * pto, config.min_silence)
         else:
+            if self._peer_gone:
+                # The peer's own host said its port is closed: moving would not help. Nothing
+                # to watch either: a datagram from it starts the judgement again.
+                if state is PathState.ACTIVE:
+                    self._move(active, PathState.DEGRADED)
+                return
             if self._dead_reported != active and self._groups_on:
                 self._health.suspect(self.conn_id, active)
-            self._report_dead(active, "unreachable" if unreachable else "silent")
+            self._report_dead(active, "silent")
             next_at = now + max(pto, config.min_silence)  # watch for it coming back
         self._look_soon(max(next_at, now + 0.005))
 
     def _report_dead(self, active: int, reason: str) -> None:
-        if self._dead_reported == active:
+        if self._dead_reported == active or self._peer_gone:
             return
         self._dead_reported = active
         if self.path_state(active) is PathState.ACTIVE:
@@ -940,6 +954,33 @@ class ConnectionActor(Actor):
             return predicate()
         return True
 
+    async def _wait_heard(
+        self, predicate: Callable[[], bool], since: float, window: float, path_id: int
+    ) -> bool:
+        """``_wait_until`` for a window of the peer's silence (a switch's confirmation): it
+        counts only time the loop could read (stalls discounted: ``LagMeter.judge_at``) and
+        does not end while the path's socket holds datagrams not read yet. Bounded by
+        ``_HEARD_CAP`` windows of wall time: a loop that is never on time still decides."""
+        lag = self._health.lag
+        cap = since + max(_HEARD_CAP * window, 2.0)
+        rechecks = 0
+        while True:
+            now = _now()
+            left = min(lag.judge_at(since, window, now), cap) - now
+            if left > 0:
+                if await self._wait_until(predicate, left):
+                    return True
+                continue
+            if predicate():
+                return True
+            facts = self._paths.get(path_id)
+            if rechecks < MAX_RECHECKS and now < cap and facts is not None and facts.actor.queued():
+                rechecks += 1
+                if await self._wait_until(predicate, RECHECK_AFTER):
+                    return True
+                continue
+            return False
+
     async def _wait_confirmed(self) -> None:
         """Probes wait for the handshake to be confirmed (HANDSHAKE_DONE), RFC 9000 §9."""
         while not self._confirmed.is_set():
@@ -1027,8 +1068,11 @@ class ConnectionActor(Actor):
         self._flush()
         confirmed = False
         try:
-            confirmed = await self._wait_until(
-                lambda: (self.quic.last_non_probing_rx(msg.path_id) or -1.0) >= t0, window
+            confirmed = await self._wait_heard(
+                lambda: (self.quic.last_non_probing_rx(msg.path_id) or -1.0) >= t0,
+                t0,
+                window,
+                msg.path_id,
             )
         finally:
             old.rollback_target = False
@@ -1141,6 +1185,8 @@ def _ip(sockaddr: tuple[Any, ...]) -> str:
 #: Failover order of a path by its group's verdict (PathSample.health_rank). A suspicion is
 #: not a verdict: it is often the failing path's own report, its group not yet confirming it.
 _RANK = {Verdict.ALIVE: 0, Verdict.SUSPECT: 0, Verdict.DEAD: 1}
+#: A confirmation window stretched by a starved loop ends after this many windows of wall time.
+_HEARD_CAP = 10
 
 
 def _ns(times: list[float]) -> tuple[int, ...]:

@@ -72,15 +72,13 @@ class ActiveLiveness:
         last_receive: float | None,
         outstanding_since: float | None,
         pto: float,
-        unreachable: bool = False,
     ) -> Liveness:
         """``outstanding_since``: send time of the oldest unacknowledged ack-eliciting packet.
 
         Silence only counts from the later of the last receipt and that send: a path that
-        received nothing because nothing was asked of it is not dead.
+        received nothing because nothing was asked of it is not dead. Socket errors are not
+        judged here: they make the path's health group ask it (``HealthGroups.evidence``).
         """
-        if unreachable:
-            return Liveness.DEAD
         if outstanding_since is None:
             return Liveness.ACTIVE
         since = outstanding_since if last_receive is None else max(last_receive, outstanding_since)

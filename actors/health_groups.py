@@ -14,6 +14,10 @@ Each group is in one explicit state (:class:`~actors.health.Verdict`):
 - DEAD: ``threshold`` misses since the last answer. One :class:`GroupVerdict` lists every
   member; the rotation goes on, so a link that comes back is noticed.
 
+An ICMP net/host unreachable or a local send error on a member (:meth:`evidence`) makes the
+group suspect at once and asks that member one question: unanswered, the group is dead
+without waiting for ``threshold`` misses (the error is the first, our own silence confirms it).
+
 Any answer from any member clears the suspicion (a DEAD group fans out ALIVE). A probe that
 outlived an answer says nothing: misses count only since the last answer (an epoch). Silence
 counts only for time the loop could read (:class:`~actors.scheduler.LagMeter`). The owner's own
@@ -32,7 +36,7 @@ probing packet: a binding needs outbound bytes, not an answer) and are never jud
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -139,12 +143,25 @@ class GroupStatus:
     outstanding: tuple[tuple[Hashable, ProbeReason], ...]
 
 
+#: A timed-out question whose member's socket still holds unread datagrams is judged again
+#: after ``RECHECK_AFTER`` seconds (the loop reads them first), at most ``MAX_RECHECKS`` times:
+#: a socket flooded by someone else's datagrams must not postpone a verdict for ever.
+RECHECK_AFTER = 0.005
+MAX_RECHECKS = 20
+#: A loop that is never on time (saturated, not paused) still judges: after this many answer
+#: waits of wall time (at least 2 s) silence counts whatever the lag meter says.
+STARVED_CAP = 10
+
+
 @dataclass(slots=True)
 class _Probe:
     reason: ProbeReason
     sent: float
     wait: float
     epoch: int
+    rechecks: int = 0
+    #: Asked because of an ICMP error or a send error: unanswered, the group is dead at once.
+    confirms_evidence: bool = False
 
 
 @dataclass(slots=True)
@@ -171,15 +188,22 @@ class HealthGroups:
 
     The owner arms its timer at :meth:`next_deadline`, calls :meth:`tick` when it fires, sends
     a PATH_CHALLENGE per :class:`ProbeMember` and reports answers; ``rng`` (seeded in tests)
-    jitters the rotation and picks samples; ``lag`` keeps a starved loop from judging.
+    jitters the rotation and picks samples; ``lag`` keeps a starved loop from judging;
+    ``queued(member)`` says whether the kernel still holds datagrams for the member's socket
+    that the loop has not read (an answer may be among them: no miss yet).
     """
 
     def __init__(
-        self, config: GroupConfig, rng: random.Random, lag: LagMeter | None = None
+        self,
+        config: GroupConfig,
+        rng: random.Random,
+        lag: LagMeter | None = None,
+        queued: Callable[[Hashable], bool] | None = None,
     ) -> None:
         self.config = config
         self._rng = rng
         self._lag = lag
+        self._queued = queued
         self._groups: dict[GroupKey, _Group] = {}
         self._member_group: dict[Hashable, GroupKey] = {}
         self._timers: Scheduler[tuple[str, Hashable], None] = Scheduler()
@@ -340,6 +364,28 @@ class HealthGroups:
             self._confirm(g, now, out)
         return out
 
+    def evidence(self, member: Hashable, now: float) -> list[Command]:
+        """An ICMP net/host unreachable or a local send error on ``member``'s socket: the group
+        is suspect at once and ``member`` is asked one question now. ICMP is unauthenticated,
+        so the error alone decides nothing; that question unanswered makes the group dead
+        (the error plus our own silence), any answer clears it. More errors while the
+        question is out change nothing."""
+        key = self._member_group.get(member)
+        out: list[Command] = []
+        if key is None:
+            return out
+        g = self._groups[key]
+        asked = g.probes.get(member)
+        if asked is not None and asked.confirms_evidence:
+            return out
+        self._settle(g, member)  # an older question on it: superseded, proves nothing
+        if g.state is Verdict.ALIVE:
+            g.state = Verdict.SUSPECT
+            g.tried = {member}
+        g.tried.add(member)
+        self._probe(g, member, ProbeReason.CONFIRM, now, out, confirms_evidence=True)
+        return out
+
     def withdraw(self, member: Hashable, now: float) -> list[Command]:
         """The probe of ``member`` could not be sent (no CID, closing): it proves nothing
         either way; the confirmation asks someone else if it still needs an answer."""
@@ -421,13 +467,20 @@ class HealthGroups:
         return self._rng.sample(idle, min(k, len(idle)))
 
     def _probe(
-        self, g: _Group, m: Hashable, why: ProbeReason, now: float, out: list[Command]
+        self,
+        g: _Group,
+        m: Hashable,
+        why: ProbeReason,
+        now: float,
+        out: list[Command],
+        *,
+        confirms_evidence: bool = False,
     ) -> None:
         c = self.config
         wait = c.initial_wait
         if g.rtt is not None:
             wait = max(c.min_wait, c.answer_rtts * g.rtt + 4 * g.rtt_var)
-        g.probes[m] = _Probe(why, now, wait, g.epoch)
+        g.probes[m] = _Probe(why, now, wait, g.epoch, confirms_evidence=confirms_evidence)
         if m in self._asked_at:
             self._asked_at[m] = now  # a question is also a NAT keep-alive
         self._timers.schedule(("timeout", m), now + wait, None)
@@ -439,8 +492,14 @@ class HealthGroups:
         if probe is None:  # settled earlier in this very tick
             return
         later = now if self._lag is None else self._lag.judge_at(probe.sent, probe.wait, now)
-        if later > now:  # the loop was starved: wait until it could read long enough
-            self._timers.schedule(("timeout", member), later, None)
+        cap = probe.sent + max(STARVED_CAP * probe.wait, 2.0)
+        if later > now and now < cap:  # the loop was starved: wait until it could read
+            self._timers.schedule(("timeout", member), min(later, cap), None)
+            return
+        if probe.rechecks < MAX_RECHECKS and self._queued is not None and self._queued(member):
+            # The answer may be waiting in the socket: the loop reads it before we look again.
+            probe.rechecks += 1
+            self._timers.schedule(("timeout", member), now + RECHECK_AFTER, None)
             return
         self._missed(g, member, now, out)
 
@@ -451,7 +510,9 @@ class HealthGroups:
             if g.state is Verdict.ALIVE:
                 g.state = Verdict.SUSPECT
                 g.tried = {member}
-            if g.state is Verdict.SUSPECT and g.misses >= self.config.threshold:
+            if g.state is Verdict.SUSPECT and (
+                g.misses >= self.config.threshold or probe.confirms_evidence
+            ):
                 self._declare_dead(g, out)
         self._confirm(g, now, out)  # also after a stale miss: its member may be needed
 

@@ -22,7 +22,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from actors.health import HealthConfig, Verdict
@@ -35,6 +35,7 @@ from actors.health_groups import (
     ProbeReason,
 )
 from actors.scheduler import LagMeter, Scheduler
+from actors.socket_errors import Evidence
 
 __all__ = ["HealthMember", "HealthStatus", "NodeHealth", "ProbeReason"]
 
@@ -61,6 +62,11 @@ class HealthMember(Protocol):
         """The path's group was judged (dead, or alive again): the connection decides."""
         ...
 
+    def health_queued(self, path_id: int) -> bool:
+        """Whether the kernel holds datagrams for the path's socket that were not read yet
+        (an answer may be among them: no miss may be counted before they are read)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class HealthStatus:
@@ -77,6 +83,13 @@ class HealthStatus:
     verdicts: dict[str, int]
     #: Seconds the loop was stalled (its timer ran late) within the last minute.
     loop_lag_s: float
+    #: Socket errors that were evidence, by kind: unreachable (ICMP net/host unreachable or a
+    #: local send error: the path suspect, one probe confirms) and peer_gone (port unreachable
+    #: from the peer itself: no failover).
+    evidence: dict[str, int] = field(default_factory=dict)
+    #: Questions whose answer wait ended while the socket still held unread datagrams, judged
+    #: again once they were read (a starved loop, not a silent path).
+    rechecks: int = 0
 
 
 class NodeHealth:
@@ -93,7 +106,9 @@ class NodeHealth:
         self.lag = LagMeter()
         self._clock = clock
         self.groups = (
-            HealthGroups(GroupConfig.from_health(config), rng or random.Random(), self.lag)
+            HealthGroups(
+                GroupConfig.from_health(config), rng or random.Random(), self.lag, self._queued
+            )
             if config is not None
             else None
         )
@@ -104,6 +119,8 @@ class NodeHealth:
         self._closed = False
         self.sent: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
+        self.evidence_seen: Counter[str] = Counter()
+        self.rechecks = 0
 
     # ------------------------------------------------------------------ connections
 
@@ -133,10 +150,20 @@ class NodeHealth:
         if self.groups is not None:
             self._run(self.groups.on_answer((conn_id, path_id), rtt, self._clock()))
 
-    def missed(self, conn_id: str, path_id: int) -> None:
-        """The path's outstanding question failed outright (ICMP unreachable, send error)."""
-        if self.groups is not None:
-            self._run(self.groups.on_miss((conn_id, path_id), self._clock()))
+    def evidence(self, conn_id: str, path_id: int, kind: Evidence) -> None:
+        """A socket error judged by ``actors.socket_errors``: counted; an unreachable makes
+        the path's group suspect and asks the path one question now."""
+        self.evidence_seen[kind.value] += 1
+        if kind is Evidence.UNREACHABLE and self.groups is not None:
+            self._run(self.groups.evidence((conn_id, path_id), self._clock()))
+
+    def _queued(self, member: Hashable) -> bool:
+        conn_id, path_id = cast(tuple[str, int], member)
+        target = self._members.get(conn_id)
+        if target is None or not target.health_queued(path_id):
+            return False
+        self.rechecks += 1
+        return True
 
     def suspect(self, conn_id: str, path_id: int) -> None:
         """The connection judged this (active) path dead: its group starts confirming."""
@@ -178,6 +205,8 @@ class NodeHealth:
             keepalives=dict(self.sent),
             verdicts=dict(self.verdicts),
             loop_lag_s=round(self.lag.lag(60.0, self._clock()), 6),
+            evidence=dict(self.evidence_seen),
+            rechecks=self.rechecks,
         )
 
     def close(self) -> None:

@@ -13,9 +13,11 @@ while its mailbox is empty, no reader task either (``parks_when_idle``).
 
 from __future__ import annotations
 
+import array
 import asyncio
-import errno
+import fcntl
 import socket
+import termios
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +26,7 @@ from actors.errors import ConnectionClosedError, ProbeTimeoutError
 from actors.messages import EmitChallenge, StartProbe
 from actors.path_state import PathState
 from actors.runtime import Actor, ActorRef, Later
+from actors.socket_errors import Evidence, enable_error_reports, judge, read_error_queue
 
 
 class PathOwner(Protocol):
@@ -35,7 +38,7 @@ class PathOwner(Protocol):
 
     def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None: ...
 
-    def path_error(self, path_id: int, exc: OSError) -> None: ...
+    def path_error(self, path_id: int, exc: OSError, evidence: Evidence | None) -> None: ...
 
     def path_state(self, path_id: int) -> PathState: ...
 
@@ -81,9 +84,6 @@ class ProbeSchedule:
     first_wait: float = 0.05
     backoff: float = 2.0
     max_wait: float = 1.0
-
-
-UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED})
 
 
 class _PathProtocol(asyncio.DatagramProtocol):
@@ -155,6 +155,7 @@ class PathActor(Actor):
     # ------------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
+        enable_error_reports(self.sock)  # ICMP errors are evidence (actors/socket_errors.py)
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _PathProtocol(self), sock=self.sock
@@ -208,11 +209,25 @@ class PathActor(Actor):
         self._owner.datagram_received(self.path_id, data, addr)
 
     def _on_error(self, exc: OSError) -> None:
-        # ICMP errors surface here (IP_RECVERR is on for UDP sockets in asyncio on Linux):
-        # immediate evidence about this path's health.
-        if exc.errno in UNREACHABLE_ERRNOS:
-            self._fail_response(exc)
-        self._owner.path_error(self.path_id, exc)  # it decides what the evidence means
+        # A failed sendto() or an ICMP error (IP_RECVERR, set in on_start). The error queue is
+        # read every time: it holds the ICMP details, and unread it keeps epoll waking us.
+        reports = read_error_queue(self.sock) if self.sock.fileno() >= 0 else []
+        evidence = judge(exc.errno, reports, self._remote_key[0])
+        if evidence is Evidence.UNREACHABLE:
+            self._fail_response(exc)  # a probe on request fails at once, with this cause
+        self._owner.path_error(self.path_id, exc, evidence)  # it decides what this means
+
+    def queued(self) -> bool:
+        """Whether the kernel holds datagrams this socket's reader has not taken yet: before
+        silence on this path is judged, they must be read (a starved loop is not a dead path)."""
+        if self.sock.fileno() < 0:
+            return False
+        pending = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, pending, True)
+        except OSError:
+            return False
+        return pending[0] > 0
 
     def path_response(self, rtt: float) -> None:
         """Called by the connection when a PATH_RESPONSE for this path arrived on its socket

@@ -117,6 +117,8 @@ class LagMeter:
     """
 
     min_lag: float = 0.005
+    #: Running time after a stall before silence may be judged (see :meth:`judge_at`).
+    read_grace: float = 0.02
     horizon: float = 600.0
     max_stalls: int = 1024
     _stalls: list[tuple[float, float]] = field(default_factory=list)
@@ -157,11 +159,15 @@ class LagMeter:
 
     def judge_at(self, since: float, wait: float, now: float) -> float:
         """When silence since ``since`` may be judged against ``wait``: once it counted for
-        ``wait`` seconds, and the loop has run ``wait`` seconds past its last stall (to read
-        what queued meanwhile). ``<= now``: judge now; else look again then."""
+        ``wait`` seconds, and the loop has run ``read_grace`` past its last stall (a turn or
+        two to read what queued meanwhile; the judge also asks the socket whether the kernel
+        still holds anything). ``<= now``: judge now; else look again then.
+
+        Not ``wait`` past the stall: a throttled process (a CPU quota stalls it every period)
+        would never be allowed to judge, and a real black hole would go unnoticed."""
         later = now + wait - self.discounted_silence(since, now)
         stall_end = self.last_stall_end
-        return later if stall_end is None else max(later, stall_end + wait)
+        return later if stall_end is None else max(later, stall_end + min(wait, self.read_grace))
 
     def _insert(self, start: float, end: float) -> None:
         stalls = self._stalls

@@ -213,8 +213,10 @@ async def test_a_path_revived_by_its_group_is_revalidated_before_use(shim: UdpSh
     """A dead group fails its standby paths (and aioquic forgets their validation); an answer
     for another member revives them all. Such a path is standby on its group's word only:
     a switch to it re-probes it first (this crashed the supervisor with "path not
-    validated" in bench B4's drain: found when groups landed)."""
-    async with Supervisor(enable_experimental_connection_migration=True, failover=FAST) as sup:
+    validated" in bench B4's drain: found when groups landed). The rotation asks nothing
+    meanwhile (a long interval): an answer of its own would validate it by itself."""
+    quiet = FailoverPolicy(keepalive_interval=60.0)
+    async with Supervisor(enable_experimental_connection_migration=True, failover=quiet) as sup:
         conn, _first, second = await _two_paths(sup, shim)
         actor = connection_actor(conn)
         actor.health_verdict(second.path_id, Verdict.DEAD)

@@ -51,6 +51,9 @@ class Member:
         self.verdicts.append((path_id, verdict))
         self.changed.set()
 
+    def health_queued(self, path_id: int) -> bool:
+        return False
+
 
 async def until(members: list[Member], predicate: object, timeout: float = 10.0) -> None:
     assert callable(predicate)

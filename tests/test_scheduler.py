@@ -190,10 +190,26 @@ def test_judge_at_waits_for_readable_time_after_a_stall() -> None:
     meter = LagMeter()
     # No stall: silence since 1.0 with a 0.5 s wait may be judged from 1.5 on.
     assert meter.judge_at(since=1.0, wait=0.5, now=2.0) == pytest.approx(1.5)
-    # The loop froze from 1.2 to 9.0: the answer may be queued; read for 0.5 s first.
+    # The loop froze from 1.2 to 9.0: the answer may be queued; run a read grace first.
     meter.on_fire(due=1.2, now=9.0)
-    assert meter.judge_at(since=1.0, wait=0.5, now=9.0) == pytest.approx(9.5)
+    # 0.2 s of silence counted (1.0-1.2); 0.3 s more of running time is needed.
+    assert meter.judge_at(since=1.0, wait=0.5, now=9.0) == pytest.approx(9.3)
+    # Silence long enough already: only the read grace after the stall.
+    assert meter.judge_at(since=1.0, wait=0.1, now=9.0) == pytest.approx(9.0 + meter.read_grace)
     assert meter.judge_at(since=1.0, wait=0.5, now=9.5) <= 9.5
+
+
+def test_judge_at_under_a_cpu_quota_still_judges() -> None:
+    """Throttled 50 ms of every 100 ms (a pod's CPU limit): silence counts at half speed, and
+    a verdict still comes (a real black hole is noticed), about twice as late."""
+    meter = LagMeter()
+    t = 0.0
+    while t < 2.0:
+        meter.on_fire(due=t + 0.05, now=t + 0.1)
+        t += 0.1
+    at = meter.judge_at(since=0.0, wait=0.3, now=2.0)
+    assert at <= 2.0 + meter.read_grace + 1e-9  # the last stall ended at 2.0: one read grace
+    assert meter.discounted_silence(0.0, 2.0) == pytest.approx(1.0)
 
 
 def test_lag_meter_rejects_nonsense_settings() -> None:
