@@ -624,7 +624,13 @@ class ConnectionActor(Actor):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._health.flush_soon(self)  # one callback per loop turn for the whole node
+
+    def flush(self) -> None:
+        """The node's batch calls this once per loop turn in which the connection had
+        something to send (``NodeHealth.flush_soon``)."""
+        if self._flush_scheduled:
+            self._flush()
 
     def _flush(self) -> None:
         """Send everything aioquic has for us, each datagram from its path's socket."""

@@ -227,6 +227,13 @@ class HealthGroups:
     def timers(self) -> int:
         return len(self._timers)
 
+    def states(self) -> dict[str, int]:
+        """Groups by state (a copy of the values first: a metric reader's thread calls it)."""
+        counts = dict.fromkeys((v.value for v in Verdict), 0)
+        for g in list(self._groups.values()):
+            counts[g.state.value] += 1
+        return counts
+
     def verdict_of(self, member: Hashable) -> Verdict | None:
         key = self._member_group.get(member)
         return None if key is None else self._groups[key].state

@@ -62,6 +62,10 @@ class HealthMember(Protocol):
         """The path's group was judged (dead, or alive again): the connection decides."""
         ...
 
+    def flush(self) -> None:
+        """Send what the connection has queued (the node's per-turn batch calls it)."""
+        ...
+
     def health_queued(self, path_id: int) -> bool:
         """Whether the kernel holds datagrams for the path's socket that were not read yet
         (an answer may be among them: no miss may be counted before they are read)."""
@@ -121,6 +125,7 @@ class NodeHealth:
         self.verdicts: Counter[str] = Counter()
         self.evidence_seen: Counter[str] = Counter()
         self.rechecks = 0
+        self._to_flush: list[HealthMember] = []
 
     # ------------------------------------------------------------------ connections
 
@@ -176,6 +181,27 @@ class NodeHealth:
     def last_answer(self, conn_id: str, path_id: int) -> float | None:
         """When the path's group last heard an answer (on this node's clock)."""
         return None if self.groups is None else self.groups.last_answer((conn_id, path_id))
+
+    def group_states(self) -> dict[str, int]:
+        """Groups by verdict (alive, suspect, dead); safe to call from a metric reader."""
+        return self.groups.states() if self.groups is not None else {}
+
+    def flush_soon(self, member: HealthMember) -> None:
+        """Flush ``member`` later in this loop turn, with every other connection that has
+        something to send: one loop callback for the node (a drain moves hundreds of
+        connections in the same turns), not one per connection. Its ``flush`` checks that
+        it still has something to send; called twice in a turn, it flushes once."""
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._to_flush.append(member)
+
+    def _flush_all(self) -> None:
+        batch, self._to_flush = self._to_flush, []
+        for member in batch:
+            try:
+                member.flush()
+            except Exception:  # one connection's bug must not keep the others from sending
+                log.exception("flush of %r failed", member)
 
     def count(self, kind: str) -> None:
         self.sent[kind] += 1

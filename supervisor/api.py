@@ -31,6 +31,7 @@ from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
 from supervisor.failover import FailoverController
 from supervisor.handles import Connection
+from supervisor.herd import HerdLimits
 from supervisor.messages import (
     ConnectionSnapshot,
     DialRequest,
@@ -73,10 +74,13 @@ class Supervisor:
         qlog_dir: str | os.PathLike[str] | None = None,
         qlog_max_events: int = DEFAULT_QLOG_MAX_EVENTS,
         preferred_address: str = "ignore",
+        herd: HerdLimits | None = None,
     ) -> None:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
-        of its newest events are kept in memory (see ``telemetry.qlog``)."""
+        of its newest events are kept in memory (see ``telemetry.qlog``). ``herd``: how many
+        migrations may be in flight at once, in all and per remote IP (default 64 each); the
+        others wait their turn, FIFO (``supervisor.herd``)."""
         self.migration_enabled = validate.flag(
             "enable_experimental_connection_migration", enable_experimental_connection_migration
         )
@@ -107,6 +111,12 @@ class Supervisor:
         for name, value in (("journal", journal), ("qlog_dir", qlog_dir)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path or None, not {type(value).__name__}")
+        if herd is not None and not isinstance(herd, HerdLimits):
+            raise TypeError(
+                f"herd must be HerdLimits (e.g. HerdLimits(in_flight=64, per_peer=64)) or None, "
+                f"not {type(herd).__name__}"
+            )
+        self.herd = herd or HerdLimits()
         self.failover = failover
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
@@ -172,6 +182,7 @@ class Supervisor:
             qlog=self.qlog,
             policy=policy,
             preferred_address=self._preferred_address,
+            herd=self.herd,
         )
         self._ref = self._runtime.start(actor, name="supervisor")
 

@@ -242,7 +242,8 @@ def _report_lines(report: DrainReport) -> list[str]:
         lines.append(line)
     counts = report.counts
     lines.append(
-        f"moved {counts['moved']}, failed {counts['failed']}, untouched {counts['untouched']}"
+        f"moved {counts['moved']}, failed {counts['failed']}, untouched {counts['untouched']} "
+        f"in {report.elapsed_s:.3f} s"
     )
     return lines
 

@@ -14,8 +14,9 @@ class FailoverPolicy:
     With a policy, paths are watched by shared-fate health groups (one question per group of
     paths with the same local address and server IP, and interval; verdicts for all) and the
     active path is judged from what arrives while data is outstanding; when it is judged dead
-    the connection moves to the best validated standby path (not in a dead group, then lower
-    RTT), resending what the dead path had in flight. ``prefer`` (a local multiaddr; port 0 matches
+    the connection moves to the best validated standby path (not in a dead group, then one
+    validated in both directions, then lower RTT; after a rollback, the next one), resending
+    what the dead path had in flight. ``prefer`` (a local multiaddr; port 0 matches
     any port) is switched back to once it has been healthy for ``hysteresis`` seconds, so a
     flapping link causes no switch storm.
     """
@@ -37,11 +38,20 @@ class FailoverPolicy:
     #: per 5-tuple, so this one duty cannot be shared by a health group; RFC 9000 10.1.2
     #: notes 30 s suits most middleboxes (UDP bindings often last 30-120 s). None: none.
     nat_keepalive: float | None = 30.0
+    #: A failover whose failed path answers again within this many seconds counts as a
+    #: suspect failover (``MigrationStats.suspect_failovers``): probably never dead.
+    suspect_window: float = 10.0
 
     def __post_init__(self) -> None:
         from supervisor import validate
 
-        for name in ("keepalive_interval", "dead_after_ptos", "min_silence", "probe_timeout"):
+        for name in (
+            "keepalive_interval",
+            "dead_after_ptos",
+            "min_silence",
+            "probe_timeout",
+            "suspect_window",
+        ):
             validate.duration(name, getattr(self, name))
         if self.nat_keepalive is not None:
             validate.duration("nat_keepalive", self.nat_keepalive)

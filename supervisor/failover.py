@@ -38,6 +38,8 @@ class FailoverController:
         self._running: dict[str, asyncio.Task[None]] = {}  # conn -> failover in progress
         self._changed: dict[str, asyncio.Event] = {}  # conn -> "a path changed state"
         self._switch_back: dict[tuple[str, int], asyncio.Task[None]] = {}
+        #: (conn, path failed over from) -> when: an answer soon after makes it suspect.
+        self._failed_over: dict[tuple[str, int], float] = {}
 
     # ------------------------------------------------------------------ inputs
 
@@ -56,6 +58,19 @@ class FailoverController:
             if change.old is None:
                 continue
             key = (conn_id, change.path_id)
+            if change.old is PathState.FAILED and change.new is not PathState.CLOSED:
+                at = self._failed_over.pop(key, None)
+                if at is not None and time.monotonic() - at <= self.policy.suspect_window:
+                    # The path we left as dead answers again within seconds: it probably
+                    # never was (a starved host, a burst of loss): count it, loudly.
+                    log.warning(
+                        "connection %s: path %d answered %.1f s after failing over from it "
+                        "(suspect failover)",
+                        conn_id,
+                        change.path_id,
+                        time.monotonic() - at,
+                    )
+                    self.port.note("suspect_failover")
             pending = self._switch_back.pop(key, None)
             if pending is not None and not pending.done():
                 pending.cancel()  # any change restarts the hysteresis clock
@@ -72,6 +87,8 @@ class FailoverController:
         for key in [k for k in self._switch_back if k[0] == conn_id]:
             self._switch_back.pop(key).cancel()
         self._changed.pop(conn_id, None)
+        for key in [k for k in self._failed_over if k[0] == conn_id]:
+            del self._failed_over[key]
         view = self.port.view(conn_id)
         if pending and view is not None:
             here = sockaddr_to_multiaddr(view.local)
@@ -98,7 +115,9 @@ class FailoverController:
         return local[0] == ip and (port == 0 or local[1] == port)
 
     def candidates(self, conn_id: str, view: ConnectionView) -> list[PathView]:
-        """Validated standby paths, best first: alive group, preferred, lower RTT."""
+        """Validated standby paths, best first: alive group, validated in both directions
+        (its PATH_RESPONSE came back on its own socket; an asymmetric one proved only the way
+        out), preferred, lower RTT."""
         samples = self.port.sample(conn_id)
         paths = [
             p
@@ -106,12 +125,12 @@ class FailoverController:
             if p.path_id != view.active_path_id and p.state is PathState.STANDBY
         ]
 
-        def score(p: PathView) -> tuple[int, int, float]:
+        def score(p: PathView) -> tuple[int, bool, int, float]:
             preferred = 0 if self._is_preferred(p.local) else 1
             sample = samples.get(p.path_id)
             rank = sample.health_rank if sample is not None else None
             rtt = sample.rtt if sample is not None else p.rtt
-            return rank or 0, preferred, rtt if rtt is not None else float("inf")
+            return rank or 0, p.asymmetric, preferred, rtt if rtt is not None else float("inf")
 
         return sorted(paths, key=score)
 
@@ -125,6 +144,7 @@ class FailoverController:
             if active is not None and active.state is PathState.ACTIVE:
                 return  # it recovered (or a manual switch moved it) meanwhile
             changed.clear()
+            # A target that rolled back becomes failed: the next candidate is tried at once.
             for path in self.candidates(conn_id, view):
                 try:
                     await self.port.ask(
@@ -141,6 +161,8 @@ class FailoverController:
                         "connection %s: failover to path %d failed: %s", conn_id, path.path_id, exc
                     )
                     continue
+                if view.active_path_id is not None:
+                    self._failed_over[(conn_id, view.active_path_id)] = time.monotonic()
                 return
             # Nothing usable now: wait for a path to change state (keep-alives on failed paths
             # notice a link that came back), while the idle timeout allows.

@@ -170,6 +170,16 @@ class MigrationStats:
     #: Server preferred addresses (RFC 9000 §9.6) seen: followed, ignored, refused (unsafe:
     #: see ``addresses.preferred_address_refusal``) or unreachable (its probe failed).
     preferred_address: dict[str, int] = field(default_factory=dict)
+    #: Failovers whose failed path answered again within ``FailoverPolicy.suspect_window``:
+    #: the false-failover indicator (it was probably never dead).
+    suspect_failovers: int = 0
+    #: Herd control (``supervisor.herd``): migrations in flight and waiting now, how many
+    #: had to wait since start, the longest wait and the deepest queue.
+    in_flight: int = 0
+    queued: int = 0
+    waited: int = 0
+    max_wait_s: float = 0.0
+    max_queued: int = 0
 
     @property
     def ended(self) -> int:

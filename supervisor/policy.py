@@ -45,6 +45,10 @@ class PolicyPort(Protocol):
 
     def emit(self, evt: Event) -> None: ...
 
+    def note(self, what: str) -> None:
+        """Count an observation of the policy's (``suspect_failover``) in MigrationStats."""
+        ...
+
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> Any:
         """Run ``coro`` as a task the supervisor owns (cancelled and awaited when it stops)."""
         ...
@@ -58,6 +62,7 @@ class SupervisorPort:
     ref: ActorRef
     emit: Callable[[Event], None]
     spawn: Callable[..., Any]
+    note: Callable[[str], None]
 
     def view(self, conn_id: str) -> ConnectionView | None:
         entry = self.registry.get(conn_id)

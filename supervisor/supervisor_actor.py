@@ -80,6 +80,7 @@ from supervisor.events import (
     MigrationOutcome,
     MigrationReason,
 )
+from supervisor.herd import HerdLimits, MigrationGate
 from supervisor.messages import (
     AddPathRequest,
     CloseConnectionRequest,
@@ -109,6 +110,7 @@ from telemetry.tracing import (
     ATTR_CID_SEQUENCE_BEFORE,
     ATTR_CONNECTION_ID,
     ATTR_MIGRATION_OUTCOME,
+    ATTR_MIGRATION_QUEUE_WAIT_MS,
     ATTR_PATH_CLOSE_REMOVED,
     ATTR_PATH_LOCAL_ADDRESS,
     ATTR_PATH_TO_LOCAL_ADDRESS,
@@ -175,9 +177,11 @@ class SupervisorActor(Actor):
         qlog: QlogDirectory | None = None,
         policy: Callable[[PolicyPort], Policy] | None = None,
         preferred_address: PreferredAddressMode = "ignore",
+        herd: HerdLimits | None = None,
     ) -> None:
         """``registry`` is shared with the Supervisor front-end, which reads views from it;
-        ``policy`` makes the policy (failover) over this actor's port."""
+        ``policy`` makes the policy (failover) over this actor's port; ``herd`` bounds the
+        migrations in flight (every switch takes a slot of ``self.gate`` first)."""
         self._make_policy = policy
         self.policy: Policy | None = None
         self._preferred_mode = preferred_address
@@ -201,10 +205,13 @@ class SupervisorActor(Actor):
         self._socket_keys = itertools.count(1 << 30)
         self._completed = 0
         self._failed: dict[str, int] = {}  # outcome -> migrations that ended so
+        self._suspect_failovers = 0
+        self.gate = MigrationGate(herd, on_wait=self.metrics.migration_queue_wait)
+        self._unregister_node = self.metrics.register_node(self._node_figures)
         self._unregister_cids = self.metrics.register_cid_spare(self._min_spare_cids)
 
     async def on_start(self) -> None:
-        port = SupervisorPort(self.conns, self.ref, self.emit, self.spawn)
+        port = SupervisorPort(self.conns, self.ref, self.emit, self.spawn, self.note)
         if self._make_policy is not None:
             self.policy = self._make_policy(port)
         self._preferred = PreferredAddressPolicy(port, self._preferred_mode, self._count_preferred)
@@ -284,6 +291,30 @@ class SupervisorActor(Actor):
         spares = [e.view.spare_peer_cids for e in list(self.conns.values()) if not e.view.closed]
         return min(spares) if spares else None
 
+    def _node_figures(self) -> dict[str, Any]:
+        """Runs on the metric reader's thread: copies of plain counters (each copy is one
+        C call under the GIL, so never torn) and the lag meter's recent stalls."""
+        health = self.health
+        try:
+            lag = health.lag.lag(60.0, health.clock())
+        except (IndexError, ValueError):  # the meter changed under the reader: skip it
+            lag = None
+        return {
+            "loop_lag_s": lag,
+            "keepalives": dict(health.sent),
+            "verdicts": dict(health.verdicts),
+            "evidence": dict(health.evidence_seen),
+            "groups": health.group_states(),
+            "queued": self.gate.queued,
+            "in_flight": self.gate.in_flight,
+            "suspect_failovers": self._suspect_failovers,
+        }
+
+    def note(self, what: str) -> None:
+        """A policy's observation worth counting (``PolicyPort.note``)."""
+        if what == "suspect_failover":
+            self._suspect_failovers += 1
+
     def _entry(self, conn_id: str) -> ConnectionEntry:
         entry = self.conns.get(conn_id)
         if entry is None or entry.view.closed:
@@ -342,7 +373,18 @@ class SupervisorActor(Actor):
         if isinstance(msg, HealthStatusRequest):
             return self.health.status()
         if isinstance(msg, StatsRequest):
-            return MigrationStats(self._completed, dict(self._failed), dict(self._preferred_counts))
+            gate = self.gate
+            return MigrationStats(
+                self._completed,
+                dict(self._failed),
+                dict(self._preferred_counts),
+                suspect_failovers=self._suspect_failovers,
+                in_flight=gate.in_flight,
+                queued=gate.queued,
+                waited=gate.waited,
+                max_wait_s=round(gate.max_wait_s, 6),
+                max_queued=gate.max_queued,
+            )
         if isinstance(msg, PreferredAddressOffered):
             if self._preferred is not None:
                 self._preferred.on_offer(msg.conn_id, msg.address)
@@ -610,108 +652,112 @@ class SupervisorActor(Actor):
             here = multiaddr_text(to_addr)
             return SwitchReply(SwitchResult(here, here, None, 0.0, False), self._snap(req.conn_id))
         from_addr = local_addr_of(entry, view.active_path_id)
-        with self.tracing.migration_span(
-            req.conn_id,
-            reason,
-            multiaddr_text(from_addr),
-            multiaddr_text(to_addr),
-            multiaddr_text(entry.remote),
-            entry.family,
-            parent_context=parent,
-        ) as span:
-            # Published inside the span: the journal records carry the migration's trace.
-            self.emit(
-                EvtConnectionMigrationStarted(
-                    req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
-                )
-            )
-            try:
-                with (
-                    self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span,
-                    self._op_span(span) as op,
-                ):
-                    try:
-                        done = await entry.ask(
-                            Switch(
-                                req.path_id,
-                                reason,
-                                probe_timeout=req.probe_timeout,
-                                old_path_dead=req.old_path_dead,
-                                op=op,
-                            )
-                        )
-                    except BaseException as exc:
-                        report = getattr(exc, "report", None)
-                        if isinstance(report, ProbeReport):
-                            self._reprobe_span(entry, report, time.time_ns(), exc)
-                        if isinstance(exc, MigrationRolledBackError):
-                            switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
-                            self.metrics.rollback(reason)
-                        raise
-                    assert isinstance(done, Switched)
-                    if done.reprobe is not None:
-                        self._reprobe_span(
-                            entry,
-                            done.reprobe,
-                            time.time_ns() - int(done.confirmation_time * 1e9),
-                            None,
-                        )
-                    for key, value in (
-                        (ATTR_CID_SEQUENCE_BEFORE, done.cid_sequence_before),
-                        (ATTR_CID_SEQUENCE_AFTER, done.cid_sequence_after),
-                    ):
-                        if value is not None:
-                            switch_span.set_attribute(key, value)
-                    switch_span.set_attribute(
-                        ATTR_SWITCH_CONFIRMATION_MS, done.confirmation_time * 1000
-                    )
-                    switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, False)
-            except BaseException as exc:
-                error = str(exc) or type(exc).__name__
-                if isinstance(exc, asyncio.CancelledError):
-                    error = "cancelled by the caller (rolled back)"
-                outcome = outcome_of(exc, closed=entry.view.closed)
-                ended = {"cancelled": RESULT_CANCELLED, "rolled_back": RESULT_ROLLED_BACK}.get(
-                    outcome, RESULT_FAILED
-                )
-                set_result(span, ended)
-                span.set_attribute(ATTR_MIGRATION_OUTCOME, outcome)
-                self.metrics.migration(reason, ended, outcome)
-                self._failed[outcome] = self._failed.get(outcome, 0) + 1
+        # Herd control: a slot first (FIFO); the migration, its events and span start then.
+        async with self.gate.slot(str(view.remote[0])) as waited:
+            with self.tracing.migration_span(
+                req.conn_id,
+                reason,
+                multiaddr_text(from_addr),
+                multiaddr_text(to_addr),
+                multiaddr_text(entry.remote),
+                entry.family,
+                parent_context=parent,
+            ) as span:
+                if waited:
+                    span.set_attribute(ATTR_MIGRATION_QUEUE_WAIT_MS, waited * 1000)
+                # Published inside the span: the journal records carry the migration's trace.
                 self.emit(
-                    EvtConnectionMigrationFailed(
+                    EvtConnectionMigrationStarted(
+                        req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
+                    )
+                )
+                try:
+                    with (
+                        self.tracing.child_span(SPAN_PATH_SWITCH) as switch_span,
+                        self._op_span(span) as op,
+                    ):
+                        try:
+                            done = await entry.ask(
+                                Switch(
+                                    req.path_id,
+                                    reason,
+                                    probe_timeout=req.probe_timeout,
+                                    old_path_dead=req.old_path_dead,
+                                    op=op,
+                                )
+                            )
+                        except BaseException as exc:
+                            report = getattr(exc, "report", None)
+                            if isinstance(report, ProbeReport):
+                                self._reprobe_span(entry, report, time.time_ns(), exc)
+                            if isinstance(exc, MigrationRolledBackError):
+                                switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, True)
+                                self.metrics.rollback(reason)
+                            raise
+                        assert isinstance(done, Switched)
+                        if done.reprobe is not None:
+                            self._reprobe_span(
+                                entry,
+                                done.reprobe,
+                                time.time_ns() - int(done.confirmation_time * 1e9),
+                                None,
+                            )
+                        for key, value in (
+                            (ATTR_CID_SEQUENCE_BEFORE, done.cid_sequence_before),
+                            (ATTR_CID_SEQUENCE_AFTER, done.cid_sequence_after),
+                        ):
+                            if value is not None:
+                                switch_span.set_attribute(key, value)
+                        switch_span.set_attribute(
+                            ATTR_SWITCH_CONFIRMATION_MS, done.confirmation_time * 1000
+                        )
+                        switch_span.set_attribute(ATTR_SWITCH_ROLLED_BACK, False)
+                except BaseException as exc:
+                    error = str(exc) or type(exc).__name__
+                    if isinstance(exc, asyncio.CancelledError):
+                        error = "cancelled by the caller (rolled back)"
+                    outcome = outcome_of(exc, closed=entry.view.closed)
+                    ended = {"cancelled": RESULT_CANCELLED, "rolled_back": RESULT_ROLLED_BACK}.get(
+                        outcome, RESULT_FAILED
+                    )
+                    set_result(span, ended)
+                    span.set_attribute(ATTR_MIGRATION_OUTCOME, outcome)
+                    self.metrics.migration(reason, ended, outcome)
+                    self._failed[outcome] = self._failed.get(outcome, 0) + 1
+                    self.emit(
+                        EvtConnectionMigrationFailed(
+                            req.conn_id,
+                            entry.remote,
+                            time.time(),
+                            from_addr,
+                            to_addr,
+                            reason,
+                            error,
+                            entry.view.closed,
+                            outcome,
+                        )
+                    )
+                    raise
+                from_addr = local_addr_of(entry, done.from_path)
+                self.metrics.migration(reason, "completed")
+                self._completed += 1
+                self.metrics.active_path_change(reason)
+                self.emit(
+                    EvtConnectionMigrationCompleted(
                         req.conn_id,
                         entry.remote,
                         time.time(),
                         from_addr,
                         to_addr,
                         reason,
-                        error,
-                        entry.view.closed,
-                        outcome,
+                        done.probe_rtt,
                     )
                 )
-                raise
-            from_addr = local_addr_of(entry, done.from_path)
-            self.metrics.migration(reason, "completed")
-            self._completed += 1
-            self.metrics.active_path_change(reason)
-            self.emit(
-                EvtConnectionMigrationCompleted(
-                    req.conn_id,
-                    entry.remote,
-                    time.time(),
-                    from_addr,
-                    to_addr,
-                    reason,
-                    done.probe_rtt,
+                target = entry.view.path(req.path_id)
+                span.set_attribute(
+                    ATTR_VALIDATION_ASYMMETRIC, bool(target is not None and target.asymmetric)
                 )
-            )
-            target = entry.view.path(req.path_id)
-            span.set_attribute(
-                ATTR_VALIDATION_ASYMMETRIC, bool(target is not None and target.asymmetric)
-            )
-            trace_id = span.get_span_context().trace_id
+                trace_id = span.get_span_context().trace_id
         result = SwitchResult(
             from_addr=multiaddr_text(from_addr),
             to_addr=multiaddr_text(to_addr),
@@ -759,6 +805,7 @@ class SupervisorActor(Actor):
 
     async def on_stop(self) -> None:
         self._unregister_cids()
+        self._unregister_node()
         if self.policy is not None:
             await self.policy.close()
         for conn_id in list(self.conns):

@@ -12,6 +12,14 @@ Instruments (attribute keys in brackets):
   connections (the one closest to being unable to migrate); per-connection counts would need a
   connection id attribute, which is unbounded. Per-connection values belong in spans/journal.
 - ``quic.datagrams.dropped_offpath`` counter []: datagrams from an address other than the peer's.
+- Node health and herd control (``register_node``; observed from plain counters):
+  ``quic.node.loop_lag`` gauge, seconds stalled in the last minute []; ``quic.health.keepalives``
+  counter [quic.keepalive.kind: representative, confirm, nat, idle]; ``quic.health.groups``
+  gauge [quic.health.state: alive, suspect, dead]; ``quic.health.verdicts`` counter
+  [quic.health.state]; ``quic.health.evidence`` counter [quic.health.evidence: unreachable,
+  peer_gone]; ``quic.migrations.in_flight`` and ``quic.migrations.queued`` gauges [];
+  ``quic.migration.suspect_failovers`` counter [] (a failed-over path answered again soon:
+  the false-failover indicator); ``quic.migration.queue_wait`` histogram, seconds [].
 
 Why the attribute rules: every distinct attribute set is a separate time series kept in memory
 by the SDK and the backend. Ports, CIDs, connection ids and addresses are unbounded (a port is
@@ -23,6 +31,7 @@ values that look like addresses, multiaddrs, ``host:port`` or long hex ids. Know
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -101,6 +110,41 @@ RTT_BUCKETS_S = (
 _FORBIDDEN_SEGMENTS = frozenset(
     {"port", "cid", "cids", "id", "ids", "address", "addr", "ip", "host"}
 )
+#: (instrument, kind, unit, description, key in the node figures).
+_NODE_INSTRUMENTS = (
+    (
+        "quic.node.loop_lag",
+        "gauge",
+        "s",
+        "Seconds the event loop was stalled, last minute.",
+        "loop_lag_s",
+    ),
+    (
+        "quic.health.keepalives",
+        "counter",
+        "{packet}",
+        "Health questions and keep-alives sent.",
+        "keepalives",
+    ),
+    ("quic.health.groups", "gauge", "{group}", "Health groups by state.", "groups"),
+    ("quic.health.verdicts", "counter", "{verdict}", "Group verdicts fanned out.", "verdicts"),
+    ("quic.health.evidence", "counter", "{error}", "Socket errors taken as evidence.", "evidence"),
+    ("quic.migrations.in_flight", "gauge", "{migration}", "Migrations in flight.", "in_flight"),
+    ("quic.migrations.queued", "gauge", "{migration}", "Migrations waiting for a slot.", "queued"),
+    (
+        "quic.migration.suspect_failovers",
+        "counter",
+        "{migration}",
+        "Failovers whose failed path answered again soon (probably false).",
+        "suspect_failovers",
+    ),
+)
+_NODE_LABELS = {
+    "keepalives": "quic.keepalive.kind",
+    "groups": "quic.health.state",
+    "verdicts": "quic.health.state",
+    "evidence": "quic.health.evidence",
+}
 _HOST_PORT = re.compile(r"^\[?[0-9A-Za-z.:-]+\]?:\d{1,5}$")
 _LONG_HEX = re.compile(r"^(0x)?[0-9a-fA-F]{12,}$")
 
@@ -192,6 +236,25 @@ class Metrics:
             unit="{datagram}",
             description="Datagrams dropped: they came from an address other than the peer's.",
         )
+        self._queue_wait = meter.create_histogram(
+            "quic.migration.queue_wait",
+            unit="s",
+            description="Time a migration waited for a herd-control slot (when it waited).",
+            explicit_bucket_boundaries_advisory=list(RTT_BUCKETS_S),
+        )
+        self._node_sources: dict[int, Callable[[], Mapping[str, Any]]] = {}
+        for name, kind, unit, description, key in _NODE_INSTRUMENTS:
+            make = (
+                meter.create_observable_counter
+                if kind == "counter"
+                else meter.create_observable_gauge
+            )
+            make(
+                name,
+                callbacks=[functools.partial(self._observe_node, key)],
+                unit=unit,
+                description=description,
+            )
         self._cid_lock = threading.Lock()
         self._cid_sources: dict[int, Callable[[], int | None]] = {}
         self._cid_next = 0
@@ -241,6 +304,44 @@ class Metrics:
 
     def datagrams_dropped_offpath(self, count: int = 1) -> None:
         self._offpath.add(count)
+
+    def migration_queue_wait(self, seconds: float) -> None:
+        self._queue_wait.record(seconds)
+
+    def register_node(self, source: Callable[[], Mapping[str, Any]]) -> Callable[[], None]:
+        """Register a supervisor's node figures (``SupervisorActor._node_figures``: plain
+        numbers and dicts of them); returns the function that unregisters it. ``source`` runs
+        on the metric reader's thread."""
+        with self._cid_lock:
+            key = self._cid_next
+            self._cid_next += 1
+            self._node_sources[key] = source
+
+        def unregister() -> None:
+            with self._cid_lock:
+                self._node_sources.pop(key, None)
+
+        return unregister
+
+    def _observe_node(self, key: str, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._cid_lock:
+            sources = list(self._node_sources.values())
+        totals: dict[str | None, float] = {}
+        for source in sources:
+            try:
+                value = source().get(key)
+            except Exception:  # a stopping supervisor must not break the whole collection
+                _log.debug("node figures source failed", exc_info=True)
+                continue
+            items = value.items() if isinstance(value, Mapping) else [(None, value)]
+            for label, number in items:
+                if number is not None:
+                    totals[label] = totals.get(label, 0) + number
+        attr = _NODE_LABELS.get(key)
+        return [
+            Observation(number, {attr: label} if attr and label is not None else None)
+            for label, number in totals.items()
+        ]
 
     def register_cid_spare(self, source: Callable[[], int | None]) -> Callable[[], None]:
         """Register a connection's spare-CID reader; returns the function that unregisters it.

@@ -69,6 +69,8 @@ ATTR_MIGRATION_REASON = "quic.migration.reason"  # manual | failover | drain
 ATTR_MIGRATION_RESULT = "quic.migration.result"
 #: The finer taxonomy of a migration that did not complete (supervisor.events.OUTCOMES).
 ATTR_MIGRATION_OUTCOME = "quic.migration.outcome"
+#: How long the migration waited for a herd-control slot (supervisor.herd), when it did.
+ATTR_MIGRATION_QUEUE_WAIT_MS = "quic.migration.queue_wait_ms"
 ATTR_PATH_FROM_LOCAL_ADDRESS = "quic.path.from.local_address"
 ATTR_PATH_TO_LOCAL_ADDRESS = "quic.path.to.local_address"
 ATTR_CID_SEQUENCE_BEFORE = "quic.cid.sequence.before"

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ class Member:
     asked: list[tuple[int, ProbeReason]] = field(default_factory=list)
     verdicts: list[tuple[int, Verdict]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    flushed: int = 0
 
     def health_probe(self, path_id: int, reason: ProbeReason) -> bool:
         self.asked.append((path_id, reason))
@@ -42,9 +44,7 @@ class Member:
         if not self.sendable:
             return False
         if path_id not in self.silent:
-            asyncio.get_running_loop().call_soon(
-                self.health.answered, self.conn_id, path_id, 0.001
-            )
+            asyncio.get_running_loop().call_soon(self.health.answered, self.conn_id, path_id, 0.001)
         return True
 
     def health_verdict(self, path_id: int, verdict: Verdict) -> None:
@@ -53,6 +53,9 @@ class Member:
 
     def health_queued(self, path_id: int) -> bool:
         return False
+
+    def flush(self) -> None:
+        self.flushed += 1
 
 
 async def until(members: list[Member], predicate: object, timeout: float = 10.0) -> None:
@@ -190,3 +193,37 @@ async def test_unregistered_connections_leave_their_groups() -> None:
     assert members[1].asked == []  # it left before the first question
     health.close()
     assert health.status().groups == 1
+
+
+async def test_flushes_of_a_turn_are_one_batch_and_one_per_connection() -> None:
+    """Hundreds of connections with something to send in one turn cost one loop callback
+    (a connection asks at most once per turn: its own flag), and a failing one stops
+    nothing."""
+    health = NodeHealth()
+    members = [Member(health, f"c{i}") for i in range(300)]
+    loop = asyncio.get_running_loop()
+    scheduled = 0
+    original = loop.call_soon
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+        nonlocal scheduled
+        scheduled += 1
+        return original(callback, *args, **kwargs)
+
+    class Broken(Member):
+        def flush(self) -> None:
+            raise RuntimeError("a bug in one connection")
+
+    broken = Broken(health, "broken")
+    loop.call_soon = counting  # type: ignore[method-assign,assignment]
+    try:
+        health.flush_soon(broken)
+        for m in members:
+            health.flush_soon(m)
+    finally:
+        loop.call_soon = original  # type: ignore[method-assign]
+    assert scheduled == 1
+    done = loop.create_future()
+    loop.call_soon(done.set_result, None)  # runs after the batch (FIFO within a turn)
+    await done
+    assert [m.flushed for m in members] == [1] * 300
