@@ -8,7 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor import Supervisor
+from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationStarted
 from supervisor.herd import HerdLimits, HerdQueue, MigrationGate
+from tests.rig.aioquic_server import RigServer
+from tests.support import dial_echo, event_log
 
 
 @settings(max_examples=300, deadline=None)
@@ -130,3 +134,35 @@ async def test_a_waiter_cancelled_as_it_is_admitted_passes_the_slot_on() -> None
     await asyncio.wait_for(third, 5)
     assert entered == ["first", "third"]
     assert gate.in_flight == 0 and gate.queued == 0
+
+
+async def test_a_drain_under_a_small_herd_limit_never_exceeds_it(echo: RigServer) -> None:
+    """8 connections drained with 2 migrations allowed at once: every one moves, never more
+    than 2 are between Started and Completed, and the waits are counted."""
+    async with Supervisor(
+        enable_experimental_connection_migration=True, herd=HerdLimits(in_flight=2, per_peer=2)
+    ) as sup:
+        for _ in range(8):
+            conn = await dial_echo(sup, echo)
+            second = await conn.as_migratable().add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+            await second.probe()
+        async with event_log(
+            sup, EvtConnectionMigrationStarted, EvtConnectionMigrationCompleted
+        ) as log:
+            report = await sup.drain(local_addr="/ip4/127.0.0.1", close_drained=False)
+            await log.wait_for(lambda: len(log.of(EvtConnectionMigrationCompleted)) == 8)
+        assert report.counts == {"moved": 8, "failed": 0, "untouched": 0}
+        assert report.elapsed_s > 0
+        running = peak = 0
+        for evt in log.events:
+            running += 1 if isinstance(evt, EvtConnectionMigrationStarted) else -1
+            peak = max(peak, running)
+        assert peak == 2
+        stats = await sup.migration_stats()
+        assert stats.completed == 8 and stats.in_flight == 0 and stats.queued == 0
+        assert stats.waited >= 6 and stats.max_queued >= 1
+
+
+async def test_supervisor_rejects_a_herd_that_is_not_herd_limits() -> None:
+    with pytest.raises(TypeError, match="HerdLimits"):
+        Supervisor(herd=64)  # type: ignore[arg-type]

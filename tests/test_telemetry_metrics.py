@@ -152,3 +152,33 @@ def test_low_cardinality_keeps_safe_attributes() -> None:
     }
     assert low_cardinality(safe, strict=True) == safe
     assert low_cardinality(None) == {}
+
+
+def test_node_figures_are_summed_over_supervisors_and_labelled(col: Collected) -> None:
+    figures = {
+        "loop_lag_s": 0.25,
+        "keepalives": {"representative": 4, "nat": 2},
+        "groups": {"alive": 2, "suspect": 0, "dead": 1},
+        "evidence": {"peer_gone": 1},
+        "queued": 3,
+        "in_flight": 64,
+        "suspect_failovers": 1,
+    }
+    unregister = col.metrics.register_node(lambda: figures)
+    col.metrics.register_node(lambda: {**figures, "queued": 2, "keepalives": {"nat": 1}})
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("supervisor stopping")
+
+    col.metrics.register_node(broken)  # must not break collection
+    assert col.points("quic.migrations.queued") == [({}, 5)]
+    assert sorted(col.points("quic.health.keepalives"), key=str) == [
+        ({"quic.keepalive.kind": "nat"}, 3),
+        ({"quic.keepalive.kind": "representative"}, 4),
+    ]
+    assert ({"quic.health.state": "dead"}, 2) in col.points("quic.health.groups")
+    assert col.points("quic.health.evidence") == [({"quic.health.evidence": "peer_gone"}, 2)]
+    assert col.points("quic.migration.suspect_failovers") == [({}, 2)]
+    assert col.points("quic.node.loop_lag") == [({}, 0.5)]
+    unregister()
+    assert col.points("quic.migrations.in_flight") == [({}, 64)]
