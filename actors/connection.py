@@ -170,7 +170,6 @@ class ConnectionActor(Actor):
         "_op_queue",
         "_path_ids",
         "_paths",
-        "_peer_gone",
         "_pending",
         "_ping_ids",
         "_publish_scheduled",
@@ -256,9 +255,6 @@ class ConnectionActor(Actor):
         # of this actor's own, never shared: a cancelled waiter leaves the queue with no trace.
         self._op_queue = asyncio.Lock()
         self._op: int | None = None  # the ``op`` tag of the operation being served
-        #: A port unreachable came from the peer itself since we last heard from it: its
-        #: process is gone, not the path (no failover; the idle timeout ends the connection).
-        self._peer_gone = False
         self._rechecks = 0  # dead-judgement deferrals for unread datagrams (bounded)
         self._live_at: float | None = None  # the next active-path liveness look (node clock)
         self._asked: dict[int, float] = {}  # active path -> when a group's PING went out
@@ -426,6 +422,8 @@ class ConnectionActor(Actor):
         if facts is None or self.closed:
             return
         if verdict is Verdict.DEAD:
+            if self._health.gone and self._health.is_gone(_addr(facts.remote)):
+                return  # the peer's process is gone, not this path: nothing to fail or move
             if path_id == self.quic.active_path_id:
                 self._report_dead(path_id, "silent")
             else:
@@ -542,7 +540,8 @@ class ConnectionActor(Actor):
         if self.closed:
             return
         self.quic.receive_datagram(data, PathAddr(addr, path_id), _now())
-        self._peer_gone = False  # it talks to us again (a restarted peer may, by a reset)
+        if self._health.gone:  # a peer said to be gone talks again (a restart, a reset)
+            self._health.peer_heard(_addr(addr))
         if self._asked:
             asked = self._asked.pop(path_id, None)
             if asked is not None:  # the active path delivers after a group's PING
@@ -553,8 +552,11 @@ class ConnectionActor(Actor):
         """A socket error, judged by the path (``actors/socket_errors.py``): an unreachable
         makes the path suspect and its group asks it once now (the group's verdict decides);
         the peer gone is no reason to move (every path leads to the same dead port)."""
-        if evidence is Evidence.PEER_GONE:
-            self._peer_gone = True
+        facts = self._paths.get(path_id)
+        if evidence is Evidence.PEER_GONE and facts is not None:
+            # Node-wide: every connection to that peer learns it, including those that have
+            # not sent since (their group's verdict must not move them either).
+            self._health.peer_gone(_addr(facts.remote))
         if evidence is not None and self.options.health is not None:
             self._health.evidence(self.conn_id, path_id, evidence)
         self._changed.set()
@@ -831,7 +833,7 @@ class ConnectionActor(Actor):
                 self._move(active, PathState.DEGRADED)
             next_at = since + max(config.dead_ptos * pto, config.min_silence)
         else:
-            if self._peer_gone:
+            if self._peer_is_gone():
                 # The peer's own host said its port is closed: moving would not help. Nothing
                 # to watch either: a datagram from it starts the judgement again.
                 if state is PathState.ACTIVE:
@@ -843,8 +845,16 @@ class ConnectionActor(Actor):
             next_at = now + max(pto, config.min_silence)  # watch for it coming back
         self._look_soon(max(next_at, now + 0.005))
 
+    def _peer_is_gone(self) -> bool:
+        """The peer's own host said its port is closed (a port unreachable) and nobody has
+        heard from it since: a dead active path is its process, not the path."""
+        if not self._health.gone:
+            return False
+        facts = self._paths.get(self.quic.active_path_id)
+        return facts is not None and self._health.is_gone(_addr(facts.remote))
+
     def _report_dead(self, active: int, reason: str) -> None:
-        if self._dead_reported == active or self._peer_gone:
+        if self._dead_reported == active or self._peer_is_gone():
             return
         self._dead_reported = active
         if self.path_state(active) is PathState.ACTIVE:

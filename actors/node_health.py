@@ -48,6 +48,8 @@ _now = time.monotonic
 #: Deadlines run per timer callback at most: a burst (thousands of connections due at once)
 #: is spread over loop turns so the sockets are read in between.
 _BATCH = 512
+#: Gone peers remembered at most (the oldest is forgotten first).
+_MAX_GONE = 4096
 
 
 class HealthMember(Protocol):
@@ -126,6 +128,9 @@ class NodeHealth:
         self.evidence_seen: Counter[str] = Counter()
         self.rechecks = 0
         self._to_flush: list[HealthMember] = []
+        #: Peers (ip, port) whose own host answered with a port unreachable and that nobody
+        #: has heard from since: their connections do not fail over (DESIGN §4).
+        self.gone: dict[tuple[str, int], float] = {}
 
     # ------------------------------------------------------------------ connections
 
@@ -181,6 +186,19 @@ class NodeHealth:
     def last_answer(self, conn_id: str, path_id: int) -> float | None:
         """When the path's group last heard an answer (on this node's clock)."""
         return None if self.groups is None else self.groups.last_answer((conn_id, path_id))
+
+    def peer_gone(self, peer: tuple[str, int]) -> None:
+        now = self._clock()
+        if peer not in self.gone and len(self.gone) >= _MAX_GONE:
+            oldest = min(self.gone, key=self.gone.__getitem__)
+            del self.gone[oldest]
+        self.gone[peer] = now
+
+    def is_gone(self, peer: tuple[str, int]) -> bool:
+        return peer in self.gone
+
+    def peer_heard(self, peer: tuple[str, int]) -> None:
+        self.gone.pop(peer, None)
 
     def group_states(self) -> dict[str, int]:
         """Groups by verdict (alive, suspect, dead); safe to call from a metric reader."""
