@@ -50,6 +50,7 @@ from supervisor.events import (
 from supervisor.handles import Connection
 from supervisor.handles import Path as QPath
 from tests.rig.aioquic_server import ConnectionInfo, RigServer, echo_server
+from tests.rig.busy import Busy, busy_processes
 from tests.rig.certs import CertPair
 from tests.rig.faults import SnatRebinder, delay_unavailable, nat_unavailable, nfq_delay
 from tests.rig.netns import Filters, TwoPathTopology, cleanup_stale, netns_available
@@ -100,6 +101,14 @@ async def server(topo: TwoPathTopology, cert: CertPair) -> AsyncIterator[RigServ
         sock=topo.server_socket(socket.AF_INET), certfile=cert.certfile, keyfile=cert.keyfile
     ) as srv:
         yield srv
+
+
+@pytest.fixture
+def busy(request: pytest.FixtureRequest) -> Iterator[Busy]:
+    """``request.param`` CPU-burning processes beside the test (tests/rig/busy.py), stopped
+    and reaped afterwards: a host short of CPU (issue 13)."""
+    with busy_processes(request.param) as procs:
+        yield procs
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -633,21 +642,27 @@ async def test_nat_rebinding_of_active_path_is_survived(
 DRAINED = 20
 
 
+@pytest.mark.parametrize("busy", [0, 3], ids=["idle", "busy3"], indirect=True)
 async def test_drain_of_one_interface_moves_20_connections(
-    topo: TwoPathTopology, server: RigServer, cert: CertPair
+    topo: TwoPathTopology, server: RigServer, cert: CertPair, busy: Busy
 ) -> None:
     """20 connections on net0, each with a validated standby on net1 and a running stream;
     draining net0's address moves all of them (reason drain), closes the drained paths, and
-    every stream comes through intact.
+    every stream comes through intact. ``busy``: CPU-burning processes beside it from the
+    dials until the drain is done (issue 13): none of the 20 may have moved on its own before
+    the drain. They stop before the final check: echoing the ~1 MiB each stream has buffered
+    (flow-control windows) takes 20-30 s of a quarter of the CPU, which is not what is tested.
 
     By address, not ``device="c0"``: the interfaces live in the client namespace, and drain
     resolves device names in the caller's namespace (pytest runs in the root one)."""
     net0, net1 = topo.paths
     loop = asyncio.get_running_loop()
-    # Keep-alives as in FAST, but active-path silence judged over >= 1 s: 20 streams, their
-    # server and this process share 2 cores, and a starved loop reads silence that was never
-    # on the wire (false failovers moved 1-18 of 20 connections before the drain in full-suite
-    # runs). Discounting scheduling lag is the node-scale issue's; this test is about drain.
+    # Keep-alives as in FAST, but active-path silence judged over >= 1 s. With FAST itself
+    # 0-1 of 20 connections still moved before the drain when another benchmark shared the 2
+    # cores (0 with 3 busy processes beside it): the rig's server runs in this very event loop,
+    # the 20 streams start at full speed, and its socket overflows: the silence is real
+    # loss (probably), answered again 0.2 s later (counted as a suspect failover). Before the
+    # starved-host judgement it was 1-18 of 20. This test is about drain.
     patient = FailoverPolicy(
         keepalive_interval=0.2, failures_to_fail=2, hysteresis=0.5, min_silence=1.0
     )
@@ -666,6 +681,7 @@ async def test_drain_of_one_interface_moves_20_connections(
                 assert report.counts == {"moved": DRAINED, "failed": 0, "untouched": 0}, report
                 assert all(o.closed_drained for o in report.moved), report
                 await asyncio.gather(*(s.advance(64 * 1024, timeout=GUARD * 2) for s in streams))
+                busy.stop()
                 sent = sum(await asyncio.gather(*(s.finish(timeout=GUARD * 2) for s in streams)))
             except BaseException:
                 await asyncio.gather(*(s.abort() for s in streams))
@@ -675,6 +691,6 @@ async def test_drain_of_one_interface_moves_20_connections(
             mc = conn.as_migratable()
             assert str(mc.active_path().local_addr).startswith(f"/ip4/{net1.client_v4}/")
             assert len(mc.available_paths()) == 1
-        _record("drain_20", connections=DRAINED, drain_s=round(took, 3), bytes=sent)
+        _record("drain_20", connections=DRAINED, busy=len(busy), drain_s=round(took, 3), bytes=sent)
         for conn in conns:
             await conn.close()
