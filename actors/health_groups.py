@@ -418,8 +418,10 @@ class HealthGroups:
             self._asked_at[member] = now
             out.append(ProbeMember(key, member, ProbeReason.NAT))
             due = now + interval
-        # Asked by the rotation meanwhile (or busy being asked): look again a period later.
-        self._timers.schedule(("nat", member), due + self._jittered(interval) - interval, None)
+        # Asked by the rotation meanwhile (or busy being asked): look again a period later,
+        # never in the past (a past deadline would make the owner's timer look late).
+        at = due + self._jittered(interval) - interval
+        self._timers.schedule(("nat", member), max(at, now + 0.5 * interval), None)
 
     def _representative(self, g: _Group, now: float, out: list[Command]) -> None:
         jitter = self._rng.uniform(-self.config.jitter, self.config.jitter)

@@ -122,6 +122,7 @@ class NodeHealth:
         self._members: dict[str, HealthMember] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at: float | None = None
+        self._expected = 0.0  # when the armed timer should run (never before it was armed)
         self._closed = False
         self.sent: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
@@ -277,15 +278,19 @@ class NodeHealth:
             self._handle = None
         self._armed_at = at
         if at is not None:
+            now = self._clock()
+            # Lateness counts from when the loop was asked to run us: a deadline already past
+            # when armed (a backlog beyond _BATCH, a rescheduled keep-alive) is no stall of
+            # the loop (it was: seconds of phantom lag, which blinded every judgement).
+            self._expected = max(at, now)
             loop = asyncio.get_running_loop()
-            self._handle = loop.call_later(max(0.0, at - self._clock()), self._fire)
+            self._handle = loop.call_later(max(0.0, at - now), self._fire)
 
     def _fire(self) -> None:
         self._handle = None
-        due, self._armed_at = self._armed_at, None
+        self._armed_at = None
         now = self._clock()
-        if due is not None:
-            self.lag.on_fire(due, now)
+        self.lag.on_fire(self._expected, now)
         for _key, callback in self._timers.due(now, _BATCH):
             try:
                 callback()
@@ -293,6 +298,9 @@ class NodeHealth:
                 log.exception("health deadline %r failed", _key)
         if self.groups is not None:
             self._run(self.groups.tick(now), arm=False)
+        # Our own callbacks kept the loop from reading too (a burst of deadlines, a blocking
+        # bug): that time is a stall as well.
+        self.lag.on_fire(now, self._clock())
         self._arm()
 
     def _run(self, commands: list[Command], *, arm: bool = True) -> None:

@@ -183,6 +183,19 @@ async def test_a_stalled_loop_is_measured_as_lag() -> None:
     health.close()
 
 
+async def test_a_deadline_already_past_is_no_lag() -> None:
+    """A deadline in the past when it was scheduled (a rescheduled keep-alive, a backlog) runs
+    at once and is no stall of the loop. It was counted as one (seconds of phantom lag,
+    discounted from every silence: a black-holed path was never judged dead; bench B4)."""
+    health = NodeHealth()
+    done = asyncio.Event()
+    health.schedule("long ago", health.clock() - 5.0, done.set)
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert health.status().loop_lag_s < 1.0  # not the 5 s the deadline was behind
+    health.close()
+
+
 async def test_unregistered_connections_leave_their_groups() -> None:
     health = NodeHealth(FAST)
     members = [Member(health, f"c{i}") for i in range(3)]
