@@ -48,6 +48,15 @@ _now = time.monotonic
 #: Deadlines run per timer callback at most: a burst (thousands of connections due at once)
 #: is spread over loop turns so the sockets are read in between.
 _BATCH = 512
+def _run_delay() -> float | None:
+    """Seconds this thread has waited on a run queue since it started (None: not known)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 #: Gone peers remembered at most (the oldest is forgotten first).
 _MAX_GONE = 4096
 
@@ -123,6 +132,7 @@ class NodeHealth:
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at: float | None = None
         self._expected = 0.0  # when the armed timer should run (never before it was armed)
+        self._run_delay_seen = _run_delay() or 0.0
         self._closed = False
         self.sent: Counter[str] = Counter()
         self.verdicts: Counter[str] = Counter()
@@ -290,7 +300,7 @@ class NodeHealth:
         self._handle = None
         self._armed_at = None
         now = self._clock()
-        self.lag.on_fire(self._expected, now)
+        self._measure_stall(now)
         for _key, callback in self._timers.due(now, _BATCH):
             try:
                 callback()
@@ -298,10 +308,25 @@ class NodeHealth:
                 log.exception("health deadline %r failed", _key)
         if self.groups is not None:
             self._run(self.groups.tick(now), arm=False)
-        # Our own callbacks kept the loop from reading too (a burst of deadlines, a blocking
-        # bug): that time is a stall as well.
-        self.lag.on_fire(now, self._clock())
         self._arm()
+
+    def _measure_stall(self, now: float) -> None:
+        """The time the loop could not read since the last look: the time the kernel kept
+        this thread waiting for a CPU (``run_delay`` in ``/proc/thread-self/schedstat``:
+        other processes, a cgroup quota), placed just before ``now``. A loop that was late
+        because it was busy (reading, running callbacks, ours included) could read: none of
+        that is discounted (it was, and a busy node discounted nearly all silence: a
+        black-holed path took 20 s to judge); what arrived meanwhile is in the socket, and
+        every judgement reads that first. Without schedstat (another OS, schedstats off)
+        the timer's lateness counts instead, as before."""
+        delay = _run_delay()
+        if delay is None:
+            self.lag.on_fire(self._expected, now)
+            return
+        waited = delay - self._run_delay_seen
+        if waited > self.lag.min_lag:  # smaller waits add up until they count
+            self._run_delay_seen = delay
+            self.lag.on_fire(now - waited, now)
 
     def _run(self, commands: list[Command], *, arm: bool = True) -> None:
         groups = self.groups

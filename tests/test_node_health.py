@@ -18,7 +18,8 @@ import pytest
 
 from actors.health import HealthConfig, Verdict
 from actors.health_groups import GroupKey, ProbeReason
-from actors.node_health import NodeHealth
+from actors.node_health import NodeHealth, _run_delay
+from tests.rig.busy import busy_processes
 
 A = GroupKey("192.0.2.10", "198.51.100.1")
 B = GroupKey("192.0.2.11", "198.51.100.1")
@@ -169,17 +170,41 @@ async def test_nat_keepalives_go_to_standby_members_only() -> None:
     health.close()
 
 
-async def test_a_stalled_loop_is_measured_as_lag() -> None:
-    """The timer ran late because a callback blocked the loop: that time is lag, which the
-    groups and the active-path judge discount from silence."""
+def _spin(seconds: float) -> None:
+    """Want the CPU for ``seconds`` (a callback doing work, not sleeping)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.skipif(_run_delay() is None, reason="no /proc/thread-self/schedstat")
+async def test_lag_is_the_time_the_loop_waited_for_a_cpu_not_the_time_it_was_busy() -> None:
+    """A loop late because its own callbacks ran (busy, or a blocking bug) could read its
+    sockets right after: no lag, what came meanwhile is read before any judgement. A loop
+    kept off the CPU by other processes (3 CPU burners on 2 cores) could not: that time,
+    the thread's run-queue wait, is lag, which silence judgements discount."""
+
+    async def spin_then_look(health: NodeHealth, seconds: float) -> float:
+        """Spin in a deadline, then let the next one measure; the run-queue wait meanwhile."""
+        done = asyncio.Event()
+        before = _run_delay() or 0.0
+        now = health.clock()
+        health.schedule("spin", now, lambda: _spin(seconds))
+        health.schedule("after", now + 0.01, done.set)
+        async with asyncio.timeout(10):
+            await done.wait()
+        return (_run_delay() or 0.0) - before
+
     health = NodeHealth()
-    done = asyncio.Event()
-    now = health.clock()
-    health.schedule("block", now, lambda: time.sleep(0.2))  # a blocked loop, on purpose
-    health.schedule("after", now + 0.01, done.set)
-    async with asyncio.timeout(5):
-        await done.wait()
-    assert health.status().loop_lag_s >= 0.15
+    waited = await spin_then_look(health, 0.3)
+    # Late by 0.3 s, but only what the kernel made it wait (~0 on a quiet host) is lag.
+    assert health.status().loop_lag_s <= waited + 0.02
+    with busy_processes(3) as burners:
+        assert burners.running() == 3
+        lag_before = health.status().loop_lag_s
+        waited = await spin_then_look(health, 0.6)
+    assert waited > 0.05  # 4 spinners on 2 cores: ~0.3 s
+    assert health.status().loop_lag_s - lag_before >= waited / 2
     health.close()
 
 
