@@ -6,9 +6,10 @@ one :class:`Scheduler`; its owner arms a single loop timer at :meth:`Scheduler.n
 and, when it fires, takes :meth:`Scheduler.due`. Time is passed in (``now``), never read, so
 a fake clock drives the tests.
 
-A starved loop (a blocked callback, a paused VM) fires that timer late. :class:`LagMeter`
-records the stalls so that silence can be counted only for time the loop could read: a path
-is not dead because its answer waited in the socket while nothing ran.
+A starved process (other processes on its CPUs, a cgroup quota) cannot read its sockets.
+:class:`LagMeter` records such stalls (its owner measures them: NodeHealth from the thread's
+run-queue wait) so that silence can be counted only for time the loop could read: a path is
+not dead because its answer waited in the socket while nothing ran.
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ class Scheduler(Generic[K, P]):
 
 @dataclass(slots=True)
 class LagMeter:
-    """Stalls of the owner's loop, measured from its timer's lateness.
+    """Stalls of the owner's loop: intervals in which it could not read.
 
-    The owner calls :meth:`on_fire` with the deadline its timer was armed for and the time it
-    actually ran; ``[due, now]`` is a stall when it exceeds ``min_lag`` (timer slack is not
+    The owner calls :meth:`on_fire` with the start and end of a stall (NodeHealth: the
+    thread's run-queue wait since its last look, ending now; without schedstat, its timer's
+    lateness); ``[due, now]`` counts when it exceeds ``min_lag`` (timer slack is not
     starvation). Stalls are kept merged and sorted for ``horizon`` seconds; past
     ``max_stalls`` the two oldest merge, which over-counts lag: the error errs towards not
     declaring a path dead, never towards a false failover.
