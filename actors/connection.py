@@ -561,6 +561,11 @@ class ConnectionActor(Actor):
             self._health.evidence(self.conn_id, path_id, evidence)
         self._changed.set()
 
+    def starved(self, start: float, end: float) -> float:
+        """Loop-clock interval -> seconds the loop could not read (node clock lag meter)."""
+        offset = _now() - self._loop.time()
+        return self._health.lag.starved(start + offset, end + offset)
+
     def health_queued(self, path_id: int) -> bool:
         facts = self._paths.get(path_id)
         return facts is not None and facts.actor.queued()

@@ -48,6 +48,10 @@ class PathOwner(Protocol):
 
     def probe_failed(self, path_id: int, before: PathState, *, timed_out: bool) -> None: ...
 
+    def starved(self, start: float, end: float) -> float:
+        """Seconds of ``[start, end]`` (loop clock) the loop could not read (node lag)."""
+        ...
+
 
 @dataclass(slots=True)
 class PathStats:
@@ -75,6 +79,13 @@ class PathStats:
         out = {k: v - self.reported.get(k, 0) for k, v in now.items()}
         self.reported = now
         return out
+
+
+#: A probe on request waits at most this many timeouts of wall time on a starved loop; its
+#: timeout is judged again after a short wait while its socket holds unread datagrams.
+_PROBE_CAP = 4
+_RECHECK_AFTER = 0.005
+_MAX_RECHECKS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,31 +270,56 @@ class PathActor(Actor):
         self.stats.probe_try_times = []
         before = self.state
         self._owner.probe_started(self.path_id)
-        deadline = loop.time() + timeout
+        start = loop.time()
+        deadline = start + timeout
         wait = self._schedule.first_wait
-        tries = 0
+        tries = rechecks = 0
+        reading = False  # the deadline moved only for unread datagrams: no new challenge
+
+        def expired() -> bool:
+            """Past the deadline, counting only time the loop could read, with nothing left
+            unread in the socket (bounded: at most ``_PROBE_CAP`` timeouts of wall time)."""
+            nonlocal deadline, rechecks, reading
+            reading = False
+            now = loop.time()
+            if now < deadline:
+                return False
+            cap = start + _PROBE_CAP * timeout
+            deadline = min(start + timeout + self._owner.starved(start, now), cap)
+            if now < deadline:
+                return False
+            if now < cap and rechecks < _MAX_RECHECKS and self.queued():
+                rechecks += 1
+                deadline = now + _RECHECK_AFTER
+                reading = True
+                return False
+            return True
+
         try:
             while True:
-                tries += 1
-                self._response = loop.create_future()
-                datagrams = await self._conn.ask(
-                    EmitChallenge(self.path_id, nudge=tries == 1), timeout=None
-                )
-                assert isinstance(datagrams, list)
-                for data in datagrams:
-                    self.send(data)
-                self.stats.probes_sent += 1
-                self.stats.probe_try_times.append(time.time())
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+                # A fresh future each time: a timeout cancelled the last one. While reading
+                # (the deadline moved for unread datagrams) it awaits the same challenge.
+                self._response = response = loop.create_future()
+                if not reading:
+                    tries += 1
+                    datagrams = await self._conn.ask(
+                        EmitChallenge(self.path_id, nudge=tries == 1), timeout=None
+                    )
+                    assert isinstance(datagrams, list)
+                    for data in datagrams:
+                        self.send(data)
+                    self.stats.probes_sent += 1
+                    self.stats.probe_try_times.append(time.time())
+                if expired():
                     raise ProbeTimeoutError(_fmt(self.local), timeout=timeout)
                 try:
-                    async with asyncio.timeout(min(wait, remaining)):
-                        rtt = await self._response
+                    async with asyncio.timeout(min(wait, deadline - loop.time())):
+                        rtt = await response
                 except TimeoutError:
-                    if loop.time() >= deadline:
+                    if expired():
                         raise ProbeTimeoutError(_fmt(self.local), timeout=timeout) from None
-                    wait = min(wait * self._schedule.backoff, self._schedule.max_wait)
+                    if not reading:
+                        wait = min(wait * self._schedule.backoff, self._schedule.max_wait)
                     continue
                 self._owner.probe_answered(self.path_id, rtt)
                 return rtt
