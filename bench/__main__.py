@@ -29,6 +29,7 @@ SUITE: list[tuple[str, int, list[str]]] = [
     ("b2_failover", 420, []),
     ("b3_throughput", 300, []),
     ("b4_scale", 450, []),  # the 10,000 step stops dialing at its --budget (330 s)
+    ("b4_starved", 480, []),  # netns + cgroup, 1,000 conns: ~4-5 min (windows: --window)
     ("telemetry_overhead", 120, ["--migrations", "200"]),
     ("b5_control", 240, []),
 ]

@@ -23,6 +23,7 @@ ORDER = [
     "b2_failover",
     "b3_throughput",
     "b4_scale",
+    "b4_starved",
     "b5_control",
     "telemetry_overhead",
 ]
