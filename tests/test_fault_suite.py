@@ -27,14 +27,13 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import pytest_asyncio
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
@@ -49,11 +48,11 @@ from supervisor.events import (
 )
 from supervisor.handles import Connection
 from supervisor.handles import Path as QPath
-from tests.rig.aioquic_server import ConnectionInfo, RigServer, echo_server
+from tests.rig.aioquic_server import ConnectionInfo, RigServer
 from tests.rig.busy import Busy, busy_processes
 from tests.rig.certs import CertPair
 from tests.rig.faults import SnatRebinder, delay_unavailable, nat_unavailable, nfq_delay
-from tests.rig.netns import Filters, TwoPathTopology, cleanup_stale, netns_available
+from tests.rig.netns import Filters, TwoPathTopology
 from tests.support import (
     ChecksummedStream,
     EventLog,
@@ -63,6 +62,8 @@ from tests.support import (
     other_tasks,
     supervisor_actor,
 )
+
+pytest_plugins = ["tests.rig.fixtures"]
 
 pytestmark = pytest.mark.netns
 
@@ -84,23 +85,15 @@ RESULTS = Path(
 
 
 @pytest.fixture
-def topo() -> Iterator[TwoPathTopology]:
-    """A fresh two-path topology (IPv4); namespaces and their rules are deleted afterwards."""
-    ok, reason = netns_available()
-    if not ok:
-        pytest.skip(reason)
-    cleanup_stale()
-    with TwoPathTopology(ipv6=False) as topology:
-        yield topology
+def topo(rig_topology_v4: TwoPathTopology) -> TwoPathTopology:
+    """The rig's IPv4 two-path topology (tests/rig/fixtures.py)."""
+    return rig_topology_v4
 
 
-@pytest_asyncio.fixture
-async def server(topo: TwoPathTopology, cert: CertPair) -> AsyncIterator[RigServer]:
-    """aioquic echo server on 10.77.0.1 in the server namespace (reachable over both links)."""
-    async with echo_server(
-        sock=topo.server_socket(socket.AF_INET), certfile=cert.certfile, keyfile=cert.keyfile
-    ) as srv:
-        yield srv
+@pytest.fixture
+def server(rig_server_in_topology: RigServer) -> RigServer:
+    """The rig's echo server on 10.77.0.1 in the server namespace."""
+    return rig_server_in_topology
 
 
 @pytest.fixture

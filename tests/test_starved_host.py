@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import pytest_asyncio
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
@@ -42,7 +39,7 @@ from supervisor.events import (
     EvtPathStateChanged,
 )
 from supervisor.handles import Connection
-from tests.rig.aioquic_server import RigServer, echo_server
+from tests.rig.aioquic_server import RigServer
 from tests.rig.busy import busy_processes
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology
@@ -66,25 +63,6 @@ CONTROL = 7
 #: Paced streams: CHUNK bytes every PACE seconds = 1 KiB/s per connection.
 CHUNK = 128
 PACE = 0.125
-
-
-# ---- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def topo(rig_netns: None) -> Iterator[TwoPathTopology]:
-    """A fresh two-path topology (IPv4); namespaces and their rules are deleted afterwards."""
-    with TwoPathTopology(ipv6=False) as topology:
-        yield topology
-
-
-@pytest_asyncio.fixture
-async def server(topo: TwoPathTopology, cert: CertPair) -> AsyncIterator[RigServer]:
-    """aioquic echo server on 10.77.0.1 in the server namespace (reachable over both links)."""
-    async with echo_server(
-        sock=topo.server_socket(socket.AF_INET), certfile=cert.certfile, keyfile=cert.keyfile
-    ) as srv:
-        yield srv
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -182,8 +160,12 @@ POLICIES = {"default": FailoverPolicy(), "fast": FAST}
 
 @pytest.mark.parametrize("policy_name", ["default", pytest.param("fast", marks=pytest.mark.slow)])
 async def test_no_false_failover_under_contention(
-    topo: TwoPathTopology, server: RigServer, cert: CertPair, policy_name: str
+    rig_topology_v4: TwoPathTopology,
+    rig_server_in_topology: RigServer,
+    cert: CertPair,
+    policy_name: str,
 ) -> None:
+    topo, server = rig_topology_v4, rig_server_in_topology
     net0, net1 = topo.paths
     policy = POLICIES[policy_name]
     asserted = policy_name == "default"  # the fast policy is a reported figure only

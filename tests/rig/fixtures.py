@@ -6,6 +6,7 @@ skip with the reason instead of failing.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,7 +25,9 @@ __all__ = [
     "rig_h3_server",
     "rig_keylog",
     "rig_netns",
+    "rig_server_in_topology",
     "rig_topology",
+    "rig_topology_v4",
 ]
 
 #: Namespace-side server addresses, so one certificate verifies by IP there too.
@@ -74,6 +77,27 @@ def rig_topology(rig_netns: None) -> Iterator[TwoPathTopology]:
     """A fresh `TwoPathTopology` (client/server namespaces, two paths), deleted afterwards."""
     with TwoPathTopology() as topology:
         yield topology
+
+
+@pytest.fixture
+def rig_topology_v4(rig_netns: None) -> Iterator[TwoPathTopology]:
+    """A fresh IPv4-only `TwoPathTopology`; namespaces and their rules deleted afterwards."""
+    with TwoPathTopology(ipv6=False) as topology:
+        yield topology
+
+
+@pytest_asyncio.fixture
+async def rig_server_in_topology(
+    rig_topology_v4: TwoPathTopology, cert: CertPair
+) -> AsyncIterator[RigServer]:
+    """aioquic echo server on 10.77.0.1 in the server namespace (reachable over both links);
+    ``cert`` is the suite's localhost certificate (tests/conftest.py)."""
+    async with echo_server(
+        sock=rig_topology_v4.server_socket(socket.AF_INET),
+        certfile=cert.certfile,
+        keyfile=cert.keyfile,
+    ) as server:
+        yield server
 
 
 @pytest_asyncio.fixture
