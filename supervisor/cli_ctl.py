@@ -181,6 +181,12 @@ async def _stats(args: argparse.Namespace, client: ControlClient) -> int:
                 "completed": stats.completed,
                 "failed": stats.failed,
                 "success_rate": stats.success_rate,
+                "suspect_failovers": stats.suspect_failovers,
+                "in_flight": stats.in_flight,
+                "queued": stats.queued,
+                "waited": stats.waited,
+                "max_wait_s": stats.max_wait_s,
+                "max_queued": stats.max_queued,
             }
         )
     else:

@@ -197,6 +197,10 @@ class MigrationStats:
         text = f"{self.ended} migrations, {self.completed} completed ({rate:.1%})"
         if self.failed:
             text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items()))
+        if self.suspect_failovers:
+            text += f"; {self.suspect_failovers} suspect failovers (path back within seconds)"
+        if self.in_flight or self.queued:
+            text += f"; {self.in_flight} in flight, {self.queued} queued"
         return text
 
 

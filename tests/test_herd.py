@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from supervisor import Supervisor
 from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationStarted
 from supervisor.herd import HerdLimits, HerdQueue, MigrationGate
+from supervisor.messages import MigrationStats
 from tests.rig.aioquic_server import RigServer
 from tests.support import dial_echo, event_log
 
@@ -166,3 +167,13 @@ async def test_a_drain_under_a_small_herd_limit_never_exceeds_it(echo: RigServer
 async def test_supervisor_rejects_a_herd_that_is_not_herd_limits() -> None:
     with pytest.raises(TypeError, match="HerdLimits"):
         Supervisor(herd=64)  # type: ignore[arg-type]
+
+
+def test_stats_summary_tells_operators_about_suspect_failovers_and_the_queue() -> None:
+    quiet = MigrationStats(completed=3)
+    assert quiet.summary() == "3 migrations, 3 completed (100.0%)"
+    busy = MigrationStats(completed=3, suspect_failovers=1, in_flight=64, queued=900)
+    assert busy.summary() == (
+        "3 migrations, 3 completed (100.0%); 1 suspect failovers (path back within seconds); "
+        "64 in flight, 900 queued"
+    )
