@@ -578,6 +578,7 @@ async def _blackhole(
     on_primary = {c.conn_id for c in conns if (_active(c) or ("", 0))[0] == PRIMARY}
     drop = await _Drop.make(plan.client_ns, server_ns)
     mark = len(events.items)
+    c0, s0, w0 = time.process_time(), proc_cpu_s(plan.server_pid), loop.time()
     t_drop = await asyncio.to_thread(drop.address, PRIMARY)
 
     def new() -> list[Any]:
@@ -595,6 +596,8 @@ async def _blackhole(
     try:
         ok = await events.wait_for(settled, timeout=60.0)
     finally:
+        cpu, server_cpu = time.process_time() - c0, proc_cpu_s(plan.server_pid) - s0
+        wall = loop.time() - w0
         await drop.lift()
     evs = new()
     started = [e for e in evs if _failover(e, "EvtConnectionMigrationStarted")]
@@ -603,7 +606,18 @@ async def _blackhole(
     moved = {e.conn_id for e in done} & on_primary
     rolled = [e for e in evs if _kind(e) == "EvtConnectionMigrationFailed"]
     status = await sup.health_status()
+    stats = await sup.migration_stats()
+    began = {e.conn_id: e.time for e in started}
     return {
+        "client_cpu_pct": round(100 * cpu / max(wall, 1e-9), 1),
+        "server_cpu_pct": round(100 * server_cpu / max(wall, 1e-9), 1),
+        "client_cpu_ms_per_migration": round(1000 * cpu / max(len(done), 1), 3),
+        "migration_s": summary([e.time - began[e.conn_id] for e in done if e.conn_id in began]),
+        "herd": {
+            "waited": stats.waited,
+            "max_wait_s": stats.max_wait_s,
+            "max_queued": stats.max_queued,
+        },
         "on_primary": len(on_primary),
         "moved": len(moved),
         "not_moved": len(on_primary - moved),
@@ -1199,6 +1213,11 @@ def _figures(report: Report, res: dict[str, Any]) -> None:
             f"(s after the drop) {_fmt_spread(bh.get('moved_spread'))}; verdicts "
             f"{bh.get('verdicts')}; one connection: detection {base_det}, moved {base_fo} s "
             f"(fresh supervisor each, the same drop, a random phase of its pacing); "
+            f"each failover took {_fmt_spread(bh.get('migration_s'))} s from Started to "
+            f"Completed, herd {bh.get('herd')}; client CPU {bh.get('client_cpu_pct')} % of a "
+            f"core ({bh.get('client_cpu_ms_per_migration')} ms per failover, the paced "
+            f"streams and the retransmissions into the black hole included), server "
+            f"{bh.get('server_cpu_pct')} %; "
             f"dial+probe of {res.get('dial', {}).get('n')}: "
             f"{res.get('dial', {}).get('dial_and_probe_s')} s",
         )
