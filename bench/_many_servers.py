@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench._server import ChildProcess, ServerInfo
+from bench._server import ChildProcess, ServerInfo, answer_pipe
 
 
 @dataclass(frozen=True)
@@ -53,16 +52,7 @@ async def _serve(spec: ManySpec, pipe: Connection) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_pipe() -> None:
-        try:
-            msg = pipe.recv()
-        except (EOFError, OSError):
-            stop.set()
-            return
-        if msg == "cpu":
-            pipe.send(time.process_time())
-        else:
-            stop.set()
+    on_pipe = answer_pipe(pipe, stop)
 
     async with contextlib.AsyncExitStack() as stack:
         bound: list[tuple[str, int]] = []

@@ -48,6 +48,36 @@ class ServerInfo:
         return f"/{proto}/{self.host}/udp/{self.quic_port}/quic-v1"
 
 
+def answer_pipe(pipe: Connection, stop: asyncio.Event) -> Callable[[], None]:
+    """The child's side of :class:`ChildProcess` (a loop reader on ``pipe``): "cpu" is
+    answered with its process CPU seconds; "stop", EOF or a broken pipe set ``stop``."""
+
+    def on_pipe() -> None:
+        try:
+            msg = pipe.recv()
+        except (EOFError, OSError):
+            stop.set()
+            return
+        if msg == "cpu":
+            pipe.send(time.process_time())
+        else:
+            stop.set()
+
+    return on_pipe
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the bench's process dies (the suite's timeout kills it):
+    Linux's PR_SET_PDEATHSIG; a child must not go on for nobody."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before that
+        os._exit(1)
+
+
 class _UdpEcho(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -73,16 +103,7 @@ async def _serve(spec: ServerSpec, pipe: Connection) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_pipe() -> None:
-        try:
-            msg = pipe.recv()
-        except (EOFError, OSError):
-            stop.set()
-            return
-        if msg == "cpu":
-            pipe.send(time.process_time())
-        else:
-            stop.set()
+    on_pipe = answer_pipe(pipe, stop)
 
     udp_sock = _socket(spec)
     udp_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, sock=udp_sock)

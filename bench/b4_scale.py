@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import multiprocessing as mp
@@ -78,7 +77,7 @@ from bench._common import (
     write_result,
 )
 from bench._many_servers import ManySpec, loopback_hosts, many_servers_process
-from bench._server import ServerInfo, ServerSpec, make_cert, server_process
+from bench._server import ServerInfo, ServerSpec, die_with_parent, make_cert, server_process
 
 SECOND = "/ip4/127.0.0.2/udp/0/quic-v1"
 PARALLEL = 32  # dials in flight (raw and ours alike: the dial figure)
@@ -551,23 +550,11 @@ async def _drains(sup: Any, count: int) -> dict[str, Any]:
     }
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when the bench's process dies (the suite's timeout kills it):
-    Linux's PR_SET_PDEATHSIG; a client must not go on dialing for nobody."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before that
-        os._exit(1)
-
-
 def _client_main(plan: Plan, servers: list[ServerInfo], pipe: Pipe) -> None:
     """The client process: run, send the figures, leave without tearing down (os._exit)."""
     import logging
 
-    _die_with_parent()
+    die_with_parent()
     logging.disable(logging.WARNING)
 
     def finish(res: dict[str, Any]) -> None:

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import Figure, Report, proc_cpu_s, raise_nofile, summary, write_result
-from bench._server import ChildProcess
+from bench._server import ChildProcess, answer_pipe, die_with_parent
 
 NAME = "b4_starved"
 SERVER_V4 = "10.77.0.1"
@@ -146,16 +146,7 @@ async def _serve(spec: _ServerSpec, pipe: Pipe) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_pipe() -> None:
-        try:
-            msg = pipe.recv()
-        except (EOFError, OSError):
-            stop.set()
-            return
-        if msg == "cpu":
-            pipe.send(time.process_time())
-        else:
-            stop.set()
+    on_pipe = answer_pipe(pipe, stop)
 
     sock = create_socket_in_netns(spec.netns, socket.AF_INET, SERVER_V4, 0)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, spec.rcvbuf)
@@ -172,21 +163,13 @@ async def _serve(spec: _ServerSpec, pipe: Pipe) -> None:
 def _server_child(spec: _ServerSpec, pipe: Pipe) -> None:
     import logging
 
-    _die_with_parent()
+    die_with_parent()
     logging.disable(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(spec, pipe))
 
 
 # ================================================================ client side
-
-
-def _die_with_parent() -> None:
-    """SIGKILL this process when the bench's process dies (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
-    if os.getppid() == 1:
-        os._exit(1)
 
 
 def _enter_netns(name: str) -> None:
@@ -853,7 +836,7 @@ async def _client_async(plan: Plan, server_ns: str, pipe: Pipe) -> dict[str, Any
 def _client_main(plan: Plan, server_ns: str, pipe: Pipe) -> None:
     """The client process: enter the client namespace, measure, send, leave at once
     (closing N connections is no part of this bench)."""
-    _die_with_parent()
+    die_with_parent()
     try:
         _enter_netns(plan.client_ns)
         res = asyncio.run(_client_async(plan, server_ns, pipe))

@@ -36,8 +36,8 @@ import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 from opentelemetry import metrics as metrics_api
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
@@ -54,6 +54,7 @@ from telemetry.tracing import (
 __all__ = ["Metrics", "low_cardinality"]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ATTR_PATH_STATE = "quic.path.state"
 ATTR_IO_DIRECTION = "network.io.direction"  # semantic convention: transmit | receive
@@ -194,6 +195,40 @@ def _clamp(value: str | None, allowed: frozenset[str]) -> str:
     return value if value in allowed else OTHER
 
 
+class _Sources(Generic[T]):
+    """Readers registered by live objects (connections, supervisors) for observable
+    instruments; read on the metric reader's thread, so registration is locked and a reader
+    that fails (its owner is closing) is skipped, never the whole collection."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._lock = threading.Lock()
+        self._sources: dict[int, Callable[[], T]] = {}
+        self._next = 0
+
+    def add(self, source: Callable[[], T]) -> Callable[[], None]:
+        """Register ``source``; returns the function that unregisters it (idempotent)."""
+        with self._lock:
+            key = self._next
+            self._next += 1
+            self._sources[key] = source
+
+        def unregister() -> None:
+            with self._lock:
+                self._sources.pop(key, None)
+
+        return unregister
+
+    def read(self) -> Iterator[T]:
+        with self._lock:
+            sources = list(self._sources.values())
+        for source in sources:
+            try:
+                yield source()
+            except Exception:
+                _log.debug("%s source failed", self._what, exc_info=True)
+
+
 class Metrics:
     """The project's instruments over ``meter_provider`` (never the global one)."""
 
@@ -242,7 +277,7 @@ class Metrics:
             description="Time a migration waited for a herd-control slot (when it waited).",
             explicit_bucket_boundaries_advisory=list(RTT_BUCKETS_S),
         )
-        self._node_sources: dict[int, Callable[[], Mapping[str, Any]]] = {}
+        self._node_sources: _Sources[Mapping[str, Any]] = _Sources("node figures")
         for name, kind, unit, description, key in _NODE_INSTRUMENTS:
             make = (
                 meter.create_observable_counter
@@ -255,9 +290,7 @@ class Metrics:
                 unit=unit,
                 description=description,
             )
-        self._cid_lock = threading.Lock()
-        self._cid_sources: dict[int, Callable[[], int | None]] = {}
-        self._cid_next = 0
+        self._cid_sources: _Sources[int | None] = _Sources("quic.cid.spare")
         meter.create_observable_gauge(
             "quic.cid.spare",
             callbacks=[self._observe_cid_spare],
@@ -312,27 +345,12 @@ class Metrics:
         """Register a supervisor's node figures (``SupervisorActor._node_figures``: plain
         numbers and dicts of them); returns the function that unregisters it. ``source`` runs
         on the metric reader's thread."""
-        with self._cid_lock:
-            key = self._cid_next
-            self._cid_next += 1
-            self._node_sources[key] = source
-
-        def unregister() -> None:
-            with self._cid_lock:
-                self._node_sources.pop(key, None)
-
-        return unregister
+        return self._node_sources.add(source)
 
     def _observe_node(self, key: str, _options: CallbackOptions) -> Iterable[Observation]:
-        with self._cid_lock:
-            sources = list(self._node_sources.values())
         totals: dict[str | None, float] = {}
-        for source in sources:
-            try:
-                value = source().get(key)
-            except Exception:  # a stopping supervisor must not break the whole collection
-                _log.debug("node figures source failed", exc_info=True)
-                continue
+        for figures in self._node_sources.read():
+            value = figures.get(key)
             items = value.items() if isinstance(value, Mapping) else [(None, value)]
             for label, number in items:
                 if number is not None:
@@ -349,27 +367,8 @@ class Metrics:
         ``source`` runs on the metric reader's thread: it must be cheap and only read a plain
         int the connection keeps up to date (``None`` = not known yet).
         """
-        with self._cid_lock:
-            key = self._cid_next
-            self._cid_next += 1
-            self._cid_sources[key] = source
-
-        def unregister() -> None:
-            with self._cid_lock:
-                self._cid_sources.pop(key, None)
-
-        return unregister
+        return self._cid_sources.add(source)
 
     def _observe_cid_spare(self, _options: CallbackOptions) -> Iterable[Observation]:
-        with self._cid_lock:
-            sources = list(self._cid_sources.values())
-        values: list[int] = []
-        for source in sources:
-            try:
-                value = source()
-            except Exception:  # a closing connection must not break the whole collection
-                _log.debug("quic.cid.spare source failed", exc_info=True)
-                continue
-            if value is not None:
-                values.append(value)
+        values = [v for v in self._cid_sources.read() if v is not None]
         return [Observation(min(values))] if values else []
