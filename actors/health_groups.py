@@ -371,12 +371,13 @@ class HealthGroups:
             self._confirm(g, now, out)
         return out
 
-    def evidence(self, member: Hashable, now: float) -> list[Command]:
+    def evidence(self, member: Hashable, now: float, *, local: bool = False) -> list[Command]:
         """An ICMP net/host unreachable or a local send error on ``member``'s socket: the group
         is suspect at once and ``member`` is asked one question now. ICMP is unauthenticated,
         so the error alone decides nothing; that question unanswered makes the group dead
-        (the error plus our own silence), any answer clears it. More errors while the
-        question is out change nothing."""
+        (the error plus our own silence), any answer clears it. More ICMP errors while the
+        question is out change nothing; a ``local`` send error then is that question failing
+        to leave at all (no route, link down): the group is dead at once."""
         key = self._member_group.get(member)
         out: list[Command] = []
         if key is None:
@@ -384,6 +385,8 @@ class HealthGroups:
         g = self._groups[key]
         asked = g.probes.get(member)
         if asked is not None and asked.confirms_evidence:
+            if local:
+                self._missed(g, member, now, out)
             return out
         self._settle(g, member)  # an older question on it: superseded, proves nothing
         if g.state is Verdict.ALIVE:

@@ -175,8 +175,9 @@ class NodeHealth:
         """A socket error judged by ``actors.socket_errors``: counted; an unreachable makes
         the path's group suspect and asks the path one question now."""
         self.evidence_seen[kind.value] += 1
-        if kind is Evidence.UNREACHABLE and self.groups is not None:
-            self._run(self.groups.evidence((conn_id, path_id), self._clock()))
+        if kind is not Evidence.PEER_GONE and self.groups is not None:
+            local = kind is Evidence.SEND_FAILED
+            self._run(self.groups.evidence((conn_id, path_id), self._clock(), local=local))
 
     def _queued(self, member: Hashable) -> bool:
         conn_id, path_id = cast(tuple[str, int], member)

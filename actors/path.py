@@ -224,7 +224,7 @@ class PathActor(Actor):
         # read every time: it holds the ICMP details, and unread it keeps epoll waking us.
         reports = read_error_queue(self.sock) if self.sock.fileno() >= 0 else []
         evidence = judge(exc.errno, reports, self._remote_key[0])
-        if evidence is Evidence.UNREACHABLE:
+        if evidence in (Evidence.UNREACHABLE, Evidence.SEND_FAILED):
             self._fail_response(exc)  # a probe on request fails at once, with this cause
         self._owner.path_error(self.path_id, exc, evidence)  # it decides what this means
 

@@ -47,7 +47,8 @@ UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 
 
 class Evidence(StrEnum):
-    UNREACHABLE = "unreachable"  # net/host unreachable or a local send error: suspect the path
+    UNREACHABLE = "unreachable"  # an ICMP net/host unreachable: suspect the path
+    SEND_FAILED = "send_failed"  # sendto() failed here (no route, link down): suspect the path
     PEER_GONE = "peer_gone"  # port unreachable from the peer itself: not the path's fault
 
 
@@ -118,7 +119,7 @@ def judge(error: int | None, reports: list[SocketErrorReport], peer_ip: str) -> 
         return Evidence.UNREACHABLE
     if not icmp:
         if error in UNREACHABLE:
-            return Evidence.UNREACHABLE  # sendto() failed here: no route, link down
+            return Evidence.SEND_FAILED  # sendto() failed here: no route, link down
         if error == errno.ECONNREFUSED:
             return Evidence.PEER_GONE  # only the destination host answers "port unreachable"
     return None

@@ -304,6 +304,19 @@ def test_socket_error_evidence_is_confirmed_by_one_question_of_our_own(answered:
         assert net.reasons(since=5.0)[ProbeReason.CONFIRM] == 1  # no sample was needed
 
 
+def test_a_confirming_question_that_cannot_leave_is_a_miss_at_once() -> None:
+    """A local send error (no route: the link is down here) while the confirming question is
+    out is that question failing to leave: the group is dead at once, no answer wait."""
+    net = make(GroupConfig(threshold=3))
+    members = populate(net, [A], 5)
+    net.run(until=5.0)
+    net.up = False
+    net.feed(net.groups.evidence(members[1], net.now, local=True))  # the first send error
+    assert net.verdicts == []  # suspect, one question out
+    net.feed(net.groups.evidence(members[1], net.now, local=True))  # that question's sendto
+    assert [v.verdict for _, v in net.verdicts] == [Verdict.DEAD]
+
+
 # ------------------------------------------------------------------ membership
 
 

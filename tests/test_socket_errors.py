@@ -81,8 +81,8 @@ def _report(
         (errno.EHOSTUNREACH, [_report(SO_EE_ORIGIN_ICMP, (3, 1), 113, "10.0.0.1")], "unreachable"),
         (errno.ENETUNREACH, [_report(SO_EE_ORIGIN_ICMP6, (1, 0), 101, "fe80::1")], "unreachable"),
         # A local send error (no route, link down): no report, the errno says it.
-        (errno.ENETUNREACH, [], "unreachable"),
-        (errno.EHOSTUNREACH, [], "unreachable"),
+        (errno.ENETUNREACH, [], "send_failed"),
+        (errno.EHOSTUNREACH, [], "send_failed"),
         # Port unreachable without a report: only the destination host sends those.
         (errno.ECONNREFUSED, [], "peer_gone"),
         # Port unreachable from the peer beside a host unreachable: the peer answered.
