@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import pytest_asyncio
 
 from actors.health_groups import GroupKey
 from actors.streams import Stream
 from supervisor import FailoverPolicy, Supervisor
 from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
 from supervisor.handles import Connection
-from tests.rig.aioquic_server import RigServer, echo_server
+from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology, UdpCounters
 from tests.support import EventLog, event_log, supervisor_actor
@@ -55,35 +53,22 @@ PARALLEL = 32
 GUARD = 30.0
 #: Echo bytes per connection before the fault, and after it (in flight when net0 goes dark).
 BEFORE, AFTER = 8 * 1024, 16 * 1024
-#: The server's receive buffer. 200 connections writing at once put ~3,000 datagrams on its one
-#: socket within a few ms; at the kernel default (~208 KiB) over a third are dropped (Udp
-#: RcvbufErrors), 6-17 connections lose whole flights and judge net0 dead on their own, and
-#: three such judgements (HealthGroups.suspect counts each as a miss) make the whole net0 group
-#: dead: all 200 fail over before any fault. This test is about the black hole, so the server
-#: gets room (SO_RCVBUFFORCE: root, above rmem_max). None: the default, which shows that cascade.
-SERVER_RCVBUF: int | None = 16 * 1024 * 1024
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def topo(rig_netns: None) -> Iterator[TwoPathTopology]:
-    """A fresh two-path topology (IPv4); namespaces and their rules are deleted afterwards."""
-    with TwoPathTopology(ipv6=False) as topology:
-        yield topology
+def topo(rig_topology_v4: TwoPathTopology) -> TwoPathTopology:
+    """The rig's IPv4 two-path topology (tests/rig/fixtures.py)."""
+    return rig_topology_v4
 
 
-@pytest_asyncio.fixture
-async def server(topo: TwoPathTopology, cert: CertPair) -> AsyncIterator[RigServer]:
-    """aioquic echo server on 10.77.0.1 in the server namespace (reachable over both links),
-    its one socket's receive buffer sized for 200 connections' first flights."""
-    sock = topo.server_socket(socket.AF_INET)
-    if SERVER_RCVBUF is not None:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SERVER_RCVBUF)
-    async with echo_server(sock=sock, certfile=cert.certfile, keyfile=cert.keyfile) as srv:
-        yield srv
+@pytest.fixture
+def server(rig_server_in_topology: RigServer) -> RigServer:
+    """The rig's echo server on 10.77.0.1, its receive buffer sized for 200 connections'
+    first flights (``tests.rig.fixtures.SERVER_RCVBUF``)."""
+    return rig_server_in_topology
 
 
 @pytest.fixture
