@@ -114,7 +114,8 @@ class GroupConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProbeMember:
-    """Command: send one PATH_CHALLENGE on ``member``; report via on_answer / on_miss."""
+    """Command: send one PATH_CHALLENGE on ``member``; report via on_answer, or on_miss /
+    evidence when it failed outright."""
 
     group: GroupKey
     member: Hashable

@@ -164,4 +164,6 @@ class ActivePathDead:
 
     conn_id: str
     path_id: int
-    reason: str  # "silent" (nothing received while data was outstanding) | "unreachable"
+    #: "silent": nothing received while data was outstanding, or its group judged dead
+    #: (socket errors reach it through the group: ``HealthGroups.evidence``).
+    reason: str
