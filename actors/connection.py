@@ -59,6 +59,7 @@ from actors.messages import (
     Connect,
     ConnectionEnded,
     EmitChallenge,
+    PathsLost,
     PreferredAddressOffered,
     Probe,
     ProbeReport,
@@ -451,6 +452,23 @@ class ConnectionActor(Actor):
         if self._groups_on:
             self._health.answered(self.conn_id, path_id, rtt)
 
+    def _paths_lost(self, path_ids: tuple[int, ...]) -> None:
+        """The link or address under these paths is gone (the kernel said so): no probing
+        needed to know it. A standby or failed-over path fails; the active one is degraded
+        and marked reported, so our own silence judgement does not start a second move."""
+        active = self.quic.active_path_id if self.quic.path_count else None
+        for path_id in path_ids:
+            facts = self._paths.get(path_id)
+            if facts is None or self.closed:
+                continue
+            if path_id == active:
+                self._dead_reported = path_id
+                if facts.machine.state is PathState.ACTIVE:
+                    self._move(path_id, PathState.DEGRADED)
+            else:
+                self._fail_standby(path_id)
+        self._publish()
+
     def _fail_standby(self, path_id: int) -> None:
         """A standby path's group was judged dead (or ICMP said unreachable): switch() must
         re-validate it first."""
@@ -746,6 +764,9 @@ class ConnectionActor(Actor):
             return Later(self._queued(msg.op, self._close_path(msg.path_id), "close-path"))
         if isinstance(msg, Close):
             self._close(msg.error_code, msg.reason)
+            return None
+        if isinstance(msg, PathsLost):
+            self._paths_lost(msg.path_ids)
             return None
         if isinstance(msg, ChildFailed):
             # A path that crashed is a failed path, never a failed connection.

@@ -69,6 +69,16 @@ class Switch:
     op: int | None = None
 
 
+@message("conn.PathsLost")
+@dataclass(frozen=True, slots=True)
+class PathsLost:
+    """The kernel says these paths' link or address is gone (from the supervisor's network
+    policy): standby ones fail at once; the active one is degraded and left to the policy's
+    move (no dead report of its own)."""
+
+    path_ids: tuple[int, ...]
+
+
 @message("conn.ClosePath")
 @dataclass(frozen=True, slots=True)
 class ClosePath:

@@ -7,7 +7,7 @@ install both into one environment.
 from actors.path_state import PathState
 from actors.streams import Stream
 from supervisor.api import Supervisor
-from supervisor.config import FailoverPolicy
+from supervisor.config import FailoverPolicy, NetworkPolicy, PathPolicy
 from supervisor.handles import Connection, MigratableConn, Path, PathInfo
 from supervisor.server import InboundConnection, Listener
 
@@ -17,8 +17,10 @@ __all__ = [
     "InboundConnection",
     "Listener",
     "MigratableConn",
+    "NetworkPolicy",
     "Path",
     "PathInfo",
+    "PathPolicy",
     "PathState",
     "Stream",
     "Supervisor",

@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
@@ -26,7 +26,7 @@ from actors.streams import Stream
 from actors.view import PathSample
 from supervisor import validate
 from supervisor.client_config import open_key_log
-from supervisor.config import FailoverPolicy
+from supervisor.config import FailoverPolicy, NetworkPolicy
 from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
 from supervisor.failover import FailoverController
@@ -39,6 +39,9 @@ from supervisor.messages import (
     MigrationStats,
     StatsRequest,
 )
+from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.network.netlink import SourceFactory
+from supervisor.network.netns import Namespace
 from supervisor.policy import PolicyPort
 from supervisor.preferred import PreferredAddressMode
 from supervisor.registry import ConnectionEntry, snapshot_of
@@ -75,12 +78,20 @@ class Supervisor:
         qlog_max_events: int = DEFAULT_QLOG_MAX_EVENTS,
         preferred_address: str = "ignore",
         herd: HerdLimits | None = None,
+        network: NetworkPolicy | Literal[False] | None = None,
+        netns: str | None = None,
+        netlink: SourceFactory | None = None,
     ) -> None:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
         of its newest events are kept in memory (see ``telemetry.qlog``). ``herd``: how many
         migrations may be in flight at once, in all and per remote IP (default 64 each); the
-        others wait their turn, FIFO (``supervisor.herd``)."""
+        others wait their turn, FIFO (``supervisor.herd``). ``network``: reactions to the
+        kernel's link, address and route events (``NetworkPolicy``; DESIGN §8); the monitor
+        runs whenever ``failover`` or ``network`` is given, ``network=False`` turns it off.
+        ``netns``: the network namespace (a name under /run/netns, or a path) where path
+        sockets are bound, device names resolved and events heard; default: this process's.
+        ``netlink``: an alternative source of rtnetlink events (tests; default pyroute2)."""
         self.migration_enabled = validate.flag(
             "enable_experimental_connection_migration", enable_experimental_connection_migration
         )
@@ -117,6 +128,18 @@ class Supervisor:
                 f"not {type(herd).__name__}"
             )
         self.herd = herd or HerdLimits()
+        if network is not None and network is not False and not isinstance(network, NetworkPolicy):
+            raise TypeError(
+                f"network must be a NetworkPolicy (e.g. NetworkPolicy(paths=PathPolicy("
+                f"devices=('eth1',)))), False (no monitor) or None, not {type(network).__name__}"
+            )
+        if network is None and failover is not None:
+            network = NetworkPolicy()
+        self.network = network or None
+        self._netns = Namespace(netns) if netns is not None else None
+        if netlink is not None and not callable(netlink):
+            raise TypeError("netlink must be an async factory netns -> NetlinkSource")
+        self._netlink = netlink
         self.failover = failover
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
@@ -166,9 +189,17 @@ class Supervisor:
             # First: a refused path (not a journal of ours) leaves nothing started.
             self.journal = JournalWriter(self._journal_path)
         self._runtime = Runtime(on_failure=self._crashed)
+        if self._netns is not None:
+            try:
+                await self._netns.check()
+            except BaseException:
+                self._netns.close()
+                raise
         policy: Callable[[PolicyPort], FailoverController] | None = None
-        if self.failover is not None:
-            policy = functools.partial(FailoverController, policy=self.failover)
+        if self.failover is not None or self.network is not None:
+            # The network policy moves connections through the failover controller (one
+            # mover per connection); without a FailoverPolicy it uses its defaults for that.
+            policy = functools.partial(FailoverController, policy=self.failover or FailoverPolicy())
 
         actor = SupervisorActor(
             migration_enabled=self.migration_enabled,
@@ -183,6 +214,9 @@ class Supervisor:
             policy=policy,
             preferred_address=self._preferred_address,
             herd=self.herd,
+            network=self.network,
+            netns=self._netns,
+            netlink=self._netlink,
         )
         self._ref = self._runtime.start(actor, name="supervisor")
 
@@ -351,6 +385,14 @@ class Supervisor:
         by kind (representative, confirm, nat, idle), verdicts, recent loop lag."""
         status = await self.ask(HealthStatusRequest())
         assert isinstance(status, HealthStatus)
+        return status
+
+    async def network_status(self) -> NetworkStatus:
+        """What the NetworkMonitor knows: interfaces, addresses, the routes to the peers of
+        the open connections, resyncs after ENOBUFS; ``available`` False with the reason
+        when it does not run (no policy, pyroute2 missing, netlink refused)."""
+        status = await self.ask(NetworkStatusRequest())
+        assert isinstance(status, NetworkStatus)
         return status
 
     async def migration_stats(self) -> MigrationStats:

@@ -74,3 +74,106 @@ class FailoverPolicy:
             min_silence=self.min_silence,
             nat_keepalive=self.nat_keepalive,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PathPolicy:
+    """Which interfaces get a path automatically (``NetworkPolicy(paths=PathPolicy(...))``).
+
+    The default matches nothing: a path on an interface the operator did not name could
+    leak traffic onto a metered or untrusted network. An address matches when its device is
+    in ``devices`` or it lies in one of ``prefixes`` (CIDR), and its family is in
+    ``families``; each connection then gets a path on every matching usable address (never
+    an IPv6 address still in DAD, never a link whose MTU cannot carry a QUIC packet), up to
+    ``max_paths`` paths in all (the dialled one counts), probed at most ``probe_concurrency``
+    at a time. Peers that sent ``disable_active_migration`` get none.
+    """
+
+    devices: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    families: tuple[int, ...] = (4, 6)
+    max_paths: int = 2
+    probe_concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        import ipaddress
+
+        from actors.factory import MAX_PATHS
+        from supervisor import validate
+
+        for name in ("devices", "prefixes", "families"):
+            if not isinstance(getattr(self, name), tuple):
+                raise TypeError(f"PathPolicy.{name} must be a tuple, e.g. ('eth1',)")
+        for device in self.devices:
+            if not isinstance(device, str) or not 0 < len(device) < 16 or "/" in device:
+                raise ValueError(
+                    f"PathPolicy.devices: {device!r} is not an interface name (1-15 characters)"
+                )
+        for prefix in self.prefixes:
+            try:
+                ipaddress.ip_network(prefix, strict=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"PathPolicy.prefixes: {prefix!r} is not a CIDR prefix such as "
+                    f"'10.0.0.0/8' or 'fd00::/8' ({exc})"
+                ) from None
+        for family in self.families:
+            if family not in (4, 6):
+                raise ValueError(f"PathPolicy.families: {family!r} is not 4 or 6")
+        validate.count("max_paths", self.max_paths, minimum=1, maximum=MAX_PATHS)
+        validate.count("probe_concurrency", self.probe_concurrency, minimum=1, maximum=1024)
+
+    def matches(self, device: str, ip: str) -> bool:
+        import ipaddress
+
+        address = ipaddress.ip_address(ip)
+        if address.version not in self.families:
+            return False
+        if device in self.devices:
+            return True
+        return any(
+            address in ipaddress.ip_network(prefix, strict=False) for prefix in self.prefixes
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicy:
+    """How the supervisor reacts to the kernel's network events (DESIGN §8).
+
+    The NetworkMonitor runs whenever a FailoverPolicy or a NetworkPolicy is given
+    (``monitor=False`` turns it off). Carrier lost, an address removed or deprecated: every
+    path on it fails at once and connections active on it move (reason ``network``); carrier
+    or address back: those paths are probed again. ``follow_route``: when the kernel's
+    route to a peer moves to another interface (a default-route change included), its
+    connections follow, unbudgeted. Eager moves (failover off a degrading path or after
+    write errors) onto a network that is not the route's are budgeted per connection and
+    default network, as Cronet does: at most ``max_degrading_moves`` and
+    ``max_write_error_moves``, and after ``max_time_on_non_default`` seconds there the
+    connection goes back once the default path validates. ``paths``: auto-discovery.
+    """
+
+    paths: PathPolicy | None = None
+    monitor: bool = True
+    follow_route: bool = True
+    max_degrading_moves: int = 5
+    max_write_error_moves: int = 5
+    max_time_on_non_default: float = 128.0
+    #: How long a re-probe of a returning path (or the route's new path) may take.
+    probe_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        from supervisor import validate
+
+        if self.paths is not None and not isinstance(self.paths, PathPolicy):
+            raise TypeError(
+                f"NetworkPolicy.paths must be a PathPolicy or None, not {type(self.paths).__name__}"
+            )
+        for name in ("monitor", "follow_route"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"NetworkPolicy.{name} must be True or False")
+        validate.count("max_degrading_moves", self.max_degrading_moves, minimum=0, maximum=10_000)
+        validate.count(
+            "max_write_error_moves", self.max_write_error_moves, minimum=0, maximum=10_000
+        )
+        validate.duration("max_time_on_non_default", self.max_time_on_non_default)
+        validate.duration("probe_timeout", self.probe_timeout)

@@ -30,18 +30,35 @@ __all__ = [
     "EvtConnectionMigrationCompleted",
     "EvtConnectionMigrationFailed",
     "EvtConnectionMigrationStarted",
+    "EvtNetworkChanged",
     "EvtPathAdded",
     "EvtPathRemoved",
     "EvtPathStateChanged",
+    "MigrationInitiator",
     "MigrationOutcome",
     "MigrationReason",
     "Subscription",
+    "initiator_of",
 ]
 
 log = logging.getLogger(__name__)
 
-MigrationReason = Literal["manual", "failover", "drain", "preferred_address"]
+MigrationReason = Literal["manual", "failover", "drain", "network", "preferred_address"]
 _REASONS: Final = frozenset(get_args(MigrationReason))
+#: Who asked for a migration: the application (``switch()``), an operator (drain, ``ctl``,
+#: ``fleet``) or one of the supervisor's policies (failover, network, preferred address).
+MigrationInitiator = Literal["application", "operator", "policy"]
+_INITIATORS: Final = frozenset(get_args(MigrationInitiator))
+
+
+def initiator_of(reason: str) -> MigrationInitiator:
+    """The initiator a reason implies when the request did not say."""
+    if reason == "manual":
+        return "application"
+    if reason == "drain":
+        return "operator"
+    return "policy"
+
 
 #: How a migration that did not complete ended: exactly one per failed migration (DESIGN
 #: section 3), on the Failed event, the ``quic.migration`` span (``quic.migration.outcome``)
@@ -69,9 +86,11 @@ class Event:
     time: float
 
 
-def _check_reason(reason: str) -> None:
+def _check_reason(reason: str, initiator: str = "application") -> None:
     if reason not in _REASONS:
         raise ValueError(f"reason must be one of {sorted(_REASONS)}, got {reason!r}")
+    if initiator not in _INITIATORS:
+        raise ValueError(f"initiator must be one of {sorted(_INITIATORS)}, got {initiator!r}")
 
 
 @message("event.EvtConnectionMigrationStarted")
@@ -83,9 +102,10 @@ class EvtConnectionMigrationStarted(Event):
     from_local_addr: Multiaddr
     to_local_addr: Multiaddr
     reason: MigrationReason
+    initiator: MigrationInitiator = "application"
 
     def __post_init__(self) -> None:
-        _check_reason(self.reason)
+        _check_reason(self.reason, self.initiator)
 
 
 @message("event.EvtConnectionMigrationCompleted")
@@ -98,9 +118,10 @@ class EvtConnectionMigrationCompleted(Event):
     to_local_addr: Multiaddr
     reason: MigrationReason
     probe_rtt: float | None
+    initiator: MigrationInitiator = "application"
 
     def __post_init__(self) -> None:
-        _check_reason(self.reason)
+        _check_reason(self.reason, self.initiator)
 
 
 @message("event.EvtConnectionMigrationFailed")
@@ -116,9 +137,10 @@ class EvtConnectionMigrationFailed(Event):
     error: str
     connection_closed: bool
     outcome: MigrationOutcome = "rolled_back"
+    initiator: MigrationInitiator = "application"
 
     def __post_init__(self) -> None:
-        _check_reason(self.reason)
+        _check_reason(self.reason, self.initiator)
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, got {self.outcome!r}")
 
@@ -149,6 +171,22 @@ class EvtPathStateChanged(Event):
     new: PathState
 
 
+@message("event.EvtNetworkChanged")
+@dataclass(frozen=True, slots=True)
+class EvtNetworkChanged(Event):
+    """The kernel reported a change the supervisor acts on (DESIGN §8): ``change`` is one of
+    carrier_lost, carrier_regained, link_removed, address_added (usable: past DAD),
+    address_removed, address_deprecated, default_route_changed, route_changed. Node-wide:
+    ``conn_id`` is empty; ``remote_addr`` is the peer whose route moved (route_changed) or
+    the unspecified address. ``trace_id``: the ``quic.network.change`` span that the
+    migrations it causes are children of."""
+
+    interface: str
+    change: str
+    addresses: tuple[str, ...]
+    trace_id: str | None = None
+
+
 EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     EvtConnectionMigrationStarted,
     EvtConnectionMigrationCompleted,
@@ -156,6 +194,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     EvtPathAdded,
     EvtPathRemoved,
     EvtPathStateChanged,
+    EvtNetworkChanged,
 )
 
 

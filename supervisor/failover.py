@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
+
+from opentelemetry.context import Context
 
 from actors.errors import MigrationError
 from actors.path_state import PathState
@@ -28,12 +31,35 @@ from supervisor.policy import PolicyPort
 log = logging.getLogger(__name__)
 
 
+class TargetJudge(Protocol):
+    """What the network policy says about failover targets (``supervisor.network``)."""
+
+    def usable(self, conn_id: str, path: PathView) -> bool:
+        """False when the kernel says the path's address or link is gone."""
+        ...
+
+    def allowed(self, conn_id: str, view: ConnectionView, path: PathView, cause: str) -> bool:
+        """May a failover (an eager move) go to ``path``? False when it leaves the route's
+        network and the connection's budget for ``cause`` is spent."""
+        ...
+
+    def moved(
+        self, conn_id: str, view: ConnectionView, path: PathView, reason: str, cause: str
+    ) -> None: ...
+
+
 class FailoverController:
-    """Per-supervisor failover state; its inputs arrive in the supervisor's mailbox turn."""
+    """Per-supervisor failover state; its inputs arrive in the supervisor's mailbox turn.
+
+    It is also the one mover of the network policy (``move_off``), so a connection never
+    has two automatic moves at once."""
 
     def __init__(self, port: PolicyPort, policy: FailoverPolicy) -> None:
         self.port = port
         self.policy = policy
+        #: Set by the network policy when the monitor runs.
+        self.judge: TargetJudge | None = None
+        self._avoid: dict[str, set[int]] = {}
         self._prefer = parse_quic_multiaddr(policy.prefer) if policy.prefer else None
         self._running: dict[str, asyncio.Task[None]] = {}  # conn -> failover in progress
         self._changed: dict[str, asyncio.Event] = {}  # conn -> "a path changed state"
@@ -48,7 +74,37 @@ class FailoverController:
         if task is not None and not task.done():
             return
         log.info("connection %s: active path %d dead (%s): failing over", conn_id, path_id, reason)
-        self._running[conn_id] = self.port.spawn(self._fail_over(conn_id), name="failover")
+        self._running[conn_id] = self.port.spawn(
+            self._fail_over(conn_id, cause=reason), name="failover"
+        )
+
+    def move_off(
+        self,
+        conn_id: str,
+        *,
+        avoid: frozenset[int] = frozenset(),
+        reason: str = "network",
+        context: Context | None = None,
+    ) -> None:
+        """Move the connection off its active path now (the network policy: its link or
+        address is gone), never onto ``avoid``; joins a failover already under way."""
+        self._avoid.setdefault(conn_id, set()).update(avoid)
+        task = self._running.get(conn_id)
+        if task is not None and not task.done():
+            return
+        self._running[conn_id] = self.port.spawn(
+            self._fail_over(conn_id, reason=reason, context=context, cause="network"),
+            name="network-move",
+        )
+
+    def moving(self, conn_id: str) -> bool:
+        task = self._running.get(conn_id)
+        return task is not None and not task.done()
+
+    async def settled(self, conn_id: str) -> None:
+        """Returns once no automatic move of the connection is under way."""
+        while (task := self._running.get(conn_id)) is not None and not task.done():
+            await asyncio.wait([task])
 
     def on_changes(self, conn_id: str, changes: tuple[PathChange, ...]) -> None:
         event = self._changed.get(conn_id)
@@ -87,6 +143,7 @@ class FailoverController:
         for key in [k for k in self._switch_back if k[0] == conn_id]:
             self._switch_back.pop(key).cancel()
         self._changed.pop(conn_id, None)
+        self._avoid.pop(conn_id, None)
         for key in [k for k in self._failed_over if k[0] == conn_id]:
             del self._failed_over[key]
         view = self.port.view(conn_id)
@@ -119,10 +176,15 @@ class FailoverController:
         (its PATH_RESPONSE came back on its own socket; an asymmetric one proved only the way
         out), preferred, lower RTT."""
         samples = self.port.sample(conn_id)
+        avoid = self._avoid.get(conn_id, ())
+        judge = self.judge
         paths = [
             p
             for p in view.paths
-            if p.path_id != view.active_path_id and p.state is PathState.STANDBY
+            if p.path_id != view.active_path_id
+            and p.state is PathState.STANDBY
+            and p.path_id not in avoid
+            and (judge is None or judge.usable(conn_id, p))
         ]
 
         def score(p: PathView) -> tuple[int, bool, int, float]:
@@ -134,39 +196,73 @@ class FailoverController:
 
         return sorted(paths, key=score)
 
-    async def _fail_over(self, conn_id: str) -> None:
+    async def _fail_over(
+        self,
+        conn_id: str,
+        *,
+        reason: str = "failover",
+        context: Context | None = None,
+        cause: str = "silent",
+    ) -> None:
         changed = self._changed.setdefault(conn_id, asyncio.Event())
-        while True:
-            view = self.port.view(conn_id)
-            if view is None or view.closed:
-                return
-            active = view.active
-            if active is not None and active.state is PathState.ACTIVE:
-                return  # it recovered (or a manual switch moved it) meanwhile
-            changed.clear()
-            # A target that rolled back becomes failed: the next candidate is tried at once.
-            for path in self.candidates(conn_id, view):
-                try:
-                    await self.port.ask(
-                        SwitchRequest(
-                            conn_id,
-                            path.path_id,
-                            reason="failover",
-                            probe_timeout=self.policy.probe_timeout,
-                            old_path_dead=True,
+        try:
+            while True:
+                view = self.port.view(conn_id)
+                if view is None or view.closed:
+                    return
+                active = view.active
+                if (
+                    reason == "failover"
+                    and active is not None
+                    and active.state is PathState.ACTIVE
+                    and active.path_id not in self._avoid.get(conn_id, ())
+                ):
+                    return  # it recovered (or a manual switch moved it) meanwhile
+                if reason != "failover" and (
+                    active is None or active.path_id not in self._avoid.get(conn_id, ())
+                ):
+                    return  # already off the lost path (a manual switch, or it was not on it)
+                changed.clear()
+                # A target that rolled back becomes failed: the next candidate is tried at once.
+                for path in self.candidates(conn_id, view):
+                    judge = self.judge
+                    if (
+                        reason == "failover"
+                        and judge is not None
+                        and not judge.allowed(conn_id, view, path, cause)
+                    ):
+                        continue
+                    try:
+                        await self.port.ask(
+                            SwitchRequest(
+                                conn_id,
+                                path.path_id,
+                                reason=reason,
+                                probe_timeout=self.policy.probe_timeout,
+                                old_path_dead=True,
+                                initiator="policy",
+                            ),
+                            context=context,
                         )
-                    )
-                except MigrationError as exc:
-                    log.info(
-                        "connection %s: failover to path %d failed: %s", conn_id, path.path_id, exc
-                    )
-                    continue
-                if view.active_path_id is not None:
-                    self._failed_over[(conn_id, view.active_path_id)] = time.monotonic()
-                return
-            # Nothing usable now: wait for a path to change state (keep-alives on failed paths
-            # notice a link that came back), while the idle timeout allows.
-            await changed.wait()
+                    except MigrationError as exc:
+                        log.info(
+                            "connection %s: %s to path %d failed: %s",
+                            conn_id,
+                            reason,
+                            path.path_id,
+                            exc,
+                        )
+                        continue
+                    if view.active_path_id is not None:
+                        self._failed_over[(conn_id, view.active_path_id)] = time.monotonic()
+                    if judge is not None:
+                        judge.moved(conn_id, view, path, reason, cause)
+                    return
+                # Nothing usable now: wait for a path to change state (keep-alives on failed
+                # paths notice a link that came back), while the idle timeout allows.
+                await changed.wait()
+        finally:
+            self._avoid.pop(conn_id, None)
 
     async def _switch_back_later(self, conn_id: str, path_id: int) -> None:
         await asyncio.sleep(self.policy.hysteresis)  # hysteresis timer (cancelled on change)
@@ -180,7 +276,11 @@ class FailoverController:
         try:
             await self.port.ask(
                 SwitchRequest(
-                    conn_id, path_id, reason="failover", probe_timeout=self.policy.probe_timeout
+                    conn_id,
+                    path_id,
+                    reason="failover",
+                    probe_timeout=self.policy.probe_timeout,
+                    initiator="policy",
                 )
             )
         except MigrationError as exc:

@@ -57,6 +57,18 @@ class SwitchRequest:
     probe_timeout: float = 5.0
     #: Failover off a dead active path: what it had in flight is resent on the new path.
     old_path_dead: bool = False
+    #: application | operator | policy; None: implied by the reason (``initiator_of``).
+    initiator: str | None = None
+
+
+@message("sup.PathsLost")
+@dataclass(frozen=True, slots=True)
+class PathsLostRequest:
+    """The network policy: these paths' link or address is gone (fail them now; an active
+    one is degraded until the policy's move, and not reported dead again meanwhile)."""
+
+    conn_id: str
+    path_ids: tuple[int, ...]
 
 
 @message("sup.ClosePath")

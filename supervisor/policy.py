@@ -12,10 +12,14 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from opentelemetry.context import Context
+
+from actors.envelope import CODEC_VERSION, Envelope, type_name
 from actors.runtime import ActorRef
 from actors.view import ConnectionView, PathChange, PathSample
 from supervisor.events import Event
 from supervisor.registry import ConnectionEntry
+from telemetry.propagation import inject_fields
 
 T = TypeVar("T")
 
@@ -39,8 +43,13 @@ class PolicyPort(Protocol):
         """Its paths' live figures (RTT, keep-alive health), read now."""
         ...
 
-    async def ask(self, request: object) -> object:
-        """Send a request exactly as a user would (events, spans, the connection's queue)."""
+    async def ask(self, request: object, *, context: Context | None = None) -> object:
+        """Send a request exactly as a user would (events, spans, the connection's queue);
+        ``context``: the span its spans are children of (a network change's)."""
+        ...
+
+    def conn_ids(self) -> list[str]:
+        """The connections known now (open or closing)."""
         ...
 
     def emit(self, evt: Event) -> None: ...
@@ -72,5 +81,20 @@ class SupervisorPort:
         entry = self.registry.get(conn_id)
         return entry.cell.sample() if entry is not None else {}
 
-    async def ask(self, request: object) -> object:
-        return await self.ref.ask(request)
+    async def ask(self, request: object, *, context: Context | None = None) -> object:
+        if context is None:
+            return await self.ref.ask(request)
+        fields = inject_fields(context)
+        return await self.ref.ask(
+            Envelope(
+                v=CODEC_VERSION,
+                type=type_name(request),
+                body=request,
+                traceparent=fields.get("traceparent"),
+                tracestate=fields.get("tracestate"),
+                baggage=fields.get("baggage"),
+            )
+        )
+
+    def conn_ids(self) -> list[str]:
+        return list(self.registry)

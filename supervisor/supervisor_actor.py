@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast, get_args
+from typing import Any, TypeVar, cast, get_args
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -49,6 +49,7 @@ from actors.messages import (
     ClosePath,
     Connect,
     ConnectionEnded,
+    PathsLost,
     PreferredAddressOffered,
     Probe,
     ProbeReport,
@@ -56,7 +57,7 @@ from actors.messages import (
     Switched,
 )
 from actors.path_state import PathState
-from actors.runtime import Actor, ChildFailed, Later
+from actors.runtime import Actor, ActorRef, ChildFailed, Later
 from actors.view import ConnectionView, PathChange
 from supervisor import validate
 from supervisor.addresses import (
@@ -68,18 +69,23 @@ from supervisor.addresses import (
     sockaddr_to_multiaddr,
 )
 from supervisor.client_config import client_configuration, open_key_log
+from supervisor.config import NetworkPolicy
 from supervisor.events import (
     Event,
     EventBus,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,
+    EvtNetworkChanged,
     EvtPathAdded,
     EvtPathRemoved,
     EvtPathStateChanged,
+    MigrationInitiator,
     MigrationOutcome,
     MigrationReason,
+    initiator_of,
 )
+from supervisor.failover import FailoverController
 from supervisor.herd import HerdLimits, MigrationGate
 from supervisor.messages import (
     AddPathRequest,
@@ -90,6 +96,7 @@ from supervisor.messages import (
     HealthStatusRequest,
     MigrationStats,
     PathAddedReply,
+    PathsLostRequest,
     ProbeRequest,
     SnapshotRequest,
     StatsRequest,
@@ -97,6 +104,16 @@ from supervisor.messages import (
     SwitchRequest,
     SwitchResult,
 )
+from supervisor.network.monitor import (
+    NetworkChanged,
+    NetworkMonitor,
+    NetworkStatus,
+    NetworkStatusRequest,
+    WatchPeers,
+)
+from supervisor.network.netlink import SourceFactory, open_pyroute2
+from supervisor.network.netns import Namespace
+from supervisor.network.reactions import NetworkController
 from supervisor.policy import Policy, PolicyPort, SupervisorPort
 from supervisor.preferred import PreferredAddressMode, PreferredAddressPolicy
 from supervisor.registry import ConnectionEntry, local_addr_of, snapshot_of
@@ -109,8 +126,13 @@ from telemetry.tracing import (
     ATTR_CID_SEQUENCE_AFTER,
     ATTR_CID_SEQUENCE_BEFORE,
     ATTR_CONNECTION_ID,
+    ATTR_MIGRATION_INITIATOR,
     ATTR_MIGRATION_OUTCOME,
     ATTR_MIGRATION_QUEUE_WAIT_MS,
+    ATTR_NETWORK_ADDRESSES,
+    ATTR_NETWORK_CHANGE,
+    ATTR_NETWORK_INTERFACE,
+    ATTR_NETWORK_MOVED,
     ATTR_PATH_CLOSE_REMOVED,
     ATTR_PATH_LOCAL_ADDRESS,
     ATTR_PATH_TO_LOCAL_ADDRESS,
@@ -126,6 +148,7 @@ from telemetry.tracing import (
     RESULT_CANCELLED,
     RESULT_FAILED,
     RESULT_ROLLED_BACK,
+    SPAN_NETWORK_CHANGE,
     SPAN_PATH_CLOSE,
     SPAN_PATH_PROBE,
     SPAN_PATH_SWITCH,
@@ -135,6 +158,10 @@ from telemetry.tracing import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: EvtNetworkChanged's remote_addr when no peer is concerned.
+_NO_PEER = sockaddr_to_multiaddr(("0.0.0.0", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +205,23 @@ class SupervisorActor(Actor):
         policy: Callable[[PolicyPort], Policy] | None = None,
         preferred_address: PreferredAddressMode = "ignore",
         herd: HerdLimits | None = None,
+        network: NetworkPolicy | None = None,
+        netns: Namespace | None = None,
+        netlink: SourceFactory | None = None,
     ) -> None:
         """``registry`` is shared with the Supervisor front-end, which reads views from it;
         ``policy`` makes the policy (failover) over this actor's port; ``herd`` bounds the
-        migrations in flight (every switch takes a slot of ``self.gate`` first)."""
+        migrations in flight (every switch takes a slot of ``self.gate`` first);
+        ``network``: the NetworkMonitor runs (``netlink`` opens its source) and its changes
+        go to a NetworkController (which moves through the failover policy); ``netns``:
+        where path sockets are made and the monitor listens."""
         self._make_policy = policy
         self.policy: Policy | None = None
+        self._network_policy = network
+        self.netns = netns
+        self._netlink = netlink
+        self.network: NetworkController | None = None
+        self.monitor: ActorRef | None = None
         self._preferred_mode = preferred_address
         self._preferred: PreferredAddressPolicy | None = None
         self._preferred_counts: dict[str, int] = {}
@@ -215,6 +253,100 @@ class SupervisorActor(Actor):
         if self._make_policy is not None:
             self.policy = self._make_policy(port)
         self._preferred = PreferredAddressPolicy(port, self._preferred_mode, self._count_preferred)
+        network = self._network_policy
+        if network is not None and network.monitor:
+            assert isinstance(self.policy, FailoverController), (
+                "the network policy moves through it"
+            )
+            self.network = NetworkController(port, network, self.policy)
+            self.monitor = self.spawn_child(
+                NetworkMonitor(
+                    self._netlink or open_pyroute2,
+                    self._network_changed,
+                    netns=self.netns.path if self.netns is not None else None,
+                ),
+                name="network-monitor",
+            )
+
+    def _policies(self) -> list[Policy]:
+        return [p for p in (self.policy, self.network) if p is not None]
+
+    async def _bind(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a bind (or a local-address check) in the supervisor's namespace."""
+        if self.netns is None:
+            return fn(*args, **kwargs)
+        return await self.netns.run(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ network events
+
+    def _network_changed(self, msg: NetworkChanged) -> None:
+        """From the monitor's reader task: into this actor's mailbox (kept in order)."""
+        if self.ref.is_alive:
+            self.ref.tell(msg)
+
+    def _on_network(self, msg: NetworkChanged) -> None:
+        """Each change: one short ``quic.network.change`` span (the migrations it causes
+        are its children), an EvtNetworkChanged, then the reactions."""
+        for change in msg.changes:
+            with self.tracing.span(
+                SPAN_NETWORK_CHANGE,
+                parent_context=Context(),
+                attributes={
+                    ATTR_NETWORK_INTERFACE: change.interface,
+                    ATTR_NETWORK_CHANGE: change.change,
+                    ATTR_NETWORK_ADDRESSES: list(change.addresses),
+                },
+            ) as span:
+                trace_id = span.get_span_context().trace_id
+                remote = sockaddr_to_multiaddr((change.peer, 0)) if change.peer else _NO_PEER
+                self.emit(
+                    EvtNetworkChanged(
+                        "",
+                        remote,
+                        time.time(),
+                        change.interface,
+                        change.change,
+                        change.addresses,
+                        f"{trace_id:032x}" if trace_id else None,
+                    )
+                )
+                self.metrics.network_change(change.change)
+                if self.network is not None:
+                    moved = self.network.on_network(
+                        (change,), msg.facts, trace.set_span_in_context(span)
+                    )
+                    span.set_attribute(ATTR_NETWORK_MOVED, moved)
+                    if moved:
+                        log.info(
+                            "%s %s: moving %d connection(s)", change.interface, change.change, moved
+                        )
+        if not msg.changes and self.network is not None:
+            self.network.on_network((), msg.facts, None)
+
+    def _watch_peers(self) -> None:
+        if self.monitor is not None and self.monitor.is_alive:
+            peers = {str(e.view.remote[0]) for e in self.conns.values() if not e.view.closed}
+            self.monitor.tell(WatchPeers(tuple(sorted(peers))))
+
+    async def _network_status(self) -> NetworkStatus:
+        if self.monitor is None or not self.monitor.is_alive:
+            why = (
+                "no network policy (give FailoverPolicy() or NetworkPolicy())"
+                if self._network_policy is None
+                else "the monitor is off (NetworkPolicy(monitor=False))"
+                if not self._network_policy.monitor
+                else "the monitor stopped"
+            )
+            return NetworkStatus(
+                False, why, self.netns.name if self.netns else None, (), (), (), 0, 0
+            )
+        status = await self.monitor.ask(NetworkStatusRequest())
+        assert isinstance(status, NetworkStatus)
+        return dataclasses.replace(
+            status,
+            netns=self.netns.name if self.netns is not None else None,
+            reactions=dict(self.network.reactions) if self.network is not None else {},
+        )
 
     def _count_preferred(self, what: str) -> None:
         self._preferred_counts[what] = self._preferred_counts.get(what, 0) + 1
@@ -278,7 +410,7 @@ class SupervisorActor(Actor):
             )
             if change.new is PathState.CLOSED:
                 self.emit(EvtPathRemoved(conn_id, entry.remote, now, local), span)
-        if self.policy is not None and self.ref.is_alive:
+        if self._policies() and self.ref.is_alive:
             self.ref.tell(_Changed(conn_id, changes))
 
     def _notify(self, msg: object) -> None:
@@ -398,16 +530,24 @@ class SupervisorActor(Actor):
                 )
             return self._snap(msg.conn_id)
         if isinstance(msg, _Changed):
-            if self.policy is not None:
-                self.policy.on_changes(msg.conn_id, msg.changes)
+            for policy in self._policies():
+                policy.on_changes(msg.conn_id, msg.changes)
             return None
         if isinstance(msg, ActivePathDead):
-            if self.policy is not None:
-                self.policy.on_active_dead(msg.conn_id, msg.path_id, msg.reason)
+            for policy in self._policies():
+                policy.on_active_dead(msg.conn_id, msg.path_id, msg.reason)
+            return None
+        if isinstance(msg, NetworkChanged):
+            self._on_network(msg)
+            return None
+        if isinstance(msg, NetworkStatusRequest):
+            return Later(self.spawn(self._network_status(), name="network-status"))
+        if isinstance(msg, PathsLostRequest):
+            self._entry(msg.conn_id).ref.tell(PathsLost(msg.path_ids))
             return None
         if isinstance(msg, ConnectionEnded):
-            if self.policy is not None:
-                self.policy.on_connection_end(msg.conn_id)
+            for policy in self._policies():
+                policy.on_connection_end(msg.conn_id)
             entry = self.conns.get(msg.conn_id)
             if entry is not None:
                 self.spawn(self._forget_when_stopped(entry), name=f"forget:{msg.conn_id}")
@@ -441,7 +581,8 @@ class SupervisorActor(Actor):
         if port == 0:
             raise InvalidAddressError(req.remote, "port 0 cannot be dialled", what="remote address")
         config = client_configuration(req)
-        sock = bind_path_socket(
+        sock = await self._bind(
+            bind_path_socket,
             req.local_addr,
             req.device,
             self._take_socket(req.socket_key),
@@ -487,6 +628,9 @@ class SupervisorActor(Actor):
             # Nothing of a failed or cancelled dial remains: not the actor, not the entry.
             await asyncio.shield(self._discard(entry))
             raise
+        self._watch_peers()
+        if self.network is not None:
+            self.network.on_connection_ready(conn_id)
         return self._snap(conn_id)
 
     async def _discard(self, entry: ConnectionEntry) -> None:
@@ -499,6 +643,8 @@ class SupervisorActor(Actor):
 
     def _forget(self, conn_id: str) -> None:
         entry = self.conns.pop(conn_id, None)
+        if entry is not None:
+            self._watch_peers()
         if entry is not None and entry.qlog is not None:
             try:
                 entry.qlog.close()  # aioquic writes it only after a closing period we skip
@@ -553,11 +699,12 @@ class SupervisorActor(Actor):
                         what="local address",
                     )
                 if req.socket_key is None:  # else: the socket's namespace decides (bind_path)
-                    check_local_address(ip, fam)
+                    await self._bind(check_local_address, ip, fam)
                 else:
                     check_path_ip(ip)
             self._check_add_path(req, None if req.preferred_address else asked)
-            sock = bind_path_socket(
+            sock = await self._bind(
+                bind_path_socket,
                 req.local_addr,
                 req.device,
                 self._take_socket(req.socket_key),
@@ -642,6 +789,12 @@ class SupervisorActor(Actor):
                 f"migration reason must be one of {get_args(MigrationReason)}, got {req.reason!r}"
             )
         reason = cast(MigrationReason, req.reason)
+        initiator = cast(MigrationInitiator, req.initiator or initiator_of(reason))
+        if initiator not in get_args(MigrationInitiator):
+            raise ValueError(
+                f"migration initiator must be one of {get_args(MigrationInitiator)}, "
+                f"got {req.initiator!r}"
+            )
         entry = self._entry(req.conn_id)
         view = entry.view
         if view.path(req.path_id) is None:
@@ -663,12 +816,19 @@ class SupervisorActor(Actor):
                 entry.family,
                 parent_context=parent,
             ) as span:
+                span.set_attribute(ATTR_MIGRATION_INITIATOR, initiator)
                 if waited:
                     span.set_attribute(ATTR_MIGRATION_QUEUE_WAIT_MS, waited * 1000)
                 # Published inside the span: the journal records carry the migration's trace.
                 self.emit(
                     EvtConnectionMigrationStarted(
-                        req.conn_id, entry.remote, time.time(), from_addr, to_addr, reason
+                        req.conn_id,
+                        entry.remote,
+                        time.time(),
+                        from_addr,
+                        to_addr,
+                        reason,
+                        initiator,
                     )
                 )
                 try:
@@ -735,6 +895,7 @@ class SupervisorActor(Actor):
                             error,
                             entry.view.closed,
                             outcome,
+                            initiator,
                         )
                     )
                     raise
@@ -751,6 +912,7 @@ class SupervisorActor(Actor):
                         to_addr,
                         reason,
                         done.probe_rtt,
+                        initiator,
                     )
                 )
                 target = entry.view.path(req.path_id)
@@ -806,11 +968,13 @@ class SupervisorActor(Actor):
     async def on_stop(self) -> None:
         self._unregister_cids()
         self._unregister_node()
-        if self.policy is not None:
-            await self.policy.close()
+        for policy in self._policies():
+            await policy.close()
         for conn_id in list(self.conns):
             self._forget(conn_id)
         self.health.close()
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+        if self.netns is not None:
+            self.netns.close()

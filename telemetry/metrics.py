@@ -61,8 +61,21 @@ ATTR_IO_DIRECTION = "network.io.direction"  # semantic convention: transmit | re
 ATTR_ERROR_TYPE = "error.type"
 
 OTHER = "other"
-REASONS = frozenset({"manual", "failover", "drain", "preferred_address"})
+REASONS = frozenset({"manual", "failover", "drain", "network", "preferred_address"})
 _PREFERRED = frozenset({"followed", "ignored", "refused", "unreachable"})
+#: supervisor.network.inventory.ChangeKind (the same names, kept equal by a test).
+NETWORK_CHANGES = frozenset(
+    {
+        "carrier_lost",
+        "carrier_regained",
+        "link_removed",
+        "address_added",
+        "address_removed",
+        "address_deprecated",
+        "default_route_changed",
+        "route_changed",
+    }
+)
 #: supervisor.events.OUTCOMES (telemetry imports nothing of ours: the same names, kept equal
 #: by tests/test_telemetry_metrics.py).
 OUTCOMES = frozenset(
@@ -244,6 +257,11 @@ class Metrics:
             unit="{offer}",
             description="Server preferred addresses seen, by what became of them.",
         )
+        self._network_changes = meter.create_counter(
+            "quic.network.changes",
+            unit="{change}",
+            description="Kernel network changes the supervisor acted on, by kind.",
+        )
         self._probe_rtt = meter.create_histogram(
             "quic.probe.rtt",
             unit="s",
@@ -311,6 +329,9 @@ class Metrics:
     def preferred_address(self, what: str) -> None:
         """A server preferred address (RFC 9000 §9.6): followed, ignored, refused, unreachable."""
         self._preferred.add(1, {"quic.preferred_address.result": _clamp(what, _PREFERRED)})
+
+    def network_change(self, change: str) -> None:
+        self._network_changes.add(1, {"quic.network.change": _clamp(change, NETWORK_CHANGES)})
 
     def probe_rtt(self, seconds: float) -> None:
         self._probe_rtt.record(seconds)

@@ -55,6 +55,8 @@ SPAN_MIGRATION = "quic.migration"
 SPAN_PATH_SWITCH = "quic.path.switch"
 SPAN_PATH_PROBE = "quic.path.probe"
 SPAN_PATH_CLOSE = "quic.path.close"
+#: One kernel network change the supervisor acted on; the migrations it causes are children.
+SPAN_NETWORK_CHANGE = "quic.network.change"
 
 # Attribute keys: semantic conventions where they exist.
 ATTR_NETWORK_PEER_ADDRESS = NETWORK_PEER_ADDRESS  # "network.peer.address"
@@ -65,7 +67,12 @@ NETWORK_TRANSPORT_QUIC = "quic"
 
 # Attribute keys: project-specific.
 ATTR_CONNECTION_ID = "quic.connection.id"
-ATTR_MIGRATION_REASON = "quic.migration.reason"  # manual | failover | drain
+ATTR_MIGRATION_REASON = "quic.migration.reason"  # manual | failover | drain | network | ...
+ATTR_MIGRATION_INITIATOR = "quic.migration.initiator"  # application | operator | policy
+ATTR_NETWORK_INTERFACE = "quic.network.interface"
+ATTR_NETWORK_CHANGE = "quic.network.change"
+ATTR_NETWORK_ADDRESSES = "quic.network.addresses"
+ATTR_NETWORK_MOVED = "quic.network.connections_moved"
 ATTR_MIGRATION_RESULT = "quic.migration.result"
 #: The finer taxonomy of a migration that did not complete (supervisor.events.OUTCOMES).
 ATTR_MIGRATION_OUTCOME = "quic.migration.outcome"

@@ -21,6 +21,7 @@ from supervisor.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,
+    EvtNetworkChanged,
     EvtPathAdded,
     EvtPathRemoved,
     EvtPathStateChanged,
@@ -47,6 +48,7 @@ def one_of_each() -> list[Event]:
         EvtPathAdded("c1", REMOTE, now, LOCAL_B),
         EvtPathRemoved("c1", REMOTE, now, LOCAL_B),
         EvtPathStateChanged("c1", REMOTE, now, LOCAL_B, PathState.NEW, PathState.VALIDATING),
+        EvtNetworkChanged("", REMOTE, now, "eth1", "carrier_lost", ("10.0.0.2",)),
     ]
 
 
@@ -54,13 +56,22 @@ def test_field_order_and_names() -> None:
     names = {cls.__name__: [f.name for f in dataclasses.fields(cls)] for cls in EVENT_TYPES}
     common = ["conn_id", "remote_addr", "time"]
     started = [*common, "from_local_addr", "to_local_addr", "reason"]
+    # initiator comes last with a default: positional construction from before it existed
+    # keeps working.
     assert names == {
-        "EvtConnectionMigrationStarted": started,
-        "EvtConnectionMigrationCompleted": [*started, "probe_rtt"],
-        "EvtConnectionMigrationFailed": [*started, "error", "connection_closed", "outcome"],
+        "EvtConnectionMigrationStarted": [*started, "initiator"],
+        "EvtConnectionMigrationCompleted": [*started, "probe_rtt", "initiator"],
+        "EvtConnectionMigrationFailed": [
+            *started,
+            "error",
+            "connection_closed",
+            "outcome",
+            "initiator",
+        ],
         "EvtPathAdded": [*common, "local_addr"],
         "EvtPathRemoved": [*common, "local_addr"],
         "EvtPathStateChanged": [*common, "local_addr", "old", "new"],
+        "EvtNetworkChanged": [*common, "interface", "change", "addresses", "trace_id"],
     }
 
 

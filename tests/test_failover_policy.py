@@ -41,7 +41,7 @@ class Port:
     def sample(self, conn_id: str) -> dict[int, PathSample]:
         return {}
 
-    async def ask(self, request: object) -> object:
+    async def ask(self, request: object, *, context: object = None) -> object:
         assert isinstance(request, SwitchRequest)
         self.asked.append(request)
         if request.path_id in self.rolls_back:

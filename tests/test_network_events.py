@@ -1,0 +1,151 @@
+"""The supervisor hears the kernel (issue "network events"): real rtnetlink events in real
+namespaces drive failover, return, discovery and route following.
+
+Topology (tests/rig/netns.py, ``TwoPathTopology``, IPv4): net0 (c0 10.77.1.2) and net1 (c1
+10.77.2.2) between a client and a server namespace; the aioquic echo server listens on
+10.77.0.1. The Supervisor runs with ``netns=<client namespace>``: its path sockets are bound
+there by address and its NetworkMonitor listens there. Each connection is dialled from
+10.77.1.2 (path A) with a validated standby path from 10.77.2.2 (path B).
+
+Every wait is on an event or a published state, with a generous guard; counts are asserted,
+durations only printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from actors.path_state import PathState
+from supervisor import FailoverPolicy, NetworkPolicy, PathPolicy, Supervisor
+from supervisor.events import (
+    Event,
+    EvtConnectionMigrationCompleted,
+    EvtNetworkChanged,
+    EvtPathRemoved,
+)
+from supervisor.handles import Connection
+from supervisor.network.netlink import NetlinkUnavailable, open_pyroute2
+from tests.rig.aioquic_server import RigServer
+from tests.rig.certs import CertPair
+from tests.rig.netns import TwoPathTopology, _ip, veth, wait_oper_up
+from tests.support import ChecksummedStream, EventLog, event_log
+
+pytestmark = pytest.mark.netns
+
+pytest_plugins = ["tests.rig.fixtures"]
+
+A, B = TwoPathTopology.PATHS[0].client_v4, TwoPathTopology.PATHS[1].client_v4
+GUARD = 20.0
+
+
+def _ma(ip: str) -> str:
+    return f"/ip4/{ip}/udp/0/quic-v1"
+
+
+@pytest.fixture
+def topo(rig_topology_v4: TwoPathTopology) -> TwoPathTopology:
+    return rig_topology_v4
+
+
+@pytest.fixture
+def server(rig_server_in_topology: RigServer) -> RigServer:
+    return rig_server_in_topology
+
+
+@contextlib.asynccontextmanager
+async def supervisor(topo: TwoPathTopology, **kwargs: object) -> AsyncIterator[Supervisor]:
+    kwargs.setdefault("network", NetworkPolicy())
+    async with Supervisor(
+        enable_experimental_connection_migration=True, netns=topo.client.name, **kwargs
+    ) as sup:
+        yield sup
+
+
+async def _dial(
+    sup: Supervisor, server: RigServer, cert: CertPair, *, standby: bool = True
+) -> Connection:
+    conn = await sup.dial(
+        f"/ip4/{server.host}/udp/{server.port}/quic-v1",
+        alpn_protocols=["echo"],
+        cafile=str(cert.certfile),
+        local_addr=_ma(A),
+        timeout=GUARD,
+    )
+    if standby:
+        path = await conn.as_migratable().add_path(_ma(B))
+        await path.probe(timeout=GUARD)
+    return conn
+
+
+def _active_ip(conn: Connection) -> str:
+    info = conn.as_migratable().active_path()
+    return str(info.local_addr).split("/")[2]
+
+
+def _states(conn: Connection) -> dict[str, PathState]:
+    return {
+        str(p.local_addr).split("/")[2]: p.state for p in conn.as_migratable().available_paths()
+    }
+
+
+async def _monitor_ready(sup: Supervisor, peer: str | None = None) -> None:
+    """The monitor has dumped the namespace (and learnt the route to ``peer``)."""
+    async with asyncio.timeout(GUARD):
+        while True:
+            status = await sup.network_status()
+            if status.available and (peer is None or any(r.peer == peer for r in status.routes)):
+                return
+            await asyncio.sleep(0.02)  # polled: the status has no change notification
+
+
+def _moves(log: EventLog, conn: Connection, reason: str) -> list[Event]:
+    return [
+        e
+        for e in log.of(EvtConnectionMigrationCompleted, conn_id=conn.conn_id)
+        if getattr(e, "reason", None) == reason
+    ]
+
+
+# ---- link down ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+async def test_link_down_moves_every_connection_at_once(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair, busy: bool
+) -> None:
+    async with supervisor(topo) as sup, event_log(sup) as log:
+        conns = [await _dial(sup, server, cert) for _ in range(3)]
+        streams = []
+        if busy:
+            streams = [await ChecksummedStream(c, seed=i).start() for i, c in enumerate(conns)]
+            for s in streams:
+                await s.advance(16 * 1024, timeout=GUARD)
+        await _monitor_ready(sup, server.host)
+        t0 = time.monotonic()
+        topo.link_down(0)
+        await log.wait_for(lambda: all(_moves(log, c, "network") for c in conns), timeout=GUARD)
+        print(f"\nlink down -> all {len(conns)} moved in {time.monotonic() - t0:.3f} s")
+        for conn in conns:
+            assert _active_ip(conn) == B
+            assert _states(conn)[A] is PathState.FAILED
+            (move,) = _moves(log, conn, "network")
+            assert getattr(move, "initiator", None) == "policy"
+        changed = log.of(EvtNetworkChanged)
+        assert any(
+            getattr(e, "change", None) == "carrier_lost" and getattr(e, "interface", None) == "c0"
+            for e in changed
+        )
+        for s in streams:
+            await s.advance(16 * 1024, timeout=GUARD)
+            await s.finish(timeout=GUARD)  # every byte echoed, in order
+        for conn in conns:  # still usable when idle: one more echo on B
+            stream = await conn.open_stream()
+            await stream.write(b"after")
+            await stream.close()
+            assert await stream.read(16) == b"after"
