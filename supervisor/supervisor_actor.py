@@ -553,6 +553,11 @@ class SupervisorActor(Actor):
                 self.spawn(self._forget_when_stopped(entry), name=f"forget:{msg.conn_id}")
             return None
         if isinstance(msg, ChildFailed):
+            if msg.ref is self.monitor:
+                # A bug, not the kernel (netlink errors are handled inside): say so once and
+                # keep to probing, as without netlink.
+                log.error("the network monitor crashed: %s\n%s", msg.error, msg.traceback)
+                return None
             for conn_id, entry in list(self.conns.items()):
                 if entry.ref is msg.ref:
                     log.error("connection %s crashed: %s", conn_id, msg.error)

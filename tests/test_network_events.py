@@ -149,3 +149,111 @@ async def test_link_down_moves_every_connection_at_once(
             await stream.write(b"after")
             await stream.close()
             assert await stream.read(16) == b"after"
+
+
+# ---- address removed and back ---------------------------------------------------------------
+
+
+async def test_address_removed_moves_and_its_return_makes_the_path_standby_again(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    c = topo.client.name
+    async with supervisor(topo) as sup, event_log(sup) as log:
+        conn = await _dial(sup, server, cert)
+        await _monitor_ready(sup, server.host)
+        _ip("addr", "del", f"{A}/24", "dev", "c0", ns=c)  # the link stays up
+        await log.wait_for(lambda: _moves(log, conn, "network"), timeout=GUARD)
+        assert _active_ip(conn) == B
+        assert _states(conn)[A] is PathState.FAILED
+        assert any(
+            getattr(e, "change", None) == "address_removed" for e in log.of(EvtNetworkChanged)
+        )
+
+        # As a host would: the route to the server now goes over net1. Then A's address comes
+        # back, and its own source route (the kernel dropped the routes that used it).
+        p0, p1 = topo.paths
+        _ip("route", "replace", topo.SERVER_V4, "via", p1.server_v4, "dev", "c1", ns=c)
+        _ip("addr", "add", f"{A}/24", "dev", "c0", ns=c)
+        _ip(
+            "route",
+            "replace",
+            topo.SERVER_V4,
+            "via",
+            p0.server_v4,
+            "dev",
+            "c0",
+            "table",
+            str(p0.table),
+            ns=c,
+        )
+        await log.wait_for(lambda: _states(conn).get(A) is PathState.STANDBY, timeout=GUARD)
+        assert _active_ip(conn) == B  # standby: no preferred path, so no move back
+        assert len(_moves(log, conn, "network")) == 1
+
+
+# ---- interfaces that appear and go --------------------------------------------------------------
+
+C_CLIENT, C_SERVER = "10.77.3.2", "10.77.3.1"
+
+
+def _third_link(topo: TwoPathTopology) -> None:
+    """A third veth between the namespaces (c2 10.77.3.2 -- s2 10.77.3.1), source-routed."""
+    c = topo.client.name
+    veth(c, topo.server.name, f"{C_CLIENT}/24", f"{C_SERVER}/24", "c2", "s2")
+    _ip("rule", "add", "pref", "1020", "from", C_CLIENT, "table", "103", ns=c)
+    _ip("route", "replace", topo.SERVER_V4, "via", C_SERVER, "dev", "c2", "table", "103", ns=c)
+    wait_oper_up(c, ["c2"])
+
+
+async def test_auto_discovery_adds_a_validated_path_on_a_new_interface_and_closes_it_when_it_goes(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    policy = NetworkPolicy(paths=PathPolicy(prefixes=("10.77.3.0/24",), max_paths=3))
+    async with supervisor(topo, network=policy) as sup, event_log(sup) as log:
+        conns = [await _dial(sup, server, cert) for _ in range(3)]
+        await _monitor_ready(sup)
+        assert all(C_CLIENT not in _states(c) for c in conns)  # nothing matched before
+        _third_link(topo)
+        await log.wait_for(
+            lambda: all(_states(c).get(C_CLIENT) is PathState.STANDBY for c in conns),
+            timeout=GUARD,
+        )
+        status = await sup.network_status()
+        assert status.reactions.get("paths_added") == 3
+
+        _ip("link", "del", "c2", ns=topo.client.name)
+        await log.wait_for(lambda: all(C_CLIENT not in _states(c) for c in conns), timeout=GUARD)
+        removed = [
+            e
+            for e in log.of(EvtPathRemoved)
+            if str(getattr(e, "local_addr", "")).split("/")[2] == C_CLIENT
+        ]
+        assert len(removed) == 3  # closed cleanly: one EvtPathRemoved each
+        for conn in conns:
+            assert _active_ip(conn) == A  # nobody moved
+            stream = await conn.open_stream()
+            await stream.write(b"still")
+            await stream.close()
+            assert await stream.read(16) == b"still"
+
+
+# ---- the route to the peer moves --------------------------------------------------------------
+
+
+async def test_connections_follow_the_route_to_their_peer(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    c = topo.client.name
+    async with supervisor(topo) as sup, event_log(sup) as log:
+        conns = [await _dial(sup, server, cert) for _ in range(2)]
+        await _monitor_ready(sup, server.host)
+        p1 = topo.paths[1]
+        _ip("route", "replace", topo.SERVER_V4, "via", p1.server_v4, "dev", "c1", ns=c)
+        await log.wait_for(lambda: all(_moves(log, x, "network") for x in conns), timeout=GUARD)
+        for conn in conns:
+            assert _active_ip(conn) == B
+            assert _states(conn)[A] is PathState.STANDBY  # A is fine: only the route moved
+        routed = [
+            e for e in log.of(EvtNetworkChanged) if getattr(e, "change", None) == "route_changed"
+        ]
+        assert [getattr(e, "interface", None) for e in routed] == ["c1"]

@@ -98,57 +98,78 @@ def _route(msg: Any) -> Route:
 
 
 class _Pyroute2Source:
-    def __init__(self, ipr: Any) -> None:
+    def __init__(self, ipr: Any, netlink_error: type[Exception]) -> None:
         self._ipr = ipr
+        #: pyroute2's NetlinkError is not an OSError: it is turned into one here, so the
+        #: monitor handles every kernel refusal the same way.
+        self._error = netlink_error
+
+    def _os_error(self, exc: Exception) -> OSError:
+        code = getattr(exc, "code", 0) or 0
+        return OSError(code, f"netlink: {exc}")
 
     async def links(self) -> list[Link]:
-        return [_link(m) async for m in await self._ipr.link("dump")]
+        try:
+            return [_link(m) async for m in await self._ipr.link("dump")]
+        except self._error as exc:
+            raise self._os_error(exc) from exc
 
     async def addresses(self) -> list[Address]:
         out = []
-        async for msg in await self._ipr.addr("dump"):
-            address = _address(msg)
-            if address is not None:
-                out.append(address)
+        try:
+            async for msg in await self._ipr.addr("dump"):
+                address = _address(msg)
+                if address is not None:
+                    out.append(address)
+        except self._error as exc:
+            raise self._os_error(exc) from exc
         return out
 
     async def default_routes(self) -> dict[int, Route | None]:
         out: dict[int, Route | None] = {4: None, 6: None}
-        for family, key in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-            async for msg in await self._ipr.route("dump", family=family, table=254):
-                if msg.get("dst_len") == 0 and msg.get("oif") is not None and out[key] is None:
-                    out[key] = _route(msg)
+        try:
+            for family, key in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+                async for msg in await self._ipr.route("dump", family=family, table=254):
+                    if msg.get("dst_len") == 0 and msg.get("oif") is not None and out[key] is None:
+                        out[key] = _route(msg)
+        except self._error as exc:
+            raise self._os_error(exc) from exc
         return out
 
     async def route_to(self, ip: str) -> Route | None:
         try:
             answer = await self._ipr.route("get", dst=ip)
-        except OSError:  # ENETUNREACH and friends: no route at all
+        except (OSError, self._error):  # ENETUNREACH and friends: no route at all
             return None
         messages = answer if isinstance(answer, list) else [m async for m in answer]
         return _route(messages[0]) if messages else None
 
     async def events(self) -> AsyncIterator[list[LinkEvent]]:
         while True:
-            batch: list[LinkEvent] = []
-            async for msg in self._ipr.get():
-                kind = msg.get("event")
-                if kind == "RTM_NEWLINK":
-                    batch.append(("link", _link(msg)))
-                elif kind == "RTM_DELLINK":
-                    batch.append(("unlink", int(msg["index"])))
-                elif kind in ("RTM_NEWADDR", "RTM_DELADDR"):
-                    address = _address(msg)
-                    if address is None:
-                        continue
-                    if kind == "RTM_NEWADDR":
-                        batch.append(("address", address))
-                    else:
-                        batch.append(("unaddress", (address.index, address.ip)))
-                elif kind in ("RTM_NEWROUTE", "RTM_DELROUTE"):
-                    batch.append(("route", None))
+            try:
+                batch = [e async for e in self._batch()]
+            except self._error as exc:
+                raise self._os_error(exc) from exc
             if batch:
                 yield batch
+
+    async def _batch(self) -> AsyncIterator[LinkEvent]:
+        async for msg in self._ipr.get():
+            kind = msg.get("event")
+            if kind == "RTM_NEWLINK":
+                yield ("link", _link(msg))
+            elif kind == "RTM_DELLINK":
+                yield ("unlink", int(msg["index"]))
+            elif kind in ("RTM_NEWADDR", "RTM_DELADDR"):
+                address = _address(msg)
+                if address is None:
+                    continue
+                if kind == "RTM_NEWADDR":
+                    yield ("address", address)
+                else:
+                    yield ("unaddress", (address.index, address.ip))
+            elif kind in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+                yield ("route", None)
 
     async def close(self) -> None:
         self._ipr.close()
@@ -161,6 +182,7 @@ async def open_pyroute2(netns: str | None, *, rcvbuf: int = 4 * 1024 * 1024) -> 
     it is ENOBUFS, and the monitor dumps again."""
     try:
         from pyroute2 import AsyncIPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
     except ImportError as exc:
         raise NetlinkUnavailable(
             "pyroute2 is not installed (pip install 'quic-supervisor[netlink]')"
@@ -174,4 +196,4 @@ async def open_pyroute2(netns: str | None, *, rcvbuf: int = 4 * 1024 * 1024) -> 
     except BaseException:
         ipr.close()
         raise
-    return _Pyroute2Source(ipr)
+    return _Pyroute2Source(ipr, NetlinkError)

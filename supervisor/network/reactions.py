@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -47,6 +48,9 @@ _GONE = frozenset({"link_removed", "address_removed", "address_deprecated"})
 _BACK = frozenset({"carrier_regained", "address_added"})
 #: Retries of a return to the default network that did not validate yet: 1 s doubling.
 _RETURN_BACKOFF = (1.0, 30.0)
+#: Waits between re-probes of a returning path that did not answer yet (then it is left to
+#: the health groups' questions, or the next change).
+_REPROBE_BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _family(ip: str) -> int:
@@ -70,6 +74,11 @@ class NetworkController:
         #: conn -> when it moved eagerly onto a non-default network (its return is pending).
         self._returns: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: local ip -> when its link or address last came or went (damping: a return onto a
+        #: flapping interface waits until it has been stable for the failover hysteresis).
+        self._changed_at: dict[str, float] = {}
+        self._following: dict[str, asyncio.Task[None]] = {}
+        self._reprobing: set[tuple[str, int]] = set()
         #: Counted for ``NetworkStatus`` and the notes: reactions by kind.
         self.reactions: dict[str, int] = {}
 
@@ -81,7 +90,11 @@ class NetworkController:
         """React to one batch; returns how many connections it started moving."""
         self.facts = facts
         moved = 0
+        now = time.monotonic()
         for change in changes:
+            if change.change in _LOST or change.change in _BACK:
+                for ip in change.addresses:
+                    self._changed_at[ip] = now
             if change.change in _LOST:
                 moved += self._lost(change, context)
             elif change.change in _BACK:
@@ -103,13 +116,20 @@ class NetworkController:
 
     def on_connection_end(self, conn_id: str) -> None:
         self._auto.pop(conn_id, None)
+        following = self._following.pop(conn_id, None)
+        if following is not None:
+            following.cancel()
         self.budget.forget(conn_id)
         task = self._returns.pop(conn_id, None)
         if task is not None:
             task.cancel()
 
     async def close(self) -> None:
-        tasks = [t for t in [*self._tasks, *self._returns.values()] if not t.done()]
+        tasks = [
+            t
+            for t in [*self._tasks, *self._returns.values(), *self._following.values()]
+            if not t.done()
+        ]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -235,10 +255,35 @@ class NetworkController:
         ips = set(change.addresses)
         for view in self._views():
             for path in view.paths:
-                if path.local[0] in ips and path.state is PathState.FAILED:
-                    self._spawn(self._probe(view.conn_id, path.path_id, context), "reprobe")
+                key = (view.conn_id, path.path_id)
+                if (
+                    path.local[0] in ips
+                    and path.state is PathState.FAILED
+                    and key not in self._reprobing
+                ):
+                    self._reprobing.add(key)
+                    self._spawn(self._reprobe(key, context), "reprobe")
             if self.policy.paths is not None and change.change == "address_added":
                 self._spawn(self._discover(view.conn_id, ips, context), "discover")
+
+    async def _reprobe(self, key: tuple[str, int], context: Context | None) -> None:
+        """Probe a returning path; retried with backoff while its address stays usable (a
+        carrier or address comes back before its routes and neighbours do: the first probe
+        may fail at once with no route)."""
+        conn_id, path_id = key
+        try:
+            for delay in _REPROBE_BACKOFF:
+                view = self.port.view(conn_id)
+                path = view.path(path_id) if view is not None and not view.closed else None
+                if path is None or path.state is not PathState.FAILED:
+                    return
+                if not self.facts.may_use(path.local[0]):
+                    return  # gone again: its next return starts afresh
+                if await self._probe(conn_id, path_id, context):
+                    return
+                await asyncio.sleep(delay)
+        finally:
+            self._reprobing.discard(key)
 
     async def _probe(self, conn_id: str, path_id: int, context: Context | None) -> bool:
         async with self._probe_slots:  # paced: a link back under 1,000 connections
@@ -262,19 +307,43 @@ class NetworkController:
         for view in self._views():
             if str(ipaddress.ip_address(view.remote[0])) != change.peer:
                 continue
-            self.budget.forget(view.conn_id)  # a new default network: a fresh budget
+            conn_id = view.conn_id
+            self.budget.forget(conn_id)  # a new default network: a fresh budget
+            previous = self._following.pop(conn_id, None)
+            if previous is not None:
+                previous.cancel()  # the route moved again: follow the newest
             active = view.active
             if active is not None and active.local[0] == source:
                 continue
-            self._spawn(self._follow(view.conn_id, source, change.interface, context), "follow")
+            self._following[conn_id] = self.port.spawn(
+                self._follow(conn_id, change.peer, source, change.interface, context),
+                name="follow",
+            )
             moved += 1
         if moved:
             self._count("moves_route")
         return moved
 
     async def _follow(
-        self, conn_id: str, source: str, interface: str, context: Context | None
+        self, conn_id: str, peer: str, source: str, interface: str, context: Context | None
     ) -> None:
+        try:
+            await self._follow_now(conn_id, peer, source, interface, context)
+        finally:
+            if self._following.get(conn_id) is asyncio.current_task():
+                del self._following[conn_id]
+
+    async def _follow_now(
+        self, conn_id: str, peer: str, source: str, interface: str, context: Context | None
+    ) -> None:
+        # Damping: back onto an interface that just came or went only once it has been
+        # stable for the failover hysteresis (a link flapping every 200 ms costs two moves,
+        # not two per flap). A route that moves to a steady interface is followed at once.
+        hold = self.mover.policy.hysteresis
+        while (left := self._changed_at.get(source, -math.inf) + hold - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        if self.facts.route(peer) != (interface, source):
+            return  # it moved again meanwhile (a newer follow is under way, or none)
         await self.mover.settled(conn_id)  # one mover at a time: let a lost-path move end
         view = self.port.view(conn_id)
         if view is None or view.closed or view.peer_disabled_migration:
