@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -30,7 +29,6 @@ from supervisor.events import (
     EvtPathRemoved,
 )
 from supervisor.handles import Connection
-from supervisor.network.netlink import NetlinkUnavailable, open_pyroute2
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology, _ip, veth, wait_oper_up
@@ -257,3 +255,93 @@ async def test_connections_follow_the_route_to_their_peer(
             e for e in log.of(EvtNetworkChanged) if getattr(e, "change", None) == "route_changed"
         ]
         assert [getattr(e, "interface", None) for e in routed] == ["c1"]
+
+
+# ---- eager moves are budgeted ---------------------------------------------------------------
+
+
+async def _status_until(sup: Supervisor, what: str, at_least: int) -> None:
+    async with asyncio.timeout(GUARD):
+        while (await sup.network_status()).reactions.get(what, 0) < at_least:
+            await asyncio.sleep(0.05)  # polled: the counters have no change notification
+
+
+async def test_eager_moves_off_a_degrading_default_path_are_budgeted_and_return(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    """The route to the server is net0 (A): a failover to B is an eager move onto a
+    non-default network. With a budget of one: the first black hole on A moves to B; after
+    ``max_time_on_non_default`` the connection goes back to A once A validates; the second
+    black hole finds the budget spent and the connection stays on A (it recovers when the
+    black hole lifts); every byte is echoed."""
+    failover = FailoverPolicy(keepalive_interval=0.2, min_silence=0.3, probe_timeout=1.0)
+    network = NetworkPolicy(max_degrading_moves=1, max_time_on_non_default=1.0)
+    async with (
+        supervisor(topo, failover=failover, network=network) as sup,
+        event_log(sup) as log,
+    ):
+        conn = await _dial(sup, server, cert)
+        await _monitor_ready(sup, server.host)
+        stream = await ChecksummedStream(conn, chunk=4096).start()
+        await stream.advance(16 * 1024, timeout=GUARD)
+
+        with topo.blackhole(0):
+            await log.wait_for(lambda: _moves(log, conn, "failover"), timeout=GUARD)
+        assert _active_ip(conn) == B
+        await log.wait_for(lambda: _moves(log, conn, "network"), timeout=GUARD)  # back to A
+        assert _active_ip(conn) == A
+        await stream.advance(16 * 1024, timeout=GUARD)
+
+        with topo.blackhole(0):
+            await _status_until(sup, "eager_refused", 1)
+        assert len(_moves(log, conn, "failover")) == 1  # the budget held
+        assert _active_ip(conn) == A
+        status = await sup.network_status()
+        assert status.reactions.get("eager_moves") == 1
+        assert status.reactions.get("returns") == 1
+        await stream.advance(16 * 1024, timeout=GUARD)
+        await stream.finish(timeout=GUARD)
+
+
+# ---- a flapping link ------------------------------------------------------------------------
+
+
+async def test_a_flapping_link_costs_at_most_three_switches_and_ends_on_the_preferred_path(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    failover = FailoverPolicy(prefer=_ma(A), hysteresis=1.0)
+    async with supervisor(topo, failover=failover) as sup, event_log(sup) as log:
+        conns = [await _dial(sup, server, cert) for _ in range(3)]
+        await _monitor_ready(sup, server.host)
+        c, p0 = topo.client.name, topo.paths[0]
+
+        def flap(down: bool) -> None:
+            _ip("link", "set", "c0", "down" if down else "up", ns=c)
+            if not down:
+                topo._routes(p0, check=False)
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 5.0
+        down = True
+        while loop.time() < end:  # the stimulus: 200 ms per state change
+            await asyncio.to_thread(flap, down)
+            down = not down
+            await asyncio.sleep(0.2)
+        if not down:  # it ended down: bring it back
+            await asyncio.to_thread(flap, False)
+        wait_oper_up(c, ["c0"])
+
+        def back_on_a(conn: Connection) -> bool:
+            done = log.of(EvtConnectionMigrationCompleted, conn_id=conn.conn_id)
+            return bool(done) and f"/{A}/" in str(getattr(done[-1], "to_local_addr", ""))
+
+        await log.wait_for(lambda: all(back_on_a(x) for x in conns), timeout=GUARD)
+        for conn in conns:
+            assert _active_ip(conn) == A
+            switches = log.of(EvtConnectionMigrationCompleted, conn_id=conn.conn_id)
+            print(f"\n{conn.conn_id}: {[getattr(e, 'reason', '') for e in switches]}")
+            assert 1 <= len(switches) <= 3
+            stream = await conn.open_stream()
+            await stream.write(b"steady")
+            await stream.close()
+            assert await stream.read(16) == b"steady"
