@@ -19,6 +19,9 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, NetworkPolicy, PathPolicy, Supervisor
@@ -117,7 +120,10 @@ def _moves(log: EventLog, conn: Connection, reason: str) -> list[Event]:
 async def test_link_down_moves_every_connection_at_once(
     topo: TwoPathTopology, server: RigServer, cert: CertPair, busy: bool
 ) -> None:
-    async with supervisor(topo) as sup, event_log(sup) as log:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with supervisor(topo, tracer_provider=provider) as sup, event_log(sup) as log:
         conns = [await _dial(sup, server, cert) for _ in range(3)]
         streams = []
         if busy:
@@ -134,11 +140,30 @@ async def test_link_down_moves_every_connection_at_once(
             assert _states(conn)[A] is PathState.FAILED
             (move,) = _moves(log, conn, "network")
             assert getattr(move, "initiator", None) == "policy"
-        changed = log.of(EvtNetworkChanged)
-        assert any(
-            getattr(e, "change", None) == "carrier_lost" and getattr(e, "interface", None) == "c0"
-            for e in changed
-        )
+        (lost,) = [
+            e
+            for e in log.of(EvtNetworkChanged)
+            if getattr(e, "change", None) == "carrier_lost"
+            and getattr(e, "interface", None) == "c0"
+        ]
+        # One trace: the change's span, and every migration it caused as its child.
+        spans = exporter.get_finished_spans()
+        (change_span,) = [
+            s
+            for s in spans
+            if s.name == "quic.network.change"
+            and (s.attributes or {}).get("quic.network.change") == "carrier_lost"
+        ]
+        ctx = change_span.get_span_context()
+        assert ctx is not None and getattr(lost, "trace_id", None) == f"{ctx.trace_id:032x}"
+        assert (change_span.attributes or {}).get("quic.network.connections_moved") == len(conns)
+        moves = [s for s in spans if s.name == "quic.migration"]
+        ours = [s for s in moves if s.parent is not None and s.parent.span_id == ctx.span_id]
+        assert len(ours) == len(conns)
+        for span in ours:
+            attrs = span.attributes or {}
+            assert attrs.get("quic.migration.reason") == "network"
+            assert attrs.get("quic.migration.initiator") == "policy"
         for s in streams:
             await s.advance(16 * 1024, timeout=GUARD)
             await s.finish(timeout=GUARD)  # every byte echoed, in order
