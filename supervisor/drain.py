@@ -35,6 +35,7 @@ from supervisor.addresses import _check_device
 from supervisor.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
+    InterfaceAddressesRequest,
     PathSnapshot,
     ProbeRequest,
     SnapshotRequest,
@@ -242,6 +243,16 @@ def interface_addresses() -> dict[str, list[IPInterface]]:
     return out
 
 
+async def _interfaces_of(sup: _Asks) -> dict[str, list[IPInterface]]:
+    """The supervisor's namespace's addresses (it may live in another: ``netns=``)."""
+    pairs = await sup.ask(InterfaceAddressesRequest())
+    assert isinstance(pairs, tuple)
+    out: dict[str, list[IPInterface]] = {}
+    for name, address in pairs:
+        out.setdefault(name, []).append(ipaddress.ip_interface(address))
+    return out
+
+
 def _devices_of(ip: IPAddress, interfaces: dict[str, list[IPInterface]]) -> set[str]:
     """The interface(s) holding ``ip``: exact address first, else the longest matching prefix."""
     exact = {dev for dev, addrs in interfaces.items() if any(a.ip == ip for a in addrs)}
@@ -297,7 +308,7 @@ async def drain(
     else:
         assert device is not None
         dev = _check_device(device)
-        interfaces = interface_addresses()
+        interfaces = await _interfaces_of(sup)
         target = f"device {dev}"
 
         def on_target(path: PathSnapshot) -> bool:

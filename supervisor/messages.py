@@ -92,6 +92,14 @@ class SnapshotRequest:
     conn_id: str | None = None  # None: every connection
 
 
+@message("sup.InterfaceAddresses")
+@dataclass(frozen=True, slots=True)
+class InterfaceAddressesRequest:
+    """Every interface address of the supervisor's namespace (``Supervisor(netns=...)``),
+    answered with ``(device, "ip/prefix")`` pairs: a drain by device asks it, so "on eth1"
+    means eth1 of the namespace the paths live in."""
+
+
 @message("sup.PathSnapshot")
 @dataclass(frozen=True, slots=True)
 class PathSnapshot:

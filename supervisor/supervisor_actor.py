@@ -70,6 +70,7 @@ from supervisor.addresses import (
 )
 from supervisor.client_config import client_configuration, open_key_log
 from supervisor.config import NetworkPolicy
+from supervisor.drain import interface_addresses
 from supervisor.events import (
     Event,
     EventBus,
@@ -94,6 +95,7 @@ from supervisor.messages import (
     ConnectionSnapshot,
     DialRequest,
     HealthStatusRequest,
+    InterfaceAddressesRequest,
     MigrationStats,
     PathAddedReply,
     PathsLostRequest,
@@ -323,6 +325,10 @@ class SupervisorActor(Actor):
         if not msg.changes and self.network is not None:
             self.network.on_network((), msg.facts, None)
 
+    async def _interface_addresses(self) -> tuple[tuple[str, str], ...]:
+        found = await self._bind(interface_addresses)
+        return tuple((name, str(a)) for name, addrs in sorted(found.items()) for a in addrs)
+
     def _watch_peers(self) -> None:
         if self.monitor is not None and self.monitor.is_alive:
             peers = {str(e.view.remote[0]) for e in self.conns.values() if not e.view.closed}
@@ -542,6 +548,8 @@ class SupervisorActor(Actor):
             return None
         if isinstance(msg, NetworkStatusRequest):
             return Later(self.spawn(self._network_status(), name="network-status"))
+        if isinstance(msg, InterfaceAddressesRequest):
+            return Later(self.spawn(self._interface_addresses(), name="interfaces"))
         if isinstance(msg, PathsLostRequest):
             self._entry(msg.conn_id).ref.tell(PathsLost(msg.path_ids))
             return None
