@@ -141,6 +141,14 @@ class _PathFacts:
     #: keep-alives) is recorded but the path is not failed until that is settled (a rollback
     #: makes it active again, which a failed path cannot become).
     rollback_target: bool = False
+    #: The latest write error on this path (send_failed, unreachable) and when (node
+    #: clock): a dead verdict soon after it is reported as that cause, not "silent" (the
+    #: network policy budgets eager moves after write errors apart from degradation).
+    write_error: tuple[str, float] | None = None
+
+
+#: How recent a write error must be to be the cause of a dead verdict.
+_WRITE_ERROR_RECENT = 2.0
 
 
 class ConnectionActor(Actor):
@@ -426,7 +434,9 @@ class ConnectionActor(Actor):
             if self._health.gone and self._health.is_gone(_addr(facts.remote)):
                 return  # the peer's process is gone, not this path: nothing to fail or move
             if path_id == self.quic.active_path_id:
-                self._report_dead(path_id, "silent")
+                error = facts.write_error
+                recent = error is not None and _now() - error[1] <= _WRITE_ERROR_RECENT
+                self._report_dead(path_id, error[0] if error is not None and recent else "silent")
             else:
                 self._fail_standby(path_id)
         elif verdict is Verdict.ALIVE:
@@ -576,6 +586,8 @@ class ConnectionActor(Actor):
             # not sent since (their group's verdict must not move them either).
             self._health.peer_gone(_addr(facts.remote))
         if evidence is not None and self.options.health is not None:
+            if facts is not None and evidence is not Evidence.PEER_GONE:
+                facts.write_error = (evidence.value, _now())
             self._health.evidence(self.conn_id, path_id, evidence)
         self._changed.set()
 

@@ -174,6 +174,7 @@ class ActivePathDead:
 
     conn_id: str
     path_id: int
-    #: "silent": nothing received while data was outstanding, or its group judged dead
-    #: (socket errors reach it through the group: ``HealthGroups.evidence``).
+    #: "silent": nothing received while data was outstanding, or its group judged dead;
+    #: "send_failed" / "unreachable": its group judged it dead within 2 s of that write
+    #: error on it (socket errors reach it through the group: ``HealthGroups.evidence``).
     reason: str

@@ -263,23 +263,33 @@ async def test_auto_discovery_adds_a_validated_path_on_a_new_interface_and_close
 # ---- the route to the peer moves --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("via", ["host_route", "default_route"])
 async def test_connections_follow_the_route_to_their_peer(
-    topo: TwoPathTopology, server: RigServer, cert: CertPair
+    topo: TwoPathTopology, server: RigServer, cert: CertPair, via: str
 ) -> None:
     c = topo.client.name
+    p0, p1 = topo.paths
+    if via == "default_route":  # the server is reached through the default route
+        _ip("route", "del", topo.SERVER_V4, ns=c)
+        _ip("route", "replace", "default", "via", p0.server_v4, "dev", "c0", ns=c)
     async with supervisor(topo) as sup, event_log(sup) as log:
         conns = [await _dial(sup, server, cert) for _ in range(2)]
         await _monitor_ready(sup, server.host)
-        p1 = topo.paths[1]
-        _ip("route", "replace", topo.SERVER_V4, "via", p1.server_v4, "dev", "c1", ns=c)
+        if via == "default_route":
+            _ip("route", "replace", "default", "via", p1.server_v4, "dev", "c1", ns=c)
+        else:
+            _ip("route", "replace", topo.SERVER_V4, "via", p1.server_v4, "dev", "c1", ns=c)
         await log.wait_for(lambda: all(_moves(log, x, "network") for x in conns), timeout=GUARD)
         for conn in conns:
             assert _active_ip(conn) == B
             assert _states(conn)[A] is PathState.STANDBY  # A is fine: only the route moved
-        routed = [
-            e for e in log.of(EvtNetworkChanged) if getattr(e, "change", None) == "route_changed"
+        changes = [
+            (getattr(e, "change", None), getattr(e, "interface", None))
+            for e in log.of(EvtNetworkChanged)
         ]
-        assert [getattr(e, "interface", None) for e in routed] == ["c1"]
+        assert [i for ch, i in changes if ch == "route_changed"] == ["c1"]
+        if via == "default_route":
+            assert ("default_route_changed", "c1") in changes
 
 
 # ---- eager moves are budgeted ---------------------------------------------------------------
@@ -370,3 +380,30 @@ async def test_a_flapping_link_costs_at_most_three_switches_and_ends_on_the_pref
             await stream.write(b"steady")
             await stream.close()
             assert await stream.read(16) == b"steady"
+
+
+async def test_eager_moves_after_write_errors_have_their_own_budget(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    """A's own source route goes (sends from A fail: ENETUNREACH) while the kernel's route to
+    the server still says A: a failover to B would be an eager move after write errors, and
+    that budget is 0 here; the connection stays and recovers when the route is back."""
+    failover = FailoverPolicy(keepalive_interval=0.2, min_silence=0.3, probe_timeout=1.0)
+    network = NetworkPolicy(max_write_error_moves=0)
+    c, p0 = topo.client.name, topo.paths[0]
+    async with (
+        supervisor(topo, failover=failover, network=network) as sup,
+        event_log(sup) as log,
+    ):
+        conn = await _dial(sup, server, cert)
+        await _monitor_ready(sup, server.host)
+        stream = await ChecksummedStream(conn, chunk=4096).start()
+        await stream.advance(16 * 1024, timeout=GUARD)
+        _ip("route", "del", topo.SERVER_V4, "table", str(p0.table), ns=c)
+        await _status_until(sup, "eager_refused", 1)
+        assert not _moves(log, conn, "failover")
+        assert _active_ip(conn) == A
+        topo._routes(p0)
+        await stream.advance(16 * 1024, timeout=GUARD)
+        await stream.finish(timeout=GUARD)
+        assert not log.of(EvtConnectionMigrationCompleted)
