@@ -141,8 +141,13 @@ class NetworkController:
         return self.facts.may_use(path.local[0])
 
     def _default_of(self, view: ConnectionView) -> tuple[str | None, str | None] | None:
+        """The connection's default network: the kernel's route to its peer, when one of
+        its paths is on it (paths handed in from another namespace with ``sock=`` may share
+        nothing with this namespace's routes: then there is no default, and no budget)."""
         route = self.facts.route(str(ipaddress.ip_address(view.remote[0])))
         if route is None or route[1] is None:
+            return None
+        if not any(self._on_default(p, route) for p in view.paths):
             return None
         return route
 
