@@ -185,16 +185,14 @@ class Supervisor:
             return
         if self._closed:
             raise SupervisorClosedError("it was closed: a Supervisor runs once")
+        if self._netns is not None:
+            # First: a namespace gone (or refused) leaves nothing started; a later start()
+            # asks again. close() ends its worker thread.
+            await self._netns.check()
         if self._journal_path is not None:
-            # First: a refused path (not a journal of ours) leaves nothing started.
+            # A refused path (not a journal of ours) leaves nothing started.
             self.journal = JournalWriter(self._journal_path)
         self._runtime = Runtime(on_failure=self._crashed)
-        if self._netns is not None:
-            try:
-                await self._netns.check()
-            except BaseException:
-                self._netns.close()
-                raise
         policy: Callable[[PolicyPort], FailoverController] | None = None
         if self.failover is not None or self.network is not None:
             # The network policy moves connections through the failover controller (one
@@ -249,6 +247,8 @@ class Supervisor:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        if self._netns is not None:
+            self._netns.close()  # idempotent (the SupervisorActor closed it when it ran)
 
     # ------------------------------------------------------------------ Client (handles)
 

@@ -27,11 +27,13 @@ from urllib.parse import urlsplit
 from aioquic.h3.connection import H3_ALPN
 from rich.console import Console
 
-from actors.errors import MigrationError
+from actors.errors import InvalidArgumentError, MigrationError
+from actors.factory import MAX_PATHS
 from supervisor.addresses import parse_quic_multiaddr, to_multiaddr
 from supervisor.api import Supervisor
 from supervisor.cli_ctl import add_ctl_commands, control_socket, run_ctl_command
 from supervisor.cli_fleet import add_fleet_commands, run_fleet_command
+from supervisor.config import NetworkPolicy, PathPolicy
 from supervisor.demo import (
     DemoOptions,
     MigrationRecord,
@@ -44,6 +46,7 @@ from supervisor.demo import (
     self_signed_cert,
 )
 from supervisor.h3 import H3Error, http3_get
+from supervisor.network.netns import resolve_netns
 from telemetry.journal import JournalFormatError, journal_files, read_journal
 from telemetry.otlp_json import OtlpJsonFileSpanExporter
 from telemetry.providers import DropCountingSpanProcessor, Providers, build_providers_from_env
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     dial.add_argument("--server-name", default="localhost", help="TLS name to verify")
     dial.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
     dial.add_argument("--timeout", type=_positive, default=10.0, help="handshake timeout (s)")
+    _network_flags(dial)
     _control_flag(dial)
     _tls_flags(dial)
     dial.set_defaults(func=cmd_dial)
@@ -209,9 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
     plot_cmd.add_argument("-o", "--output", type=Path, default=Path("timeline.png"), metavar="PNG")
     plot_cmd.set_defaults(func=cmd_journal_plot, telemetry=False)
 
-    add_fleet_commands(sub)  # fleet ls|paths|drain|migrate, agent (Ray; supervisor/cli_fleet.py)
-    add_ctl_commands(sub)  # ctl paths|drain|migrate via --control-socket (supervisor/cli_ctl.py)
+    add_fleet_commands(sub)  # fleet ls|paths|network|drain|migrate, agent (supervisor/cli_fleet.py)
+    add_ctl_commands(sub)  # ctl paths|stats|network|drain|migrate (supervisor/cli_ctl.py)
     return parser
+
+
+def _network_flags(parser: argparse.ArgumentParser) -> None:
+    """dial's network policy: auto-discovered paths, the namespace, the monitor."""
+    parser.add_argument(
+        "--auto-paths",
+        action="append",
+        default=[],
+        metavar="DEVICE_OR_CIDR",
+        help="add a path on each usable address of this interface (e.g. eth1), or in this "
+        "prefix if it has a '/' (e.g. 10.0.0.0/8), as addresses come and go (repeatable)",
+    )
+    parser.add_argument(
+        "--max-paths",
+        type=int,
+        metavar="N",
+        help="with --auto-paths: at most N paths, the dialled one included (default: 2)",
+    )
+    parser.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="bind sockets and hear interface events in this network namespace (a name from "
+        "`ip netns`, or a path; default: this process's)",
+    )
+    parser.add_argument(
+        "--no-network-monitor",
+        action="store_true",
+        help="turn the network monitor off: no reactions to interface or route changes "
+        "(it runs with --auto-paths)",
+    )
 
 
 def _control_flag(parser: argparse.ArgumentParser) -> None:
@@ -317,6 +351,66 @@ def _supervisor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _network_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Supervisor's ``network`` and ``netns`` from dial's flags.
+
+    Checked here, before anything is bound, so a bad value is one line naming the flag.
+    """
+    kwargs: dict[str, Any] = {}
+    if args.netns is not None:
+        try:
+            resolve_netns(args.netns)
+        except InvalidArgumentError as exc:
+            raise UsageError(f"--netns {args.netns!r}: {exc.reason}") from None
+        kwargs["netns"] = args.netns
+    if args.no_network_monitor:
+        if args.auto_paths:
+            raise UsageError(
+                "--auto-paths needs the network monitor (it finds the addresses): "
+                "drop --no-network-monitor"
+            )
+        kwargs["network"] = False
+    if not args.auto_paths:
+        if args.max_paths is not None:
+            raise UsageError("--max-paths needs --auto-paths (it caps what auto-discovery adds)")
+        return kwargs
+    devices: list[str] = []
+    prefixes: list[str] = []
+    for value in args.auto_paths:
+        if "/" in value:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise UsageError(
+                    f"--auto-paths {value!r} is not a CIDR prefix: give one such as "
+                    "10.0.0.0/8 or fd00::/8, or an interface name such as eth1"
+                ) from None
+            prefixes.append(value)
+        elif not 0 < len(value) < 16:
+            raise UsageError(
+                f"--auto-paths {value!r} is not an interface name (1-15 characters, e.g. "
+                "eth1): give a device, or a CIDR prefix such as 10.0.0.0/8"
+            )
+        else:
+            devices.append(value)
+    max_paths = 2 if args.max_paths is None else args.max_paths
+    if not 1 <= max_paths <= MAX_PATHS:
+        raise UsageError(
+            f"--max-paths {max_paths} is out of range: give 1 to {MAX_PATHS} (the dialled "
+            "path counts, so 2 adds at most one path; default: 2)"
+        )
+    try:
+        paths = PathPolicy(
+            devices=tuple(dict.fromkeys(devices)),
+            prefixes=tuple(dict.fromkeys(prefixes)),
+            max_paths=max_paths,
+        )
+    except (ValueError, TypeError) as exc:  # anything the checks above did not foresee
+        raise UsageError(f"--auto-paths/--max-paths: {_one_line(exc)}") from None
+    kwargs["network"] = NetworkPolicy(paths=paths)
+    return kwargs
+
+
 def _migration_note(record: MigrationRecord) -> str | None:
     """The migration's trace id, when tracing is on (look it up in the tracing backend)."""
     return f"trace {record.trace_id}" if record.trace_id else None
@@ -406,11 +500,14 @@ def _print_migration(record: MigrationRecord) -> None:
 
 
 async def cmd_dial(args: argparse.Namespace) -> int:
-    if args.migrate_every is not None and not args.path:
-        raise UsageError("--migrate-every needs at least one --path to rotate to")
+    if args.migrate_every is not None and not (args.path or args.auto_paths):
+        raise UsageError("--migrate-every needs at least one --path (or --auto-paths) to rotate to")
+    network = _network_kwargs(args)
     async with (
         Supervisor(
-            enable_experimental_connection_migration=True, **_supervisor_kwargs(args)
+            enable_experimental_connection_migration=True,
+            **network,
+            **_supervisor_kwargs(args),
         ) as sup,
         control_socket(sup, args.control_socket),
     ):

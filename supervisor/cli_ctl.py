@@ -1,4 +1,5 @@
-"""``quic-supervisor ctl paths|drain|migrate``: drive a running supervisor via its control socket.
+"""``quic-supervisor ctl paths|stats|network|drain|migrate``: drive a running supervisor via its
+control socket.
 
 Wired into the main CLI by ``add_ctl_commands(subparsers)`` + ``run_ctl_command(args)``. The
 supervisor side is ``serve``/``dial --control-socket PATH`` (:func:`control_socket`), or any
@@ -15,10 +16,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -27,15 +29,24 @@ from rich.console import Console
 from rich.table import Table
 
 from actors.errors import MigrationError
+from actors.path_state import PathState
 from supervisor.control import ControlClient, ControlServer
 from supervisor.drain import DrainReport
 from supervisor.messages import ConnectionSnapshot
+from supervisor.network.monitor import NetworkStatus, PeerRoute
 from supervisor.remote_errors import RemoteError
 
 if TYPE_CHECKING:
     from supervisor.api import Supervisor
 
-__all__ = ["add_ctl_commands", "control_socket", "run_ctl_command"]
+__all__ = [
+    "add_ctl_commands",
+    "control_socket",
+    "network_data",
+    "paths_by_interface",
+    "print_network",
+    "run_ctl_command",
+]
 
 PROG = "quic-supervisor ctl"
 
@@ -64,12 +75,12 @@ def _socket_flag(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def add_ctl_commands(subparsers: Any) -> None:
-    """Add ``ctl`` (with paths/drain/migrate) to a subparsers object."""
+    """Add ``ctl`` (with paths/stats/network/drain/migrate) to a subparsers object."""
     ctl = subparsers.add_parser(
         "ctl",
         help="drive a running supervisor through its control socket",
-        description="List paths, drain an address or interface, or migrate one connection "
-        "of a running `serve`/`dial --control-socket PATH`.",
+        description="List paths or the network, drain an address or interface, or migrate one "
+        "connection of a running `serve`/`dial --control-socket PATH`.",
     )
     _socket_flag(ctl, suppress=False)
     sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
@@ -85,6 +96,17 @@ def add_ctl_commands(subparsers: Any) -> None:
     _socket_flag(stats, suppress=True)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a line")
     stats.set_defaults(_ctl_run=_stats)
+
+    network = sub.add_parser(
+        "network",
+        help="what the network monitor sees: interfaces, routes, paths per interface",
+        description="Interfaces (link, MTU, addresses, paths on them), default routes, the "
+        "kernel's route to each peer, and what the network policy did. When the monitor is "
+        "not running, says why (exit 0).",
+    )
+    _socket_flag(network, suppress=True)
+    network.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    network.set_defaults(_ctl_run=_network)
 
     drain = sub.add_parser(
         "drain",
@@ -277,3 +299,155 @@ async def _migrate(args: argparse.Namespace, client: ControlClient) -> int:
         shown = active.local_addr if active is not None else "none"
         print(f"{snap.conn_id}: active path {shown}")
     return 0
+
+
+async def _network(args: argparse.Namespace, client: ControlClient) -> int:
+    status = await client.network_status()
+    snaps = await client.snapshot() if status.available else ()
+    if args.json:
+        _json(network_data(status, snaps))
+    else:
+        print_network(Console(), status, snaps)
+    return 0
+
+
+# -- network status: shared by `ctl network` and `fleet network` ------------------------------
+
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _bare_ip(text: str) -> _IP | None:
+    """The IP of a path's local multiaddr (scope id dropped)."""
+    parts = text.split("/")
+    try:
+        return ipaddress.ip_address(parts[2].partition("%")[0]) if len(parts) > 2 else None
+    except ValueError:
+        return None
+
+
+def _interface_of(ip: _IP, owners: list[tuple[_Net, _IP, str]]) -> str | None:
+    """The interface holding ``ip``; else the one whose prefix holds it, longest first
+    (127.0.0.2 is local through lo's 127.0.0.1/8)."""
+    for _, address, name in owners:
+        if address == ip:
+            return name
+    inside = [(net.prefixlen, name) for net, _, name in owners if ip in net]
+    return max(inside)[1] if inside else None
+
+
+def paths_by_interface(
+    status: NetworkStatus, snaps: Sequence[ConnectionSnapshot]
+) -> dict[str, dict[str, int]]:
+    """Open paths of open connections counted per interface: ``{name: {paths, active}}``.
+
+    A path belongs to the interface holding its local address or, failing that, the prefix
+    it lies in (the monitor's inventory); else to the device its socket is bound to; else to
+    ``"-"`` (an address no interface has any more: a path the network took away).
+    """
+    owners: list[tuple[_Net, _IP, str]] = []
+    for iface in status.interfaces:
+        for address in iface.addresses:  # "10.0.0.2/24", "fe80::1/64 tentative"
+            with contextlib.suppress(ValueError):
+                found = ipaddress.ip_interface(address.partition(" ")[0])
+                owners.append((found.network, found.ip, iface.name))
+    counts: dict[str, dict[str, int]] = {}
+    for snap in snaps:
+        if snap.closed:
+            continue
+        for p in snap.paths:
+            if p.state is PathState.CLOSED:
+                continue
+            ip = _bare_ip(p.local_addr)
+            name = (_interface_of(ip, owners) if ip is not None else None) or p.device or "-"
+            row = counts.setdefault(name, {"paths": 0, "active": 0})
+            row["paths"] += 1
+            row["active"] += int(p.active)
+    return counts
+
+
+def network_data(status: NetworkStatus, snaps: Sequence[ConnectionSnapshot]) -> dict[str, Any]:
+    """``--json``: the status as plain data, plus the paths counted per interface."""
+    return {**dataclasses.asdict(status), "paths_by_interface": paths_by_interface(status, snaps)}
+
+
+def _paths_cell(row: dict[str, int] | None) -> str:
+    return f"{row['paths']} ({row['active']} active)" if row else "0"
+
+
+def _route_name(route: PeerRoute) -> str:
+    if route.peer.startswith("default/ip"):
+        return f"default (IPv{route.peer.removeprefix('default/ip')})"
+    return route.peer
+
+
+def _line(console: Console, text: str) -> None:
+    """One line as given: no markup, no colouring, never wrapped (scripts grep it)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def print_network(
+    console: Console,
+    status: NetworkStatus,
+    snaps: Sequence[ConnectionSnapshot],
+    *,
+    label: str | None = None,
+) -> None:
+    """The tables of ``ctl network`` (and, one block per agent ``label``, ``fleet network``)."""
+    who = f"{label}: " if label else ""
+    where = f"network namespace {status.netns}" if status.netns else "its own network namespace"
+    if not status.available:
+        why = status.unavailable_reason or "it is starting (no inventory yet): ask again"
+        _line(console, f"{who}network monitor not running: {why}")
+        return
+    _line(
+        console,
+        f"{who}network monitor in {where}: {status.events} kernel event(s), "
+        f"{status.resyncs} resync(s)",
+    )
+    counts = paths_by_interface(status, snaps)
+    interfaces = Table(
+        "interface",
+        "link",
+        "mtu",
+        "addresses",
+        "paths",
+        title="interfaces",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    interfaces.columns[3].no_wrap = True
+    for iface in status.interfaces:
+        link = "up" if iface.up and iface.carrier else "up, no carrier" if iface.up else "down"
+        interfaces.add_row(
+            iface.name,
+            link,
+            str(iface.mtu),
+            "\n".join(iface.addresses) or "-",
+            _paths_cell(counts.get(iface.name)),
+        )
+    known = {iface.name for iface in status.interfaces}
+    for name, row in counts.items():  # "-", or a bound device the inventory does not list
+        if name not in known:
+            interfaces.add_row(name, "", "", "(not in the inventory)", _paths_cell(row))
+    console.print(interfaces)
+    routes = Table(
+        "to",
+        "interface",
+        "source",
+        title="routes",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    routes.columns[0].no_wrap = True
+    for route in (*status.default_routes, *status.routes):
+        routes.add_row(_route_name(route), route.interface or "unreachable", route.source or "-")
+    if status.default_routes or status.routes:
+        console.print(routes)
+    else:
+        _line(console, "routes: none (no default route, no peer)")
+    done = ", ".join(f"{kind} {n}" for kind, n in sorted(status.reactions.items()))
+    _line(console, f"reactions: {done or 'none'}")

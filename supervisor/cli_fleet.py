@@ -1,4 +1,4 @@
-"""``quic-supervisor fleet ls|paths|drain|migrate`` and ``quic-supervisor agent``.
+"""``quic-supervisor fleet ls|paths|network|drain|migrate`` and ``quic-supervisor agent``.
 
 Wired into the main CLI by ``add_fleet_commands(subparsers)`` + ``run_fleet_command(args)``;
 also runnable alone (``python -m supervisor.cli_fleet fleet drain --device net1``), which is
@@ -18,6 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from rich.console import Console
+
+from supervisor.cli_ctl import network_data, print_network
 from supervisor.ray_backend import DEFAULT_NAMESPACE, DrainReport
 
 __all__ = ["add_fleet_commands", "main", "run_fleet_command"]
@@ -31,7 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_fleet_commands(subparsers: Any) -> None:
-    """Add ``fleet`` (with ls/paths/drain/migrate) and ``agent`` to a subparsers object."""
+    """Add ``fleet`` (with ls/paths/network/drain/migrate) and ``agent`` to a subparsers
+    object."""
     fleet = subparsers.add_parser("fleet", help="drive the supervisors of a Ray cluster")
     sub = fleet.add_subparsers(dest="fleet_command", required=True)
 
@@ -42,6 +46,15 @@ def add_fleet_commands(subparsers: Any) -> None:
     paths = sub.add_parser("paths", help="every connection and path in the fleet")
     _common(paths)
     paths.set_defaults(_fleet_run=_paths)
+
+    network = sub.add_parser(
+        "network",
+        help="each agent's network monitor: interfaces, routes, paths per interface",
+        description="The tables of `ctl network`, one block per agent (agents run the monitor "
+        "when started with `agent --network`).",
+    )
+    _common(network)
+    network.set_defaults(_fleet_run=_network)
 
     drain = sub.add_parser("drain", help="move connections off an address or device, everywhere")
     _common(drain)
@@ -70,6 +83,12 @@ def add_fleet_commands(subparsers: Any) -> None:
     agent.add_argument("--max-restarts", type=int, default=-1)
     agent.add_argument(
         "--wait", type=float, default=0.0, help="retry joining the cluster for this long"
+    )
+    agent.add_argument(
+        "--network",
+        action="store_true",
+        help="run the network monitor and react to interface and route changes "
+        "(NetworkPolicy defaults; default: off)",
     )
     agent.set_defaults(_fleet_run=_agent)
 
@@ -179,6 +198,31 @@ async def _paths(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _network(args: argparse.Namespace) -> int:
+    fleet = _connect(args)
+    statuses, snapshots = await asyncio.gather(fleet.network_status(), fleet.snapshots())
+    data: dict[str, Any] = {}
+    console = Console()
+    for n, (label, status) in enumerate(statuses.items()):
+        if n and not args.json:
+            print()  # one block per agent
+        if isinstance(status, BaseException):
+            data[label] = {"error": str(status)}
+            if not args.json:
+                print(f"{label[:16]}: ERROR {status}")
+            continue
+        snaps = snapshots.get(label)
+        listed = snaps if isinstance(snaps, list) else []
+        data[label] = network_data(status, listed)
+        if not args.json:
+            print_network(console, status, listed, label=label[:16])
+    if args.json:
+        _print(args, data, [])
+    elif not statuses:
+        print(f"no agents in namespace {args.namespace!r}")
+    return 0
+
+
 def _report_rows(label: str, report: DrainReport | BaseException) -> tuple[Any, list[str]]:
     if isinstance(report, BaseException):
         return {"error": str(report)}, [f"{label[:16]}: ERROR {report}"]
@@ -245,7 +289,9 @@ async def _agent(args: argparse.Namespace) -> int:
                 raise
             print(f"waiting for the Ray node: {exc}", file=sys.stderr)
             await asyncio.sleep(2.0)
-    sup = fleet.start_agent(args.node_id, label=args.label, max_restarts=args.max_restarts)
+    sup = fleet.start_agent(
+        args.node_id, label=args.label, max_restarts=args.max_restarts, network=args.network
+    )
     info = await sup.info()
     _print(
         args,

@@ -110,6 +110,11 @@ class PathPolicy:
                     f"PathPolicy.devices: {device!r} is not an interface name (1-15 characters)"
                 )
         for prefix in self.prefixes:
+            if not isinstance(prefix, str):
+                raise TypeError(
+                    f"PathPolicy.prefixes: {prefix!r} is not a CIDR prefix string such as "
+                    "'10.0.0.0/8'"
+                )
             try:
                 ipaddress.ip_network(prefix, strict=False)
             except (TypeError, ValueError) as exc:

@@ -8,8 +8,9 @@ runs the supervisor (and root), with no port and no authentication scheme to get
 Wire: each frame is a 4-byte big-endian length and that many bytes of one envelope
 (``actors.envelope``, msgpack), the same messages the local handles send. Requests:
 ``sup.Snapshot``, ``sup.Switch``, ``sup.Probe``, ``sup.ClosePath``, ``sup.AddPath`` (without
-``sock=``) and ``ctl.Drain``. Each gets exactly one reply, in order: the result (a
-``ConnectionSnapshot``, ``ctl.Snapshots``, ``sup.DrainReport`` or ``ctl.Ok``) or a ``ctl.Error``
+``sock=``), ``sup.Stats``, ``net.StatusRequest`` and ``ctl.Drain``. Each gets exactly one reply,
+in order: the result (a ``ConnectionSnapshot``, ``ctl.Snapshots``, ``sup.DrainReport``,
+``net.Status`` or ``ctl.Ok``) or a ``ctl.Error``
 that :class:`ControlClient` raises as the original typed exception. A frame over 1 MiB, or
 bytes that are not an envelope (anything :func:`actors.envelope.decode` refuses: garbage, nesting
 deeper than its ``MAX_DEPTH``, unknown types), get a ``FrameError`` or ``EnvelopeError`` reply and
@@ -51,6 +52,7 @@ from supervisor.messages import (
     SwitchRequest,
     reply_snapshot,
 )
+from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote_errors import ErrorReply, error_reply, rebuild_error
 from telemetry.propagation import attached, current_trace_fields
 
@@ -108,6 +110,7 @@ _FORWARDED = (
     ClosePathRequest,
     AddPathRequest,
     StatsRequest,
+    NetworkStatusRequest,
 )
 
 
@@ -457,6 +460,12 @@ class ControlClient:
         """How the supervisor's migrations ended (see ``Supervisor.migration_stats``)."""
         reply = await self.request(StatsRequest())
         assert isinstance(reply, MigrationStats)
+        return reply
+
+    async def network_status(self) -> NetworkStatus:
+        """What the supervisor's NetworkMonitor knows (see ``Supervisor.network_status``)."""
+        reply = await self.request(NetworkStatusRequest())
+        assert isinstance(reply, NetworkStatus)
         return reply
 
     async def snapshot(self) -> tuple[ConnectionSnapshot, ...]:

@@ -176,7 +176,8 @@ class EvtPathStateChanged(Event):
 class EvtNetworkChanged(Event):
     """The kernel reported a change the supervisor acts on (DESIGN §8): ``change`` is one of
     carrier_lost, carrier_regained, link_removed, address_added (usable: past DAD),
-    address_removed, address_deprecated, default_route_changed, route_changed. Node-wide:
+    address_removed, address_deprecated, mtu_too_small (the link's MTU no longer carries a
+    QUIC packet for these addresses), default_route_changed, route_changed. Node-wide:
     ``conn_id`` is empty; ``remote_addr`` is the peer whose route moved (route_changed) or
     the unspecified address. ``trace_id``: the ``quic.network.change`` span that the
     migrations it causes are children of."""

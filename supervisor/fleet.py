@@ -10,6 +10,7 @@
     reports = await fleet.drain(device="net1")      # {label: DrainReport | exception}
     lst = await sup.listen("/ip4/0.0.0.0/udp/4433/quic-v1", certfile=..., handler="echo")
     print(await sup.metrics())                      # counters and bytes per path
+    print(await sup.network_status())               # interfaces, routes (network=True agents)
     async with sup.events() as stream:              # pushed by a Ray streaming generator
         async for evt in stream: ...
 
@@ -39,6 +40,7 @@ from actors.envelope import EnvelopeError, decode, encode
 from actors.streams import Stream
 from supervisor.handles import Connection
 from supervisor.messages import ConnectionSnapshot, DialRequest, SnapshotRequest
+from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.ray_backend import (
     AGENT_NAME_PREFIX,
     DEFAULT_NAMESPACE,
@@ -506,6 +508,13 @@ class RemoteSupervisor(RayTransport):
         assert isinstance(reply, AgentMetrics)
         return reply
 
+    async def network_status(self) -> NetworkStatus:
+        """What the agent's NetworkMonitor knows (interfaces, routes, reactions), or, with
+        ``available`` False, why it does not run (agents start it with ``network=True``)."""
+        reply = await self.ask(NetworkStatusRequest())
+        assert isinstance(reply, NetworkStatus)
+        return reply
+
     async def snapshot(self) -> list[ConnectionSnapshot]:
         snaps = await self.ask(SnapshotRequest(None))
         assert isinstance(snaps, tuple)
@@ -635,12 +644,14 @@ class Fleet:
         capture_spans: bool = False,
         persist: bool = True,
         env: dict[str, str] | None = None,
+        network: bool = False,
     ) -> RemoteSupervisor:
         """Start (or find: ``get_if_exists``) the detached agent pinned to ``node_id``.
 
         ``node_id`` defaults to the caller's node; ``label`` (default: the node id) names it,
         so tests can run two agents on one node. ``env`` adds variables to the agent's
-        process (e.g. ``OTEL_*``); by default it inherits the node's.
+        process (e.g. ``OTEL_*``); by default it inherits the node's. ``network``: run the
+        NetworkMonitor and its reactions (``NetworkPolicy()``) in the agent.
         """
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -657,8 +668,13 @@ class Fleet:
             "num_cpus": 0,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
         }
+        env = dict(env or {})
+        if network:
+            # pyroute2 opens its netlink socket with create_datagram_endpoint, which uvloop
+            # (Ray's loop for async actors) refuses for AF_NETLINK: asyncio's own loop.
+            env.setdefault("RAY_USE_UVLOOP", "0")
         if env:
-            options["runtime_env"] = {"env_vars": dict(env)}
+            options["runtime_env"] = {"env_vars": env}
         handle = (
             ray.remote(SupervisorAgent)
             .options(**options)
@@ -668,6 +684,7 @@ class Fleet:
                 enable_migration=enable_migration,
                 capture_spans=capture_spans,
                 persist=persist,
+                network=network,
             )
         )
         return RemoteSupervisor(handle, label=name, namespace=self.namespace, timeout=self.timeout)
@@ -690,6 +707,12 @@ class Fleet:
             ),
             return_exceptions=True,
         )
+        return {s.label: r for s, r in zip(sups, results, strict=True)}
+
+    async def network_status(self) -> dict[str, NetworkStatus | BaseException]:
+        """Every agent's network monitor status (or the error it met), by label."""
+        sups = self.list_supervisors()
+        results = await asyncio.gather(*(s.network_status() for s in sups), return_exceptions=True)
         return {s.label: r for s, r in zip(sups, results, strict=True)}
 
     async def snapshots(self) -> dict[str, list[ConnectionSnapshot] | BaseException]:

@@ -44,6 +44,7 @@ from actors.envelope import EnvelopeError, decode, encode, message
 from actors.path_state import PathState
 from actors.streams import Stream
 from supervisor.api import Supervisor
+from supervisor.config import NetworkPolicy
 from supervisor.drain import drain
 from supervisor.handles import Connection
 from supervisor.messages import (
@@ -60,6 +61,7 @@ from supervisor.messages import (
     SwitchReply,
     SwitchRequest,
 )
+from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.server import Listener
 from telemetry.propagation import attached
 
@@ -523,7 +525,10 @@ class SupervisorAgent:
         enable_migration: bool = True,
         capture_spans: bool = False,
         persist: bool = True,
+        network: bool = False,
     ) -> None:
+        """``network``: run the NetworkMonitor with ``NetworkPolicy()``'s reactions (off by
+        default: it moves connections on its own when an interface or route changes)."""
         from telemetry.providers import build_providers_from_env
 
         self.label = label
@@ -547,10 +552,21 @@ class SupervisorAgent:
         self.providers = build_providers_from_env(
             extra_span_processors=self._extra, extra_metric_readers=[self._reader]
         )
+        if network:
+            with contextlib.suppress(RuntimeError):
+                loop = type(asyncio.get_running_loop())
+                if loop.__module__.startswith("uvloop"):
+                    log.error(
+                        "agent %s: the network monitor cannot open netlink on uvloop (pyroute2 "
+                        "needs asyncio's own loop): start the agent with RAY_USE_UVLOOP=0, as "
+                        "Fleet.start_agent(network=True) does",
+                        label,
+                    )
         self.sup = Supervisor(
             enable_experimental_connection_migration=enable_migration,
             tracer_provider=self.providers.tracer_provider,
             meter_provider=self.providers.meter_provider,
+            network=NetworkPolicy() if network else None,
         )
         self.state = DesiredState(kv_prefix(namespace, label)) if persist else None
         self._records: dict[str, dict[str, Any]] = {}
@@ -797,6 +813,7 @@ class SupervisorAgent:
             ListenersRequest: self._listeners_request,
             CloseListenerRequest: self._close_listener,
             MetricsRequest: self._metrics,
+            NetworkStatusRequest: self._network_status,
         }
 
     def _outward(self, reply: object) -> object:
@@ -1025,6 +1042,10 @@ class SupervisorAgent:
             paths=tuple(paths),
             migration_stats=stats,
         )
+
+    async def _network_status(self, _req: NetworkStatusRequest) -> NetworkStatus:
+        """For ``fleet network``: the node's monitor, or why it does not run."""
+        return await self.sup.network_status()
 
     # ------------------------------------------------------------------ diagnostics
 

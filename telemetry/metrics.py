@@ -72,6 +72,7 @@ NETWORK_CHANGES = frozenset(
         "address_added",
         "address_removed",
         "address_deprecated",
+        "mtu_too_small",
         "default_route_changed",
         "route_changed",
     }

@@ -43,6 +43,7 @@ ChangeKind = Literal[
     "address_added",
     "address_removed",
     "address_deprecated",
+    "mtu_too_small",
     "default_route_changed",
     "route_changed",
 ]
@@ -59,8 +60,10 @@ class Link:
     mtu: int
 
     @property
-    def usable(self) -> bool:
-        return self.up and self.carrier and self.mtu >= MIN_MTU[4]
+    def live(self) -> bool:
+        """Up with carrier: what carrier_lost / carrier_regained report (the MTU is judged
+        per address family, by ``Inventory.usable``)."""
+        return self.up and self.carrier
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,32 +193,40 @@ class Inventory:
 
     # ------------------------------------------------------------------ events
 
+    def _usable_ips(self, index: int) -> set[str]:
+        return {a.ip for (i, _), a in self.addresses.items() if i == index and self.usable(a)}
+
     def link(self, link: Link) -> list[NetworkChange]:
+        """Carrier lost or regained (admin state or the far end); an MTU change is judged
+        per address family (a link between 1228 and 1248 bytes carries IPv4 paths only):
+        addresses it makes unusable are ``mtu_too_small``, addresses it makes usable
+        ``address_added``."""
         old = self.links.get(link.index)
+        before = self._usable_ips(link.index)
         self.links[link.index] = link
-        was = old is not None and old.usable
-        if was and not link.usable:
-            return [
+        after = self._usable_ips(link.index)
+        was_live = old is not None and old.live
+        live = link.live
+        changes: list[NetworkChange] = []
+        if was_live and not live:
+            changes.append(
                 NetworkChange(link.name, "carrier_lost", self.addresses_of(link.index), link.index)
-            ]
-        if not was and link.usable and old is not None:
-            return [
+            )
+        elif old is not None and not was_live and live:
+            changes.append(
                 NetworkChange(
                     link.name, "carrier_regained", self.addresses_of(link.index), link.index
-                ),
-                *self._addresses_now_usable(link.index),
-            ]
-        if old is None and link.usable:
-            return self._addresses_now_usable(link.index)
-        return []
-
-    def _addresses_now_usable(self, index: int) -> list[NetworkChange]:
-        link = self.links[index]
-        return [
-            NetworkChange(link.name, "address_added", (a.ip,), index)
-            for (i, _), a in sorted(self.addresses.items())
-            if i == index and self.usable(a)
+                )
+            )
+        elif live and before - after:  # the MTU shrank below what a QUIC packet needs
+            changes.append(
+                NetworkChange(link.name, "mtu_too_small", tuple(sorted(before - after)), link.index)
+            )
+        changes += [
+            NetworkChange(link.name, "address_added", (ip,), link.index)
+            for ip in sorted(after - before)
         ]
+        return changes
 
     def unlink(self, index: int) -> list[NetworkChange]:
         link = self.links.pop(index, None)
@@ -274,9 +285,10 @@ class Inventory:
         self.peer_routes[peer] = route
         if old is None or (old.index, old.source) == (route.index, route.source):
             return []
+        shown = route.index if route.index is not None else old.index
         return [
             NetworkChange(
-                self.name_of(route.index),
+                self.name_of(shown) if shown is not None else "",
                 "route_changed",
                 (route.source,) if route.source else (),
                 route.index or 0,
@@ -310,10 +322,14 @@ class Inventory:
             changes += self.unaddress(*key)
         for index in [i for i in self.links if i not in fresh_links]:
             changes += self.unlink(index)
+        # Addresses first: a link coming back judges its addresses by their fresh flags (one
+        # still in DAD is not reported added from a stale record).
+        for address in addresses:
+            if address.index in fresh_links:
+                self.links.setdefault(address.index, fresh_links[address.index])
+            changes += self.address(address)
         for link in links:
             changes += self.link(link)
-        for address in addresses:
-            changes += self.address(address)
         for family, route in defaults.items():
             changes += self.default_route(family, route)
         return changes

@@ -178,11 +178,23 @@ class NetworkMonitor(Actor):
 
     # ------------------------------------------------------------------ the reader
 
+    async def _open(self) -> None:
+        """Open and dump; a dump that overflowed (a burst of events meanwhile) is tried
+        again on a fresh socket."""
+        for attempt in range(3):
+            try:
+                await self._reopen()
+                await self._dump(report=False)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS or attempt == 2:
+                    raise
+
     async def _run(self) -> None:
         try:
-            self._source = await self._factory(self.netns)
-            await self._dump(report=False)
-        except (NetlinkUnavailable, OSError) as exc:
+            await self._open()
+        except (NetlinkUnavailable, OSError, ValueError) as exc:
+            # ValueError: an event loop that refuses a netlink socket (uvloop does).
             self.unavailable = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "network monitor off (%s): interface changes are noticed by probing only",
@@ -227,11 +239,26 @@ class NetworkMonitor(Actor):
                     log.warning("network monitor stopped: %s", exc)
                     return
                 # The kernel dropped messages: what we know may be stale. Dump again and
-                # report what the lost messages would have said.
+                # report what the lost messages would have said. On a fresh socket: pyroute2
+                # keeps the error and raises it again on every later request of the old one.
                 self.resyncs += 1
                 log.info("netlink ENOBUFS: dumping again (resync %d)", self.resyncs)
-                await self._dump(report=True)
+                try:
+                    await self._reopen()
+                    await self._dump(report=True)
+                except (NetlinkUnavailable, OSError, ValueError) as again:
+                    if isinstance(again, OSError) and again.errno == errno.ENOBUFS:
+                        continue  # overflowed again during the dump: once more
+                    self.unavailable = f"netlink resync failed: {again}"
+                    log.warning("network monitor stopped: %s", self.unavailable)
+                    return
                 self._routes_dirty.set()
+
+    async def _reopen(self) -> None:
+        old, self._source = self._source, None
+        if old is not None:
+            await old.close()
+        self._source = await self._factory(self.netns)
 
     async def _dump(self, *, report: bool) -> None:
         assert self._source is not None
@@ -253,14 +280,19 @@ class NetworkMonitor(Actor):
                 return
             before = self.inventory.facts()
             try:
-                changes: list[NetworkChange] = []
-                for family, route in (await source.default_routes()).items():
-                    changes += self.inventory.default_route(family, route)
-                for peer in sorted(self._peers):
-                    changes += self.inventory.peer_route(peer, await source.route_to(peer))
+                answers = await source.default_routes()
+                routes = {peer: await source.route_to(peer) for peer in sorted(self._peers)}
             except OSError as exc:
                 log.info("route check failed: %s", exc)
                 continue
+            if source is not self._source:
+                self._routes_dirty.set()  # resynced meanwhile: ask the new socket
+                continue
+            changes: list[NetworkChange] = []
+            for family, route in answers.items():
+                changes += self.inventory.default_route(family, route)
+            for peer, answer in routes.items():
+                changes += self.inventory.peer_route(peer, answer)
             if changes:
                 self._report(changes)
             elif self.inventory.facts() != before:  # a new peer's baseline route

@@ -45,7 +45,16 @@ def resolve_netns(netns: object) -> str:
     return str(path)
 
 
-def _enter(path: str) -> None:
+def _enter(path: str, failed: list[BaseException]) -> None:
+    """The worker's initializer: a failure is kept for ``run`` to raise (an initializer
+    that raises breaks the pool with a generic error and prints a traceback)."""
+    try:
+        _setns(path)
+    except BaseException as exc:
+        failed.append(exc)
+
+
+def _setns(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         setns = getattr(os, "setns", None)  # Python >= 3.12
@@ -66,22 +75,33 @@ class Namespace:
     def __init__(self, netns: str) -> None:
         self.name = netns
         self.path = resolve_netns(netns)
+        self._failed: list[BaseException] = []
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix=f"netns-{netns}",
             initializer=_enter,
-            initargs=(self.path,),
+            initargs=(self.path, self._failed),
         )
 
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        call = functools.partial(fn, *args, **kwargs)
+        failed = self._failed
+
+        def inside() -> T:
+            if failed:  # never run anything in the wrong namespace
+                raise failed[0]
+            return call()
+
+        return await loop.run_in_executor(self._executor, inside)
 
     async def check(self) -> None:
-        """Enter it now, so a refused setns is an error at start, not at the first path."""
+        """Enter it now, so a namespace deleted meanwhile or a refused setns is an error at
+        start, not at the first path."""
+        resolve_netns(self.name)  # still there?
         try:
             await self.run(lambda: None)
-        except Exception as exc:  # BrokenThreadPool wraps the initializer's OSError
+        except OSError as exc:
             raise InvalidArgumentError(
                 "netns", self.name, f"cannot enter it: {exc} (entering needs CAP_SYS_ADMIN)"
             ) from exc

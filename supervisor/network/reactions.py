@@ -43,7 +43,9 @@ __all__ = ["NetworkController"]
 
 log = logging.getLogger(__name__)
 
-_LOST = frozenset({"carrier_lost", "link_removed", "address_removed", "address_deprecated"})
+_LOST = frozenset(
+    {"carrier_lost", "link_removed", "address_removed", "address_deprecated", "mtu_too_small"}
+)
 _GONE = frozenset({"link_removed", "address_removed", "address_deprecated"})
 _BACK = frozenset({"carrier_regained", "address_added"})
 #: Retries of a return to the default network that did not validate yet: 1 s doubling.
