@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -32,6 +33,7 @@ from supervisor.events import (
     EvtPathRemoved,
 )
 from supervisor.handles import Connection
+from supervisor.network.netlink import NetlinkSource, NetlinkUnavailable
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology, _ip, veth, wait_oper_up
@@ -407,3 +409,39 @@ async def test_eager_moves_after_write_errors_have_their_own_budget(
         await stream.advance(16 * 1024, timeout=GUARD)
         await stream.finish(timeout=GUARD)
         assert not log.of(EvtConnectionMigrationCompleted)
+
+
+# ---- without netlink ------------------------------------------------------------------------
+
+
+async def _no_netlink(netns: str | None) -> NetlinkSource:
+    raise NetlinkUnavailable("pyroute2 is not installed (a test's factory)")
+
+
+async def test_without_netlink_probing_still_fails_over(
+    topo: TwoPathTopology,
+    server: RigServer,
+    cert: CertPair,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The monitor cannot start: one warning line, and a link going down is still noticed,
+    by the health probing (reason "failover"), every byte echoed."""
+    failover = FailoverPolicy(keepalive_interval=0.2, min_silence=0.3, probe_timeout=1.0)
+    with caplog.at_level(logging.WARNING, logger="supervisor.network.monitor"):
+        async with (
+            supervisor(topo, failover=failover, netlink=_no_netlink) as sup,
+            event_log(sup) as log,
+        ):
+            conn = await _dial(sup, server, cert)
+            status = await sup.network_status()
+            assert not status.available and "pyroute2" in (status.unavailable_reason or "")
+            stream = await ChecksummedStream(conn, chunk=4096).start()
+            await stream.advance(16 * 1024, timeout=GUARD)
+            topo.link_down(0)
+            await log.wait_for(lambda: _moves(log, conn, "failover"), timeout=GUARD)
+            assert _active_ip(conn) == B
+            assert not log.of(EvtNetworkChanged)
+            await stream.advance(16 * 1024, timeout=GUARD)
+            await stream.finish(timeout=GUARD)
+    warnings = [r for r in caplog.records if r.name == "supervisor.network.monitor"]
+    assert len(warnings) == 1 and "probing" in warnings[0].getMessage()
