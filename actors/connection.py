@@ -59,6 +59,7 @@ from actors.messages import (
     Connect,
     ConnectionEnded,
     EmitChallenge,
+    PathsBack,
     PathsLost,
     PreferredAddressOffered,
     Probe,
@@ -479,6 +480,19 @@ class ConnectionActor(Actor):
                 self._fail_standby(path_id)
         self._publish()
 
+    def _paths_back(self, path_ids: tuple[int, ...]) -> None:
+        """The kernel says their link or address is back: the active one, degraded by the
+        loss and still carrying (nothing else was usable), is active again; its liveness
+        (with a failover policy) judges it from what arrives next."""
+        active = self.quic.active_path_id if self.quic.path_count else None
+        if active in path_ids and not self.closed:
+            facts = self._paths.get(active)
+            if facts is not None and facts.machine.state is PathState.DEGRADED:
+                self._dead_reported = None
+                self._move(active, PathState.ACTIVE)
+                self._look_soon(_now())
+        self._publish()
+
     def _fail_standby(self, path_id: int) -> None:
         """A standby path's group was judged dead (or ICMP said unreachable): switch() must
         re-validate it first."""
@@ -779,6 +793,9 @@ class ConnectionActor(Actor):
             return None
         if isinstance(msg, PathsLost):
             self._paths_lost(msg.path_ids)
+            return None
+        if isinstance(msg, PathsBack):
+            self._paths_back(msg.path_ids)
             return None
         if isinstance(msg, ChildFailed):
             # A path that crashed is a failed path, never a failed connection.

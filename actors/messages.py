@@ -79,6 +79,15 @@ class PathsLost:
     path_ids: tuple[int, ...]
 
 
+@message("conn.PathsBack")
+@dataclass(frozen=True, slots=True)
+class PathsBack:
+    """The link or address under these paths is back: an active path degraded by its loss
+    is active again (its own liveness judges it from here)."""
+
+    path_ids: tuple[int, ...]
+
+
 @message("conn.ClosePath")
 @dataclass(frozen=True, slots=True)
 class ClosePath:

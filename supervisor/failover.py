@@ -97,6 +97,16 @@ class FailoverController:
             name="network-move",
         )
 
+    def unavoid(self, conn_id: str, path_ids: frozenset[int]) -> None:
+        """These paths are usable again (their link is back): a network move waiting for a
+        target because its active path was among them ends; failover judges afresh."""
+        avoid = self._avoid.get(conn_id)
+        if avoid:
+            avoid.difference_update(path_ids)
+        event = self._changed.get(conn_id)
+        if event is not None:
+            event.set()
+
     def moving(self, conn_id: str) -> bool:
         task = self._running.get(conn_id)
         return task is not None and not task.done()

@@ -71,6 +71,16 @@ class PathsLostRequest:
     path_ids: tuple[int, ...]
 
 
+@message("sup.PathsBack")
+@dataclass(frozen=True, slots=True)
+class PathsBackRequest:
+    """The network policy: these paths' link or address is back (an active path it had
+    degraded is active again)."""
+
+    conn_id: str
+    path_ids: tuple[int, ...]
+
+
 @message("sup.ClosePath")
 @dataclass(frozen=True, slots=True)
 class ClosePathRequest:

@@ -49,6 +49,7 @@ from actors.messages import (
     ClosePath,
     Connect,
     ConnectionEnded,
+    PathsBack,
     PathsLost,
     PreferredAddressOffered,
     Probe,
@@ -98,6 +99,7 @@ from supervisor.messages import (
     InterfaceAddressesRequest,
     MigrationStats,
     PathAddedReply,
+    PathsBackRequest,
     PathsLostRequest,
     ProbeRequest,
     SnapshotRequest,
@@ -552,6 +554,9 @@ class SupervisorActor(Actor):
             return Later(self.spawn(self._interface_addresses(), name="interfaces"))
         if isinstance(msg, PathsLostRequest):
             self._entry(msg.conn_id).ref.tell(PathsLost(msg.path_ids))
+            return None
+        if isinstance(msg, PathsBackRequest):
+            self._entry(msg.conn_id).ref.tell(PathsBack(msg.path_ids))
             return None
         if isinstance(msg, ConnectionEnded):
             for policy in self._policies():

@@ -29,6 +29,7 @@ from supervisor import FailoverPolicy, NetworkPolicy, PathPolicy, Supervisor
 from supervisor.events import (
     Event,
     EvtConnectionMigrationCompleted,
+    EvtConnectionMigrationStarted,
     EvtNetworkChanged,
     EvtPathRemoved,
 )
@@ -174,6 +175,25 @@ async def test_link_down_moves_every_connection_at_once(
             await stream.write(b"after")
             await stream.close()
             assert await stream.read(16) == b"after"
+
+
+async def test_a_link_lost_with_nowhere_to_go_and_back_leaves_the_connection_usable(
+    topo: TwoPathTopology, server: RigServer, cert: CertPair
+) -> None:
+    """One path only: the loss degrades it (no move is possible); when the carrier is back
+    the path carries again, no migration was started, and the stream goes on."""
+    async with supervisor(topo) as sup, event_log(sup) as log:
+        conn = await _dial(sup, server, cert, standby=False)
+        await _monitor_ready(sup, server.host)
+        stream = await ChecksummedStream(conn, chunk=4096).start()
+        await stream.advance(16 * 1024, timeout=GUARD)
+        topo.link_down(0)
+        await log.wait_for(lambda: _states(conn)[A] is PathState.DEGRADED, timeout=GUARD)
+        await asyncio.to_thread(topo.link_up, 0)
+        await log.wait_for(lambda: _states(conn)[A] is PathState.ACTIVE, timeout=GUARD)
+        await stream.advance(16 * 1024, timeout=GUARD)
+        await stream.finish(timeout=GUARD)
+        assert not log.of(EvtConnectionMigrationStarted)
 
 
 # ---- address removed and back ---------------------------------------------------------------

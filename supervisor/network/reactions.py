@@ -31,6 +31,7 @@ from supervisor.messages import (
     AddPathRequest,
     ClosePathRequest,
     PathAddedReply,
+    PathsBackRequest,
     PathsLostRequest,
     ProbeRequest,
     SwitchRequest,
@@ -238,6 +239,14 @@ class NetworkController:
         except MigrationError as exc:
             log.debug("connection %s: marking paths lost: %s", conn_id, exc)
 
+    async def _mark_back(
+        self, conn_id: str, path_ids: tuple[int, ...], context: Context | None
+    ) -> None:
+        try:
+            await self.port.ask(PathsBackRequest(conn_id, path_ids), context=context)
+        except MigrationError as exc:
+            log.debug("connection %s: marking paths back: %s", conn_id, exc)
+
     async def _close_gone(self, conn_id: str, path_ids: set[int], context: Context | None) -> None:
         """An auto-discovered path whose address went away is closed (after the move off
         it, if it was active)."""
@@ -261,6 +270,13 @@ class NetworkController:
         auto-discovery adds paths on a new usable address."""
         ips = set(change.addresses)
         for view in self._views():
+            here = frozenset(p.path_id for p in view.paths if p.local[0] in ips)
+            active = view.active
+            if active is not None and active.path_id in here:
+                # Still on it (nothing else was usable): it carries again.
+                self.mover.unavoid(view.conn_id, here)
+                if active.state is PathState.DEGRADED:
+                    self._spawn(self._mark_back(view.conn_id, (active.path_id,), context), "back")
             for path in view.paths:
                 key = (view.conn_id, path.path_id)
                 if (
