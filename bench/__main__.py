@@ -27,6 +27,7 @@ from bench._common import Figure, Report, fmt, machine, results_dir, write_resul
 SUITE: list[tuple[str, int, list[str]]] = [
     ("b1_migration", 180, []),
     ("b2_failover", 420, []),
+    ("b2_network", 240, []),  # 4 x 20 one-connection trials, 2 x 1,000: ~1-1.5 min
     ("b3_throughput", 300, []),
     ("b4_scale", 450, []),  # the 10,000 step stops dialing at its --budget (330 s)
     ("b4_starved", 480, []),  # netns + cgroup, 1,000 conns: ~4-5 min (windows: --window)

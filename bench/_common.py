@@ -185,13 +185,17 @@ class Deadline:
 
 
 def fmt(value: Any, unit: str = "") -> str:
-    """A figure for a table: a summary as ``median [p25-p75] n=N``, else the value as is."""
+    """A figure for a table: a summary as ``median [p25-p75] n=N`` (then ``p90 X max Y`` when
+    it has a p90), else the value as is."""
     if isinstance(value, dict):
         if "median" in value:
-            return (
+            text = (
                 f"{_num(value['median'])} {unit} [{_num(value['p25'])}-{_num(value['p75'])}]"
                 f" n={value['n']}".replace("  ", " ")
             )
+            if "p90" in value:  # the tail, where a figure asks for it
+                text += f" p90 {_num(value['p90'])} max {_num(value['max'])}"
+            return text
         return ", ".join(f"{k}: {fmt(v, unit)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{_num(value)} {unit}".strip()

@@ -24,6 +24,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
 
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
 
 @dataclass(frozen=True)
 class ServerSpec:
@@ -33,6 +35,9 @@ class ServerSpec:
     netns: str | None = None
     loop: str = "asyncio"
     idle_timeout: float = 60.0
+    #: The QUIC socket's receive buffer (SO_RCVBUFFORCE, root), or the kernel default: 1,000
+    #: connections' first flights (or their moves at once) overflow the default.
+    rcvbuf: int | None = None
 
 
 @dataclass
@@ -108,8 +113,11 @@ async def _serve(spec: ServerSpec, pipe: Connection) -> None:
     udp_sock = _socket(spec)
     udp_transport, _ = await loop.create_datagram_endpoint(_UdpEcho, sock=udp_sock)
     try:
+        quic_sock = _socket(spec)
+        if spec.rcvbuf is not None:
+            quic_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, spec.rcvbuf)
         async with echo_server(
-            sock=_socket(spec),
+            sock=quic_sock,
             certfile=spec.certfile,
             keyfile=spec.keyfile,
             idle_timeout=spec.idle_timeout,

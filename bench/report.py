@@ -21,6 +21,7 @@ END = "<!-- bench:end -->"
 ORDER = [
     "b1_migration",
     "b2_failover",
+    "b2_network",
     "b3_throughput",
     "b4_scale",
     "b4_starved",
