@@ -211,6 +211,7 @@ class NetworkController:
         ips = set(change.addresses)
         device = change.interface if change.change in ("carrier_lost", "link_removed") else None
         moved = 0
+        lost: list[tuple[str, tuple[int, ...]]] = []
         for view in self._views():
             hit = frozenset(
                 p.path_id
@@ -220,24 +221,31 @@ class NetworkController:
             if not hit:
                 continue
             conn_id = view.conn_id
-            self._spawn(self._mark_lost(conn_id, tuple(sorted(hit)), context), "paths-lost")
+            # The move first: its switch request reaches the supervisor's mailbox before the
+            # marking (the move avoids the lost paths whatever the view says meanwhile).
             if view.active_path_id in hit:
                 self.mover.move_off(conn_id, avoid=hit, context=context)
                 moved += 1
+            lost.append((conn_id, tuple(sorted(hit))))
             auto = self._auto.get(conn_id, set()) & hit
             if auto and change.change in _GONE:
                 self._spawn(self._close_gone(conn_id, auto, context), "close-gone")
+        if lost:
+            self._spawn(self._mark_lost(lost, context), "paths-lost")
         if moved:
             self._count("moves_lost")
         return moved
 
     async def _mark_lost(
-        self, conn_id: str, path_ids: tuple[int, ...], context: Context | None
+        self, lost: list[tuple[str, tuple[int, ...]]], context: Context | None
     ) -> None:
-        try:
-            await self.port.ask(PathsLostRequest(conn_id, path_ids), context=context)
-        except MigrationError as exc:
-            log.debug("connection %s: marking paths lost: %s", conn_id, exc)
+        """One task marks every connection's lost paths, in turn (a thousand tasks for a
+        thousand connections would only crowd the loop the moves need)."""
+        for conn_id, path_ids in lost:
+            try:
+                await self.port.ask(PathsLostRequest(conn_id, path_ids), context=context)
+            except MigrationError as exc:
+                log.debug("connection %s: marking paths lost: %s", conn_id, exc)
 
     async def _mark_back(
         self, conn_id: str, path_ids: tuple[int, ...], context: Context | None
