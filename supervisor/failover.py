@@ -21,6 +21,7 @@ from opentelemetry.context import Context
 
 from actors.errors import MigrationError
 from actors.path_state import PathState
+from actors.runtime import ActorError
 from actors.view import ConnectionView, PathChange, PathView
 from supervisor.addresses import parse_quic_multiaddr, sockaddr_to_multiaddr
 from supervisor.config import FailoverPolicy
@@ -254,7 +255,8 @@ class FailoverController:
                             ),
                             context=context,
                         )
-                    except MigrationError as exc:
+                    except (MigrationError, ActorError) as exc:
+                        # ActorError: the connection or the supervisor stopping meanwhile.
                         log.info(
                             "connection %s: %s to path %d failed: %s",
                             conn_id,
@@ -293,7 +295,7 @@ class FailoverController:
                     initiator="policy",
                 )
             )
-        except MigrationError as exc:
+        except (MigrationError, ActorError) as exc:
             log.info(
                 "connection %s: switch back to preferred path %d failed: %s", conn_id, path_id, exc
             )

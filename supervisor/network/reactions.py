@@ -23,6 +23,7 @@ from opentelemetry.context import Context
 
 from actors.errors import MigrationError
 from actors.path_state import PathState
+from actors.runtime import ActorError
 from actors.view import ConnectionView, PathView
 from supervisor.addresses import to_multiaddr
 from supervisor.config import NetworkPolicy
@@ -184,7 +185,7 @@ class NetworkController:
         self._count("eager_moves")
         if conn_id not in self._returns:
             self._returns[conn_id] = self.port.spawn(
-                self._return_to_default(conn_id), name="network-return"
+                self._guarded(self._return_to_default(conn_id), "return"), name="network-return"
             )
 
     # ------------------------------------------------------------------ reactions
@@ -193,9 +194,21 @@ class NetworkController:
         self.reactions[what] = self.reactions.get(what, 0) + 1
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = self.port.spawn(coro, name=name)
+        task = self.port.spawn(self._guarded(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _guarded(coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """A reaction that fails is logged, never the supervisor's crash (its tasks are the
+        supervisor's: one raising would stop it). A connection that ended meanwhile, or a
+        supervisor stopping, are ordinary."""
+        try:
+            await coro
+        except (MigrationError, ActorError) as exc:
+            log.info("network policy: %s: %s", name, exc)
+        except Exception:
+            log.exception("network policy: %s failed", name)
 
     def _views(self) -> list[ConnectionView]:
         out = []
@@ -347,7 +360,10 @@ class NetworkController:
             if active is not None and active.local[0] == source:
                 continue
             self._following[conn_id] = self.port.spawn(
-                self._follow(conn_id, change.peer, source, change.interface, context),
+                self._guarded(
+                    self._follow(conn_id, change.peer, source, change.interface, context),
+                    "follow",
+                ),
                 name="follow",
             )
             moved += 1
