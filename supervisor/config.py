@@ -105,7 +105,9 @@ class PathPolicy:
             if not isinstance(getattr(self, name), tuple):
                 raise TypeError(f"PathPolicy.{name} must be a tuple, e.g. ('eth1',)")
         for device in self.devices:
-            if not isinstance(device, str) or not 0 < len(device) < 16 or "/" in device:
+            if not isinstance(device, str):
+                raise TypeError(f"PathPolicy.devices: {device!r} is not an interface name (str)")
+            if not 0 < len(device) < 16 or "/" in device:
                 raise ValueError(
                     f"PathPolicy.devices: {device!r} is not an interface name (1-15 characters)"
                 )

@@ -314,22 +314,59 @@ class Inventory:
         self, links: list[Link], addresses: list[Address], defaults: dict[int, Route | None]
     ) -> list[NetworkChange]:
         """A fresh dump replaces what we knew (messages were lost: ENOBUFS); the changes are
-        those the lost messages would have caused."""
+        those the lost messages would have caused, found by comparing the two states (not
+        by replaying the dump as events: the order of a replay would judge addresses by
+        stale links, or links by stale addresses)."""
+        old_links, old_addrs = self.links, self.addresses
+        before = {key for key, a in old_addrs.items() if self.usable(a)}
+        self.links = {link.index: link for link in links}
+        self.addresses = {(a.index, _norm(a.ip)): replace(a, ip=_norm(a.ip)) for a in addresses}
+        after = {key for key, a in self.addresses.items() if self.usable(a)}
         changes: list[NetworkChange] = []
-        fresh_links = {link.index: link for link in links}
-        fresh_addrs = {(a.index, _norm(a.ip)): a for a in addresses}
-        for key in [k for k in self.addresses if k not in fresh_addrs]:
-            changes += self.unaddress(*key)
-        for index in [i for i in self.links if i not in fresh_links]:
-            changes += self.unlink(index)
-        # Addresses first: a link coming back judges its addresses by their fresh flags (one
-        # still in DAD is not reported added from a stale record).
-        for address in addresses:
-            if address.index in fresh_links:
-                self.links.setdefault(address.index, fresh_links[address.index])
-            changes += self.address(address)
-        for link in links:
-            changes += self.link(link)
+        links_gone = set(old_links) - set(self.links)
+        for index, ip in sorted(set(old_addrs) - set(self.addresses)):
+            if index not in links_gone:  # a removed link names its addresses (below)
+                name = old_links[index].name if index in old_links else self.name_of(index)
+                changes.append(NetworkChange(name, "address_removed", (ip,), index))
+        for index in sorted(links_gone):
+            gone = tuple(sorted(ip for i, ip in old_addrs if i == index))
+            changes.append(NetworkChange(old_links[index].name, "link_removed", gone, index))
+        lost: set[int] = set()
+        for index, link in sorted(self.links.items()):
+            old = old_links.get(index)
+            if old is not None and old.live and not link.live:
+                lost.add(index)
+                changes.append(
+                    NetworkChange(link.name, "carrier_lost", self.addresses_of(index), index)
+                )
+            elif old is not None and not old.live and link.live:
+                changes.append(
+                    NetworkChange(link.name, "carrier_regained", self.addresses_of(index), index)
+                )
+        for key, address in sorted(self.addresses.items()):
+            old_address = old_addrs.get(key)
+            if address.deprecated and (old_address is None or not old_address.deprecated):
+                changes.append(
+                    NetworkChange(self.name_of(key[0]), "address_deprecated", (key[1],), key[0])
+                )
+        # Usable before, still there on a live link, not deprecated or back in DAD, and not
+        # usable now: the link's MTU no longer carries a QUIC packet for it.
+        shrunk: dict[int, list[str]] = {}
+        for key in sorted((before & set(self.addresses)) - after):
+            address = self.addresses[key]
+            now = self.links.get(key[0])
+            if (
+                now is not None
+                and now.live
+                and key[0] not in lost
+                and not address.deprecated
+                and not address.tentative
+            ):
+                shrunk.setdefault(key[0], []).append(key[1])
+        for index, ips in sorted(shrunk.items()):
+            changes.append(NetworkChange(self.name_of(index), "mtu_too_small", tuple(ips), index))
+        for index, ip in sorted(after - before):
+            changes.append(NetworkChange(self.name_of(index), "address_added", (ip,), index))
         for family, route in defaults.items():
             changes += self.default_route(family, route)
         return changes

@@ -35,6 +35,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Dumps tried in a row when each overflows (ENOBUFS) before the monitor gives up.
+_DUMP_TRIES = 5
+
 
 @dataclass(frozen=True, slots=True)
 class NetworkChanged:
@@ -178,17 +181,20 @@ class NetworkMonitor(Actor):
 
     # ------------------------------------------------------------------ the reader
 
-    async def _open(self) -> None:
+    async def _open(self, *, report: bool = False) -> None:
         """Open and dump; a dump that overflowed (a burst of events meanwhile) is tried
-        again on a fresh socket."""
-        for attempt in range(3):
+        again on a fresh socket, up to ``_DUMP_TRIES`` times."""
+        for attempt in range(_DUMP_TRIES):
             try:
                 await self._reopen()
-                await self._dump(report=False)
+                await self._dump(report=report)
                 return
             except OSError as exc:
-                if exc.errno != errno.ENOBUFS or attempt == 2:
+                if exc.errno != errno.ENOBUFS or attempt == _DUMP_TRIES - 1:
                     raise
+
+    async def _resync(self) -> None:
+        await self._open(report=True)
 
     async def _run(self) -> None:
         try:
@@ -244,11 +250,8 @@ class NetworkMonitor(Actor):
                 self.resyncs += 1
                 log.info("netlink ENOBUFS: dumping again (resync %d)", self.resyncs)
                 try:
-                    await self._reopen()
-                    await self._dump(report=True)
+                    await self._resync()
                 except (NetlinkUnavailable, OSError, ValueError) as again:
-                    if isinstance(again, OSError) and again.errno == errno.ENOBUFS:
-                        continue  # overflowed again during the dump: once more
                     self.unavailable = f"netlink resync failed: {again}"
                     log.warning("network monitor stopped: %s", self.unavailable)
                     return

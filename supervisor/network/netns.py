@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def _setns(path: str) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)} (needs CAP_SYS_ADMIN)")
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
     finally:
         os.close(fd)
 
@@ -102,9 +103,11 @@ class Namespace:
         try:
             await self.run(lambda: None)
         except OSError as exc:
-            raise InvalidArgumentError(
-                "netns", self.name, f"cannot enter it: {exc} (entering needs CAP_SYS_ADMIN)"
-            ) from exc
+            hint = {
+                errno.EPERM: " (entering a namespace needs CAP_SYS_ADMIN)",
+                errno.EINVAL: " (it is not a network namespace file)",
+            }.get(exc.errno or 0, "")
+            raise InvalidArgumentError("netns", self.name, f"cannot enter it: {exc}{hint}") from exc
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
