@@ -45,6 +45,7 @@ __all__ = [
     "EnvelopeError",
     "decode",
     "encode",
+    "enveloped",
     "message",
     "message_types",
     "type_name",
@@ -104,6 +105,19 @@ class Envelope:
     traceparent: str | None = None
     tracestate: str | None = None
     baggage: str | None = None
+
+
+def enveloped(body: object, fields: Mapping[str, str]) -> Envelope:
+    """``body`` in an envelope carrying the W3C trace fields (``traceparent``, ...) given:
+    how a request takes its caller's span along, in-process or across a process."""
+    return Envelope(
+        v=CODEC_VERSION,
+        type=type_name(body),
+        body=body,
+        traceparent=fields.get("traceparent"),
+        tracestate=fields.get("tracestate"),
+        baggage=fields.get("baggage"),
+    )
 
 
 # -- registration ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
 
-from actors.envelope import CODEC_VERSION, Envelope, type_name
+from actors.envelope import enveloped
 from actors.errors import InvalidArgumentError, SupervisorClosedError
 from actors.factory import ConnectionOptions, HealthStatus
 from actors.messages import Close
@@ -262,17 +262,9 @@ class Supervisor:
         self._check_running()
         assert self._ref is not None
         # The caller's active span travels with the request: it parents the migration span.
-        fields = current_trace_fields()
-        envelope = Envelope(
-            v=CODEC_VERSION,
-            type=type_name(msg),
-            body=msg,
-            traceparent=fields.get("traceparent"),
-            tracestate=fields.get("tracestate"),
-            baggage=fields.get("baggage"),
-        )
         return await self._ref.ask(
-            envelope, timeout=timeout if timeout is not None else self._ask_timeout
+            enveloped(msg, current_trace_fields()),
+            timeout=timeout if timeout is not None else self._ask_timeout,
         )
 
     def live_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from opentelemetry.context import Context
 
-from actors.envelope import CODEC_VERSION, Envelope, type_name
+from actors.envelope import enveloped
 from actors.runtime import ActorRef
 from actors.view import ConnectionView, PathChange, PathSample
 from supervisor.events import Event
@@ -84,17 +84,7 @@ class SupervisorPort:
     async def ask(self, request: object, *, context: Context | None = None) -> object:
         if context is None:
             return await self.ref.ask(request)
-        fields = inject_fields(context)
-        return await self.ref.ask(
-            Envelope(
-                v=CODEC_VERSION,
-                type=type_name(request),
-                body=request,
-                traceparent=fields.get("traceparent"),
-                tracestate=fields.get("tracestate"),
-                baggage=fields.get("baggage"),
-            )
-        )
+        return await self.ref.ask(enveloped(request, inject_fields(context)))
 
     def conn_ids(self) -> list[str]:
         return list(self.registry)
