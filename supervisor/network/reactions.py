@@ -508,11 +508,3 @@ class NetworkController:
                 room -= 1
         if added:
             await asyncio.gather(*(self._probe(conn_id, pid, context) for pid in added))
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "reactions": dict(self.reactions),
-            "auto_paths": sum(len(v) for v in self._auto.values()),
-            "returns_pending": len(self._returns),
-            "time": time.time(),
-        }
