@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Dumps tried in a row when each overflows (ENOBUFS) before the monitor gives up.
 _DUMP_TRIES = 5
+#: How long route questions wait after the first event of a burst (coalescing it).
+_ROUTE_SETTLE = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +279,10 @@ class NetworkMonitor(Actor):
         coalesces a burst into one round of questions)."""
         while True:
             await self._routes_dirty.wait()
+            # A link going down comes as a burst of batches (the link, then each route it
+            # took away) within a few ms: one round of questions after the burst, and out of
+            # the way of the moves the first batch started.
+            await asyncio.sleep(_ROUTE_SETTLE)
             self._routes_dirty.clear()
             source = self._source
             if source is None:

@@ -234,12 +234,18 @@ class NetworkController:
             if not hit:
                 continue
             conn_id = view.conn_id
-            # The move first: its switch request reaches the supervisor's mailbox before the
-            # marking (the move avoids the lost paths whatever the view says meanwhile).
+            mark = hit
             if view.active_path_id in hit:
+                # The move first: its switch request reaches the supervisor's mailbox before
+                # any marking (the move avoids the lost paths whatever the view says).
                 self.mover.move_off(conn_id, avoid=hit, context=context)
                 moved += 1
-            lost.append((conn_id, tuple(sorted(hit))))
+                if any(p.state is PathState.STANDBY and p.path_id not in hit for p in view.paths):
+                    # A target exists: the switch itself fails the old path; marking it
+                    # degraded meanwhile would only be more work on the move's way.
+                    mark = hit - {view.active_path_id}
+            if mark:
+                lost.append((conn_id, tuple(sorted(mark))))
             auto = self._auto.get(conn_id, set()) & hit
             if auto and change.change in _GONE:
                 self._spawn(self._close_gone(conn_id, auto, context), "close-gone")
