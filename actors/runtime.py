@@ -42,6 +42,7 @@ __all__ = [
     "AskTimeoutError",
     "ChildFailed",
     "Later",
+    "RestartIntensity",
     "Runtime",
 ]
 
@@ -104,6 +105,29 @@ class ChildFailed:
     name: str
     error: str
     traceback: str
+
+
+class RestartIntensity:
+    """Erlang/OTP's restart intensity for one child, sans-I/O: at most ``max_restarts``
+    within ``period`` seconds, each after a backoff (``first`` doubling to ``cap``); past
+    that the parent gives up on the child (``next_delay`` returns None)."""
+
+    def __init__(
+        self, max_restarts: int, period: float, *, first: float = 0.1, cap: float = 5.0
+    ) -> None:
+        self.max_restarts = max_restarts
+        self.period = period
+        self.first = first
+        self.cap = cap
+        self._at: list[float] = []
+
+    def next_delay(self, now: float) -> float | None:
+        """A failure at ``now``: how long to wait before restarting, or None: do not."""
+        self._at = [t for t in self._at if now - t < self.period]
+        if len(self._at) >= self.max_restarts:
+            return None
+        self._at.append(now)
+        return min(self.first * 2 ** (len(self._at) - 1), self.cap)
 
 
 @dataclass(frozen=True, slots=True)

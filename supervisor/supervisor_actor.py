@@ -58,7 +58,7 @@ from actors.messages import (
     Switched,
 )
 from actors.path_state import PathState
-from actors.runtime import Actor, ActorRef, ChildFailed, Later
+from actors.runtime import Actor, ActorError, ActorRef, ChildFailed, Later, RestartIntensity
 from actors.view import ConnectionView, PathChange
 from supervisor import validate
 from supervisor.addresses import (
@@ -108,6 +108,7 @@ from supervisor.messages import (
     SwitchRequest,
     SwitchResult,
 )
+from supervisor.network.inventory import Inventory
 from supervisor.network.monitor import (
     NetworkChanged,
     NetworkMonitor,
@@ -163,6 +164,10 @@ from telemetry.tracing import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Restarts of a crashed NetworkMonitor allowed within MONITOR_PERIOD seconds.
+MONITOR_RESTARTS = 5
+MONITOR_PERIOD = 60.0
 
 #: EvtNetworkChanged's remote_addr when no peer is concerned.
 _NO_PEER = sockaddr_to_multiaddr(("0.0.0.0", 0))
@@ -226,6 +231,9 @@ class SupervisorActor(Actor):
         self._netlink = netlink
         self.network: NetworkController | None = None
         self.monitor: ActorRef | None = None
+        self._monitor_inventory: Inventory | None = None
+        self._monitor_restarts = RestartIntensity(MONITOR_RESTARTS, MONITOR_PERIOD)
+        self._monitor_gave_up = False
         self._preferred_mode = preferred_address
         self._preferred: PreferredAddressPolicy | None = None
         self._preferred_counts: dict[str, int] = {}
@@ -263,14 +271,23 @@ class SupervisorActor(Actor):
                 "the network policy moves through it"
             )
             self.network = NetworkController(port, network, self.policy)
-            self.monitor = self.spawn_child(
-                NetworkMonitor(
-                    self._netlink or open_pyroute2,
-                    self._network_changed,
-                    netns=self.netns.path if self.netns is not None else None,
-                ),
-                name="network-monitor",
-            )
+            self._start_monitor(None)
+
+    def _start_monitor(self, inventory: Inventory | None) -> None:
+        monitor = NetworkMonitor(
+            self._netlink or open_pyroute2,
+            self._network_changed,
+            netns=self.netns.path if self.netns is not None else None,
+            inventory=inventory,
+        )
+        # Kept only to hand it to a successor after a crash (OTP: the child is fully stopped
+        # when ChildFailed arrives, so its inventory has one owner at a time).
+        self._monitor_inventory = monitor.inventory
+        self.monitor = self.spawn_child(monitor, name="network-monitor")
+
+    async def _restart_monitor(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # restart backoff (cancelled with this actor)
+        self._start_monitor(self._monitor_inventory)
 
     def _policies(self) -> list[Policy]:
         return [p for p in (self.policy, self.network) if p is not None]
@@ -337,19 +354,24 @@ class SupervisorActor(Actor):
             self.monitor.tell(WatchPeers(tuple(sorted(peers))))
 
     async def _network_status(self) -> NetworkStatus:
-        if self.monitor is None or not self.monitor.is_alive:
-            why = (
-                "no network policy (give FailoverPolicy() or NetworkPolicy())"
-                if self._network_policy is None
-                else "the monitor is off (NetworkPolicy(monitor=False))"
-                if not self._network_policy.monitor
-                else "the monitor stopped"
-            )
+        status: object = None
+        if self.monitor is not None and self.monitor.is_alive:
+            with contextlib.suppress(ActorError):  # it crashed just now: as if not running
+                status = await self.monitor.ask(NetworkStatusRequest())
+        if not isinstance(status, NetworkStatus):
+            if self._network_policy is None:
+                why = "no network policy (give FailoverPolicy() or NetworkPolicy())"
+            elif not self._network_policy.monitor:
+                why = "the monitor is off (NetworkPolicy(monitor=False))"
+            elif self._monitor_gave_up:
+                why = "the monitor crashed too often and was not restarted (probing only)"
+            elif self.monitor is not None:
+                why = "the monitor crashed and is restarting"
+            else:
+                why = "the monitor stopped"
             return NetworkStatus(
                 False, why, self.netns.name if self.netns else None, (), (), (), 0, 0
             )
-        status = await self.monitor.ask(NetworkStatusRequest())
-        assert isinstance(status, NetworkStatus)
         return dataclasses.replace(
             status,
             netns=self.netns.name if self.netns is not None else None,
@@ -567,9 +589,26 @@ class SupervisorActor(Actor):
             return None
         if isinstance(msg, ChildFailed):
             if msg.ref is self.monitor:
-                # A bug, not the kernel (netlink errors are handled inside): say so once and
-                # keep to probing, as without netlink.
-                log.error("the network monitor crashed: %s\n%s", msg.error, msg.traceback)
+                # A bug, not the kernel (netlink errors are handled inside). Erlang/OTP's
+                # rule: restart it, with backoff, at most MONITOR_RESTARTS times in
+                # MONITOR_PERIOD seconds; beyond that keep to probing, as without netlink.
+                delay = self._monitor_restarts.next_delay(time.monotonic())
+                if delay is None:
+                    log.error(
+                        "the network monitor crashed again (%s): not restarted; probing only\n%s",
+                        msg.error,
+                        msg.traceback,
+                    )
+                    self.monitor = None
+                    self._monitor_gave_up = True
+                    return None
+                log.error(
+                    "the network monitor crashed (%s): restarting in %.1f s\n%s",
+                    msg.error,
+                    delay,
+                    msg.traceback,
+                )
+                self.spawn(self._restart_monitor(delay), name="restart-monitor")
                 return None
             for conn_id, entry in list(self.conns.items()):
                 if entry.ref is msg.ref:

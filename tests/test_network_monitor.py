@@ -557,3 +557,43 @@ async def test_a_failed_start_is_not_a_silent_success_the_second_time(
             ] * 2
         finally:
             await sup.close()
+
+
+# ---- a crashed monitor is restarted (Erlang/OTP restart intensity) ---------------------------
+
+
+async def test_a_crashed_monitor_is_restarted_and_reports_what_changed_meanwhile(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the reader (not a netlink error) crashes the monitor: the supervisor restarts
+    it with the inventory it had, so what changed while it was down is reported once."""
+    source = ScriptedSource()
+    source.add_link(Link(2, "eth0", True, True, 1500))
+    source.add(2, "10.0.0.1", announce=False)
+    sup = Supervisor(network=NetworkPolicy(), netlink=factory_of(source))
+    async with sup, NetEvents(sup) as events:
+        await status_until(sup, lambda s: s.available)
+        source.add(2, "10.0.0.2", announce=False)  # while the monitor is down
+        source.pushed.put_nowait(RuntimeError("a bug in the reader"))
+        status = await status_until(sup, lambda s: s.available and s.events == 0)  # the new one
+        await events.wait_for(lambda: "10.0.0.2" in events.ips("address_added"))
+        assert source.opened == 2 and source.dumps == 2
+        assert events.ips("address_added") == collections.Counter({"10.0.0.2": 1})
+        assert {a.split("/")[0] for a in interface(status, "eth0")} == {"10.0.0.1", "10.0.0.2"}
+    crashed = [r for r in caplog.records if "network monitor crashed" in r.getMessage()]
+    assert len(crashed) == 1 and "restarting" in crashed[0].getMessage()
+
+
+async def test_a_monitor_that_keeps_crashing_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    source = ScriptedSource()
+    source.add_link(Link(2, "eth0", True, True, 1500))
+    sup = Supervisor(network=NetworkPolicy(), netlink=factory_of(source))
+    async with sup:
+        await status_until(sup, lambda s: s.available)
+        for _ in range(6):  # the first crash and the five restarts allowed in a minute
+            source.pushed.put_nowait(RuntimeError("a bug in the reader"))
+        status = await status_until(sup, lambda s: "not restarted" in (s.unavailable_reason or ""))
+        assert not status.available
+        assert source.opened == 6  # the first start and five restarts
+    crashed = [r.getMessage() for r in caplog.records if "network monitor crashed" in r.getMessage()]
+    assert len(crashed) == 6 and "not restarted" in crashed[-1]

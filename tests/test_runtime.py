@@ -504,3 +504,15 @@ async def test_request_stop_does_not_wait() -> None:
 def test_unstarted_actor_has_no_ref() -> None:
     with pytest.raises(ActorError, match="not been started"):
         _ = Recorder().ref
+
+
+def test_restart_intensity_backs_off_then_gives_up_and_forgets_old_failures() -> None:
+    from actors.runtime import RestartIntensity
+
+    intensity = RestartIntensity(3, 60.0, first=0.1, cap=0.3)
+    assert [intensity.next_delay(t) for t in (0.0, 1.0, 2.0)] == [0.1, 0.2, 0.3]
+    assert intensity.next_delay(3.0) is None  # three within a minute: give up
+    # A minute after the first failure it no longer counts: one restart is allowed again.
+    assert intensity.next_delay(60.5) == 0.3
+    assert intensity.next_delay(61.5) == 0.3
+    assert intensity.next_delay(61.6) is None

@@ -112,13 +112,16 @@ class NetworkMonitor(Actor):
         sink: Callable[[NetworkChanged], None],
         *,
         netns: str | None = None,
+        inventory: Inventory | None = None,
     ) -> None:
         """``sink`` gets each batch of changes (the supervisor tells itself); ``factory``
-        opens the netlink source in ``netns``."""
+        opens the netlink source in ``netns``. ``inventory``: a crashed predecessor's (its
+        supervisor restarts it): the first dump then reports what changed meanwhile."""
         self._factory = factory
         self._sink = sink
         self.netns = netns
-        self.inventory = Inventory()
+        self._inherited = inventory is not None
+        self.inventory = inventory if inventory is not None else Inventory()
         self.ready = asyncio.Event()
         self.unavailable: str | None = None
         self.resyncs = 0
@@ -200,7 +203,7 @@ class NetworkMonitor(Actor):
 
     async def _run(self) -> None:
         try:
-            await self._open()
+            await self._open(report=self._inherited)
         except (NetlinkUnavailable, OSError, ValueError) as exc:
             # ValueError: an event loop that refuses a netlink socket (uvloop does).
             self.unavailable = f"{type(exc).__name__}: {exc}"
