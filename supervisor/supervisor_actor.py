@@ -234,6 +234,7 @@ class SupervisorActor(Actor):
         self._monitor_inventory: Inventory | None = None
         self._monitor_restarts = RestartIntensity(MONITOR_RESTARTS, MONITOR_PERIOD)
         self._monitor_gave_up = False
+        self._policy_list: tuple[Policy, ...] = ()
         self._preferred_mode = preferred_address
         self._preferred: PreferredAddressPolicy | None = None
         self._preferred_counts: dict[str, int] = {}
@@ -272,6 +273,7 @@ class SupervisorActor(Actor):
             )
             self.network = NetworkController(port, network, self.policy)
             self._start_monitor(None)
+        self._policy_list = tuple(p for p in (self.policy, self.network) if p is not None)
 
     def _start_monitor(self, inventory: Inventory | None) -> None:
         monitor = NetworkMonitor(
@@ -289,8 +291,9 @@ class SupervisorActor(Actor):
         await asyncio.sleep(delay)  # restart backoff (cancelled with this actor)
         self._start_monitor(self._monitor_inventory)
 
-    def _policies(self) -> list[Policy]:
-        return [p for p in (self.policy, self.network) if p is not None]
+    def _policies(self) -> tuple[Policy, ...]:
+        """The policies that hear changes (failover, network), fixed once started."""
+        return self._policy_list
 
     async def _bind(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a bind (or a local-address check) in the supervisor's namespace."""
