@@ -595,5 +595,6 @@ async def test_a_monitor_that_keeps_crashing_is_given_up(caplog: pytest.LogCaptu
         status = await status_until(sup, lambda s: "not restarted" in (s.unavailable_reason or ""))
         assert not status.available
         assert source.opened == 6  # the first start and five restarts
-    crashed = [r.getMessage() for r in caplog.records if "network monitor crashed" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    crashed = [m for m in messages if "network monitor crashed" in m]
     assert len(crashed) == 6 and "not restarted" in crashed[-1]
