@@ -38,7 +38,7 @@ from supervisor.network.netlink import NetlinkSource, NetlinkUnavailable
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology, _ip, veth, wait_oper_up
-from tests.support import ChecksummedStream, EventLog, event_log
+from tests.support import ChecksummedStream, EventLog, echo_roundtrip, event_log
 
 pytestmark = pytest.mark.netns
 
@@ -171,10 +171,7 @@ async def test_link_down_moves_every_connection_at_once(
             await s.advance(16 * 1024, timeout=GUARD)
             await s.finish(timeout=GUARD)  # every byte echoed, in order
         for conn in conns:  # still usable when idle: one more echo on B
-            stream = await conn.open_stream()
-            await stream.write(b"after")
-            await stream.close()
-            assert await stream.read(16) == b"after"
+            await echo_roundtrip(conn, timeout=GUARD)
 
 
 async def test_a_link_lost_with_nowhere_to_go_and_back_leaves_the_connection_usable(
@@ -276,10 +273,7 @@ async def test_auto_discovery_adds_a_validated_path_on_a_new_interface_and_close
         assert len(removed) == 3  # closed cleanly: one EvtPathRemoved each
         for conn in conns:
             assert _active_ip(conn) == A  # nobody moved
-            stream = await conn.open_stream()
-            await stream.write(b"still")
-            await stream.close()
-            assert await stream.read(16) == b"still"
+            await echo_roundtrip(conn, timeout=GUARD)
 
 
 # ---- the route to the peer moves --------------------------------------------------------------
@@ -398,10 +392,7 @@ async def test_a_flapping_link_costs_at_most_three_switches_and_ends_on_the_pref
             switches = log.of(EvtConnectionMigrationCompleted, conn_id=conn.conn_id)
             print(f"\n{conn.conn_id}: {[getattr(e, 'reason', '') for e in switches]}")
             assert 1 <= len(switches) <= 3
-            stream = await conn.open_stream()
-            await stream.write(b"steady")
-            await stream.close()
-            assert await stream.read(16) == b"steady"
+            await echo_roundtrip(conn, timeout=GUARD)
 
 
 async def test_eager_moves_after_write_errors_have_their_own_budget(
