@@ -168,6 +168,7 @@ class ConnectionActor(Actor):
         "_dialled",
         "_first_socket",
         "_flush_scheduled",
+        "_flush_sends",
         "_groups_on",
         "_handshake_done",
         "_health",
@@ -178,6 +179,7 @@ class ConnectionActor(Actor):
         "_on_changes",
         "_op",
         "_op_queue",
+        "_owns_health",
         "_path_ids",
         "_paths",
         "_pending",
@@ -228,6 +230,7 @@ class ConnectionActor(Actor):
         self._dialled = remote
         self.options = options or ConnectionOptions()
         self._health = health if health is not None else NodeHealth(self.options.health)
+        self._owns_health = health is None  # standalone: no supervisor's node to share
         self._groups_on = self._health.groups is not None and self.options.health is not None
         # A stream's first window must not exceed its buffer either (see StreamCredit).
         configuration.max_stream_data = min(
@@ -251,6 +254,7 @@ class ConnectionActor(Actor):
         self._timer_at: float | None = None
         self._timer_key = ("quic", conn_id)
         self._flush_scheduled = False
+        self._flush_sends = False
         self._handshake_done = Flag()
         self._confirmed = Flag()
         self._changed = Flag()  # set after every input batch: wakes condition waiters
@@ -290,6 +294,8 @@ class ConnectionActor(Actor):
         if not self.closed:
             self._terminate(ConnectionClosedError(self.conn_id, reason="connection actor stopped"))
         # _terminate left the node's groups and timer (nothing rejoins once closed).
+        if self._owns_health:
+            self._health.close()
         keylog = self.quic.configuration.secrets_log_file
         if keylog is not None:
             keylog.close()  # SSLKEYLOGFILE, opened for this connection
@@ -581,7 +587,15 @@ class ConnectionActor(Actor):
     def datagram_received(self, path_id: int, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.closed:
             return
-        self.quic.receive_datagram(data, PathAddr(addr, path_id), _now())
+        quic = self.quic
+        quic.receive_datagram(data, PathAddr(addr, path_id), _now())
+        if quic.receive_needs_send():
+            self._flush_sends = True
+        elif self._live_at is not None and quic.outstanding_since() is None:
+            # Everything sent was answered (an idle PING's ACK): the look scheduled when it
+            # left would find no silence to judge. Judge now, and spare the node's timer.
+            self._health.cancel(("live", self.conn_id))
+            self._look()
         if self._health.gone:  # a peer said to be gone talks again (a restart, a reset)
             self._health.peer_heard(_addr(addr))
         if self._asked:
@@ -631,7 +645,7 @@ class ConnectionActor(Actor):
         if quic.spare_peer_cids != self._published_spares:
             self._publish_soon()  # the CID budget is part of the view
         self._changed.set()
-        self._schedule_flush()
+        self._schedule_flush(sends=False)  # whoever queued something said so
 
     def _handle_event(self, event: qe.QuicEvent) -> None:
         if self.app_handler is not None and self.app_handler(event):
@@ -672,7 +686,13 @@ class ConnectionActor(Actor):
         """
         self._schedule_flush()
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, *, sends: bool = True) -> None:
+        """Flush later in this loop turn. ``sends`` False: only aioquic's timer and the
+        streams need a look (a received ACK-only datagram that left nothing to send:
+        ``receive_needs_send``); any caller in the same turn that may have queued something
+        makes it a full flush."""
+        if sends:
+            self._flush_sends = True
         if not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
             self._health.flush_soon(self)  # one callback per loop turn for the whole node
@@ -681,21 +701,23 @@ class ConnectionActor(Actor):
         """The node's batch calls this once per loop turn in which the connection had
         something to send (``NodeHealth.flush_soon``)."""
         if self._flush_scheduled:
-            self._flush()
+            self._flush(sends=self._flush_sends)
 
-    def _flush(self) -> None:
+    def _flush(self, *, sends: bool = True) -> None:
         """Send everything aioquic has for us, each datagram from its path's socket."""
-        self._flush_scheduled = False
+        self._flush_scheduled = self._flush_sends = False
         if self.closed and not self.quic.close_pending:
             return
         now = _now()
-        active = self.quic.active_path_id if self.quic.path_count else None
         sent = False
-        for data, addr in self.quic.datagrams_to_send(now):
-            facts = self._paths.get(getattr(addr, "path_id", active if active is not None else -1))
-            if facts is not None:
-                facts.actor.send(data)
-                sent = True
+        if sends:
+            active = self.quic.active_path_id if self.quic.path_count else None
+            for data, addr in self.quic.datagrams_to_send(now):
+                path_id = getattr(addr, "path_id", active if active is not None else -1)
+                facts = self._paths.get(path_id)
+                if facts is not None:
+                    facts.actor.send(data)
+                    sent = True
         if sent and self._live_at is None and self.options.health is not None:
             # Sending again: silence means something from now on; look when it could matter.
             config = self.options.health
@@ -732,6 +754,7 @@ class ConnectionActor(Actor):
         ):
             self._health.count("idle")
         self.quic.handle_timer(now)  # checks each of its deadlines: early is harmless
+        self._flush_sends = True
         self._after_input()
 
     # ------------------------------------------------------------------ streams (data plane)

@@ -8,9 +8,13 @@ verdicts fan out, and a question that could not be sent proves nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +22,7 @@ import pytest
 
 from actors.health import HealthConfig, Verdict
 from actors.health_groups import GroupKey, ProbeReason
-from actors.node_health import NodeHealth, _run_delay
+from actors.node_health import NodeHealth, RunDelay
 from tests.rig.busy import busy_processes
 
 A = GroupKey("192.0.2.10", "198.51.100.1")
@@ -177,7 +181,10 @@ def _spin(seconds: float) -> None:
         pass
 
 
-@pytest.mark.skipif(_run_delay() is None, reason="no /proc/thread-self/schedstat")
+_SCHEDSTAT = os.path.exists("/proc/thread-self/schedstat")
+
+
+@pytest.mark.skipif(not _SCHEDSTAT, reason="no /proc/thread-self/schedstat")
 async def test_lag_is_the_time_the_loop_waited_for_a_cpu_not_the_time_it_was_busy() -> None:
     """A loop late because its own callbacks ran (busy, or a blocking bug) could read its
     sockets right after: no lag, what came meanwhile is read before any judgement. A loop
@@ -187,14 +194,15 @@ async def test_lag_is_the_time_the_loop_waited_for_a_cpu_not_the_time_it_was_bus
     async def spin_then_look(health: NodeHealth, seconds: float) -> float:
         """Spin in a deadline, then let the next one measure; the run-queue wait meanwhile."""
         done = asyncio.Event()
-        before = _run_delay() or 0.0
+        before = run_delay() or 0.0
         now = health.clock()
         health.schedule("spin", now, lambda: _spin(seconds))
         health.schedule("after", now + 0.01, done.set)
         async with asyncio.timeout(10):
             await done.wait()
-        return (_run_delay() or 0.0) - before
+        return (run_delay() or 0.0) - before
 
+    run_delay = RunDelay()
     health = NodeHealth()
     waited = await spin_then_look(health, 0.3)
     # Late by 0.3 s, but only what the kernel made it wait (~0 on a quiet host) is lag.
@@ -206,6 +214,7 @@ async def test_lag_is_the_time_the_loop_waited_for_a_cpu_not_the_time_it_was_bus
     assert waited > 0.05  # 4 spinners on 2 cores: ~0.3 s
     assert health.status().loop_lag_s - lag_before >= waited / 2
     health.close()
+    run_delay.close()
 
 
 async def test_a_deadline_already_past_is_no_lag() -> None:
@@ -265,3 +274,50 @@ async def test_flushes_of_a_turn_are_one_batch_and_one_per_connection() -> None:
     loop.call_soon(done.set_result, None)  # runs after the batch (FIFO within a turn)
     await done
     assert [m.flushed for m in members] == [1] * 300
+
+
+def _schedstat_files() -> list[str]:
+    """The schedstat files this process holds open (their /proc/<pid>/task/<tid>/ paths)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith("/schedstat"):
+                out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not _SCHEDSTAT, reason="no /proc/thread-self/schedstat")
+def test_run_delay_keeps_one_file_open_per_thread_and_closes_it() -> None:
+    """The schedstat file stays open between reads (re-read with pread), is the calling
+    thread's own (another thread gets its own file, not the first thread's figures), and
+    close() releases it: a closed supervisor leaves no descriptor behind."""
+    others = Counter(_schedstat_files())  # other tests' NodeHealth instances, not closed yet
+
+    def opened() -> list[str]:
+        return list((Counter(_schedstat_files()) - others).elements())
+
+    mine = f"/task/{threading.get_native_id()}/schedstat"
+    run_delay = RunDelay()
+    first = run_delay()
+    assert first is not None
+    assert len(opened()) == 1 and opened()[0].endswith(mine)
+    _spin(0.02)
+    assert (run_delay() or 0.0) >= first  # a counter: never goes back
+    assert len(opened()) == 1  # the same file, re-read
+    seen: list[tuple[float | None, list[str], int]] = []
+
+    def in_worker() -> None:
+        seen.append((run_delay(), opened(), threading.get_native_id()))
+
+    worker = threading.Thread(target=in_worker)
+    worker.start()
+    worker.join()
+    value, files, tid = seen[0]
+    assert value is not None
+    assert len(files) == 1 and files[0].endswith(f"/task/{tid}/schedstat")
+    assert run_delay() is not None
+    assert len(opened()) == 1 and opened()[0].endswith(mine)  # back to this thread's own
+    run_delay.close()
+    run_delay.close()  # twice is harmless
+    assert opened() == []

@@ -436,3 +436,63 @@ def test_unanswered_challenges_are_bounded_per_path(cert: CertPair) -> None:
         assert client.emit_challenge(1, pair.now + i)  # never delivered: never answered
     outstanding = [c for c, (pid, _) in client._challenge_sent_at.items() if pid == 1]
     assert len(outstanding) == MAX_OUTSTANDING_CHALLENGES
+
+
+# ------------------------------------------------------------------ a flush only when it may send
+
+
+def test_an_ack_of_an_idle_ping_leaves_nothing_to_send(cert: CertPair) -> None:
+    """Half the datagrams of a node at rest are ACKs of its idle keep-alive PINGs: after one,
+    nothing is queued, so the connection may skip building packets (bench B4: a third of its
+    CPU at rest). Anything that may have queued something says so."""
+    pair = Pair(cert)
+    pair.connect()
+    client = pair.client
+    pair.now += 1.0
+    client.send_ping(7)
+    pair.deliver_client(client.datagrams_to_send(pair.now))
+    pair.now += 0.03  # past the server's ACK delay
+    pair.server.handle_timer(pair.now)
+    answers = pair.server.datagrams_to_send(pair.now)
+    assert answers  # the server's ACK of the PING
+    for data, _addr in answers:
+        client.receive_datagram(data, PathAddr(SERVER, 0), pair.now)
+    assert client.receive_needs_send() is False
+    assert client.datagrams_to_send(pair.now) == []  # what the skipped flush would have found
+
+    # Data queued meanwhile (a write between two receipts) is something to send.
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, b"x" * 100)
+    assert client.receive_needs_send() is True
+
+
+def test_an_ack_eliciting_receipt_or_a_loss_needs_a_send(cert: CertPair) -> None:
+    """A PING from the peer must be acknowledged; a packet declared lost by an ACK has its
+    frames queued again: both need the flush."""
+    pair = Pair(cert)
+    pair.connect()
+    client = pair.client
+    pair.now += 1.0
+    pair.server.send_ping(1)
+    for data, _addr in pair.server.datagrams_to_send(pair.now):
+        client.receive_datagram(data, PathAddr(SERVER, 0), pair.now)
+    assert client.receive_needs_send() is True
+    pair.pump()
+
+    # Two stream writes; the first datagram is lost, the ACK of the later ones declares it
+    # lost (packet threshold): its data is queued again.
+    stream_id = client.get_next_available_stream_id()
+    sent = []
+    for i in range(5):
+        client.send_stream_data(stream_id, bytes([i]) * 1000)
+        sent += client.datagrams_to_send(pair.now)
+        pair.now += 0.001
+    pair.deliver_client(sent[1:])  # sent[0] never arrives
+    pair.server.handle_timer(pair.now + 0.03)
+    acks = pair.server.datagrams_to_send(pair.now + 0.03)
+    assert acks
+    for data, _addr in acks:
+        client.receive_datagram(data, PathAddr(SERVER, 0), pair.now + 0.03)
+    assert client.receive_needs_send() is True
+    again = client.datagrams_to_send(pair.now + 0.03)
+    assert again  # the lost data, sent again
