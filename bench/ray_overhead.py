@@ -74,7 +74,7 @@ async def _migrations(conn: Connection, n: int) -> list[float]:
 async def _run(calls: int, migrations: int) -> dict[str, Any]:
     import ray
 
-    from supervisor.fleet import Fleet
+    from supervisor.remote.fleet import Fleet
 
     namespace = f"bench-{os.getpid()}"
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
 
 from actors.errors import AddressInUseError, InvalidAddressError
+from supervisor.interfaces import interface_addresses
 
 __all__ = [
     "adopt_udp_socket",
@@ -271,8 +272,6 @@ def _local_broadcasts() -> frozenset[ipaddress.IPv4Address]:
     now = time.monotonic()
     if now - _broadcasts[0] < _BROADCASTS_TTL:
         return _broadcasts[1]
-    from supervisor.drain import interface_addresses  # drain imports this module
-
     found = frozenset(
         net.network.broadcast_address
         for nets in interface_addresses().values()

@@ -11,8 +11,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal, Unpack, cast
 
 from aioquic.quic.configuration import QuicConfiguration
 from multiaddr import Multiaddr
@@ -20,6 +19,7 @@ from multiaddr import Multiaddr
 from actors.envelope import enveloped
 from actors.errors import InvalidArgumentError, SupervisorClosedError
 from actors.factory import ConnectionOptions, HealthStatus
+from actors.lifecycle import Service
 from actors.messages import Close
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
@@ -27,6 +27,7 @@ from actors.view import PathSample
 from supervisor import validate
 from supervisor.client_config import open_key_log
 from supervisor.config import FailoverPolicy, NetworkPolicy
+from supervisor.dialing import DialOptions, dial_request
 from supervisor.drain import DrainReport, drain
 from supervisor.events import EventBus
 from supervisor.failover import FailoverController
@@ -34,7 +35,6 @@ from supervisor.handles import Connection
 from supervisor.herd import HerdLimits
 from supervisor.messages import (
     ConnectionSnapshot,
-    DialRequest,
     HealthStatusRequest,
     MigrationStats,
     StatsRequest,
@@ -57,7 +57,7 @@ from telemetry.tracing import Tracing
 log = logging.getLogger(__name__)
 
 
-class Supervisor:
+class Supervisor(Service):
     """Owns the actors of every connection it dials; closing it closes them all.
 
     ``enable_experimental_connection_migration`` is go-libp2p's opt-in: without it ``add_path``
@@ -168,18 +168,6 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Supervisor:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def start(self) -> None:
         if self._runtime is not None:
             return
@@ -287,50 +275,17 @@ class Supervisor:
 
     # ------------------------------------------------------------------ API
 
-    async def dial(
-        self,
-        addr: str | Multiaddr,
-        *,
-        alpn_protocols: list[str] | None = None,
-        server_name: str | None = "localhost",
-        cafile: str | None = None,
-        verify: bool = True,
-        local_addr: str | Multiaddr | None = None,
-        device: str | None = None,
-        sock: socket.socket | None = None,
-        timeout: float = 10.0,
-        idle_timeout: float = 30.0,
-    ) -> Connection:
-        """Dial a QUIC server; returns once the handshake completed.
+    async def dial(self, addr: str | Multiaddr, **options: Unpack[DialOptions]) -> Connection:
+        """Dial a QUIC server (keywords: :class:`~supervisor.dialing.DialOptions`); returns
+        once the handshake completed.
 
         Cancelled, it leaves nothing behind (the half-made connection is closed)."""
         self._check_running()
-        if not isinstance(addr, (str, Multiaddr)):
-            raise TypeError(f"addr must be a multiaddr string or Multiaddr, not {type(addr)}")
-        if local_addr is not None and not isinstance(local_addr, (str, Multiaddr)):
-            raise TypeError(f"local_addr must be a multiaddr or None, not {type(local_addr)}")
-        alpn = validate.alpn_list(alpn_protocols)
-        server_name = validate.server_name(server_name)
-        if cafile is not None:
-            cafile = validate.ca_file(cafile)
-        verify = validate.flag("verify", verify)
-        timeout = validate.duration("timeout", timeout)
-        idle_timeout = validate.duration("idle_timeout", idle_timeout)
-        key = self.register_socket(sock) if sock is not None else None
-        reply = await self.ask(
-            DialRequest(
-                remote=str(addr),
-                alpn_protocols=alpn,
-                server_name=server_name,
-                cafile=cafile,
-                verify=verify,
-                local_addr=str(local_addr) if local_addr is not None else None,
-                device=device,
-                socket_key=key,
-                timeout=timeout,
-                idle_timeout=idle_timeout,
-            )
-        )
+        sock = options.get("sock")
+        request = dial_request(addr, options)
+        if sock is not None:
+            request = dataclasses.replace(request, socket_key=self.register_socket(sock))
+        reply = await self.ask(request)
         assert isinstance(reply, ConnectionSnapshot)
         return Connection(self, reply, self._conns[reply.conn_id].port)
 

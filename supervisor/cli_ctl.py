@@ -30,11 +30,11 @@ from rich.table import Table
 
 from actors.errors import MigrationError
 from actors.path_state import PathState
-from supervisor.control import ControlClient, ControlServer
 from supervisor.drain import DrainReport
 from supervisor.messages import ConnectionSnapshot
 from supervisor.network.monitor import NetworkStatus, PeerRoute
-from supervisor.remote_errors import RemoteError
+from supervisor.remote.control import ControlClient, ControlServer
+from supervisor.remote.protocol import RemoteError
 
 if TYPE_CHECKING:
     from supervisor.api import Supervisor

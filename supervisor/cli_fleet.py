@@ -21,7 +21,8 @@ from typing import Any
 from rich.console import Console
 
 from supervisor.cli_ctl import network_data, print_network
-from supervisor.ray_backend import DEFAULT_NAMESPACE, DrainReport
+from supervisor.drain import DrainReport
+from supervisor.remote.ray_agent import DEFAULT_NAMESPACE
 
 __all__ = ["add_fleet_commands", "main", "run_fleet_command"]
 
@@ -119,7 +120,7 @@ async def _traced(
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    from supervisor.fleet import connect
+    from supervisor.remote.fleet import connect
 
     address = None if args.address in ("", "local") else args.address
     return connect(address, args.namespace, timeout=args.timeout)
@@ -229,11 +230,11 @@ def _report_rows(label: str, report: DrainReport | BaseException) -> tuple[Any, 
     row = {
         "moved": [[m.conn_id, m.from_addr, m.to_addr] for m in report.moved],
         "failed": [[m.conn_id, m.from_addr, m.error] for m in report.failed],
-        "untouched": report.untouched,
+        "untouched": len(report.untouched),
     }
     lines = [
         f"{label[:16]}: moved {len(report.moved)}, failed {len(report.failed)}, "
-        f"untouched {report.untouched}"
+        f"untouched {len(report.untouched)}"
     ]
     lines += [f"    {m.conn_id}: {m.from_addr} -> {m.to_addr}" for m in report.moved]
     lines += [f"    {m.conn_id}: FAILED {m.error}" for m in report.failed]

@@ -16,11 +16,8 @@ that holds its local IP (exact address first, else the longest prefix, which is 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ipaddress
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from actors.envelope import message
 from actors.errors import ConnectionClosedError, InvalidAddressError
 from actors.path_state import PathState
 from supervisor.addresses import _check_device
+from supervisor.interfaces import IPInterface
 from supervisor.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
@@ -42,7 +40,7 @@ from supervisor.messages import (
     SwitchRequest,
 )
 
-__all__ = ["DrainOutcome", "DrainReport", "DrainResult", "drain", "interface_addresses"]
+__all__ = ["DrainOutcome", "DrainReport", "DrainResult", "drain"]
 
 DrainResult = Literal["moved", "failed", "untouched"]
 
@@ -53,7 +51,6 @@ DrainResult = Literal["moved", "failed", "untouched"]
 MAX_CONCURRENT = 64
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 @message("sup.DrainOutcome")
@@ -165,82 +162,6 @@ def _parse_drained(value: object) -> tuple[IPAddress, int]:
 def _ip_port(local_addr: str) -> tuple[IPAddress, int]:
     parts = local_addr.split("/")  # our own snapshots: always /ip4|ip6/ADDR/udp/PORT/quic-v1
     return ipaddress.ip_address(parts[2]), int(parts[4])
-
-
-class _IfAddrs(ctypes.Structure):
-    pass
-
-
-class _SockAddr(ctypes.Structure):
-    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 14)]
-
-
-class _SockAddrIn(ctypes.Structure):
-    _fields_ = [
-        ("family", ctypes.c_ushort),
-        ("port", ctypes.c_uint16),
-        ("addr", ctypes.c_ubyte * 4),
-        ("zero", ctypes.c_ubyte * 8),
-    ]
-
-
-class _SockAddrIn6(ctypes.Structure):
-    _fields_ = [
-        ("family", ctypes.c_ushort),
-        ("port", ctypes.c_uint16),
-        ("flowinfo", ctypes.c_uint32),
-        ("addr", ctypes.c_ubyte * 16),
-        ("scope_id", ctypes.c_uint32),
-    ]
-
-
-_IfAddrs._fields_ = [
-    ("next", ctypes.POINTER(_IfAddrs)),
-    ("name", ctypes.c_char_p),
-    ("flags", ctypes.c_uint),
-    ("addr", ctypes.POINTER(_SockAddr)),
-    ("netmask", ctypes.POINTER(_SockAddr)),
-    ("ifu", ctypes.POINTER(_SockAddr)),
-    ("data", ctypes.c_void_p),
-]
-
-
-def _raw_ip(ptr: ctypes._Pointer[_SockAddr]) -> bytes | None:
-    if not ptr:
-        return None
-    family = ptr.contents.family
-    if family == socket.AF_INET:
-        return bytes(ctypes.cast(ptr, ctypes.POINTER(_SockAddrIn)).contents.addr)
-    if family == socket.AF_INET6:
-        return bytes(ctypes.cast(ptr, ctypes.POINTER(_SockAddrIn6)).contents.addr)
-    return None
-
-
-def interface_addresses() -> dict[str, list[IPInterface]]:
-    """Every IPv4/IPv6 address of every interface in this network namespace, with its prefix."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    head = ctypes.POINTER(_IfAddrs)()
-    if libc.getifaddrs(ctypes.byref(head)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"getifaddrs: {os.strerror(err)}")
-    out: dict[str, list[IPInterface]] = {}
-    try:
-        node = head
-        while node:
-            ifa = node.contents
-            raw, mask = _raw_ip(ifa.addr), _raw_ip(ifa.netmask)
-            if raw is not None and ifa.name:
-                prefix = len(raw) * 8
-                if mask is not None and len(mask) == len(raw):
-                    prefix = bin(int.from_bytes(mask, "big")).count("1")
-                address = ipaddress.ip_address(raw)
-                out.setdefault(ifa.name.decode(), []).append(
-                    ipaddress.ip_interface(f"{address}/{prefix}")
-                )
-            node = ifa.next
-    finally:
-        libc.freeifaddrs(head)
-    return out
 
 
 async def _interfaces_of(sup: _Asks) -> dict[str, list[IPInterface]]:

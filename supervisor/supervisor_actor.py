@@ -71,7 +71,6 @@ from supervisor.addresses import (
 )
 from supervisor.client_config import client_configuration, open_key_log
 from supervisor.config import NetworkPolicy
-from supervisor.drain import interface_addresses
 from supervisor.events import (
     Event,
     EventBus,
@@ -89,6 +88,7 @@ from supervisor.events import (
 )
 from supervisor.failover import FailoverController
 from supervisor.herd import HerdLimits, MigrationGate
+from supervisor.interfaces import interface_addresses
 from supervisor.messages import (
     AddPathRequest,
     CloseConnectionRequest,

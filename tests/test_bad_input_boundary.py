@@ -141,6 +141,8 @@ async def test_every_duration_of_the_api_is_refused_up_front(
         ({"server_name": 7}, TypeError, "server_name"),
         ({"verify": "no"}, TypeError, "verify"),
         ({"local_addr": 5}, TypeError, "local_addr"),
+        # A misspelt keyword is named, with the ones dial takes (one declaration: DialOptions).
+        ({"alpn": ["echo"]}, TypeError, "unknown keyword.*alpn.*alpn_protocols"),
     ],
 )
 async def test_dial_argument_errors_are_typed(

@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from supervisor import NetworkPolicy, PathPolicy, Supervisor
 from supervisor.cli import _network_kwargs, build_parser, main
-from supervisor.control import ControlServer
+from supervisor.remote.control import ControlServer
 from supervisor.network.monitor import NetworkStatus
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair

@@ -1,8 +1,8 @@
 """The control server answers every malformed frame with a typed error and keeps serving.
 
 Before: a 650-byte frame nested 600 deep raised RecursionError inside the server; the client got
-no reply at all. Now each bad frame gets a ``ctl.Error`` (``EnvelopeError``/``FrameError``), the
-server hangs up that one connection as the protocol says (see ``supervisor/control.py``), and
+no reply at all. Now each bad frame gets a ``remote.Error`` (``EnvelopeError``/``FrameError``), the
+server hangs up that one connection as the protocol says (see ``supervisor/remote/control.py``), and
 every other client, and the next connection, is served. Over the real Unix socket.
 """
 
@@ -17,13 +17,13 @@ import pytest
 
 from actors.envelope import EXT_MESSAGE, decode, encode
 from supervisor import Supervisor
-from supervisor.control import ControlClient, ControlServer, frame
+from supervisor.remote.control import ControlClient, ControlServer, frame
 from supervisor.messages import DialRequest, SnapshotRequest
-from supervisor.remote_errors import ErrorReply
+from supervisor.remote.protocol import ErrorReply
 
-# An envelope (ctl.Error) whose dict[str, Any] field holds one value, appended by hand.
+# An envelope (remote.Error) whose dict[str, Any] field holds one value, appended by hand.
 _PREFIX = msgpack.packb(
-    {"v": 1, "type": "ctl.Error", "body": {"type": "X", "message": "m", "attrs": {"a": None}}}
+    {"v": 1, "type": "remote.Error", "body": {"type": "X", "message": "m", "attrs": {"a": None}}}
 )[:-1]
 
 
@@ -31,7 +31,7 @@ def _deep_messages(depth: int) -> bytes:
     inner = msgpack.packb(None)
     body = _PREFIX.split(b"\xa4body", 1)[1]
     for _ in range(depth):
-        payload = b"\x92" + msgpack.packb("ctl.Error") + body + inner
+        payload = b"\x92" + msgpack.packb("remote.Error") + body + inner
         inner = msgpack.packb(msgpack.ExtType(EXT_MESSAGE, payload))
     return _PREFIX + inner
 
@@ -133,7 +133,7 @@ async def test_an_error_whose_text_cannot_be_encoded_still_reaches_the_client(
 async def test_the_client_reconnects_after_the_server_hung_up_on_a_bad_frame(
     sup: Supervisor, sock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import supervisor.control as control
+    import supervisor.remote.control as control
     from actors.envelope import EnvelopeError
 
     async with ControlServer(sup, sock_path), ControlClient(sock_path) as client:

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actors.envelope as envelope
-import supervisor.control  # noqa: F401  (registers the ctl.* messages)
+import supervisor.remote.control  # noqa: F401  (registers the remote.* messages)
 from actors.envelope import EXT_ENUM, EXT_MESSAGE, EnvelopeError, decode
-from supervisor.control import MAX_FRAME, FrameError, frame, read_frame
-from supervisor.remote_errors import ErrorReply
+from supervisor.remote.control import MAX_FRAME, FrameError, frame, read_frame
+from supervisor.remote.protocol import ErrorReply
 from telemetry.journal import JournalFormatError, JournalWriter, read_journal
 from telemetry.timeline import plot, record_time, render_text
 
@@ -35,7 +35,7 @@ FUZZ = settings(
 
 # An envelope whose ``attrs`` (typed dict[str, Any]) holds one value; the last byte is its nil.
 _ERROR_PREFIX = msgpack.packb(
-    {"v": 1, "type": "ctl.Error", "body": {"type": "X", "message": "m", "attrs": {"a": None}}}
+    {"v": 1, "type": "remote.Error", "body": {"type": "X", "message": "m", "attrs": {"a": None}}}
 )[:-1]
 
 
@@ -49,7 +49,7 @@ def nested_messages(depth: int) -> bytes:
     """An envelope whose Any field holds a message holding a message ... ``depth`` deep."""
     inner = msgpack.packb(None)
     for _ in range(depth):
-        payload = b"\x92" + msgpack.packb("ctl.Error") + _ERROR_PREFIX.split(b"\xa4body", 1)[1]
+        payload = b"\x92" + msgpack.packb("remote.Error") + _ERROR_PREFIX.split(b"\xa4body", 1)[1]
         inner = msgpack.packb(msgpack.ExtType(EXT_MESSAGE, payload + inner))
     return _ERROR_PREFIX + inner
 
@@ -112,7 +112,7 @@ def test_envelope_nested_extension_messages_count_towards_the_limit(depth: int) 
 @given(
     code=st.sampled_from([EXT_ENUM, EXT_MESSAGE, 1, 7, -1]),
     payload=st.binary(max_size=64),
-    name=st.sampled_from(["ctl.Error", "ctl.Ok", "sup.Snapshot", "actors.PathState", "x.Y"]),
+    name=st.sampled_from(["remote.Error", "remote.Ok", "sup.Snapshot", "actors.PathState", "x.Y"]),
     value=st.recursive(
         st.none()
         | st.integers(-(2**63), 2**64 - 1)

@@ -29,7 +29,7 @@ from actors.errors import ConnectionClosedError, InvalidAddressError, PathNotVal
 from actors.path_state import PathState
 from supervisor import Supervisor
 from supervisor.cli import main
-from supervisor.control import (
+from supervisor.remote.control import (
     MAX_FRAME,
     ControlClient,
     ControlServer,
@@ -45,7 +45,7 @@ from supervisor.events import (
 )
 from supervisor.handles import Connection
 from supervisor.messages import DialRequest, SnapshotRequest, SwitchRequest
-from supervisor.remote_errors import ErrorReply
+from supervisor.remote.protocol import ErrorReply
 from tests.rig.aioquic_server import RigServer
 from tests.support import ChecksummedStream, addr_of, dial_echo, echo_roundtrip, event_log
 

@@ -35,7 +35,7 @@ from supervisor.events import (  # noqa: E402
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationStarted,
 )
-from supervisor.fleet import (  # noqa: E402
+from supervisor.remote.fleet import (  # noqa: E402
     Fleet,
     HandlerNotRemoteError,
     RemoteSupervisor,
@@ -44,7 +44,8 @@ from supervisor.fleet import (  # noqa: E402
     SupervisorNotFoundError,
     SupervisorUnavailableError,
 )
-from supervisor.ray_backend import ErrorReply, Restored  # noqa: E402
+from supervisor.remote.protocol import ErrorReply  # noqa: E402
+from supervisor.remote.ray_agent import Restored  # noqa: E402
 from tests.rig.aioquic_server import RigServer, echo_server  # noqa: E402
 from tests.rig.certs import generate_cert  # noqa: E402
 
@@ -160,7 +161,7 @@ async def test_typed_errors_and_version_skew_cross_ray(fleet: Fleet, server: Rig
     assert isinstance(reply, ErrorReply) and reply.type == "EnvelopeError"
     assert "newer than this receiver" in reply.message
 
-    bad_reply = msgpack.packb({"v": 99, "type": "fleet.Ok", "body": {}}, use_bin_type=True)
+    bad_reply = msgpack.packb({"v": 99, "type": "remote.Ok", "body": {}}, use_bin_type=True)
     with pytest.raises(EnvelopeError, match="newer than this receiver"):
         decode(bad_reply)
     sup.kill()

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
 
 from supervisor.cli import main
-from supervisor.fleet import Fleet, RemoteSupervisor
+from supervisor.remote.fleet import Fleet, RemoteSupervisor
 from tests.rig.aioquic_server import RigServer
 from tests.test_ray_backend import fleet, server  # noqa: F401  (the module's fixtures)
 

@@ -24,35 +24,39 @@ agent's process. Failures of the fleet itself are :class:`FleetError` subclasses
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import logging
 import os
 from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from multiaddr import Multiaddr
 
-from actors import errors as _errors
 from actors.envelope import EnvelopeError, decode, encode
 from actors.streams import Stream
+from supervisor.dialing import DialOptions, dial_request
+from supervisor.drain import DrainReport
 from supervisor.handles import Connection
-from supervisor.messages import ConnectionSnapshot, DialRequest, SnapshotRequest
+from supervisor.messages import ConnectionSnapshot, SnapshotRequest
 from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
-from supervisor.ray_backend import (
+from supervisor.remote.protocol import (
+    DrainRequest,
+    ErrorReply,
+    RemoteError,
+    rebuild_error,
+    reply_body,
+)
+from supervisor.remote.ray_agent import (
     AGENT_NAME_PREFIX,
     DEFAULT_NAMESPACE,
     AgentInfo,
     AgentMetrics,
     CloseListenerRequest,
-    DrainReport,
-    DrainRequest,
     EchoReport,
     EchoStart,
     EchoWait,
-    ErrorReply,
     EventBatch,
     EventsRequest,
     InfoRequest,
@@ -61,8 +65,6 @@ from supervisor.ray_backend import (
     ListenersRequest,
     ListenRequest,
     MetricsRequest,
-    Ok,
-    Snapshots,
     SupervisorAgent,
     agent_name,
 )
@@ -151,36 +153,6 @@ class HandlerNotRemoteError(FleetError, TypeError):
         )
 
 
-class RemoteError(FleetError):
-    """The agent raised an exception type this side does not know."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        self.type_name = type_name
-        super().__init__(f"{type_name}: {message}")
-
-
-_REBUILDABLE: dict[str, type[BaseException]] = {
-    name: getattr(_errors, name) for name in _errors.__all__
-} | {
-    "EnvelopeError": EnvelopeError,
-    **{
-        n: getattr(builtins, n)
-        for n in ("ValueError", "TypeError", "KeyError", "LookupError", "TimeoutError")
-    },
-}
-
-
-def rebuild_error(reply: ErrorReply) -> BaseException:
-    """The typed exception an ``ErrorReply`` stands for (same class, text and attributes)."""
-    cls = _REBUILDABLE.get(reply.type)
-    if cls is None:
-        return RemoteError(reply.type, reply.message)
-    exc = cls.__new__(cls)
-    exc.args = (reply.message,)
-    exc.__dict__.update(reply.attrs)
-    return exc
-
-
 class RayTransport:
     """The handles' ``Client`` over a Ray actor handle: envelopes in, envelopes out."""
 
@@ -224,14 +196,7 @@ class RayTransport:
     async def ask(self, msg: object, timeout: float | None = None) -> object:
         """Send ``msg`` with the current trace context; return the reply or raise its error."""
         reply = await self.call(encode(msg, **current_trace_fields()), timeout)
-        body = decode(reply).body
-        if isinstance(body, ErrorReply):
-            raise rebuild_error(body)
-        if isinstance(body, Ok):
-            return None
-        if isinstance(body, Snapshots):
-            return body.conns
-        return body
+        return reply_body(decode(reply).body)
 
     def __repr__(self) -> str:
         return f"RayTransport({self.name!r}, namespace={self.namespace!r})"
@@ -435,35 +400,13 @@ class RemoteSupervisor(RayTransport):
         return info
 
     async def dial(
-        self,
-        addr: str | Multiaddr,
-        *,
-        alpn_protocols: list[str] | None = None,
-        server_name: str | None = "localhost",
-        cafile: str | None = None,
-        verify: bool = True,
-        local_addr: str | Multiaddr | None = None,
-        device: str | None = None,
-        sock: Any = None,
-        timeout: float = 10.0,
-        idle_timeout: float = 30.0,
+        self, addr: str | Multiaddr, **options: Unpack[DialOptions]
     ) -> RemoteConnection:
-        """Dial from the agent's node (``cafile`` is a path on that node)."""
-        if sock is not None:
+        """Dial from the agent's node (keywords: :class:`~supervisor.dialing.DialOptions`;
+        ``cafile`` is a path on that node, ``sock`` cannot cross processes)."""
+        if options.get("sock") is not None:
             raise SocketNotTransferableError()
-        snap = await self.ask(
-            DialRequest(
-                remote=str(addr),
-                alpn_protocols=tuple(alpn_protocols) if alpn_protocols else None,
-                server_name=server_name,
-                cafile=cafile,
-                verify=verify,
-                local_addr=str(local_addr) if local_addr is not None else None,
-                device=device,
-                timeout=timeout,
-                idle_timeout=idle_timeout,
-            )
-        )
+        snap = await self.ask(dial_request(addr, options, files_here=False))
         assert isinstance(snap, ConnectionSnapshot)
         return RemoteConnection(self, snap)
 
@@ -535,7 +478,9 @@ class RemoteSupervisor(RayTransport):
         local_addr: str | None = None,
         probe_timeout: float = 5.0,
     ) -> DrainReport:
-        report = await self.ask(DrainRequest(local_addr, device, probe_timeout))
+        report = await self.ask(
+            DrainRequest(local_addr, device, probe_timeout, close_drained=False)
+        )
         assert isinstance(report, DrainReport)
         return report
 

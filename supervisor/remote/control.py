@@ -6,16 +6,17 @@ without restarting it. A Unix stream socket created with mode 0600 limits that t
 runs the supervisor (and root), with no port and no authentication scheme to get wrong.
 
 Wire: each frame is a 4-byte big-endian length and that many bytes of one envelope
-(``actors.envelope``, msgpack), the same messages the local handles send. Requests:
-``sup.Snapshot``, ``sup.Switch``, ``sup.Probe``, ``sup.ClosePath``, ``sup.AddPath`` (without
-``sock=``), ``sup.Stats``, ``net.StatusRequest`` and ``ctl.Drain``. Each gets exactly one reply,
-in order: the result (a ``ConnectionSnapshot``, ``ctl.Snapshots``, ``sup.DrainReport``,
-``net.Status`` or ``ctl.Ok``) or a ``ctl.Error``
-that :class:`ControlClient` raises as the original typed exception. A frame over 1 MiB, or
-bytes that are not an envelope (anything :func:`actors.envelope.decode` refuses: garbage, nesting
-deeper than its ``MAX_DEPTH``, unknown types), get a ``FrameError`` or ``EnvelopeError`` reply and
-the connection is closed (the stream cannot be trusted after that); the server keeps serving
-everyone else. No frame content can make the server fail without replying.
+(``actors.envelope``, msgpack) of the one remote protocol (:mod:`supervisor.remote.protocol`,
+shared with the Ray agent). Requests: ``sup.Snapshot``, ``sup.Switch``, ``sup.Probe``,
+``sup.ClosePath``, ``sup.AddPath`` (without ``sock=``), ``sup.Stats``, ``net.StatusRequest`` and
+``remote.Drain``. Each gets exactly one reply, in order: the result (a ``ConnectionSnapshot``,
+``remote.Snapshots``, ``sup.DrainReport``, ``net.Status`` or ``remote.Ok``) or a
+``remote.Error`` that :class:`ControlClient` raises as the original typed exception. A frame
+over 1 MiB, or bytes that are not an envelope (anything :func:`actors.envelope.decode` refuses:
+garbage, nesting deeper than its ``MAX_DEPTH``, unknown types), get a ``FrameError`` or
+``EnvelopeError`` reply and the connection is closed (the stream cannot be trusted after that);
+the server keeps serving everyone else. No frame content can make the server fail without
+replying.
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from multiaddr import Multiaddr
 
-from actors.envelope import Envelope, EnvelopeError, decode, encode, message, type_name
+from actors.envelope import EnvelopeError, decode, encode
+from actors.lifecycle import Closing, Service
 from actors.path_state import PathState
 from supervisor.addresses import parse_quic_multiaddr
-from supervisor.drain import DrainReport, drain
+from supervisor.drain import DrainReport
 from supervisor.messages import (
     AddPathRequest,
     ClosePathRequest,
@@ -53,8 +53,15 @@ from supervisor.messages import (
     reply_snapshot,
 )
 from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
-from supervisor.remote_errors import ErrorReply, error_reply, rebuild_error
-from telemetry.propagation import attached, current_trace_fields
+from supervisor.remote.protocol import (
+    Dispatcher,
+    DrainRequest,
+    ErrorReply,
+    encode_error,
+    rebuild_error,
+    reply_body,
+)
+from telemetry.propagation import current_trace_fields
 
 if TYPE_CHECKING:
     from supervisor.api import Supervisor
@@ -64,10 +71,7 @@ __all__ = [
     "ControlClient",
     "ControlServer",
     "ControlSocketError",
-    "DrainCommand",
     "FrameError",
-    "Ok",
-    "Snapshots",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,31 +80,6 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 1 << 20
 _HEADER = struct.Struct(">I")
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-
-
-@message("ctl.Drain")
-@dataclass(frozen=True, slots=True)
-class DrainCommand:
-    """Run :func:`supervisor.drain.drain` in the supervisor's process."""
-
-    local_addr: str | None = None
-    device: str | None = None
-    probe_timeout: float = 2.0
-    close_drained: bool = True
-
-
-@message("ctl.Ok")
-@dataclass(frozen=True, slots=True)
-class Ok:
-    """The reply to a request that returns nothing (closing a path of a closed connection)."""
-
-
-@message("ctl.Snapshots")
-@dataclass(frozen=True, slots=True)
-class Snapshots:
-    """Every outbound connection of the supervisor."""
-
-    conns: tuple[ConnectionSnapshot, ...] = ()
 
 
 _FORWARDED = (
@@ -154,18 +133,6 @@ def frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-def _error_payload(exc: BaseException) -> bytes:
-    """``exc`` as an encoded ``ctl.Error``; never raises, so every failure gets its reply.
-
-    The full reply can fail to encode (text with lone surrogates, say): then the text goes
-    ASCII-escaped and without attributes.
-    """
-    try:
-        return encode(error_reply(exc))
-    except (TypeError, ValueError):
-        return encode(ErrorReply(type(exc).__name__, ascii(str(exc))[1:-1]))
-
-
 # -- server --------------------------------------------------------------------------------------
 
 
@@ -209,7 +176,7 @@ def _claim(path: str) -> None:
     )
 
 
-class ControlServer:
+class ControlServer(Service):
     """Serve ``sup`` on a Unix socket at ``path`` (mode 0600) while the context is open.
 
         async with Supervisor(...) as sup, ControlServer(sup, "/run/qs.sock"):
@@ -227,18 +194,9 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._clients: set[asyncio.Task[Any]] = set()
-
-    async def __aenter__(self) -> ControlServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+        self.dispatcher = Dispatcher(
+            forwarded=_FORWARDED, forward=self._forward, asks=sup, name="control-socket"
+        )
 
     async def start(self) -> None:
         if self._server is not None:
@@ -297,13 +255,13 @@ class ControlServer:
                     env = decode(data)
                 except (FrameError, EnvelopeError) as exc:
                     # The byte stream cannot be trusted any more: answer, then hang up.
-                    await self._send(writer, _error_payload(exc))
+                    await self._send(writer, encode_error(exc))
                     return
                 except Exception as exc:  # decode raises only EnvelopeError: a bug, still answered
                     log.warning("control frame could not be decoded", exc_info=True)
-                    await self._send(writer, _error_payload(exc))
+                    await self._send(writer, encode_error(exc))
                     return
-                await self._send(writer, await self._answer(env))
+                await self._send(writer, await self.dispatcher.answer(env))
         except ConnectionError:
             return  # the client went away
         finally:
@@ -317,52 +275,16 @@ class ControlServer:
         writer.write(frame(data))
         await writer.drain()
 
-    async def _answer(self, env: Envelope) -> bytes:
-        try:
-            # The client's trace context is current while handling: the migration spans of a
-            # `ctl migrate` or `ctl drain` are children of the client's span.
-            with attached(
-                {
-                    "traceparent": env.traceparent,
-                    "tracestate": env.tracestate,
-                    "baggage": env.baggage,
-                }
-            ):
-                reply = await self._handle(env.body)
-            return encode(reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return _error_payload(exc)
-
-    async def _handle(self, msg: object) -> object:
-        if isinstance(msg, DrainCommand):
-            return await drain(
-                self.sup,
-                local_addr=msg.local_addr,
-                device=msg.device,
-                probe_timeout=msg.probe_timeout,
-                close_drained=msg.close_drained,
-            )
-        if not isinstance(msg, _FORWARDED):
-            accepted = ", ".join(type_name(t) for t in (*_FORWARDED, DrainCommand))
-            raise TypeError(
-                f"{type_name(msg)} is not a control-socket request: send one of {accepted}"
-            )
+    async def _forward(self, msg: object) -> object:
         if isinstance(msg, AddPathRequest) and msg.socket_key is not None:
             raise ValueError("sock= cannot cross the control socket: pass local_addr or device")
-        reply = await self.sup.ask(msg)
-        if reply is None:
-            return Ok()
-        if isinstance(reply, tuple):
-            return Snapshots(reply)
-        return reply
+        return await self.sup.ask(msg)
 
 
 # -- client --------------------------------------------------------------------------------------
 
 
-class ControlClient:
+class ControlClient(Closing):
     """Talk to a :class:`ControlServer`: one connection, one request at a time, typed errors.
 
         async with ControlClient("/run/qs.sock") as ctl:
@@ -384,17 +306,6 @@ class ControlClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
-
-    async def __aenter__(self) -> ControlClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
@@ -443,18 +354,11 @@ class ControlClient:
                 await self.close()
                 raise ControlSocketError(self.path, "the supervisor closed the connection")
         body = decode(reply).body
-        if isinstance(body, ErrorReply):
-            error = rebuild_error(body)
-            if isinstance(error, EnvelopeError):
-                # The server hangs up after a frame it could not read: the next request
-                # must not find this connection dead.
-                await self.close()
-            raise error
-        if isinstance(body, Ok):
-            return None
-        if isinstance(body, Snapshots):
-            return body.conns
-        return body
+        if isinstance(body, ErrorReply) and isinstance(rebuild_error(body), EnvelopeError):
+            # The server hangs up after a frame it could not read: the next request must
+            # not find this connection dead.
+            await self.close()
+        return reply_body(body)
 
     async def migration_stats(self) -> MigrationStats:
         """How the supervisor's migrations ended (see ``Supervisor.migration_stats``)."""
@@ -489,7 +393,7 @@ class ControlClient:
     ) -> DrainReport:
         """:func:`supervisor.drain.drain`, run by the supervisor behind the socket."""
         reply = await self.request(
-            DrainCommand(
+            DrainRequest(
                 None if local_addr is None else str(local_addr),
                 device,
                 probe_timeout,

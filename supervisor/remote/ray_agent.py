@@ -37,15 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from multiaddr import Multiaddr
 
 from actors import errors as _errors
-from actors.envelope import EnvelopeError, decode, encode, message
-from actors.path_state import PathState
+from actors.envelope import encode, message
 from actors.streams import Stream
 from supervisor.api import Supervisor
 from supervisor.config import NetworkPolicy
-from supervisor.drain import drain
+from supervisor.dialing import dial_options
+from supervisor.drain import DrainReport, drain
 from supervisor.handles import Connection
 from supervisor.messages import (
     AddPathRequest,
@@ -62,8 +61,8 @@ from supervisor.messages import (
     SwitchRequest,
 )
 from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.remote.protocol import Dispatcher, DrainRequest, encode_error
 from supervisor.server import Listener
-from telemetry.propagation import attached
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,9 @@ __all__ = [
     "AgentInfo",
     "AgentMetrics",
     "CloseListenerRequest",
-    "DrainMove",
-    "DrainReport",
-    "DrainRequest",
     "EchoReport",
     "EchoStart",
     "EchoWait",
-    "ErrorReply",
     "EventBatch",
     "EventsRequest",
     "InfoRequest",
@@ -88,15 +83,12 @@ __all__ = [
     "Listeners",
     "ListenersRequest",
     "MetricsRequest",
-    "Ok",
     "PathMetrics",
     "Restored",
     "RttSummary",
-    "Snapshots",
     "SupervisorAgent",
     "agent_name",
     "echo_handler",
-    "error_reply",
     "kv_prefix",
 ]
 
@@ -105,6 +97,12 @@ AGENT_NAME_PREFIX = "quic-supervisor:"
 KV_NAMESPACE = "quic-supervisor"
 _EVENT_LOG_SIZE = 4096
 LISTEN_HANDLERS = ("echo",)  # built-in stream handlers a remote listen() may name
+
+
+#: Supervisor requests the agent passes on as they are (conn ids made live): a path's
+#: add, probe, switch and close, and the migration outcomes. The agent's own requests (dial,
+#: snapshot, close, listen, events, metrics ...) have handlers.
+AGENT_FORWARDED = (AddPathRequest, ProbeRequest, SwitchRequest, ClosePathRequest, StatsRequest)
 
 
 def agent_name(label: str) -> str:
@@ -118,33 +116,6 @@ def kv_prefix(namespace: str, label: str) -> str:
 
 
 # -- messages only the fleet uses -----------------------------------------------------------------
-
-
-@message("sup.Error")
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
-    """A failed request: the exception's class name, text and plain attributes.
-
-    The client rebuilds the typed exception (``PathNotValidatedError`` stays one) from these.
-    """
-
-    type: str
-    message: str
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@message("fleet.Ok")
-@dataclass(frozen=True, slots=True)
-class Ok:
-    """The reply to a request that returns nothing (close)."""
-
-
-@message("fleet.Snapshots")
-@dataclass(frozen=True, slots=True)
-class Snapshots:
-    """Every connection of one agent."""
-
-    conns: tuple[ConnectionSnapshot, ...] = ()
 
 
 @message("fleet.Info")
@@ -179,45 +150,6 @@ class AgentInfo:
     restored: tuple[Restored, ...] = ()
     listeners: int = 0
     event_streams: int = 0  # events_stream generators running (a cancelled one is gone)
-
-
-@message("fleet.Drain")
-@dataclass(frozen=True, slots=True)
-class DrainRequest:
-    """Move every connection whose active path is on ``local_addr`` (an IP or a multiaddr)
-    or on ``device`` to another validated path of the same connection."""
-
-    local_addr: str | None = None
-    device: str | None = None
-    probe_timeout: float = 5.0
-
-
-@message("fleet.DrainMove")
-@dataclass(frozen=True, slots=True)
-class DrainMove:
-    conn_id: str
-    from_addr: str
-    to_addr: str | None
-    ok: bool
-    error: str | None = None
-
-
-@message("fleet.DrainReport")
-@dataclass(frozen=True, slots=True)
-class DrainReport:
-    """What one node did: moved (ok), failed (no other usable path, or the switch failed)."""
-
-    label: str
-    moves: tuple[DrainMove, ...] = ()
-    untouched: int = 0  # connections whose active path was not on the drained address
-
-    @property
-    def moved(self) -> list[DrainMove]:
-        return [m for m in self.moves if m.ok]
-
-    @property
-    def failed(self) -> list[DrainMove]:
-        return [m for m in self.moves if not m.ok]
 
 
 @message("fleet.Events")
@@ -357,30 +289,6 @@ class AgentMetrics:
     paths: tuple[PathMetrics, ...] = ()  # every path of every connection, bytes per path
     #: How this incarnation's migrations ended: completed, failed by outcome, success rate.
     migration_stats: MigrationStats = field(default_factory=MigrationStats)
-
-
-# -- errors over the wire ------------------------------------------------------------------------
-
-
-def _plain(value: object) -> bool:
-    if value is None or isinstance(value, bool | int | float | str):
-        return True
-    if isinstance(value, list | tuple):
-        return all(_plain(v) for v in value)
-    return False
-
-
-def error_reply(exc: BaseException) -> ErrorReply:
-    """Flatten an exception: class name, text, and attributes that are plain data."""
-    attrs: dict[str, Any] = {}
-    for key, value in getattr(exc, "__dict__", {}).items():
-        if key.startswith("_"):
-            continue
-        if isinstance(value, Multiaddr | PathState):
-            value = str(value)
-        if _plain(value):
-            attrs[key] = value
-    return ErrorReply(type(exc).__name__, str(exc), attrs)
 
 
 # -- desired state --------------------------------------------------------------------------------
@@ -586,6 +494,13 @@ class SupervisorAgent:
         self._echo_ids = itertools.count(1)
         self._ready_task: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._dispatcher = Dispatcher(
+            handlers=self._handlers(),
+            forwarded=AGENT_FORWARDED,
+            forward=self._forward,
+            prepare=self._ready,
+            name="Ray agent",
+        )
         with contextlib.suppress(RuntimeError):  # an async actor's __init__ runs on its loop
             self._ready_task = asyncio.get_running_loop().create_task(self._start())
 
@@ -634,17 +549,7 @@ class SupervisorAgent:
     async def _restore_one(self, stable: str, record: dict[str, Any]) -> Restored:
         try:
             dial = DialRequest(**record["dial"])
-            conn = await self.sup.dial(
-                dial.remote,
-                alpn_protocols=list(dial.alpn_protocols) if dial.alpn_protocols else None,
-                server_name=dial.server_name,
-                cafile=dial.cafile,
-                verify=dial.verify,
-                local_addr=dial.local_addr,
-                device=dial.device,
-                timeout=dial.timeout,
-                idle_timeout=dial.idle_timeout,
-            )
+            conn = await self.sup.dial(dial.remote, **dial_options(dial))
         except Exception as exc:
             return Restored(stable, False, error=f"re-dial failed: {exc}", time=time.time())
         self._bind(stable, conn)
@@ -704,30 +609,7 @@ class SupervisorAgent:
 
     async def ask(self, data: bytes) -> bytes:
         """Handle one request envelope; reply with a result envelope or an ``ErrorReply``."""
-        try:
-            env = decode(data)
-        except EnvelopeError as exc:
-            return encode(error_reply(exc))
-        try:
-            await self._ready()
-            # The caller's context is current while handling: Supervisor.ask carries it on to
-            # the SupervisorActor, whose migration span is then the caller's child.
-            with attached(
-                {
-                    "traceparent": env.traceparent,
-                    "tracestate": env.tracestate,
-                    "baggage": env.baggage,
-                }
-            ):
-                reply = await self._handle(env.body)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            return encode(error_reply(exc))
-        try:
-            return encode(reply)
-        except (TypeError, ValueError) as exc:
-            return encode(error_reply(exc))
+        return await self._dispatcher.answer_bytes(data)
 
     async def events_stream(self, cursor: int = 0, limit: int = 1000) -> AsyncIterator[bytes]:
         """Ray streaming generator: an ``EventBatch`` envelope whenever events follow ``cursor``.
@@ -751,7 +633,7 @@ class SupervisorAgent:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the consumer gets the typed error, not a Ray traceback
-            yield encode(error_reply(exc))
+            yield encode_error(exc)
         finally:
             self._streams -= 1
 
@@ -784,16 +666,14 @@ class SupervisorAgent:
 
     # ------------------------------------------------------------------ dispatch
 
-    async def _handle(self, msg: object) -> object:
-        handler = self._handlers().get(type(msg))
-        if handler is not None:
-            return await handler(msg)
+    async def _forward(self, msg: object) -> object:
+        """A supervisor request, its conn id the live one behind the stable id clients hold."""
         conn_id = getattr(msg, "conn_id", None)
         if isinstance(conn_id, str):
             live = self._live.get(conn_id, conn_id)
             if live != conn_id:
                 msg = dataclasses.replace(msg, conn_id=live)  # type: ignore[type-var]
-        if isinstance(msg, AddPathRequest | DialRequest) and msg.socket_key is not None:
+        if isinstance(msg, AddPathRequest) and msg.socket_key is not None:
             raise ValueError("sock= cannot cross processes: pass local_addr or device instead")
         reply = await self.sup.ask(msg)
         await self._record(msg, reply)
@@ -817,8 +697,7 @@ class SupervisorAgent:
         }
 
     def _outward(self, reply: object) -> object:
-        if reply is None:
-            return Ok()
+        """Conn ids as clients know them (stable across the agent's restarts)."""
         if isinstance(reply, ConnectionSnapshot):
             return dataclasses.replace(
                 reply, conn_id=self._stable.get(reply.conn_id, reply.conn_id)
@@ -828,7 +707,7 @@ class SupervisorAgent:
             assert isinstance(outward, ConnectionSnapshot)
             return dataclasses.replace(reply, snapshot=outward)
         if isinstance(reply, tuple):
-            return Snapshots(tuple(self._outward(s) for s in reply))  # type: ignore[misc]
+            return tuple(self._outward(s) for s in reply)
         return reply
 
     async def _snapshot(self, live: str) -> ConnectionSnapshot:
@@ -869,17 +748,7 @@ class SupervisorAgent:
         if req.socket_key is not None:
             raise ValueError("sock= cannot cross processes: pass local_addr or device instead")
         # The public API (not a bare ask) so the agent holds the Connection and its streams.
-        conn = await self.sup.dial(
-            req.remote,
-            alpn_protocols=list(req.alpn_protocols) if req.alpn_protocols else None,
-            server_name=req.server_name,
-            cafile=req.cafile,
-            verify=req.verify,
-            local_addr=req.local_addr,
-            device=req.device,
-            timeout=req.timeout,
-            idle_timeout=req.idle_timeout,
-        )
+        conn = await self.sup.dial(req.remote, **dial_options(req))
         self._bind(conn.conn_id, conn)
         self._records[conn.conn_id] = {
             "dial": {
@@ -901,11 +770,10 @@ class SupervisorAgent:
             reply = await self.sup.ask(SnapshotRequest(self._live.get(req.conn_id, req.conn_id)))
         return self._outward(reply)
 
-    async def _close(self, req: CloseConnectionRequest) -> Ok:
+    async def _close(self, req: CloseConnectionRequest) -> None:
         live = self._live.get(req.conn_id, req.conn_id)
         await self.sup.ask(dataclasses.replace(req, conn_id=live))
         await self._forget(self._stable.get(live, req.conn_id))
-        return Ok()
 
     async def _info(self, _req: InfoRequest) -> AgentInfo:
         import ray
@@ -933,30 +801,25 @@ class SupervisorAgent:
     async def _drain(self, req: DrainRequest) -> DrainReport:
         """The node's part of a fleet drain: the core drain, reported with stable conn ids.
 
-        Drained paths stay open here (close_drained=False) so the desired state a restarted
-        agent restores is exactly what the connection has.
+        Drained paths stay open here (``close_drained`` is ignored) so the desired state a
+        restarted agent restores is exactly what the connection has.
         """
         report = await drain(
-            self.sup, local_addr=req.local_addr, device=req.device,
-            probe_timeout=req.probe_timeout, close_drained=False,
+            self.sup,
+            local_addr=req.local_addr,
+            device=req.device,
+            probe_timeout=req.probe_timeout,
+            close_drained=False,
         )
-        moves = []
+        outcomes = []
         for outcome in report.outcomes:
-            if outcome.result == "untouched":
-                continue
             if outcome.result == "moved" and outcome.to_path_id is not None:
-                await self._record(SwitchRequest(outcome.conn_id, outcome.to_path_id, "drain"),
-                                   None)
-            moves.append(
-                DrainMove(
-                    self._stable.get(outcome.conn_id, outcome.conn_id),
-                    outcome.from_addr or "",
-                    outcome.to_addr,
-                    outcome.result == "moved",
-                    outcome.error,
+                await self._record(
+                    SwitchRequest(outcome.conn_id, outcome.to_path_id, "drain"), None
                 )
-            )
-        return DrainReport(self.label, tuple(moves), len(report.untouched))
+            stable = self._stable.get(outcome.conn_id, outcome.conn_id)
+            outcomes.append(dataclasses.replace(outcome, conn_id=stable))
+        return dataclasses.replace(report, outcomes=tuple(outcomes))
 
     async def _listen(self, req: ListenRequest) -> ListenerInfo:
         if req.handler is not None and req.handler not in LISTEN_HANDLERS:
@@ -996,14 +859,13 @@ class SupervisorAgent:
     async def _listeners_request(self, _req: ListenersRequest) -> Listeners:
         return Listeners(tuple(self._listener_info(i, lst) for i, lst in self._listeners.items()))
 
-    async def _close_listener(self, req: CloseListenerRequest) -> Ok:
+    async def _close_listener(self, req: CloseListenerRequest) -> None:
         listener = self._listeners.pop(req.listener_id, None)
         if listener is None:
             raise KeyError(f"no listener {req.listener_id} on agent {self.label!r}")
         await listener.close()
         with contextlib.suppress(ValueError):
             self.sup._listeners.remove(listener)
-        return Ok()
 
     async def _metrics(self, _req: MetricsRequest) -> AgentMetrics:
         snaps = await self.sup.ask(SnapshotRequest(None))
