@@ -74,7 +74,8 @@ from actors.path_state import PathState, PathStateMachine
 from actors.quic_adapter import MigratingQuicConnection, PathAddr
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
 from actors.socket_errors import Evidence
-from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
+from actors.stream_table import StreamTable
+from actors.streams import DEFAULT_STREAM_BUFFER, Stream
 from actors.view import ConnectionView, PathChange, PathSample, PathView, ViewCell
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,6 @@ class ConnectionActor(Actor):
         "_groups_on",
         "_handshake_done",
         "_health",
-        "_incoming",
         "_live_at",
         "_loop",
         "_notify",
@@ -244,10 +244,8 @@ class ConnectionActor(Actor):
         self._paths: dict[int, _PathFacts] = {}
         self._path_ids = itertools.count()
         self._ping_ids = itertools.count(1)
-        self.streams: dict[int, Stream] = {}
-        # Streams the peer opened, made on first use: an asyncio.Queue costs ~2.5 KiB and most
-        # client connections never see one (bench B4 counts RSS per connection).
-        self._incoming: asyncio.Queue[Stream] | None = None
+        # One table for both directions; it reaches us only through the StreamTransport methods.
+        self.streams = StreamTable(self, self.options.stream_buffer)
         self._loop = asyncio.get_running_loop()
         # aioquic's deadline, a deadline of the node's one timer (not a loop TimerHandle per
         # connection: thousands of them re-armed per packet cost heap work in Python).
@@ -650,20 +648,9 @@ class ConnectionActor(Actor):
     def _handle_event(self, event: qe.QuicEvent) -> None:
         if self.app_handler is not None and self.app_handler(event):
             return
-        if isinstance(event, qe.StreamDataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is None:
-                stream = self._new_stream(event.stream_id)
-                self._accepted().put_nowait(stream)
-            stream.feed(event.data, event.end_stream)
-            self.quic.set_receive_backlog(
-                event.stream_id, stream.receive_backlog, self.options.stream_buffer, due=False
-            )
-        elif isinstance(event, qe.StreamReset):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.fail(StreamResetError(event.stream_id, event.error_code))
-        elif isinstance(event, qe.HandshakeCompleted):
+        if self.streams.handle_event(event):
+            return
+        if isinstance(event, qe.HandshakeCompleted):
             self.alpn = event.alpn_protocol
             self._handshake_done.set()
             self._publish_soon()
@@ -723,10 +710,7 @@ class ConnectionActor(Actor):
             config = self.options.health
             pto = self.quic.probe_timeout()
             self._look_soon(now + max(config.degraded_ptos * pto, config.min_silence / 2))
-        for stream_id, stream in list(self.streams.items()):
-            stream.poke_writable()
-            if stream.finished and not self.quic.has_stream(stream_id):
-                del self.streams[stream_id]  # done both ways; the caller's handle still reads
+        self.streams.service()  # wake writers (ACKs arrived), forget streams done both ways
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -759,38 +743,30 @@ class ConnectionActor(Actor):
 
     # ------------------------------------------------------------------ streams (data plane)
 
-    def _new_stream(self, stream_id: int) -> Stream:
-        stream = Stream(self, stream_id, self.options.stream_buffer)
-        self.streams[stream_id] = stream
-        return stream
-
-    def _accepted(self) -> asyncio.Queue[Stream]:
-        if self._incoming is None:
-            self._incoming = asyncio.Queue()
-        return self._incoming
-
     def open_stream(self) -> Stream:
-        self.check_open()
-        stream_id = self.quic.get_next_available_stream_id()
-        return self._new_stream(stream_id)
+        return self.streams.open()
 
     async def accept_stream(self) -> Stream:
-        self.check_open()
-        return await self._accepted().get()
+        return await self.streams.accept()
+
+    # StreamTransport (actors/stream_table.py): all the stream table may do to this connection.
 
     def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        self.check_open()
         self.quic.send_stream_data(stream_id, data, end_stream)
         self._schedule_flush()
 
     def stream_send_backlog(self, stream_id: int) -> int:
         return self.quic.send_backlog(stream_id)
 
-    def stream_consumed(self, stream_id: int) -> None:
-        stream = self.streams.get(stream_id)
-        backlog = stream.receive_backlog if stream is not None else 0
-        if self.quic.set_receive_backlog(stream_id, backlog, self.options.stream_buffer):
-            self._schedule_flush()
+    def set_receive_backlog(self, stream_id: int, unread: int, limit: int, *, due: bool) -> None:
+        if self.quic.set_receive_backlog(stream_id, unread, limit, due=due):
+            self._schedule_flush()  # new credit is due
+
+    def next_stream_id(self) -> int:
+        return self.quic.get_next_available_stream_id()
+
+    def has_stream(self, stream_id: int) -> bool:
+        return self.quic.has_stream(stream_id)
 
     def check_open(self) -> None:
         if self.closed:
@@ -1255,8 +1231,7 @@ class ConnectionActor(Actor):
         self._changed.set()
         self._timer_at = None
         self._health.cancel(self._timer_key)
-        for stream in self.streams.values():
-            stream.fail(error)
+        self.streams.fail_all(error)
         for path_id, facts in list(self._paths.items()):
             facts.actor.connection_closed(error)
             self._move(path_id, PathState.CLOSED)

@@ -950,11 +950,6 @@ def has_stream(quic: QuicConnection, stream_id: int) -> bool:
     return stream_id in quic._streams
 
 
-def server_sockname(server: Any) -> tuple[Any, ...]:
-    """The bound address of an ``aioquic.asyncio.serve`` server (it keeps its transport private)."""
-    return tuple(server._transport.get_extra_info("sockname"))
-
-
 class BoundedQuicLoggerTrace(QuicLoggerTrace):
     """A qlog trace keeping only its newest ``max_events`` events.
 

@@ -3,7 +3,7 @@
 aioquic raises flow-control credit as bytes arrive, not as the application consumes them, and
 buffers whatever is written without limit. So the bounds are ours: ``write()`` waits while the
 stream's unacknowledged send buffer is at its limit, and the connection withholds new credit
-while a stream's unread receive buffer is at its limit (see ``MigratingQuicConnection``).
+while a stream's unread receive buffer is at its limit (see ``actors/stream_table.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ DEFAULT_STREAM_BUFFER = 1 << 20  # 1 MiB each way
 
 
 class StreamOwner(Protocol):
-    """The connection side of a stream (the ConnectionActor)."""
+    """The connection side of a stream: its connection's ``StreamTable``."""
 
     def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
 
@@ -75,7 +75,13 @@ class Stream:
 
     @property
     def receive_backlog(self) -> int:
+        """Bytes received and not read yet (at most ``limit``: credit waits for reads)."""
         return len(self._rx)
+
+    @property
+    def send_backlog(self) -> int:
+        """Bytes written and not acknowledged yet (``write()`` waits while at ``limit``)."""
+        return self._owner.stream_send_backlog(self.stream_id)
 
     # -- user API ------------------------------------------------------------------------------
 

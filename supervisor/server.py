@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
@@ -23,7 +23,7 @@ from multiaddr import Multiaddr
 
 from actors.errors import ConnectionClosedError
 from actors.path_state import PathState
-from actors.quic_adapter import StreamCredit, has_stream, server_sockname, stream_send_backlog
+from actors.stream_table import QuicStreamTransport, StreamTable
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
 from supervisor.addresses import parse_quic_multiaddr, path_socket_error, sockaddr_to_multiaddr
 from supervisor.handles import Client, Connection, InboundMigratableConn, MigratableConn, PathInfo
@@ -35,36 +35,21 @@ StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
 class InboundProtocol(QuicConnectionProtocol):
-    """One accepted connection; implements the stream owner interface of our Stream."""
+    """One accepted connection, its streams in the same table as a dialled connection's."""
 
     def __init__(self, quic: QuicConnection, *args: Any, listener: Listener, **kwargs: Any) -> None:
         super().__init__(quic, *args, **kwargs)
         self.quic = quic
-        # aioquic grants stream credit as bytes arrive; bound it by what handlers read.
-        self.credit = StreamCredit.attach(quic)
         self.listener = listener
         self.conn_id = os.urandom(6).hex()
-        self.streams: dict[int, Stream] = {}
-        self.incoming: asyncio.Queue[Stream] = asyncio.Queue()
         self.closed = False
         self.error: ConnectionClosedError | None = None
         self.peer_addresses: set[tuple[Any, ...]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-
-    # StreamOwner
-    def stream_send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        self.check_open()
-        self.quic.send_stream_data(stream_id, data, end_stream)
-        self.transmit()
-
-    def stream_send_backlog(self, stream_id: int) -> int:
-        return stream_send_backlog(self.quic, stream_id)
-
-    def stream_consumed(self, stream_id: int) -> None:
-        stream = self.streams.get(stream_id)
-        backlog = stream.receive_backlog if stream is not None else 0
-        if self.credit.set_backlog(stream_id, backlog, DEFAULT_STREAM_BUFFER):
-            self.transmit()  # new credit is due
+        # With a handler, each stream the peer opens starts it; without, accept_stream() has it.
+        on_accept = self._start_handler if listener.handler is not None else None
+        transport = QuicStreamTransport(quic, self.transmit, self.check_open)
+        self.streams = StreamTable(transport, DEFAULT_STREAM_BUFFER, on_accept)
 
     def check_open(self) -> None:
         if self.closed:
@@ -75,58 +60,34 @@ class InboundProtocol(QuicConnectionProtocol):
         return tuple(peer) if peer is not None else None
 
     def open_stream(self) -> Stream:
-        self.check_open()
-        stream_id = self.quic.get_next_available_stream_id()
-        stream = self.streams[stream_id] = Stream(self, stream_id, DEFAULT_STREAM_BUFFER)
-        return stream
+        return self.streams.open()
 
     async def accept_stream(self) -> Stream:
-        self.check_open()
-        return await self.incoming.get()
+        return await self.streams.accept()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
         # ACK-only datagrams raise no event, but they free send buffers: wake blocked writers.
-        self._service_streams()
-
-    def _service_streams(self) -> None:
-        for stream_id, stream in list(self.streams.items()):
-            stream.poke_writable()
-            if stream.finished and not has_stream(self.quic, stream_id):
-                del self.streams[stream_id]  # done both ways; the handler's handle still reads
+        self.streams.service()
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         peer = self.quic.get_peer_address()
         if peer is not None:
             self.peer_addresses.add(tuple(peer))
-        if isinstance(event, qe.StreamDataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is None:
-                stream = self.streams[event.stream_id] = Stream(
-                    self, event.stream_id, DEFAULT_STREAM_BUFFER
-                )
-                self._accepted(stream)
-            stream.feed(event.data, event.end_stream)
-            self.credit.set_backlog(event.stream_id, stream.receive_backlog, DEFAULT_STREAM_BUFFER)
-        elif isinstance(event, qe.StreamReset):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.fail(StreamResetError(event.stream_id, event.error_code))
+        if self.streams.handle_event(event):
+            pass  # stream data or a reset: the table's
         elif isinstance(event, qe.HandshakeCompleted):
             self.listener._connected(self)
         elif isinstance(event, qe.ConnectionTerminated):
             self.closed = True
             self.error = ConnectionClosedError(self.conn_id, reason=event.reason_phrase)
-            for stream in self.streams.values():
-                stream.fail(self.error)
+            self.streams.fail_all(self.error)
             self.listener._ended(self)
-        self._service_streams()
+        self.streams.service()
 
-    def _accepted(self, stream: Stream) -> None:
+    def _start_handler(self, stream: Stream) -> None:
         handler = self.listener.handler
-        if handler is None:
-            self.incoming.put_nowait(stream)
-            return
+        assert handler is not None  # on_accept only when the listener has one
         task = asyncio.get_running_loop().create_task(self._run_handler(handler, stream))
         self._tasks.add(task)
         self.listener._tasks.add(task)
@@ -203,11 +164,13 @@ class Listener:
         try:
             ip, port, _family = parse_quic_multiaddr(addr, what="listen address")
             try:
-                self._server = await serve(
-                    ip,
-                    port,
-                    configuration=configuration,
-                    create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
+                # aioquic's serve(), keeping the socket's transport: its address, publicly.
+                transport, self._server = await asyncio.get_running_loop().create_datagram_endpoint(
+                    lambda: QuicServer(
+                        configuration=configuration,
+                        create_protocol=lambda *a, **k: InboundProtocol(*a, listener=self, **k),
+                    ),
+                    local_addr=(ip, port),
                 )
             except OSError as exc:  # busy port, an address of another host: typed, named
                 typed = path_socket_error(exc, str(addr), what="listen address")
@@ -217,7 +180,7 @@ class Listener:
         except BaseException:
             self._close_keylog()
             raise
-        self.multiaddr = sockaddr_to_multiaddr(server_sockname(self._server))
+        self.multiaddr = sockaddr_to_multiaddr(tuple(transport.get_extra_info("sockname")))
 
     def _close_keylog(self) -> None:
         if self._keylog is not None:

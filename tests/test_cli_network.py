@@ -18,8 +18,8 @@ import pytest_asyncio
 
 from supervisor import NetworkPolicy, PathPolicy, Supervisor
 from supervisor.cli import _network_kwargs, build_parser, main
-from supervisor.remote.control import ControlServer
 from supervisor.network.monitor import NetworkStatus
+from supervisor.remote.control import ControlServer
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.support import dial_echo

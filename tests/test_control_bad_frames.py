@@ -17,8 +17,8 @@ import pytest
 
 from actors.envelope import EXT_MESSAGE, decode, encode
 from supervisor import Supervisor
-from supervisor.remote.control import ControlClient, ControlServer, frame
 from supervisor.messages import DialRequest, SnapshotRequest
+from supervisor.remote.control import ControlClient, ControlServer, frame
 from supervisor.remote.protocol import ErrorReply
 
 # An envelope (remote.Error) whose dict[str, Any] field holds one value, appended by hand.

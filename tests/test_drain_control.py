@@ -29,13 +29,6 @@ from actors.errors import ConnectionClosedError, InvalidAddressError, PathNotVal
 from actors.path_state import PathState
 from supervisor import Supervisor
 from supervisor.cli import main
-from supervisor.remote.control import (
-    MAX_FRAME,
-    ControlClient,
-    ControlServer,
-    ControlSocketError,
-    frame,
-)
 from supervisor.drain import DrainReport, drain
 from supervisor.events import (
     EvtConnectionMigrationCompleted,
@@ -45,6 +38,13 @@ from supervisor.events import (
 )
 from supervisor.handles import Connection
 from supervisor.messages import DialRequest, SnapshotRequest, SwitchRequest
+from supervisor.remote.control import (
+    MAX_FRAME,
+    ControlClient,
+    ControlServer,
+    ControlSocketError,
+    frame,
+)
 from supervisor.remote.protocol import ErrorReply
 from tests.rig.aioquic_server import RigServer
 from tests.support import ChecksummedStream, addr_of, dial_echo, echo_roundtrip, event_log
