@@ -1,9 +1,9 @@
 """The typed errors of quic-supervisor.
 
-They live in the lower layer because the actors raise them; ``supervisor.errors`` re-exports them
-as the public import path. Every message names the input and says how to fix it (the go-libp2p
-error table, in prose). Context travels as attributes (``local_addr``, ``timeout`` ...) so callers
-and telemetry never parse messages.
+They live in the lower layer because the actors raise them; ``supervisor.core.errors``
+re-exports them as the public import path. Every message names the input and says how to fix
+it (the go-libp2p error table, in prose). Context travels as attributes (``local_addr``,
+``timeout`` ...) so callers and telemetry never parse messages.
 
 ``add_path`` checks in this order (DESIGN section 3), so the first error raised is the first
 that applies: argument errors (``InvalidAddressError``, ``ValueError``, ``TypeError``) ->

@@ -31,8 +31,9 @@ import logging
 import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, ClassVar, TypeVar
+
+from actors.lifecycle import Closing
 
 __all__ = [
     "Actor",
@@ -782,7 +783,7 @@ class _Cell:
         self.force()
 
 
-class Runtime:
+class Runtime(Closing):
     """Owns every actor task; ``async with Runtime() as rt`` guarantees none outlives the block.
 
     That includes each task a parked actor was given for later mail or for its stop.
@@ -804,15 +805,8 @@ class Runtime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def __aenter__(self) -> Runtime:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
+        """``stop()``, the name ``async with`` closes by."""
         await self.stop()
 
     def start(self, actor: Actor, *, name: str | None = None) -> ActorRef:

@@ -98,6 +98,8 @@ class Scheduler(Generic[K, P]):
                 continue
             del live[key]
             fired.append((key, entry[2]))
+        if fired:  # firing shrinks the live set: stale entries behind it may now be the most
+            self._compact_if_stale()
         return fired
 
     def _compact_if_stale(self) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 
 
 class _Echoes(asyncio.DatagramProtocol):

@@ -21,8 +21,8 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 
-from supervisor.network.inventory import Address, Link, Route
-from supervisor.network.netlink import LinkEvent, NetlinkSource, open_pyroute2
+from supervisor.orchestration.network.inventory import Address, Link, Route
+from supervisor.orchestration.network.netlink import LinkEvent, NetlinkSource, open_pyroute2
 from tests.rig.netns import create_socket_in_netns
 
 __all__ = ["Heard", "LinkSwitch"]

@@ -32,8 +32,8 @@ from typing import Any
 from bench._client import udp_rtts
 from bench._common import Figure, Report, run, summary, write_result
 from bench._server import ServerInfo, ServerSpec, added_rtt, make_cert, server_process
-from supervisor.api import Supervisor
-from supervisor.handles import Connection, Path
+from supervisor.core.handles import Connection, Path
+from supervisor.orchestration.supervisor import Supervisor
 
 ADDED_RTT = 0.020
 

@@ -43,14 +43,14 @@ from bench._client import PacedEcho, largest_gap
 from bench._common import Deadline, Figure, Report, run, summary, write_result
 from bench._server import ServerInfo, ServerSpec, added_rtt, make_cert, server_process
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.events import (
+from supervisor.core.events import (
     Event,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,
 )
-from supervisor.handles import Connection
-from supervisor.handles import Path as QuicPath
+from supervisor.core.handles import Connection
+from supervisor.core.handles import Path as QuicPath
 from tests.rig.netns import Filters, TwoPathTopology, cleanup_stale, netns_available
 
 #: Keep-alives every 0.3 s bring a lifted path back to standby sooner between trials; the

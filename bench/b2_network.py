@@ -70,7 +70,7 @@ from bench._netlink import Heard, LinkSwitch
 from bench._server import ServerInfo, ServerSpec, make_cert, server_process
 from bench.b2_failover import POLICY, _true_rtt
 from supervisor import FailoverPolicy, NetworkPolicy, Supervisor
-from supervisor.events import (
+from supervisor.core.events import (
     Event,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
@@ -78,8 +78,8 @@ from supervisor.events import (
     EvtNetworkChanged,
     EvtPathStateChanged,
 )
-from supervisor.handles import Connection
-from supervisor.handles import Path as QuicPath
+from supervisor.core.handles import Connection
+from supervisor.core.handles import Path as QuicPath
 from tests.rig.netns import TwoPathTopology, cleanup_stale, netns_available
 
 NAME = "b2_network"

@@ -156,7 +156,7 @@ async def _raw(server: ServerInfo, size: int) -> Sample:
 
 
 async def _ours(server: ServerInfo, size: int, migrate: bool) -> Sample:
-    from supervisor.api import Supervisor
+    from supervisor.orchestration.supervisor import Supervisor
 
     async with Supervisor(enable_experimental_connection_migration=True) as sup:
         conn = await sup.dial(server.quic_maddr, alpn_protocols=["echo"], verify=False)

@@ -132,7 +132,7 @@ async def _raw_client(plan: Plan, servers: list[ServerInfo]) -> dict[str, Any]:
     from aioquic.asyncio import connect
     from aioquic.quic.configuration import QuicConfiguration
 
-    import supervisor.api  # noqa: F401 - same imports as our clients, same baseline
+    import supervisor.orchestration.supervisor  # noqa: F401 - same imports as our clients, same baseline
 
     rss0 = await _settle(0.2)
     held: list[Any] = []

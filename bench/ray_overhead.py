@@ -28,10 +28,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from supervisor.api import Supervisor
-from supervisor.demo import self_signed_cert
-from supervisor.handles import Connection
-from supervisor.messages import SnapshotRequest
+from supervisor.cli.demo import self_signed_cert
+from supervisor.core.handles import Connection
+from supervisor.core.messages import SnapshotRequest
+from supervisor.orchestration.supervisor import Supervisor
 
 
 def _summary(samples: list[float]) -> dict[str, float]:

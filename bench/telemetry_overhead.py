@@ -30,9 +30,9 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from supervisor.api import Supervisor
-from supervisor.demo import echo_handler, self_signed_cert
-from supervisor.handles import Path as QuicPath
+from supervisor.cli.demo import echo_handler, self_signed_cert
+from supervisor.core.handles import Path as QuicPath
+from supervisor.orchestration.supervisor import Supervisor
 from telemetry.tracing import EVENT_PATH_STATE_CHANGED, SPAN_PATH_SWITCH, Tracing, path_event
 from tests.rig_otlp import OTLPReceiver
 

@@ -6,9 +6,9 @@ install both into one environment.
 
 from actors.path_state import PathState
 from actors.streams import Stream
-from supervisor.api import Supervisor
-from supervisor.config import FailoverPolicy, NetworkPolicy, PathPolicy
-from supervisor.handles import Connection, MigratableConn, Path, PathInfo
+from supervisor.core.config import FailoverPolicy, NetworkPolicy, PathPolicy
+from supervisor.core.handles import Connection, MigratableConn, Path, PathInfo
+from supervisor.orchestration.supervisor import Supervisor
 from supervisor.server import InboundConnection, Listener
 
 __all__ = [

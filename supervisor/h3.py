@@ -27,7 +27,7 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamDataReceived, StreamReset
 
 from actors.ports import AppProtocolPort
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 
 __all__ = ["DEFAULT_BODY_BUFFER", "H3Client", "H3Error", "H3Response", "Sink", "http3_get"]
 

@@ -26,8 +26,14 @@ from actors.path_state import PathState
 from actors.stream_table import QuicStreamTransport, StreamTable
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
 from supervisor.addresses import parse_quic_multiaddr, path_socket_error, sockaddr_to_multiaddr
-from supervisor.handles import Client, Connection, InboundMigratableConn, MigratableConn, PathInfo
-from supervisor.messages import ConnectionSnapshot
+from supervisor.core.handles import (
+    Client,
+    Connection,
+    InboundMigratableConn,
+    MigratableConn,
+    PathInfo,
+)
+from supervisor.core.messages import ConnectionSnapshot
 
 log = logging.getLogger(__name__)
 

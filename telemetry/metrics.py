@@ -63,7 +63,7 @@ ATTR_ERROR_TYPE = "error.type"
 OTHER = "other"
 REASONS = frozenset({"manual", "failover", "drain", "network", "preferred_address"})
 _PREFERRED = frozenset({"followed", "ignored", "refused", "unreachable"})
-#: supervisor.network.inventory.ChangeKind (the same names, kept equal by a test).
+#: supervisor.orchestration.network.inventory.ChangeKind (the same names, kept equal by a test).
 NETWORK_CHANGES = frozenset(
     {
         "carrier_lost",
@@ -77,7 +77,7 @@ NETWORK_CHANGES = frozenset(
         "route_changed",
     }
 )
-#: supervisor.events.OUTCOMES (telemetry imports nothing of ours: the same names, kept equal
+#: supervisor.core.events.OUTCOMES (telemetry imports nothing of ours: the same names, kept equal
 #: by tests/test_telemetry_metrics.py).
 OUTCOMES = frozenset(
     {

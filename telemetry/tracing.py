@@ -74,9 +74,10 @@ ATTR_NETWORK_CHANGE = "quic.network.change"
 ATTR_NETWORK_ADDRESSES = "quic.network.addresses"
 ATTR_NETWORK_MOVED = "quic.network.connections_moved"
 ATTR_MIGRATION_RESULT = "quic.migration.result"
-#: The finer taxonomy of a migration that did not complete (supervisor.events.OUTCOMES).
+#: The finer taxonomy of a migration that did not complete (supervisor.core.events.OUTCOMES).
 ATTR_MIGRATION_OUTCOME = "quic.migration.outcome"
-#: How long the migration waited for a herd-control slot (supervisor.herd), when it did.
+#: How long the migration waited for a herd-control slot (supervisor.orchestration.herd),
+#: when it did.
 ATTR_MIGRATION_QUEUE_WAIT_MS = "quic.migration.queue_wait_ms"
 ATTR_PATH_FROM_LOCAL_ADDRESS = "quic.path.from.local_address"
 ATTR_PATH_TO_LOCAL_ADDRESS = "quic.path.to.local_address"

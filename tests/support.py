@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor import Supervisor
-from supervisor.events import Event
-from supervisor.handles import Connection
+from supervisor.core.events import Event
+from supervisor.core.handles import Connection
 
 ECHO_ALPN = ["echo"]
 

@@ -16,8 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from actors.factory import ConnectionOptions
-from supervisor import FailoverPolicy, Supervisor, validate
-from supervisor.errors import (
+from supervisor import FailoverPolicy, Supervisor
+from supervisor.core import validate
+from supervisor.core.errors import (
     AddressInUseError,
     InvalidAddressError,
     InvalidArgumentError,
@@ -26,8 +27,8 @@ from supervisor.errors import (
     PathClosedError,
     SupervisorClosedError,
 )
-from supervisor.events import EvtPathAdded, EvtPathRemoved
-from supervisor.messages import CloseConnectionRequest
+from supervisor.core.events import EvtPathAdded, EvtPathRemoved
+from supervisor.core.messages import CloseConnectionRequest
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import NetNS, netns_available

@@ -13,7 +13,7 @@ import pytest
 
 from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.errors import (
+from supervisor.core.errors import (
     ActivePathCloseError,
     AddressInUseError,
     ConnectionClosedError,
@@ -28,7 +28,7 @@ from supervisor.errors import (
     PathNotValidatedError,
     ProbeTimeoutError,
 )
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair
 from tests.rig.udp_shim import udp_shim

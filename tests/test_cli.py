@@ -21,7 +21,7 @@ import pytest
 from rich.console import Console
 
 from supervisor.cli import main
-from supervisor.demo import DemoOptions, run_demo
+from supervisor.cli.demo import DemoOptions, run_demo
 from tests.rig.aioquic_server import h3_file_server
 from tests.rig.certs import CertPair
 

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 
 from supervisor import NetworkPolicy, PathPolicy, Supervisor
-from supervisor.cli import _network_kwargs, build_parser, main
-from supervisor.network.monitor import NetworkStatus
+from supervisor.cli.main import _network_kwargs, build_parser, main
+from supervisor.orchestration.network.monitor import NetworkStatus
 from supervisor.remote.control import ControlServer
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair

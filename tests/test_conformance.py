@@ -20,12 +20,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from actors.factory import ConnectionOptions
 from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.errors import (
+from supervisor.core.errors import (
     MigrationRolledBackError,
     PathNotValidatedError,
     ProbeTimeoutError,
 )
-from supervisor.events import EvtConnectionMigrationFailed, EvtPathStateChanged
+from supervisor.core.events import EvtConnectionMigrationFailed, EvtPathStateChanged
 from tests.rig.aioquic_server import RigServer
 from tests.rig.retire import raise_retire_prior_to
 from tests.rig.udp_shim import UdpShim, udp_shim
@@ -177,13 +177,13 @@ async def test_a_cancelled_migration_ends_as_cancelled(shim: UdpShim) -> None:
 
 
 def test_outcome_mapping_covers_every_outcome() -> None:
-    from supervisor.errors import (
+    from supervisor.core.errors import (
         ConnectionClosedError,
         MigrationNotSupportedError,
         NoConnectionIdError,
     )
-    from supervisor.events import OUTCOMES
-    from supervisor.supervisor_actor import outcome_of
+    from supervisor.core.events import OUTCOMES
+    from supervisor.orchestration.supervisor_actor import outcome_of
     from telemetry.metrics import OUTCOMES as METRIC_OUTCOMES
 
     cases = {

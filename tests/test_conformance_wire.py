@@ -34,9 +34,9 @@ import pytest_asyncio
 from aioquic.quic.configuration import QuicConfiguration
 
 from supervisor import Supervisor
-from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
+from supervisor.core.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
+from supervisor.core.handles import Connection
 from supervisor.h3 import http3_get
-from supervisor.handles import Connection
 from tests.rig.aioquic_server import Addr, RigServer, echo_server
 from tests.rig.capture import UdpCapture, capture_udp, tshark_available
 from tests.rig.certs import CertPair

@@ -17,7 +17,7 @@ import pytest
 
 from actors.envelope import EXT_MESSAGE, decode, encode
 from supervisor import Supervisor
-from supervisor.messages import DialRequest, SnapshotRequest
+from supervisor.core.messages import DialRequest, SnapshotRequest
 from supervisor.remote.control import ControlClient, ControlServer, frame
 from supervisor.remote.protocol import ErrorReply
 

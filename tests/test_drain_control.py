@@ -29,15 +29,15 @@ from actors.errors import ConnectionClosedError, InvalidAddressError, PathNotVal
 from actors.path_state import PathState
 from supervisor import Supervisor
 from supervisor.cli import main
-from supervisor.drain import DrainReport, drain
-from supervisor.events import (
+from supervisor.core.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,
     EvtPathRemoved,
 )
-from supervisor.handles import Connection
-from supervisor.messages import DialRequest, SnapshotRequest, SwitchRequest
+from supervisor.core.handles import Connection
+from supervisor.core.messages import DialRequest, SnapshotRequest, SwitchRequest
+from supervisor.orchestration.drain import DrainReport, drain
 from supervisor.remote.control import (
     MAX_FRAME,
     ControlClient,

@@ -9,7 +9,7 @@ import pytest
 from multiaddr import Multiaddr
 
 import actors.errors
-import supervisor.errors as public
+import supervisor.core.errors as public
 from actors.errors import (
     ActivePathCloseError,
     AddressInUseError,

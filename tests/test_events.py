@@ -14,7 +14,7 @@ from multiaddr import Multiaddr
 
 from actors.envelope import EnvelopeError, decode, encode, type_name
 from actors.path_state import PathState
-from supervisor.events import (
+from supervisor.core.events import (
     EVENT_TYPES,
     Event,
     EventBus,

@@ -17,8 +17,8 @@ from actors.health import Verdict
 from actors.health_groups import ProbeReason
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.errors import MigrationRolledBackError
-from supervisor.events import (
+from supervisor.core.errors import MigrationRolledBackError
+from supervisor.core.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtPathRemoved,

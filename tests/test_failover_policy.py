@@ -11,10 +11,10 @@ from typing import Any
 from actors.errors import MigrationRolledBackError
 from actors.path_state import PathState
 from actors.view import ConnectionView, PathChange, PathSample, PathView
-from supervisor.config import FailoverPolicy
-from supervisor.events import Event
-from supervisor.failover import FailoverController
-from supervisor.messages import SwitchRequest
+from supervisor.core.config import FailoverPolicy
+from supervisor.core.events import Event
+from supervisor.core.messages import SwitchRequest
+from supervisor.orchestration.failover import FailoverController
 
 CONN = "c1"
 

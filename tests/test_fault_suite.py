@@ -37,8 +37,8 @@ import pytest
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.errors import MigrationRolledBackError, PathNotValidatedError
-from supervisor.events import (
+from supervisor.core.errors import MigrationRolledBackError, PathNotValidatedError
+from supervisor.core.events import (
     Event,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
@@ -46,8 +46,8 @@ from supervisor.events import (
     EvtPathRemoved,
     EvtPathStateChanged,
 )
-from supervisor.handles import Connection
-from supervisor.handles import Path as QPath
+from supervisor.core.handles import Connection
+from supervisor.core.handles import Path as QPath
 from tests.rig.aioquic_server import ConnectionInfo, RigServer
 from tests.rig.busy import Busy, busy_processes
 from tests.rig.certs import CertPair

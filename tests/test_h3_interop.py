@@ -189,7 +189,7 @@ async def test_h3_needs_h3_alpn(rig_cert: CertPair) -> None:
 
 async def test_h3_fails_when_the_connection_closes(rig_cert: CertPair) -> None:
     """A pending request ends with ConnectionClosedError, not a hang."""
-    from supervisor.errors import ConnectionClosedError
+    from supervisor.core.errors import ConnectionClosedError
 
     async with (
         h3_file_server(certfile=rig_cert.certfile, keyfile=rig_cert.keyfile, size_mb=16) as server,

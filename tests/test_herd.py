@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor import Supervisor
-from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationStarted
-from supervisor.herd import HerdLimits, HerdQueue, MigrationGate
-from supervisor.messages import MigrationStats
+from supervisor.core.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationStarted
+from supervisor.core.messages import MigrationStats
+from supervisor.orchestration.herd import HerdLimits, HerdQueue, MigrationGate
 from tests.rig.aioquic_server import RigServer
 from tests.support import dial_echo, event_log
 

@@ -8,7 +8,7 @@ import asyncio
 
 from actors.factory import ConnectionOptions
 from supervisor import Supervisor
-from supervisor.events import EvtPathRemoved
+from supervisor.core.events import EvtPathRemoved
 from tests.rig.aioquic_server import echo_server
 from tests.rig.certs import CertPair
 from tests.support import addr_of, dial_echo, echo_roundtrip, event_log

@@ -18,8 +18,8 @@ import contextlib
 import pytest
 
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.events import EvtPathRemoved
-from supervisor.handles import Connection
+from supervisor.core.events import EvtPathRemoved
+from supervisor.core.handles import Connection
 from tests.rig.aioquic_server import ConnectionInfo, RigServer, echo_server
 from tests.rig.certs import CertPair
 from tests.support import addr_of, dial_echo, echo_roundtrip, event_log

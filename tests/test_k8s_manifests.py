@@ -19,7 +19,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from supervisor.cli_fleet import add_fleet_commands
+from supervisor.cli.fleet import add_fleet_commands
 from tests.k8s_schema import SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def test_workers_run_the_agent_and_export_to_the_collector() -> None:
     (group,) = _one("RayCluster")["spec"]["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     hook = " ".join(container["lifecycle"]["postStart"]["exec"]["command"])
-    assert "supervisor.cli_fleet agent" in hook
+    assert "supervisor.cli.fleet agent" in hook
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["OTEL_TRACES_EXPORTER"] == "otlp"
     match = re.fullmatch(r"http://([\w-]+):(\d+)", env["OTEL_EXPORTER_OTLP_ENDPOINT"] or "")
@@ -206,7 +206,7 @@ def test_drain_job_targets_the_cluster_and_parses_with_the_cli() -> None:
     cluster = _one("RayCluster")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     argv = job["spec"]["entrypoint"].split()
-    assert argv[:3] == ["python", "-m", "supervisor.cli_fleet"]
+    assert argv[:3] == ["python", "-m", "supervisor.cli.fleet"]
     import argparse
 
     parser = argparse.ArgumentParser()

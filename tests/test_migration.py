@@ -13,12 +13,12 @@ import pytest
 from actors.path_state import PathState
 from supervisor import Supervisor
 from supervisor.addresses import df_bit_set
-from supervisor.errors import (
+from supervisor.core.errors import (
     ConnectionClosedError,
     MigrationNotEnabledError,
     MigrationNotSupportedError,
 )
-from supervisor.events import (
+from supervisor.core.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,

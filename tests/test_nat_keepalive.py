@@ -15,8 +15,8 @@ import pytest
 
 from actors.health_groups import ProbeReason
 from supervisor import Supervisor
+from supervisor.core.handles import Connection
 from supervisor.h3 import http3_get
-from supervisor.handles import Connection
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.ngtcp2 import gtlsserver, gtlsserver_available

@@ -29,7 +29,7 @@ import pytest_asyncio
 
 from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.errors import ProbeTimeoutError
+from supervisor.core.errors import ProbeTimeoutError
 from tests.rig.aioquic_server import ConnectionInfo, RigServer, echo_server
 from tests.rig.certs import CertPair, generate_cert
 from tests.rig.netns import (

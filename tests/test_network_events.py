@@ -26,15 +26,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, NetworkPolicy, PathPolicy, Supervisor
-from supervisor.events import (
+from supervisor.core.events import (
     Event,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationStarted,
     EvtNetworkChanged,
     EvtPathRemoved,
 )
-from supervisor.handles import Connection
-from supervisor.network.netlink import NetlinkSource, NetlinkUnavailable
+from supervisor.core.handles import Connection
+from supervisor.orchestration.network.netlink import NetlinkSource, NetlinkUnavailable
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology, _ip, veth, wait_oper_up
@@ -438,7 +438,7 @@ async def test_without_netlink_probing_still_fails_over(
     """The monitor cannot start: one warning line, and a link going down is still noticed,
     by the health probing (reason "failover"), every byte echoed."""
     failover = FailoverPolicy(keepalive_interval=0.2, min_silence=0.3, probe_timeout=1.0)
-    with caplog.at_level(logging.WARNING, logger="supervisor.network.monitor"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.orchestration.network.monitor"):
         async with (
             supervisor(topo, failover=failover, netlink=_no_netlink) as sup,
             event_log(sup) as log,
@@ -454,5 +454,5 @@ async def test_without_netlink_probing_still_fails_over(
             assert not log.of(EvtNetworkChanged)
             await stream.advance(16 * 1024, timeout=GUARD)
             await stream.finish(timeout=GUARD)
-    warnings = [r for r in caplog.records if r.name == "supervisor.network.monitor"]
+    warnings = [r for r in caplog.records if r.name == "supervisor.orchestration.network.monitor"]
     assert len(warnings) == 1 and "probing" in warnings[0].getMessage()

@@ -23,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from supervisor.config import PathPolicy
-from supervisor.network.budget import EagerBudget, EagerKind, eager_kind
-from supervisor.network.inventory import (
+from supervisor.core.config import PathPolicy
+from supervisor.orchestration.network.budget import EagerBudget, EagerKind, eager_kind
+from supervisor.orchestration.network.inventory import (
     MIN_MTU,
     Address,
     ChangeKind,

@@ -42,10 +42,15 @@ import pytest
 
 from actors.errors import InvalidArgumentError, SupervisorClosedError
 from supervisor import FailoverPolicy, NetworkPolicy, PathPolicy, Supervisor
-from supervisor.events import EvtNetworkChanged
-from supervisor.network.inventory import Address, Link, Route
-from supervisor.network.monitor import NetworkStatus
-from supervisor.network.netlink import LinkEvent, NetlinkSource, SourceFactory, open_pyroute2
+from supervisor.core.events import EvtNetworkChanged
+from supervisor.orchestration.network.inventory import Address, Link, Route
+from supervisor.orchestration.network.monitor import NetworkStatus
+from supervisor.orchestration.network.netlink import (
+    LinkEvent,
+    NetlinkSource,
+    SourceFactory,
+    open_pyroute2,
+)
 from tests.rig.aioquic_server import RigServer
 from tests.rig.netns import NETNS_DIR, NetNS, _ip, _run, wait_oper_up
 from tests.support import dial_echo, echo_roundtrip
@@ -53,7 +58,7 @@ from tests.support import dial_echo, echo_roundtrip
 pytest_plugins = ["tests.rig.fixtures"]
 
 GUARD = 20.0
-MONITOR_LOGGER = "supervisor.network.monitor"
+MONITOR_LOGGER = "supervisor.orchestration.network.monitor"
 
 
 # ---- helpers ------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import pytest
 from actors.health_groups import GroupKey
 from actors.streams import Stream
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
-from supervisor.handles import Connection
+from supervisor.core.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
+from supervisor.core.handles import Connection
 from tests.rig.aioquic_server import RigServer
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology, UdpCounters

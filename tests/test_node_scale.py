@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 from tests.rig.aioquic_server import RigServer
 from tests.rig.waiting import poll_until
 from tests.support import dial_echo, echo_roundtrip

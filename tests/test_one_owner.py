@@ -17,8 +17,8 @@ import pytest
 from actors.factory import ConnectionOptions
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.errors import ConnectionClosedError, ProbeTimeoutError
-from supervisor.events import EvtConnectionMigrationCompleted
+from supervisor.core.errors import ConnectionClosedError, ProbeTimeoutError
+from supervisor.core.events import EvtConnectionMigrationCompleted
 from telemetry.journal import read_journal
 from tests.rig.aioquic_server import RigServer
 from tests.rig.udp_shim import udp_shim

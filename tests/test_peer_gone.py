@@ -31,7 +31,7 @@ from pathlib import Path
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.events import (
+from supervisor.core.events import (
     Event,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
@@ -39,7 +39,7 @@ from supervisor.events import (
     EvtPathRemoved,
     EvtPathStateChanged,
 )
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 from tests.rig.certs import CertPair
 from tests.support import (
     EventLog,

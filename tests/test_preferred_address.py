@@ -14,8 +14,8 @@ import hashlib
 import pytest
 
 from supervisor import Supervisor
-from supervisor.errors import InvalidArgumentError
-from supervisor.events import EvtConnectionMigrationCompleted
+from supervisor.core.errors import InvalidArgumentError
+from supervisor.core.events import EvtConnectionMigrationCompleted
 from supervisor.h3 import http3_get
 from tests.rig.aioquic_server import echo_server
 from tests.rig.certs import CertPair

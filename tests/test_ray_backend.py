@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 
 from actors.envelope import EnvelopeError, decode  # noqa: E402
 from actors.errors import PathNotValidatedError  # noqa: E402
-from supervisor.events import (  # noqa: E402
+from supervisor.core.events import (  # noqa: E402
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationStarted,
 )

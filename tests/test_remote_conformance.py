@@ -29,8 +29,7 @@ from actors.errors import (
 )
 from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.drain import DrainReport
-from supervisor.messages import (
+from supervisor.core.messages import (
     AddPathRequest,
     ClosePathRequest,
     ConnectionSnapshot,
@@ -42,7 +41,8 @@ from supervisor.messages import (
     SwitchReply,
     SwitchRequest,
 )
-from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.orchestration.drain import DrainReport
+from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote.control import ControlClient, ControlServer, frame, read_frame
 from supervisor.remote.protocol import DrainRequest, ErrorReply, Ok, reply_body
 from tests.rig.aioquic_server import RigServer

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.errors import MigrationRolledBackError
-from supervisor.events import (
+from supervisor.core.errors import MigrationRolledBackError
+from supervisor.core.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,

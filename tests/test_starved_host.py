@@ -32,13 +32,13 @@ import pytest
 
 from actors.path_state import PathState
 from supervisor import FailoverPolicy, Supervisor
-from supervisor.events import (
+from supervisor.core.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     EvtConnectionMigrationStarted,
     EvtPathStateChanged,
 )
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 from tests.rig.aioquic_server import RigServer
 from tests.rig.busy import busy_processes
 from tests.rig.certs import CertPair

@@ -23,7 +23,7 @@ from actors.errors import ConnectionClosedError
 from actors.stream_table import StreamTable
 from actors.streams import Stream, StreamResetError
 from supervisor import Supervisor
-from supervisor.handles import Connection
+from supervisor.core.handles import Connection
 from tests.rig.certs import CertPair
 from tests.rig.waiting import poll_until
 from tests.support import connection_actor

@@ -15,14 +15,14 @@ from opentelemetry.trace import StatusCode
 
 from actors.path_state import PathState
 from supervisor import Supervisor
-from supervisor.errors import (
+from supervisor.core.errors import (
     ConnectionClosedError,
     MigrationRolledBackError,
     PathNotValidatedError,
     ProbeTimeoutError,
 )
-from supervisor.events import EvtPathStateChanged
-from supervisor.handles import Connection
+from supervisor.core.events import EvtPathStateChanged
+from supervisor.core.handles import Connection
 from telemetry.qlog import BoundedTrace, QlogDirectory
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair, generate_cert

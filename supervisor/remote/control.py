@@ -38,8 +38,7 @@ from actors.envelope import EnvelopeError, decode, encode
 from actors.lifecycle import Closing, Service
 from actors.path_state import PathState
 from supervisor.addresses import parse_quic_multiaddr
-from supervisor.drain import DrainReport
-from supervisor.messages import (
+from supervisor.core.messages import (
     AddPathRequest,
     ClosePathRequest,
     ConnectionSnapshot,
@@ -50,9 +49,11 @@ from supervisor.messages import (
     SnapshotRequest,
     StatsRequest,
     SwitchRequest,
+    expect,
     reply_snapshot,
 )
-from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.orchestration.drain import DrainReport
+from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote.protocol import (
     Dispatcher,
     DrainRequest,
@@ -64,7 +65,7 @@ from supervisor.remote.protocol import (
 from telemetry.propagation import current_trace_fields
 
 if TYPE_CHECKING:
-    from supervisor.api import Supervisor
+    from supervisor.orchestration.supervisor import Supervisor
 
 __all__ = [
     "MAX_FRAME",
@@ -362,25 +363,21 @@ class ControlClient(Closing):
 
     async def migration_stats(self) -> MigrationStats:
         """How the supervisor's migrations ended (see ``Supervisor.migration_stats``)."""
-        reply = await self.request(StatsRequest())
-        assert isinstance(reply, MigrationStats)
+        reply = expect(await self.request(StatsRequest()), MigrationStats)
         return reply
 
     async def network_status(self) -> NetworkStatus:
         """What the supervisor's NetworkMonitor knows (see ``Supervisor.network_status``)."""
-        reply = await self.request(NetworkStatusRequest())
-        assert isinstance(reply, NetworkStatus)
+        reply = expect(await self.request(NetworkStatusRequest()), NetworkStatus)
         return reply
 
     async def snapshot(self) -> tuple[ConnectionSnapshot, ...]:
         """Every outbound connection of the supervisor with its paths."""
-        reply = await self.request(SnapshotRequest(None))
-        assert isinstance(reply, tuple)
+        reply = expect(await self.request(SnapshotRequest(None)), tuple)
         return reply
 
     async def connection(self, conn_id: str) -> ConnectionSnapshot:
-        reply = await self.request(SnapshotRequest(conn_id))
-        assert isinstance(reply, ConnectionSnapshot)
+        reply = expect(await self.request(SnapshotRequest(conn_id)), ConnectionSnapshot)
         return reply
 
     async def drain(
@@ -391,7 +388,7 @@ class ControlClient(Closing):
         probe_timeout: float = 2.0,
         close_drained: bool = True,
     ) -> DrainReport:
-        """:func:`supervisor.drain.drain`, run by the supervisor behind the socket."""
+        """:func:`supervisor.orchestration.drain.drain`, run by the supervisor behind the socket."""
         reply = await self.request(
             DrainRequest(
                 None if local_addr is None else str(local_addr),
@@ -417,8 +414,10 @@ class ControlClient(Closing):
         target = _find_path(snap.paths, ip, port)
         added = target is None
         if target is None:
-            made = await self.request(AddPathRequest(conn_id, local_addr=str(to_local_addr)))
-            assert isinstance(made, PathAddedReply)
+            made = expect(
+                await self.request(AddPathRequest(conn_id, local_addr=str(to_local_addr))),
+                PathAddedReply,
+            )
             snap = made.snapshot
             target = next(p for p in snap.paths if p.path_id == made.path_id)
         if target.active:

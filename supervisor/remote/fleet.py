@@ -29,18 +29,18 @@ import logging
 import os
 from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, Unpack
 
 from multiaddr import Multiaddr
 
 from actors.envelope import EnvelopeError, decode, encode
+from actors.lifecycle import Closing
 from actors.streams import Stream
-from supervisor.dialing import DialOptions, dial_request
-from supervisor.drain import DrainReport
-from supervisor.handles import Connection
-from supervisor.messages import ConnectionSnapshot, SnapshotRequest
-from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.core.dialing import DialOptions, dial_request
+from supervisor.core.handles import Connection
+from supervisor.core.messages import ConnectionSnapshot, SnapshotRequest, expect
+from supervisor.orchestration.drain import DrainReport
+from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote.protocol import (
     DrainRequest,
     ErrorReply,
@@ -251,8 +251,7 @@ class RemoteListener:
 
     async def refresh(self) -> ListenerInfo:
         """Fetch the listener's current connections and the client addresses they used."""
-        reply = await self._client.ask(ListenersRequest())
-        assert isinstance(reply, Listeners)
+        reply = expect(await self._client.ask(ListenersRequest()), Listeners)
         for info in reply.listeners:
             if info.listener_id == self.listener_id:
                 self.info = info
@@ -266,7 +265,7 @@ class RemoteListener:
         return f"RemoteListener({self.info.multiaddr!r}, handler={self.info.handler!r})"
 
 
-class EventStream:
+class EventStream(Closing):
     """Events of one agent as they happen, from its ``events_stream`` Ray streaming generator.
 
     ``async for evt in stream`` yields events (``types`` filters by class) from ``cursor`` on;
@@ -352,7 +351,7 @@ class EventStream:
             with contextlib.suppress(Exception):
                 self._cancel_remote()
 
-    async def aclose(self, timeout: float = 10.0) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
         """Cancel the agent's generator and wait (up to ``timeout``) until it has ended."""
         self._cancel_remote()
         self._pending.clear()
@@ -372,16 +371,7 @@ class EventStream:
 
         await asyncio.wait_for(drain(), timeout)
 
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    aclose = close  # the name async iterators close by
 
 
 class RemoteSupervisor(RayTransport):
@@ -394,20 +384,18 @@ class RemoteSupervisor(RayTransport):
         self.label = label
 
     async def info(self) -> AgentInfo:
-        info = await self.ask(InfoRequest())
-        assert isinstance(info, AgentInfo)
+        info = expect(await self.ask(InfoRequest()), AgentInfo)
         self._migration_enabled = info.migration_enabled
         return info
 
-    async def dial(
-        self, addr: str | Multiaddr, **options: Unpack[DialOptions]
-    ) -> RemoteConnection:
-        """Dial from the agent's node (keywords: :class:`~supervisor.dialing.DialOptions`;
+    async def dial(self, addr: str | Multiaddr, **options: Unpack[DialOptions]) -> RemoteConnection:
+        """Dial from the agent's node (keywords: :class:`~supervisor.core.dialing.DialOptions`;
         ``cafile`` is a path on that node, ``sock`` cannot cross processes)."""
         if options.get("sock") is not None:
             raise SocketNotTransferableError()
-        snap = await self.ask(dial_request(addr, options, files_here=False))
-        assert isinstance(snap, ConnectionSnapshot)
+        snap = expect(
+            await self.ask(dial_request(addr, options, files_here=False)), ConnectionSnapshot
+        )
         return RemoteConnection(self, snap)
 
     async def listen(
@@ -440,35 +428,30 @@ class RemoteSupervisor(RayTransport):
         return RemoteListener(self, info)
 
     async def listeners(self) -> list[RemoteListener]:
-        reply = await self.ask(ListenersRequest())
-        assert isinstance(reply, Listeners)
+        reply = expect(await self.ask(ListenersRequest()), Listeners)
         return [RemoteListener(self, info) for info in reply.listeners]
 
     async def metrics(self) -> AgentMetrics:
         """Counters of this agent: connections, paths by state, migrations by reason and
         result, rollbacks, probe RTT summary, bytes per path."""
-        reply = await self.ask(MetricsRequest())
-        assert isinstance(reply, AgentMetrics)
+        reply = expect(await self.ask(MetricsRequest()), AgentMetrics)
         return reply
 
     async def network_status(self) -> NetworkStatus:
         """What the agent's NetworkMonitor knows (interfaces, routes, reactions), or, with
         ``available`` False, why it does not run (agents start it with ``network=True``)."""
-        reply = await self.ask(NetworkStatusRequest())
-        assert isinstance(reply, NetworkStatus)
+        reply = expect(await self.ask(NetworkStatusRequest()), NetworkStatus)
         return reply
 
     async def snapshot(self) -> list[ConnectionSnapshot]:
-        snaps = await self.ask(SnapshotRequest(None))
-        assert isinstance(snaps, tuple)
+        snaps = expect(await self.ask(SnapshotRequest(None)), tuple)
         return list(snaps)
 
     async def connections(self) -> list[RemoteConnection]:
         return [RemoteConnection(self, s) for s in await self.snapshot()]
 
     async def connection(self, conn_id: str) -> RemoteConnection:
-        snap = await self.ask(SnapshotRequest(conn_id))
-        assert isinstance(snap, ConnectionSnapshot)
+        snap = expect(await self.ask(SnapshotRequest(conn_id)), ConnectionSnapshot)
         return RemoteConnection(self, snap)
 
     async def drain(
@@ -501,21 +484,18 @@ class RemoteSupervisor(RayTransport):
 
     async def events_since(self, cursor: int = 0, limit: int = 1000) -> EventBatch:
         """One batch of events since ``cursor`` (pass the batch's ``cursor`` next time)."""
-        batch = await self.ask(EventsRequest(cursor, limit))
-        assert isinstance(batch, EventBatch)
+        batch = expect(await self.ask(EventsRequest(cursor, limit)), EventBatch)
         return batch
 
     async def echo(
         self, conn_id: str, nbytes: int, *, chunk: int = 16384, pace: float = 0.0
     ) -> int:
         """Start a checksummed echo transfer on the agent; returns a job id for ``echo_wait``."""
-        rep = await self.ask(EchoStart(conn_id, nbytes, chunk, pace))
-        assert isinstance(rep, EchoReport)
+        rep = expect(await self.ask(EchoStart(conn_id, nbytes, chunk, pace)), EchoReport)
         return rep.job
 
     async def echo_wait(self, job: int, timeout: float = 60.0) -> EchoReport:
-        rep = await self.ask(EchoWait(job, timeout))
-        assert isinstance(rep, EchoReport)
+        rep = expect(await self.ask(EchoWait(job, timeout)), EchoReport)
         return rep
 
     async def finished_spans(self) -> list[dict[str, Any]]:

@@ -30,8 +30,8 @@ from multiaddr import Multiaddr
 
 from actors import errors as _errors
 from actors.envelope import Envelope, EnvelopeError, decode, encode, message, type_name
-from supervisor.drain import DrainReport, drain
-from supervisor.messages import ConnectionSnapshot
+from supervisor.core.messages import ConnectionSnapshot
+from supervisor.orchestration.drain import DrainReport, drain
 from telemetry.propagation import attached
 
 __all__ = [
@@ -83,9 +83,9 @@ class ErrorReply:
 @message("remote.Drain")
 @dataclass(frozen=True, slots=True)
 class DrainRequest:
-    """Run :func:`supervisor.drain.drain` in the supervisor's process; the reply is its
-    :class:`~supervisor.drain.DrainReport`. Every carrier offers it (a fleet drain asks each
-    node's agent)."""
+    """Run :func:`supervisor.orchestration.drain.drain` in the supervisor's process; the reply
+    is its :class:`~supervisor.orchestration.drain.DrainReport`. Every carrier offers it (a
+    fleet drain asks each node's agent)."""
 
     local_addr: str | None = None
     device: str | None = None

@@ -41,12 +41,10 @@ import msgpack
 from actors import errors as _errors
 from actors.envelope import encode, message
 from actors.streams import Stream
-from supervisor.api import Supervisor
-from supervisor.config import NetworkPolicy
-from supervisor.dialing import dial_options
-from supervisor.drain import DrainReport, drain
-from supervisor.handles import Connection
-from supervisor.messages import (
+from supervisor.core.config import NetworkPolicy
+from supervisor.core.dialing import dial_options
+from supervisor.core.handles import Connection
+from supervisor.core.messages import (
     AddPathRequest,
     CloseConnectionRequest,
     ClosePathRequest,
@@ -60,7 +58,9 @@ from supervisor.messages import (
     SwitchReply,
     SwitchRequest,
 )
-from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.orchestration.drain import DrainReport, drain
+from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.orchestration.supervisor import Supervisor
 from supervisor.remote.protocol import Dispatcher, DrainRequest, encode_error
 from supervisor.server import Listener
 

@@ -96,6 +96,7 @@ class SnatRebinder:
         self._nft(
             f"table ip {self.table} {{\n"
             "  chain post { type nat hook postrouting priority srcnat; policy accept; }\n"
+            "  chain pre { type filter hook prerouting priority raw; policy accept; }\n"
             "}\n"
         )
         self._open = True
@@ -109,11 +110,20 @@ class SnatRebinder:
 
     def rebind(self, new_port: int) -> None:
         """From now on ``addr:port`` leaves as ``addr:new_port`` (rule swapped atomically, then
-        the conntrack table flushed: an existing flow keeps its old mapping otherwise)."""
+        the conntrack table flushed: an existing flow keeps its old mapping otherwise).
+
+        Datagrams still sent to the socket's own port are dropped before conntrack sees them,
+        as a real NAT drops what arrives for a mapping it forgot. Without that, a server
+        datagram landing between the flush and the client's next one made the flow the
+        server's (inbound, never source-NATed): the rebinding silently never happened (seen
+        once in a full suite run)."""
         self._nft(
             f"flush chain ip {self.table} post\n"
             f"add rule ip {self.table} post ip saddr {self.addr} udp sport {self.port} "
             f"counter snat to {self.addr}:{new_port}\n"
+            f"flush chain ip {self.table} pre\n"
+            f"add rule ip {self.table} pre ip daddr {self.addr} udp dport {self.port} "
+            f"counter drop\n"
         )
         self.ns.run(["conntrack", "-F"])
         self.mapped_port = new_port

@@ -7,6 +7,7 @@ boundary (the Ray backend swaps the transport, not the messages).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from actors.envelope import message
 from actors.path_state import PathState
@@ -192,7 +193,7 @@ class StatsRequest:
 @dataclass(frozen=True, slots=True)
 class MigrationStats:
     """How this supervisor's migrations ended: completed, and failed by outcome
-    (``supervisor.events.OUTCOMES``). ``success_rate`` is completed over all that ended
+    (``supervisor.core.events.OUTCOMES``). ``success_rate`` is completed over all that ended
     (None before the first); cancelled ones count as ended, not as failures of the path."""
 
     completed: int = 0
@@ -203,8 +204,8 @@ class MigrationStats:
     #: Failovers whose failed path answered again within ``FailoverPolicy.suspect_window``:
     #: the false-failover indicator (it was probably never dead).
     suspect_failovers: int = 0
-    #: Herd control (``supervisor.herd``): migrations in flight and waiting now, how many
-    #: had to wait since start, the longest wait and the deepest queue.
+    #: Herd control (``supervisor.orchestration.herd``): migrations in flight and waiting
+    #: now, how many had to wait since start, the longest wait and the deepest queue.
     in_flight: int = 0
     queued: int = 0
     waited: int = 0
@@ -241,3 +242,17 @@ def reply_snapshot(reply: object) -> ConnectionSnapshot:
     if isinstance(reply, (PathAddedReply, SwitchReply)):
         return reply.snapshot
     raise TypeError(f"not a connection reply: {type(reply).__name__}")
+
+
+_T = TypeVar("_T")
+
+
+def expect(reply: object, kind: type[_T]) -> _T:
+    """``reply`` as the ``kind`` a request promises; a wrong type (a peer of another release)
+    is a ``TypeError`` naming both, not an ``assert`` that ``python -O`` drops."""
+    if not isinstance(reply, kind):
+        raise TypeError(
+            f"expected a {kind.__name__} reply, got {type(reply).__name__}: is the other side "
+            "another quic-supervisor release?"
+        )
+    return reply

@@ -43,7 +43,7 @@ class FailoverPolicy:
     suspect_window: float = 10.0
 
     def __post_init__(self) -> None:
-        from supervisor import validate
+        from supervisor.core import validate
 
         for name in (
             "keepalive_interval",
@@ -99,7 +99,7 @@ class PathPolicy:
         import ipaddress
 
         from actors.factory import MAX_PATHS
-        from supervisor import validate
+        from supervisor.core import validate
 
         for name in ("devices", "prefixes", "families"):
             if not isinstance(getattr(self, name), tuple):
@@ -169,7 +169,7 @@ class NetworkPolicy:
     probe_timeout: float = 2.0
 
     def __post_init__(self) -> None:
-        from supervisor import validate
+        from supervisor.core import validate
 
         if self.paths is not None and not isinstance(self.paths, PathPolicy):
             raise TypeError(

@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 
 from actors.envelope import message
 from actors.runtime import Actor
-from supervisor.network.inventory import Inventory, NetworkChange, NetworkFacts, Route
-from supervisor.network.netlink import NetlinkSource, NetlinkUnavailable, SourceFactory
+from supervisor.orchestration.network.inventory import Inventory, NetworkChange, NetworkFacts, Route
+from supervisor.orchestration.network.netlink import (
+    NetlinkSource,
+    NetlinkUnavailable,
+    SourceFactory,
+)
 
 __all__ = [
     "InterfaceStatus",

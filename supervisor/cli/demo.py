@@ -36,15 +36,15 @@ from rich.text import Text
 
 from actors.errors import MigrationError, MigrationRolledBackError
 from actors.streams import Stream
-from supervisor.api import Supervisor
-from supervisor.events import (
+from supervisor.core.events import (
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
     Subscription,
 )
-from supervisor.handles import Connection, MigratableConn
-from supervisor.handles import Path as QuicPath
-from supervisor.messages import PathSnapshot
+from supervisor.core.handles import Connection, MigratableConn
+from supervisor.core.handles import Path as QuicPath
+from supervisor.core.messages import PathSnapshot
+from supervisor.orchestration.supervisor import Supervisor
 from telemetry.tracing import ATTR_PATH_FROM_LOCAL_ADDRESS, ATTR_PATH_TO_LOCAL_ADDRESS
 
 __all__ = [

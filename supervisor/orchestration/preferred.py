@@ -17,14 +17,14 @@ from typing import Literal
 
 from actors.errors import MigrationError
 from supervisor.addresses import preferred_address_refusal
-from supervisor.messages import (
+from supervisor.core.messages import (
     AddPathRequest,
     ClosePathRequest,
     PathAddedReply,
     ProbeRequest,
     SwitchRequest,
 )
-from supervisor.policy import PolicyPort
+from supervisor.orchestration.policy import PolicyPort
 
 log = logging.getLogger(__name__)
 

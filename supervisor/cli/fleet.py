@@ -1,7 +1,7 @@
 """``quic-supervisor fleet ls|paths|network|drain|migrate`` and ``quic-supervisor agent``.
 
 Wired into the main CLI by ``add_fleet_commands(subparsers)`` + ``run_fleet_command(args)``;
-also runnable alone (``python -m supervisor.cli_fleet fleet drain --device net1``), which is
+also runnable alone (``python -m supervisor.cli.fleet fleet drain --device net1``), which is
 what the k8s manifests call, so they do not depend on how the main CLI is assembled.
 
 The commands build OTel providers from ``OTEL_*`` and run under one span, so a drain started
@@ -20,8 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
-from supervisor.cli_ctl import network_data, print_network
-from supervisor.drain import DrainReport
+from supervisor.cli.ctl import network_data, print_network
+from supervisor.orchestration.drain import DrainReport
 from supervisor.remote.ray_agent import DEFAULT_NAMESPACE
 
 __all__ = ["add_fleet_commands", "main", "run_fleet_command"]

@@ -6,7 +6,7 @@ the one importer of pyroute2; ``monitor`` is the actor that reads it; ``reaction
 policy; ``netns`` makes path sockets in another namespace.
 """
 
-from supervisor.network.inventory import NetworkChange, NetworkFacts
-from supervisor.network.monitor import InterfaceStatus, NetworkStatus, PeerRoute
+from supervisor.orchestration.network.inventory import NetworkChange, NetworkFacts
+from supervisor.orchestration.network.monitor import InterfaceStatus, NetworkStatus, PeerRoute
 
 __all__ = ["InterfaceStatus", "NetworkChange", "NetworkFacts", "NetworkStatus", "PeerRoute"]

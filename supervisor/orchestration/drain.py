@@ -29,8 +29,7 @@ from actors.envelope import message
 from actors.errors import ConnectionClosedError, InvalidAddressError
 from actors.path_state import PathState
 from supervisor.addresses import _check_device
-from supervisor.interfaces import IPInterface
-from supervisor.messages import (
+from supervisor.core.messages import (
     ClosePathRequest,
     ConnectionSnapshot,
     InterfaceAddressesRequest,
@@ -39,13 +38,15 @@ from supervisor.messages import (
     SnapshotRequest,
     SwitchRequest,
 )
+from supervisor.interfaces import IPInterface
 
 __all__ = ["DrainOutcome", "DrainReport", "DrainResult", "drain"]
 
 DrainResult = Literal["moved", "failed", "untouched"]
 
 #: Probes of unvalidated targets at once. Switches need no limit here: every switch takes a
-#: slot of the supervisor's herd control first (``supervisor.herd``: 64 in flight, FIFO), so
+#: slot of the supervisor's herd control first (``supervisor.orchestration.herd``: 64 in
+#: flight, FIFO), so
 #: a drain hands over all its connections at once and the gate paces them (all at once and
 #: unpaced, 1,000 switches read their confirmations too late: bench B4 lost up to half).
 MAX_CONCURRENT = 64

@@ -60,7 +60,6 @@ from actors.messages import (
 from actors.path_state import PathState
 from actors.runtime import Actor, ActorError, ActorRef, ChildFailed, Later, RestartIntensity
 from actors.view import ConnectionView, PathChange
-from supervisor import validate
 from supervisor.addresses import (
     bind_path_socket,
     check_local_address,
@@ -69,9 +68,9 @@ from supervisor.addresses import (
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
 )
-from supervisor.client_config import client_configuration, open_key_log
-from supervisor.config import NetworkPolicy
-from supervisor.events import (
+from supervisor.core import validate
+from supervisor.core.config import NetworkPolicy
+from supervisor.core.events import (
     Event,
     EventBus,
     EvtConnectionMigrationCompleted,
@@ -86,10 +85,7 @@ from supervisor.events import (
     MigrationReason,
     initiator_of,
 )
-from supervisor.failover import FailoverController
-from supervisor.herd import HerdLimits, MigrationGate
-from supervisor.interfaces import interface_addresses
-from supervisor.messages import (
+from supervisor.core.messages import (
     AddPathRequest,
     CloseConnectionRequest,
     ClosePathRequest,
@@ -108,20 +104,24 @@ from supervisor.messages import (
     SwitchRequest,
     SwitchResult,
 )
-from supervisor.network.inventory import Inventory
-from supervisor.network.monitor import (
+from supervisor.interfaces import interface_addresses
+from supervisor.orchestration.client_config import client_configuration, open_key_log
+from supervisor.orchestration.failover import FailoverController
+from supervisor.orchestration.herd import HerdLimits, MigrationGate
+from supervisor.orchestration.network.inventory import Inventory
+from supervisor.orchestration.network.monitor import (
     NetworkChanged,
     NetworkMonitor,
     NetworkStatus,
     NetworkStatusRequest,
     WatchPeers,
 )
-from supervisor.network.netlink import SourceFactory, open_pyroute2
-from supervisor.network.netns import Namespace
-from supervisor.network.reactions import NetworkController
-from supervisor.policy import Policy, PolicyPort, SupervisorPort
-from supervisor.preferred import PreferredAddressMode, PreferredAddressPolicy
-from supervisor.registry import ConnectionEntry, local_addr_of, snapshot_of
+from supervisor.orchestration.network.netlink import SourceFactory, open_pyroute2
+from supervisor.orchestration.network.netns import Namespace
+from supervisor.orchestration.network.reactions import NetworkController
+from supervisor.orchestration.policy import Policy, PolicyPort, SupervisorPort
+from supervisor.orchestration.preferred import PreferredAddressMode, PreferredAddressPolicy
+from supervisor.orchestration.registry import ConnectionEntry, local_addr_of, snapshot_of
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.plain import plain_dict

@@ -30,14 +30,14 @@ from rich.table import Table
 
 from actors.errors import MigrationError
 from actors.path_state import PathState
-from supervisor.drain import DrainReport
-from supervisor.messages import ConnectionSnapshot
-from supervisor.network.monitor import NetworkStatus, PeerRoute
+from supervisor.core.messages import ConnectionSnapshot
+from supervisor.orchestration.drain import DrainReport
+from supervisor.orchestration.network.monitor import NetworkStatus, PeerRoute
 from supervisor.remote.control import ControlClient, ControlServer
 from supervisor.remote.protocol import RemoteError
 
 if TYPE_CHECKING:
-    from supervisor.api import Supervisor
+    from supervisor.orchestration.supervisor import Supervisor
 
 __all__ = [
     "add_ctl_commands",

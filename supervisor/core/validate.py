@@ -167,7 +167,7 @@ def ca_file(value: object) -> str:
 def request(msg: object) -> None:
     """The same rules for a request however it arrived (a handle, the control socket, the
     Ray agent): what the typed front-ends check, checked again where requests are served."""
-    from supervisor.messages import (
+    from supervisor.core.messages import (
         AddPathRequest,
         DialRequest,
         ProbeRequest,

@@ -30,11 +30,8 @@ from rich.console import Console
 from actors.errors import InvalidArgumentError, MigrationError
 from actors.factory import MAX_PATHS
 from supervisor.addresses import parse_quic_multiaddr, to_multiaddr
-from supervisor.api import Supervisor
-from supervisor.cli_ctl import add_ctl_commands, control_socket, run_ctl_command
-from supervisor.cli_fleet import add_fleet_commands, run_fleet_command
-from supervisor.config import NetworkPolicy, PathPolicy
-from supervisor.demo import (
+from supervisor.cli.ctl import add_ctl_commands, control_socket, run_ctl_command
+from supervisor.cli.demo import (
     DemoOptions,
     MigrationRecord,
     Rotator,
@@ -45,8 +42,11 @@ from supervisor.demo import (
     run_demo,
     self_signed_cert,
 )
+from supervisor.cli.fleet import add_fleet_commands, run_fleet_command
+from supervisor.core.config import NetworkPolicy, PathPolicy
 from supervisor.h3 import H3Error, http3_get
-from supervisor.network.netns import resolve_netns
+from supervisor.orchestration.network.netns import resolve_netns
+from supervisor.orchestration.supervisor import Supervisor
 from telemetry.journal import JournalFormatError, journal_files, read_journal
 from telemetry.otlp_json import OtlpJsonFileSpanExporter
 from telemetry.providers import DropCountingSpanProcessor, Providers, build_providers_from_env
@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot_cmd.add_argument("-o", "--output", type=Path, default=Path("timeline.png"), metavar="PNG")
     plot_cmd.set_defaults(func=cmd_journal_plot, telemetry=False)
 
-    add_fleet_commands(sub)  # fleet ls|paths|network|drain|migrate, agent (supervisor/cli_fleet.py)
-    add_ctl_commands(sub)  # ctl paths|stats|network|drain|migrate (supervisor/cli_ctl.py)
+    add_fleet_commands(sub)  # fleet ls|paths|network|drain|migrate, agent (supervisor/cli/fleet.py)
+    add_ctl_commands(sub)  # ctl paths|stats|network|drain|migrate (supervisor/cli/ctl.py)
     return parser
 
 

@@ -13,7 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
-from supervisor.network.inventory import (
+from supervisor.orchestration.network.inventory import (
     IFA_F_DADFAILED,
     IFA_F_DEPRECATED,
     IFA_F_TENTATIVE,

@@ -17,8 +17,8 @@ from opentelemetry.context import Context
 from actors.envelope import enveloped
 from actors.runtime import ActorRef
 from actors.view import ConnectionView, PathChange, PathSample
-from supervisor.events import Event
-from supervisor.registry import ConnectionEntry
+from supervisor.core.events import Event
+from supervisor.orchestration.registry import ConnectionEntry
 from telemetry.propagation import inject_fields
 
 T = TypeVar("T")

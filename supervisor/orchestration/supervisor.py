@@ -24,29 +24,30 @@ from actors.messages import Close
 from actors.runtime import ActorRef, ChildFailed, Runtime
 from actors.streams import Stream
 from actors.view import PathSample
-from supervisor import validate
-from supervisor.client_config import open_key_log
-from supervisor.config import FailoverPolicy, NetworkPolicy
-from supervisor.dialing import DialOptions, dial_request
-from supervisor.drain import DrainReport, drain
-from supervisor.events import EventBus
-from supervisor.failover import FailoverController
-from supervisor.handles import Connection
-from supervisor.herd import HerdLimits
-from supervisor.messages import (
+from supervisor.core import validate
+from supervisor.core.config import FailoverPolicy, NetworkPolicy
+from supervisor.core.dialing import DialOptions, dial_request
+from supervisor.core.events import EventBus
+from supervisor.core.handles import Connection
+from supervisor.core.messages import (
     ConnectionSnapshot,
     HealthStatusRequest,
     MigrationStats,
     StatsRequest,
+    expect,
 )
-from supervisor.network.monitor import NetworkStatus, NetworkStatusRequest
-from supervisor.network.netlink import SourceFactory
-from supervisor.network.netns import Namespace
-from supervisor.policy import PolicyPort
-from supervisor.preferred import PreferredAddressMode
-from supervisor.registry import ConnectionEntry, snapshot_of
+from supervisor.orchestration.client_config import open_key_log
+from supervisor.orchestration.drain import DrainReport, drain
+from supervisor.orchestration.failover import FailoverController
+from supervisor.orchestration.herd import HerdLimits
+from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
+from supervisor.orchestration.network.netlink import SourceFactory
+from supervisor.orchestration.network.netns import Namespace
+from supervisor.orchestration.policy import PolicyPort
+from supervisor.orchestration.preferred import PreferredAddressMode
+from supervisor.orchestration.registry import ConnectionEntry, snapshot_of
+from supervisor.orchestration.supervisor_actor import SupervisorActor
 from supervisor.server import Listener
-from supervisor.supervisor_actor import SupervisorActor
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.propagation import current_trace_fields
@@ -86,7 +87,8 @@ class Supervisor(Service):
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
         of its newest events are kept in memory (see ``telemetry.qlog``). ``herd``: how many
         migrations may be in flight at once, in all and per remote IP (default 64 each); the
-        others wait their turn, FIFO (``supervisor.herd``). ``network``: reactions to the
+        others wait their turn, FIFO (``supervisor.orchestration.herd``). ``network``:
+        reactions to the
         kernel's link, address and route events (``NetworkPolicy``; DESIGN §8); the monitor
         runs whenever ``failover`` or ``network`` is given, ``network=False`` turns it off.
         ``netns``: the network namespace (a name under /run/netns, or a path) where path
@@ -276,7 +278,7 @@ class Supervisor(Service):
     # ------------------------------------------------------------------ API
 
     async def dial(self, addr: str | Multiaddr, **options: Unpack[DialOptions]) -> Connection:
-        """Dial a QUIC server (keywords: :class:`~supervisor.dialing.DialOptions`); returns
+        """Dial a QUIC server (keywords: :class:`~supervisor.core.dialing.DialOptions`); returns
         once the handshake completed.
 
         Cancelled, it leaves nothing behind (the half-made connection is closed)."""
@@ -285,8 +287,7 @@ class Supervisor(Service):
         request = dial_request(addr, options)
         if sock is not None:
             request = dataclasses.replace(request, socket_key=self.register_socket(sock))
-        reply = await self.ask(request)
-        assert isinstance(reply, ConnectionSnapshot)
+        reply = expect(await self.ask(request), ConnectionSnapshot)
         return Connection(self, reply, self._conns[reply.conn_id].port)
 
     async def listen(
@@ -330,22 +331,19 @@ class Supervisor(Service):
     async def health_status(self) -> HealthStatus:
         """The node's health groups at work: groups, members, live timers, keep-alives sent
         by kind (representative, confirm, nat, idle), verdicts, recent loop lag."""
-        status = await self.ask(HealthStatusRequest())
-        assert isinstance(status, HealthStatus)
+        status = expect(await self.ask(HealthStatusRequest()), HealthStatus)
         return status
 
     async def network_status(self) -> NetworkStatus:
         """What the NetworkMonitor knows: interfaces, addresses, the routes to the peers of
         the open connections, resyncs after ENOBUFS; ``available`` False with the reason
         when it does not run (no policy, pyroute2 missing, netlink refused)."""
-        status = await self.ask(NetworkStatusRequest())
-        assert isinstance(status, NetworkStatus)
+        status = expect(await self.ask(NetworkStatusRequest()), NetworkStatus)
         return status
 
     async def migration_stats(self) -> MigrationStats:
         """How this supervisor's migrations ended (completed, failed by outcome, rate)."""
-        stats = await self.ask(StatsRequest())
-        assert isinstance(stats, MigrationStats)
+        stats = expect(await self.ask(StatsRequest()), MigrationStats)
         return stats
 
     def connections(self) -> list[ConnectionSnapshot]:
@@ -366,7 +364,7 @@ class Supervisor(Service):
     ) -> DrainReport:
         """Move every connection off ``local_addr`` or ``device`` (maintenance), in parallel.
 
-        See :func:`supervisor.drain.drain`; one report entry per connection.
+        See :func:`supervisor.orchestration.drain.drain`; one report entry per connection.
         """
         self._check_running()
         probe_timeout = validate.duration("probe_timeout", probe_timeout)

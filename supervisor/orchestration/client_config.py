@@ -8,7 +8,7 @@ import ssl
 
 from aioquic.quic.configuration import QuicConfiguration
 
-from supervisor.messages import DialRequest
+from supervisor.core.messages import DialRequest
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from actors.errors import (
 from actors.path_state import PathState
 from actors.ports import AppProtocolPort, ConnectionPort
 from actors.streams import Stream
-from supervisor import validate
 from supervisor.addresses import parse_quic_multiaddr
-from supervisor.messages import (
+from supervisor.core import validate
+from supervisor.core.messages import (
     AddPathRequest,
     CloseConnectionRequest,
     ClosePathRequest,

@@ -24,16 +24,17 @@ from actors.path_state import PathState
 from actors.runtime import ActorError
 from actors.view import ConnectionView, PathChange, PathView
 from supervisor.addresses import parse_quic_multiaddr, sockaddr_to_multiaddr
-from supervisor.config import FailoverPolicy
-from supervisor.events import EvtConnectionMigrationFailed
-from supervisor.messages import SwitchRequest
-from supervisor.policy import PolicyPort
+from supervisor.core.config import FailoverPolicy
+from supervisor.core.events import EvtConnectionMigrationFailed
+from supervisor.core.messages import SwitchRequest
+from supervisor.orchestration.policy import PolicyPort
 
 log = logging.getLogger(__name__)
 
 
 class TargetJudge(Protocol):
-    """What the network policy says about failover targets (``supervisor.network``)."""
+    """What the network policy says about failover targets
+    (``supervisor.orchestration.network``)."""
 
     def usable(self, conn_id: str, path: PathView) -> bool:
         """False when the kernel says the path's address or link is gone."""

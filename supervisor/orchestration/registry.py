@@ -15,7 +15,7 @@ from actors.ports import ConnectionPort
 from actors.runtime import ActorRef
 from actors.view import ConnectionView, ViewCell
 from supervisor.addresses import multiaddr_text, sockaddr_to_multiaddr
-from supervisor.messages import ConnectionSnapshot, PathSnapshot
+from supervisor.core.messages import ConnectionSnapshot, PathSnapshot
 from telemetry.qlog import QlogWriter
 
 

@@ -14,8 +14,8 @@ from typing import TypedDict
 
 from multiaddr import Multiaddr
 
-from supervisor import validate
-from supervisor.messages import DialRequest
+from supervisor.core import validate
+from supervisor.core.messages import DialRequest
 
 __all__ = ["DialOptions", "dial_options", "dial_request"]
 

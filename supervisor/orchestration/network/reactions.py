@@ -1,7 +1,8 @@
 """The network policy: what the supervisor does when the kernel reports a change (DESIGN §8).
 
 It hears ``NetworkChanged`` in the supervisor's mailbox turn and acts only through its
-:class:`~supervisor.policy.PolicyPort`, with the requests a user or an operator would send,
+:class:`~supervisor.orchestration.policy.PolicyPort`, with the requests a user or an
+operator would send,
 so every reaction is an ordinary migration (events, span, confirmation and rollback, herd
 control) with reason ``network`` and initiator ``policy``; the requests carry the
 ``quic.network.change`` span's context, so one trace shows the change and every migration
@@ -26,9 +27,8 @@ from actors.path_state import PathState
 from actors.runtime import ActorError
 from actors.view import ConnectionView, PathView
 from supervisor.addresses import to_multiaddr
-from supervisor.config import NetworkPolicy
-from supervisor.failover import FailoverController
-from supervisor.messages import (
+from supervisor.core.config import NetworkPolicy
+from supervisor.core.messages import (
     AddPathRequest,
     ClosePathRequest,
     PathAddedReply,
@@ -37,9 +37,10 @@ from supervisor.messages import (
     ProbeRequest,
     SwitchRequest,
 )
-from supervisor.network.budget import EagerBudget, eager_kind
-from supervisor.network.inventory import NetworkChange, NetworkFacts
-from supervisor.policy import PolicyPort
+from supervisor.orchestration.failover import FailoverController
+from supervisor.orchestration.network.budget import EagerBudget, eager_kind
+from supervisor.orchestration.network.inventory import NetworkChange, NetworkFacts
+from supervisor.orchestration.policy import PolicyPort
 
 __all__ = ["NetworkController"]
 
