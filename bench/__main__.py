@@ -1,7 +1,7 @@
 """Run the benchmark suite (``make bench``): each benchmark in its own process, JSON to
 ``bench/results/<name>.json``, then one table on stdout.
 
-    python -m bench [--quick] [--only b1_migration,b3_throughput] [--no-wait]
+    python -m bench [--quick] [--only b1_migration,b3_throughput] [--no-wait] [--skip-long]
 
 Why a process per benchmark: a crash, a leaked thread (Ray) or a grown heap in one does not
 touch the next, and every figure starts from the same state. The machine is shared and noisy:
@@ -33,7 +33,10 @@ SUITE: list[tuple[str, int, list[str]]] = [
     ("b4_starved", 480, []),  # netns + cgroup, 1,000 conns: ~4-5 min (windows: --window)
     ("telemetry_overhead", 120, ["--migrations", "200"]),
     ("b5_control", 240, []),
+    ("b6_loss", 420, []),  # 1,000 + 10,000 migrations under loss, netns: ~3.5-4 min
 ]
+#: Entries that take minutes on their own: ``--skip-long`` leaves them out (default: run).
+LONG: frozenset[str] = frozenset({"b6_loss"})
 MAX_LOAD = 1.5
 MAX_WAIT = 180.0
 
@@ -138,9 +141,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (harness check)")
     parser.add_argument("--only", default="", help="comma-separated module names")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    parser.add_argument(
+        "--skip-long", action="store_true", help=f"leave out the long ones ({', '.join(LONG)})"
+    )
     args = parser.parse_args()
     only = {n for n in args.only.split(",") if n}
-    suite = [s for s in SUITE if not only or s[0] in only]
+    suite = [
+        s for s in SUITE if (not only or s[0] in only) and not (args.skip_long and s[0] in LONG)
+    ]
     base = results_dir(args.quick)
     base.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

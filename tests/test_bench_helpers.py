@@ -52,3 +52,60 @@ def test_report_rewrites_only_the_marked_block(
     assert text.startswith("intro\n") and text.endswith("outro\n")
     assert "| B9 | a \\| figure | <= 1 ms |" in text and "old" not in text
     assert report.update(readme) is False  # idempotent
+
+
+def _interop_entry(case: str, peer: str, outcome: str, stall: float | None) -> dict[str, object]:
+    return {
+        "case": case,
+        "peer": peer,
+        "at": f"2026-01-0{1 + len(peer) % 8}T10:00:00+0000",
+        "outcome": outcome,
+        "checks": {"data_intact": outcome == "pass"},
+        "stall_ms": stall,
+        "confirmation_ms": 1.5,
+    }
+
+
+def test_interop_table_has_a_row_per_peer_and_a_column_per_case(tmp_path: Path) -> None:
+    results = tmp_path / "interop.json"
+    entries = [
+        _interop_entry("nat_rebinding", "ours", "pass", 3.0),  # another file's case: last
+        _interop_entry("client_migration", "ours", "fail", 12.345),
+        _interop_entry("client_migration", "ngtcp2", "pass", 45.81),
+        _interop_entry("connectionmigration", "ngtcp2", "pass", None),
+        _interop_entry("connectionmigration", "ours", "not applicable", None),
+        _interop_entry("client_migration", "quiche", "pass", 7.0),  # an unknown peer: last
+    ]
+    results.write_text(json.dumps({f"{e['case']}/{e['peer']}": e for e in entries}))
+    assert report.interop_table(results).splitlines() == [
+        "| peer | `client_migration` | `connectionmigration` | `nat_rebinding` |",
+        "|---|---|---|---|",
+        "| ngtcp2 `gtlsserver` (Debian) | pass, stall 45.8 ms | pass | - |",
+        "| our listener (`Supervisor.listen`) | **fail**, stall 12.3 ms | n/a "
+        "| pass, stall 3.0 ms |",
+        "| quiche | pass, stall 7.0 ms | - | - |",
+        "",
+        "Last recorded 2026-01-07T10:00:00+0000; every check and figure (switch confirmation "
+        "times too) in `bench/results/interop.json`.",
+    ]
+
+
+def test_report_rewrites_the_interop_block_from_the_results_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report, "table", lambda: "bench table")
+    results = tmp_path / "interop.json"
+    monkeypatch.setenv("QS_INTEROP_RESULTS", str(results))
+    readme = tmp_path / "README.md"
+    interop = f"{report.INTEROP_START}\nold\n{report.INTEROP_END}"
+    readme.write_text(f"intro\n{report.START}\nb\n{report.END}\nmid\n{interop}\noutro\n")
+    report.update(readme)
+    assert interop in readme.read_text()  # no results file: the block is left as it is
+    entry = _interop_entry("client_migration", "aioquic", "pass", 1.0)
+    results.write_text(json.dumps({"client_migration/aioquic": entry}))
+    assert report.update(readme) is True
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| aioquic 1.7 server (stock) | pass, stall 1.0 ms |" in text
+    assert f"{report.START}\nbench table\n{report.END}\nmid\n" in text
+    assert report.update(readme) is False  # idempotent

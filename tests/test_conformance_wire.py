@@ -38,18 +38,12 @@ from supervisor.core.events import EvtConnectionMigrationCompleted, EvtConnectio
 from supervisor.core.handles import Connection
 from supervisor.h3 import http3_get
 from tests.rig.aioquic_server import Addr, RigServer, echo_server
-from tests.rig.capture import UdpCapture, capture_udp, tshark_available
+from tests.rig.capture import capture_udp, tshark_available
 from tests.rig.certs import CertPair
+from tests.rig.migration_wire import analyse_old_path, wait_captured
 from tests.rig.ngtcp2 import Ngtcp2Server, gtlsserver, gtlsserver_available, make_htdocs
 from tests.rig.ngtcp2_log import LoggedPacket, logged_packets
-from tests.rig.quic_wire import (
-    ACK_TYPES,
-    PADDING,
-    PATH_CHALLENGE,
-    PATH_RESPONSE,
-    WirePacket,
-    wire_packets,
-)
+from tests.rig.quic_wire import wire_packets
 from tests.rig.udp_shim import DropRule, FlowStats, UdpShim, udp_shim
 from tests.rig.waiting import poll_until
 from tests.support import (
@@ -69,8 +63,6 @@ pytest_plugins = ["tests.rig.fixtures"]
 P2 = "/ip4/127.0.0.2/udp/0/quic-v1"
 P3 = "/ip4/127.0.0.3/udp/0/quic-v1"
 MIGRATIONS = 100
-#: RFC 9000 §8.2.1: a datagram carrying PATH_CHALLENGE is expanded to at least 1200 bytes.
-MIN_PROBE_DATAGRAM = 1200
 #: aioquic's default max_datagram_size (aioquic does no PMTUD: the client's datagram size).
 MAX_DATAGRAM = QuicConfiguration(is_client=True).max_datagram_size
 
@@ -87,87 +79,6 @@ def _alternating(i: int) -> str:
 
 
 # ------------------------------------------------------------------------------ 1. wire
-
-
-@dataclass
-class OldPathReport:
-    """What the capture says about paths A (old) and B (new) of one client migration."""
-
-    first_on_b: WirePacket
-    #: Wire number of the switch's first non-probing packet on B.
-    switch_at: int
-    #: Datagrams the client sent from A after that, and after the switch() call returned.
-    client_from_a_after: list[WirePacket]
-    client_from_a_after_completed: list[WirePacket]
-    #: Datagrams the peer sent to A after the switch began (frame names -> count).
-    peer_to_a_after: Counter[tuple[str, ...]]
-    #: PATH_RESPONSE data the client sent from A after the switch.
-    responses_from_a: list[str]
-
-
-def _analyse_old_path(
-    packets: list[WirePacket], a: Addr, b: Addr, completed_at: float
-) -> OldPathReport:
-    """The conformance checks shared by both peers (see the module docstring)."""
-    client = [p for p in packets if p.src in (a, b)]
-    undecrypted = [p.number for p in client if not p.decrypted]
-    assert client and not undecrypted, f"client datagrams tshark could not decrypt: {undecrypted}"
-    from_a = [p for p in client if p.src == a]
-    from_b = [p for p in client if p.src == b]
-    assert from_a and from_b
-
-    # RFC 9000 §9.5: no destination CID is used from both local addresses.
-    shared = {d for p in from_a for d in p.dcids} & {d for p in from_b for d in p.dcids}
-    assert not shared, f"CIDs used on both paths: {shared}"
-
-    # The first datagram from B is our probe: a padded PATH_CHALLENGE and nothing else.
-    first = from_b[0]
-    assert set(first.frame_types) == {PATH_CHALLENGE, PADDING}, first
-    assert len(first.challenges) == 1 and first.length >= MIN_PROBE_DATAGRAM, first
-    # A carried the connection before the switch (stream data, ACKs: non-probing).
-    assert any(not p.probing_only for p in from_a if p.number < first.number)
-
-    # The switch: our first non-probing packet on B. Only probing frames came before it on B.
-    switch_at = next(p.number for p in from_b if not p.probing_only)
-    before = [p for p in from_b if p.number < switch_at]
-    assert all(set(p.frame_types) <= {PATH_CHALLENGE, PATH_RESPONSE, PADDING} for p in before)
-
-    # After it: nothing non-probing on A; only answers to the peer's challenges, no ACK.
-    after = [p for p in from_a if p.number > switch_at]
-    offending = [
-        (p.number, p.names) for p in after if not set(p.frame_types) <= {PATH_RESPONSE, PADDING}
-    ]
-    assert not offending, f"non-probing frames left the old path after the switch: {offending}"
-    assert not any(set(p.frame_types) & ACK_TYPES for p in after)
-    responses = [r for p in after for r in p.responses]
-    # And every such datagram does answer something.
-    assert all(p.responses for p in after), [(p.number, p.names) for p in after]
-
-    peer_to_a: Counter[tuple[str, ...]] = Counter(
-        p.names if p.decrypted else ("<not decrypted>",)
-        for p in packets
-        if p.dst == a and p.number > switch_at
-    )
-    return OldPathReport(
-        first_on_b=first,
-        switch_at=switch_at,
-        client_from_a_after=after,
-        client_from_a_after_completed=[p for p in after if p.time >= completed_at],
-        peer_to_a_after=peer_to_a,
-        responses_from_a=responses,
-    )
-
-
-async def _wait_captured(cap: UdpCapture, conn: Connection, path_ids: dict[Addr, int]) -> None:
-    """Wait until tshark has shown every datagram our paths sent so far (the capture is then
-    complete for them: "nothing from A" means nothing was sent, not nothing was caught)."""
-    sent = {addr: path_actor(conn, pid).stats.datagrams_sent for addr, pid in path_ids.items()}
-
-    def complete() -> bool:
-        seen = Counter(f.src for f in cap.flows)
-        return all(seen[addr] >= n for addr, n in sent.items())
-
-    await cap.wait_for(complete, 15, f"capture holds all client datagrams {sent}")
 
 
 @needs_tshark
@@ -195,12 +106,14 @@ async def test_wire_old_path_after_switch_aioquic(
         await stream.finish()
         await echo_roundtrip(conn)
         assert path_actor(conn, old.path_id).stats.datagrams_sent == sent_from_a_at_switch
-        await _wait_captured(cap, conn, {a: old.path_id, b: new.path_id})
+        paths = {a: old.path_id, b: new.path_id}
+        sent = {addr: path_actor(conn, pid).stats.datagrams_sent for addr, pid in paths.items()}
+        await wait_captured(cap, sent)
         server_peer = server.connections[0].current_peer()
         await conn.close()
     assert server_peer == b  # the server followed
 
-    report = _analyse_old_path(wire_packets(pcap, rig_keylog, server.port), a, b, completed_at)
+    report = analyse_old_path(wire_packets(pcap, rig_keylog, server.port), a, b, completed_at)
     # The stock aioquic server never validates the previously active path, so nothing at all
     # left A after the switch (the PathActor's counter above says the same).
     assert report.client_from_a_after == []
@@ -276,11 +189,13 @@ async def test_wire_old_path_after_switch_ngtcp2(
             return bool(sent) and set(sent) <= set(_responses_from(logged, a))
 
         await server.wait_for(old_path_validated, 10, "ngtcp2 challenged A and was answered")
-        await _wait_captured(cap, conn, {a: old.path_id, b: new.path_id})
+        paths = {a: old.path_id, b: new.path_id}
+        sent = {addr: path_actor(conn, pid).stats.datagrams_sent for addr, pid in paths.items()}
+        await wait_captured(cap, sent)
         await conn.close()
     logged = logged_packets(server.log())
 
-    report = _analyse_old_path(wire_packets(pcap, rig_keylog, server.port), a, b, completed_at)
+    report = analyse_old_path(wire_packets(pcap, rig_keylog, server.port), a, b, completed_at)
     # The server's view of the switch: the first non-probing packet it got from B.
     probing = {"PATH_CHALLENGE", "PATH_RESPONSE", "PADDING"}
     switch_line = min(
