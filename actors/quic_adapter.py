@@ -296,6 +296,57 @@ class StreamCredit:
         return True
 
 
+class InboundQuicConnection(QuicConnection):
+    """A server-side connection that follows a NAT rebinding with a fresh peer CID.
+
+    After a NAT rebinding the client keeps its CID, and aioquic's server then sends to the new
+    address with the peer CID it used on the old one: RFC 9000 §9.5 permits that, but it links
+    the two addresses for an observer, and the interop runner's ``rebind-*`` cases fail it. So
+    whenever the active peer address changed since the last send while the peer kept its CID
+    (had it changed CIDs, aioquic switched already), the next CID the peer issued is taken
+    before anything is sent to the new address, and a probe is queued: with the congestion
+    window full, aioquic would otherwise send an ACK-only packet there first and the
+    PATH_CHALLENGE only later; a probe may exceed the window by one datagram (RFC 9002 §7.5),
+    so the challenge (written before the probe's PING) leaves in the first packet.
+
+    ``QuicServer`` builds each ``QuicConnection`` itself (no factory hook), so a stock one is
+    adopted (`follow_rebindings`) before it receives anything; hence the state is in
+    class-level defaults and there is no ``__init__``.
+    """
+
+    #: Active peer address, and the CID the peer sends to, at the last send.
+    last_sent_peer: NetworkAddress | None = None
+    last_sent_host_cid: bytes | None = None
+    #: Rebindings followed (peer CID changed, challenge pushed through).
+    rebinds_followed: int = 0
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        peer = self.get_peer_address()
+        if (
+            self._handshake_confirmed
+            and self.last_sent_peer is not None
+            and peer is not None
+            and peer != self.last_sent_peer
+            and self.host_cid == self.last_sent_host_cid
+        ):
+            self.change_connection_id()  # a no-op when the peer issued no spare CID
+            self._probe_pending = True
+            self.rebinds_followed += 1
+        datagrams = super().datagrams_to_send(now)
+        if peer is not None:
+            self.last_sent_peer = peer
+            self.last_sent_host_cid = self.host_cid
+        return datagrams
+
+
+def follow_rebindings(quic: QuicConnection) -> None:
+    """Make a stock server-side connection that has not yet received anything an
+    `InboundQuicConnection` (same object and state, one more rule). Clients and subclasses
+    (ours, the rig's) are left alone."""
+    if type(quic) is QuicConnection and not quic.configuration.is_client:
+        quic.__class__ = InboundQuicConnection
+
+
 class MigratingQuicConnection(QuicConnection):
     """aioquic's QuicConnection with client-side, per-socket path management.
 
@@ -985,11 +1036,13 @@ __all__ = [
     "AIOQUIC_MAX_NETWORK_PATHS",
     "REQUIRED_PRIVATE_MEMBERS",
     "BoundedQuicLoggerTrace",
+    "InboundQuicConnection",
     "MigratingQuicConnection",
     "PathAddr",
     "PathResponse",
     "QuicConnectionId",
     "StreamCredit",
     "SwitchToken",
+    "follow_rebindings",
     "logger_traces",
 ]

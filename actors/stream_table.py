@@ -17,7 +17,12 @@ from typing import Protocol
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
 
-from actors.quic_adapter import StreamCredit, has_stream, stream_send_backlog
+from actors.quic_adapter import (
+    StreamCredit,
+    follow_rebindings,
+    has_stream,
+    stream_send_backlog,
+)
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
 
 __all__ = ["QuicStreamTransport", "StreamTable", "StreamTransport"]
@@ -180,8 +185,9 @@ class QuicStreamTransport:
     """The StreamTransport of a stock aioquic connection (the server side's).
 
     aioquic grants stream credit as bytes arrive; attaching :class:`StreamCredit` bounds it by
-    what the application read. ``transmit`` sends what aioquic queued; ``check_open`` raises
-    the connection's error once it is closed.
+    what the application read. The connection also follows NAT rebindings with a fresh peer
+    CID (``InboundQuicConnection``). ``transmit`` sends what aioquic queued; ``check_open``
+    raises the connection's error once it is closed.
     """
 
     __slots__ = ("_check_open", "_credit", "_quic", "_transmit")
@@ -193,6 +199,9 @@ class QuicStreamTransport:
         check_open: Callable[[], None],
     ) -> None:
         self._quic = quic
+        # The server side's rules, before the connection receives anything: the listener may
+        # not import the adapter, and this port is where an inbound connection meets it.
+        follow_rebindings(quic)  # a fresh peer CID and a challenge first after a NAT rebinding
         self._credit = StreamCredit.attach(quic)
         self._transmit = transmit
         self._check_open = check_open

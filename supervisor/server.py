@@ -2,7 +2,10 @@
 
 Server-side connections accept the peer's migration (aioquic does it: new path validated, then
 promoted) and never initiate one, so they need none of the path machinery: each is an aioquic
-``QuicConnectionProtocol`` with our bounded streams on top.
+``QuicConnectionProtocol`` with our bounded streams on top. When the peer's address changes
+under the same CID (a NAT rebinding), the connection moves to a fresh peer CID and challenges
+the new address in its first packet there (``InboundQuicConnection`` in the adapter, attached
+with the stream credit through ``QuicStreamTransport``: this module imports no adapter).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class InboundProtocol(QuicConnectionProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         # With a handler, each stream the peer opens starts it; without, accept_stream() has it.
         on_accept = self._start_handler if listener.handler is not None else None
+        # Also gives the connection the adapter's server-side rules (before any datagram):
+        # bounded stream credit, and a fresh peer CID after a NAT rebinding.
         transport = QuicStreamTransport(quic, self.transmit, self.check_open)
         self.streams = StreamTable(transport, DEFAULT_STREAM_BUFFER, on_accept)
 

@@ -23,8 +23,10 @@ from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 from actors.quic_adapter import (
     REQUIRED_PRIVATE_MEMBERS,
+    InboundQuicConnection,
     MigratingQuicConnection,
     PathAddr,
+    follow_rebindings,
 )
 from tests.rig.aioquic_server import _emulate_peer_transport_parameters
 from tests.rig.certs import CertPair
@@ -496,3 +498,76 @@ def test_an_ack_eliciting_receipt_or_a_loss_needs_a_send(cert: CertPair) -> None
     assert client.receive_needs_send() is True
     again = client.datagrams_to_send(pair.now + 0.03)
     assert again  # the lost data, sent again
+
+
+# ------------------------------------------------------------------ inbound: NAT rebinding
+
+#: Where the client's datagrams come from after its NAT forgot the mapping.
+REBOUND = ("10.0.0.9", 61000)
+
+
+def _sent_packets(trace: Any, start: int) -> list[tuple[str, list[str]]]:
+    """(DCID, frame types) of each packet the server's qlog recorded as sent since `start`."""
+    return [
+        (e["data"]["header"].get("dcid", ""), [f["frame_type"] for f in e["data"]["frames"]])
+        for e in list(trace._events)[start:]
+        if e["name"] == "transport:packet_sent"
+    ]
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["inbound", "stock"])
+def test_a_rebound_peer_gets_a_fresh_cid_and_a_challenge_first(
+    cert: CertPair, follow: bool
+) -> None:
+    """The client's address changes under the same CID while the server's congestion window is
+    full and an ACK is due. `InboundQuicConnection` (what the listener's connections become)
+    sends its first packet to the new address with a CID never used before, carrying a
+    PATH_CHALLENGE; stock aioquic keeps the old CID and sends an ACK-only packet first."""
+    setup = follow_rebindings if follow else None
+    pair = Pair(cert, server_setup=setup, client_class=QuicConnection)
+    pair.connect()
+    server: Any = pair.server
+    assert isinstance(server, InboundQuicConnection) is follow
+    stream_id = pair.client.get_next_available_stream_id()
+    pair.client.send_stream_data(stream_id, b"hello")
+    pair.pump()  # the client's spare CIDs have reached the server
+    trace = server._quic_logger
+    used_before = {dcid for dcid, _ in _sent_packets(trace, 0)}
+    # The server fills its congestion window towards the old address; nothing is acked.
+    server.send_stream_data(stream_id, b"x" * 2_000_000)
+    loss = server._loss
+    while loss.congestion_window - loss.bytes_in_flight >= server._max_datagram_size:
+        pair.now += 0.001  # past the pacer
+        server.datagrams_to_send(pair.now)
+    start = len(trace._events)
+    # The rebound client sends (ack-eliciting) from its new address; its ACK becomes due.
+    pair.client.send_stream_data(stream_id, b"more")
+    for data, _ in pair.client.datagrams_to_send(pair.now):
+        server.receive_datagram(data, REBOUND, pair.now)
+    pair.now += 0.05
+    out = server.datagrams_to_send(pair.now)
+    assert out and {addr for _, addr in out} == {REBOUND}
+    first_dcid, first_frames = _sent_packets(trace, start)[0]
+    if follow:
+        assert "path_challenge" in first_frames, first_frames
+        assert first_dcid not in used_before, (first_dcid, used_before)
+        assert server.rebinds_followed == 1
+        # The client answers on the new address and the server validates it.
+        for data, _ in out:
+            pair.client.receive_datagram(data, SERVER, pair.now)
+        for data, _ in pair.client.datagrams_to_send(pair.now):
+            server.receive_datagram(data, REBOUND, pair.now)
+        assert server._network_paths[0].addr == REBOUND
+        assert server._network_paths[0].is_validated
+    else:
+        assert first_frames == ["ack"], first_frames
+        assert first_dcid in used_before
+
+
+def test_follow_rebindings_leaves_clients_and_subclasses_alone() -> None:
+    client = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    follow_rebindings(client)
+    assert type(client) is QuicConnection
+    ours = MigratingQuicConnection(configuration=QuicConfiguration(is_client=True))
+    follow_rebindings(ours)
+    assert type(ours) is MigratingQuicConnection

@@ -8,6 +8,12 @@
 - `netns`: ``qs-*`` namespaces, veth links, the two-path topology, link/nft failure injection.
 - `ngtcp2`: Debian's gtlsserver as an independent HTTP/3 peer, with its log parsed.
 - `capture`: tshark live UDP capture and key-log QUIC frame decoding.
+- `quic_wire`, `migration_wire`: decoded packets of a capture, and the checks of a client
+  migration on the wire (first packet on the new address, old path probing-only, CIDs).
+- `rebind`: client — router — server namespaces whose router NAT really rebinds (SNAT
+  fully-random, conntrack flushed; two SNAT addresses for rebind-addr).
+- `interop_results`: the locked JSON writer of the interop cases' outcomes
+  (`bench/results/interop.json`, rendered into the README by `python -m bench.report`).
 - `waiting`: deadline-bounded waits on conditions (no fixed sleeps).
 - `fixtures`: pytest fixtures over all of the above.
 """
