@@ -6,8 +6,10 @@ Nothing here sleeps to synchronise: waits are on events or conditions with a dea
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 from collections.abc import AsyncIterator, Callable
@@ -130,6 +132,28 @@ class ChecksummedStream:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass
+class TimedStream(ChecksummedStream):
+    """A ChecksummedStream that also timestamps every echo delivery (loop clock)."""
+
+    arrivals: list[float] = field(default_factory=list)
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while chunk := await self.stream.read(65536):
+            self.arrivals.append(loop.time())
+            self._rx.update(chunk)
+            self.received += len(chunk)
+            self._progress.set()
+
+    def max_gap(self, since: float, until: float | None = None) -> float:
+        """Largest gap between consecutive deliveries from the last one before ``since`` on
+        (the gap spanning the fault counts) up to ``until``: the stall the application saw."""
+        start = max(bisect.bisect_left(self.arrivals, since) - 1, 0)
+        window = [t for t in self.arrivals[start:] if until is None or t <= until]
+        return max((b - a for a, b in itertools.pairwise(window)), default=0.0)
 
 
 class EventLog:

@@ -20,15 +20,12 @@ source NAT + ``conntrack -F`` (NAT rebinding).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import fcntl
-import itertools
 import json
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +53,7 @@ from tests.rig.netns import Filters, TwoPathTopology
 from tests.support import (
     ChecksummedStream,
     EventLog,
+    TimedStream,
     connection_actor,
     event_log,
     fd_count,
@@ -141,28 +139,6 @@ def _addr(path: QPath) -> str:
 
 def _port(path: QPath) -> int:
     return int(_addr(path).split("/")[4])
-
-
-@dataclass
-class TimedStream(ChecksummedStream):
-    """A ChecksummedStream that also timestamps every echo delivery (loop clock)."""
-
-    arrivals: list[float] = field(default_factory=list)
-
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        while chunk := await self.stream.read(65536):
-            self.arrivals.append(loop.time())
-            self._rx.update(chunk)
-            self.received += len(chunk)
-            self._progress.set()
-
-    def max_gap(self, since: float, until: float | None = None) -> float:
-        """Largest gap between consecutive deliveries from the last one before ``since`` on
-        (the gap spanning the fault counts) up to ``until``: the stall the application saw."""
-        start = max(bisect.bisect_left(self.arrivals, since) - 1, 0)
-        window = [t for t in self.arrivals[start:] if until is None or t <= until]
-        return max((b - a for a, b in itertools.pairwise(window)), default=0.0)
 
 
 def _record(scenario: str, **figures: Any) -> None:

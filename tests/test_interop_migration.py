@@ -57,7 +57,7 @@ from tests.rig.migration_wire import MigrationSplit, split_migration, wait_captu
 from tests.rig.ngtcp2 import Ngtcp2Server, free_udp_port, gtlsserver, gtlsserver_available
 from tests.rig.ngtcp2_log import logged_packets
 from tests.rig.quic_wire import WirePacket, wire_packets
-from tests.support import ChecksummedStream, addr_of, dial_echo, event_log, path_actor
+from tests.support import TimedStream, addr_of, dial_echo, event_log, path_actor
 
 pytest_plugins = ["tests.rig.fixtures"]
 
@@ -83,21 +83,6 @@ PEERS = [pytest.param("ngtcp2", marks=needs_ngtcp2), "aioquic", "ours"]
 
 
 # ---- one migration mid-transfer ------------------------------------------------------------------
-
-
-@dataclass
-class TimedStream(ChecksummedStream):
-    """A ChecksummedStream that timestamps every echo delivery (loop clock)."""
-
-    arrivals: list[float] = field(default_factory=list)
-
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        while chunk := await self.stream.read(65536):
-            self.arrivals.append(loop.time())
-            self._rx.update(chunk)
-            self.received += len(chunk)
-            self._progress.set()
 
 
 @dataclass

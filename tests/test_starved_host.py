@@ -43,8 +43,8 @@ from tests.rig.aioquic_server import RigServer
 from tests.rig.busy import busy_processes
 from tests.rig.certs import CertPair
 from tests.rig.netns import TwoPathTopology
-from tests.support import EventLog, event_log
-from tests.test_fault_suite import FAST, GUARD, TimedStream, _port, _record, _two_paths
+from tests.support import EventLog, TimedStream, event_log
+from tests.test_fault_suite import FAST, GUARD, _port, _record, _two_paths
 
 pytestmark = pytest.mark.netns
 
