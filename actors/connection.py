@@ -587,9 +587,8 @@ class ConnectionActor(Actor):
             return
         quic = self.quic
         quic.receive_datagram(data, PathAddr(addr, path_id), _now())
-        if quic.receive_needs_send():
-            self._flush_sends = True
-        elif self._live_at is not None and quic.outstanding_since() is None:
+        sends = quic.receive_needs_send()
+        if not sends and self._live_at is not None and quic.outstanding_since() is None:
             # Everything sent was answered (an idle PING's ACK): the look scheduled when it
             # left would find no silence to judge. Judge now, and spare the node's timer.
             self._health.cancel(("live", self.conn_id))
@@ -600,7 +599,7 @@ class ConnectionActor(Actor):
             asked = self._asked.pop(path_id, None)
             if asked is not None:  # the active path delivers after a group's PING
                 self._health.answered(self.conn_id, path_id, None)
-        self._after_input()
+        self._after_input(sends=sends)
 
     def path_error(self, path_id: int, exc: OSError, evidence: Evidence | None) -> None:
         """A socket error, judged by the path (``actors/socket_errors.py``): an unreachable
@@ -626,7 +625,8 @@ class ConnectionActor(Actor):
         facts = self._paths.get(path_id)
         return facts is not None and facts.actor.queued()
 
-    def _after_input(self) -> None:
+    def _after_input(self, *, sends: bool) -> None:
+        """Handle what aioquic made of the input; ``sends``: it may have queued something."""
         quic = self.quic
         while (event := quic.next_event()) is not None:
             self._handle_event(event)
@@ -643,7 +643,7 @@ class ConnectionActor(Actor):
         if quic.spare_peer_cids != self._published_spares:
             self._publish_soon()  # the CID budget is part of the view
         self._changed.set()
-        self._schedule_flush(sends=False)  # whoever queued something said so
+        self._schedule_flush(sends=sends)
 
     def _handle_event(self, event: qe.QuicEvent) -> None:
         if self.app_handler is not None and self.app_handler(event):
@@ -738,8 +738,7 @@ class ConnectionActor(Actor):
         ):
             self._health.count("idle")
         self.quic.handle_timer(now)  # checks each of its deadlines: early is harmless
-        self._flush_sends = True
-        self._after_input()
+        self._after_input(sends=True)
 
     # ------------------------------------------------------------------ streams (data plane)
 
