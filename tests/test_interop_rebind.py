@@ -397,8 +397,13 @@ def analyse(packets: list[WirePacket], server: Addr, rebinds: int, intact: bool)
     for t in tuples[1:]:
         first = to[t][0] if to[t] else None
         challenged = first is not None and PATH_CHALLENGE in first.frame_types
-        data = set(first.challenges) if first is not None else set()
-        answered = challenged and any(data & set(p.responses) for p in from_client if p.src == t)
+        # Every challenge sent to the tuple counts: a lost one is followed by a fresh one (8.2.1
+        # allows several against loss; the rig's router drops the odd first reply to a new
+        # mapping). RFC 9000 8.2.2: a PATH_RESPONSE on any path answers; the client may have been
+        # rebound again between the challenge and its answer. Where it came from is recorded.
+        data = {c for p in to[t] for c in p.challenges}
+        answered_on = [f"{p.src[0]}:{p.src[1]}" for p in from_client if data & set(p.responses)]
+        answered = challenged and bool(answered_on)
         dcids = {d for p in to[t] for d in p.dcids}
         fresh = bool(dcids) and not (dcids & earlier)
         earlier |= dcids
@@ -410,6 +415,8 @@ def analyse(packets: list[WirePacket], server: Addr, rebinds: int, intact: bool)
                 "tuple": f"{t[0]}:{t[1]}",
                 "first_frames": list(first.names) if first is not None else None,
                 "answered": answered,
+                "answered_on": sorted(set(answered_on)),
+                "challenges": len(data),
                 "dcids": sorted(dcids),
             }
         )
