@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # NAT state), namespaces and routes (iproute2).
 SYSDEPS := ngtcp2-server ngtcp2-client tshark nftables iproute2 libnetfilter-queue-dev iptables conntrack
 
-.PHONY: all venv sysdeps demo test lint bench clean
+.PHONY: all venv sysdeps peers demo test lint bench clean
 
 all: test
 
@@ -50,10 +50,67 @@ sysdeps:
 		apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-demo: sysdeps venv
+# Independent libp2p peers for the libp2p-mode tests (tests/peers/, tests/rig/libp2p_peers.py), in
+# .peers/ (gitignored). py-libp2p gets its own venv: its protobuf<7 pin conflicts with ours. js-libp2p
+# installs from the committed lock file in tests/peers/js/, copied beside a fresh node_modules; its
+# peer.mjs is a symlink there, run with --preserve-symlinks-main so imports resolve to that copy.
+# Not `npm ci`: the npm registry we reach serves only the linux-x64 builds of libp2p-quic, so
+# the lock lacks its other platforms' optional packages and `npm ci` calls it out of sync.
+# `npm install` on the copy installs exactly the lock; if it had to change the lock, the committed
+# one is stale and the target fails (regenerate: cd tests/peers/js && npm install --package-lock-only).
+# Stamps make a second run instant; a missing node (or one older than 20) is reported, not fatal:
+# the js tests then skip with that reason.
+PEERS := .peers
+PY_PEER := $(PEERS)/py-libp2p
+JS_PEER := $(PEERS)/js-libp2p
+PY_LIBP2P := libp2p==0.8.1
+
+peers: $(PY_PEER)/.installed $(JS_PEER)/.installed
+
+# Building py-libp2p's wheels needs a C compiler, GMP headers and Python headers; the venv module
+# needs ensurepip (python3-venv on Debian).
+$(PY_PEER)/.installed:
+	@missing=""; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	dpkg -s libgmp-dev >/dev/null 2>&1 || missing="$$missing libgmp-dev"; \
+	$(PY) -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+		|| missing="$$missing python3-dev"; \
+	$(PY) -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -z "$$missing" ]; then \
+		echo "peers: py-libp2p build dependencies present"; \
+	elif [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "peers: cannot install$$missing (not root or no apt-get); trying the build anyway"; \
+	else \
+		echo "peers: installing$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@test -x $(PY_PEER)/bin/python || $(PY) -m venv $(PY_PEER)
+	$(PY_PEER)/bin/python -m pip install -q --disable-pip-version-check '$(PY_LIBP2P)'
+	@touch $@
+
+$(JS_PEER)/.installed: tests/peers/js/package.json tests/peers/js/package-lock.json
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+		echo "peers: node/npm not found: js-libp2p peer not installed (its tests skip)"; \
+	elif [ "$$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then \
+		echo "peers: node $$(node --version) is older than 20: js-libp2p peer not installed (its tests skip)"; \
+	else \
+		rm -rf $(JS_PEER)/node_modules && mkdir -p $(JS_PEER) && \
+		cp tests/peers/js/package.json tests/peers/js/package-lock.json $(JS_PEER)/ && \
+		ln -sfn ../../tests/peers/js/peer.mjs $(JS_PEER)/peer.mjs && \
+		(cd $(JS_PEER) && npm install --no-audit --no-fund --loglevel=error) && \
+		if ! cmp -s $(JS_PEER)/package-lock.json tests/peers/js/package-lock.json; then \
+			echo "peers: tests/peers/js/package-lock.json is out of date: regenerate it with"; \
+			echo "  cd tests/peers/js && npm install --package-lock-only"; \
+			exit 1; \
+		fi && \
+		touch $@; \
+	fi
+
+demo: sysdeps venv peers
 	$(BIN)/quic-supervisor demo
 
-test: sysdeps venv
+test: sysdeps venv peers
 	$(BIN)/python -m pytest -q
 
 lint: venv
@@ -70,5 +127,5 @@ $(VENV)/.bench-installed: pyproject.toml $(STAMP)
 	@touch $@
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -71,7 +71,7 @@ from actors.messages import (
 from actors.node_health import NodeHealth
 from actors.path import PathActor, ProbeSchedule
 from actors.path_state import PathState, PathStateMachine
-from actors.quic_adapter import MigratingQuicConnection, PathAddr
+from actors.quic_adapter import MigratingQuicConnection, PathAddr, peer_certificate_chain
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
 from actors.socket_errors import Evidence
 from actors.stream_table import StreamTable
@@ -915,7 +915,7 @@ class ConnectionActor(Actor):
         self._publish()  # the policy reads the view the report is about
         self._notify(ActivePathDead(self.conn_id, active, reason))
 
-    async def _connect(self, timeout: float) -> None:
+    async def _connect(self, timeout: float) -> tuple[bytes, ...]:
         deadline = self._loop.time() + timeout
         # The path hands its socket to asyncio in its own on_start: an Initial flushed before
         # that is dropped, and the handshake then waits a whole PTO (~200 ms) to resend it.
@@ -943,7 +943,8 @@ class ConnectionActor(Actor):
             offer = self.quic.preferred_address
             if offer is not None:
                 self._notify(PreferredAddressOffered(self.conn_id, offer))
-            return
+            # The dialler checks them when the protocol needs it (libp2p TLS: no CA, own rules).
+            return peer_certificate_chain(self.quic)
         if self.closed:
             raise HandshakeError(_fmt(self.remote), self.close_reason or "connection closed")
         self._close(0, "handshake timeout")

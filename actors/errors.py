@@ -26,6 +26,7 @@ __all__ = [
     "ConnectionClosedError",
     "DialTimeoutError",
     "HandshakeError",
+    "IdentityError",
     "InvalidAddressError",
     "InvalidArgumentError",
     "InvalidTransitionError",
@@ -38,6 +39,8 @@ __all__ = [
     "PathClosedError",
     "PathLimitError",
     "PathNotValidatedError",
+    "PeerCertificateError",
+    "PeerIdMismatchError",
     "ProbeTimeoutError",
     "SupervisorClosedError",
 ]
@@ -317,8 +320,9 @@ class SupervisorClosedError(ConnectionClosedError):
 
     def __init__(self, reason: str = "it was closed") -> None:
         MigrationError.__init__(
-            self, f"the supervisor is not running ({reason}): use it inside "
-            "'async with Supervisor(...)', or open a new one"
+            self,
+            f"the supervisor is not running ({reason}): use it inside "
+            "'async with Supervisor(...)', or open a new one",
         )
         self.conn_id = None
         self.reason = reason
@@ -366,3 +370,68 @@ class InvalidTransitionError(MigrationError):
             f"invalid path state transition {old_s} -> {new_s}: from {old_s} a path may go to "
             f"{options}; see docs/path-states.md"
         )
+
+
+class PeerCertificateError(HandshakeError):
+    """Raised when a libp2p peer's TLS certificate breaks a rule of the libp2p TLS handshake spec
+    (or one go-libp2p adds, such as the RSA key sizes). ``rule`` is a short stable name of the
+    rule broken ("one-certificate", "expired", "not-self-signed", ...) for callers and telemetry;
+    ``reason`` says what was wrong with this certificate. ``addr`` is the peer's address when
+    the caller knows it (the certificate check itself does not)."""
+
+    def __init__(
+        self,
+        rule: str,
+        reason: str,
+        *,
+        addr: object | None = None,
+        error_code: int | None = None,
+    ) -> None:
+        self.rule = rule
+        self.addr = addr
+        self.reason = reason
+        self.error_code = error_code
+        peer = "" if addr is None else f" with {addr}"
+        MigrationError.__init__(
+            self,
+            f"libp2p TLS handshake{peer} failed: the peer's certificate breaks rule {rule!r}: "
+            f"{reason}",
+        )
+
+
+class PeerIdMismatchError(HandshakeError):
+    """Raised when the peer completed the libp2p TLS handshake with another identity than the
+    peer id dialled (the ``/p2p/`` component). ``expected`` and ``actual`` are peer ids as text."""
+
+    def __init__(
+        self,
+        expected: str,
+        actual: str,
+        *,
+        addr: object | None = None,
+        error_code: int | None = None,
+    ) -> None:
+        self.expected = expected
+        self.actual = actual
+        self.addr = addr
+        self.error_code = error_code
+        self.reason = f"peer id mismatch: expected {expected}, got {actual}"
+        where = "the peer" if addr is None else f"the peer at {addr}"
+        MigrationError.__init__(
+            self,
+            f"{where} is {actual}, not the dialled {expected}: it is a different node; check the "
+            "/p2p/ component of the address you dialled",
+        )
+
+
+class IdentityError(MigrationError, ValueError):
+    """A libp2p identity (host key) that cannot be used: a key file that is missing, unreadable,
+    readable by group or others, or not a libp2p private key; bytes that are not a libp2p public
+    key; an unsupported key type (ECDSA) or RSA size. ``source`` names the file or input (None
+    when there is nothing to name), ``reason`` the problem and its fix. Also a ``ValueError``."""
+
+    def __init__(self, reason: str, *, source: str | None = None) -> None:
+        self.reason = reason
+        self.source = source
+        where = "libp2p identity" if source is None else f"libp2p identity {source}"
+        super().__init__(f"invalid {where}: {reason}")

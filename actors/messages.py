@@ -16,7 +16,8 @@ from actors.envelope import message
 @message("conn.Connect")
 @dataclass(frozen=True, slots=True)
 class Connect:
-    """Start the handshake; answered when it is complete (or failed, or timed out)."""
+    """Start the handshake; answered when it is complete (or failed, or timed out), with the
+    peer's certificates (DER, its own first)."""
 
     timeout: float
 

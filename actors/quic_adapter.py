@@ -42,7 +42,9 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
 from aioquic.quic.stream import QuicStream, QuicStreamSender
+from aioquic.tls import Context as TlsContext
 from aioquic.tls import Epoch
+from cryptography.hazmat.primitives.serialization import Encoding
 
 # Unanswered challenges remembered per path (late answers still count as proof of life).
 MAX_OUTSTANDING_CHALLENGES = 8
@@ -92,7 +94,12 @@ REQUIRED_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
         "_handshake_done_pending",
         "_streams_blocked_pending",
         "_host_cids",
+        # libp2p TLS (DESIGN §9): the server asks for the client's certificate when TLS starts
+        "_initialize",
     ),
+    # libp2p TLS: aioquic keeps the peer's certificates on its TLS context only, and asks a
+    # client for one only through a flag "for test purposes".
+    TlsContext: ("_peer_certificate", "_peer_certificate_chain", "_request_client_certificate"),
     QuicNetworkPath: (
         "peer_cid",
         "is_validated",
@@ -319,6 +326,13 @@ class InboundQuicConnection(QuicConnection):
     last_sent_host_cid: bytes | None = None
     #: Rebindings followed (peer CID changed, challenge pushed through).
     rebinds_followed: int = 0
+    #: Ask the client for its certificate (libp2p's mutual TLS); set before any datagram.
+    asks_client_certificate: bool = False
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)  # makes self.tls, on the client's first Initial
+        if self.asks_client_certificate:
+            self.tls._request_client_certificate = True
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         peer = self.get_peer_address()
@@ -337,6 +351,25 @@ class InboundQuicConnection(QuicConnection):
             self.last_sent_peer = peer
             self.last_sent_host_cid = self.host_cid
         return datagrams
+
+
+def ask_client_certificate(quic: QuicConnection) -> None:
+    """Make a server-side connection (adopted by `follow_rebindings`, nothing received yet)
+    request the client's certificate: libp2p's TLS handshake is mutual (DESIGN §9). A client
+    that sends none is still let through by aioquic; the caller checks what arrived."""
+    if not isinstance(quic, InboundQuicConnection):
+        raise TypeError("only an adopted server-side connection can ask for a certificate")
+    quic.asks_client_certificate = True
+
+
+def peer_certificate_chain(quic: QuicConnection) -> tuple[bytes, ...]:
+    """The peer's certificates as its handshake sent them (DER, its own first); empty before
+    the handshake or when it sent none. libp2p TLS checks them itself, with no CA."""
+    tls: TlsContext | None = getattr(quic, "tls", None)
+    if tls is None or tls._peer_certificate is None:
+        return ()
+    chain = [tls._peer_certificate, *tls._peer_certificate_chain]
+    return tuple(cert.public_bytes(Encoding.DER) for cert in chain)
 
 
 def follow_rebindings(quic: QuicConnection) -> None:

@@ -51,6 +51,8 @@ class Stream:
         self._writable = Flag()
         self._writable.set()
         self._write_closed = False
+        #: The protocol negotiated on it (libp2p's multistream-select), None for a raw stream.
+        self.protocol: str | None = None
 
     # -- called by the connection ------------------------------------------------------------
 

@@ -142,7 +142,7 @@ def parse_quic_multiaddr(value: str | Multiaddr, *, what: str = "address") -> tu
     if len(parts) > 3:
         rest = "".join(f"/{n}" if v is None else f"/{n}/{v}" for n, v in parts[3:])
         if "p2p" in names[3:]:
-            raise bad(f"peer IDs are not supported here: remove {rest}")
+            raise bad(f"a peer ID belongs in a dial address only: remove {rest}")
         raise bad(f"unexpected components after /quic-v1: remove {rest}")
 
     ip = ipaddress.ip_address(raw_ip)
@@ -152,6 +152,26 @@ def parse_quic_multiaddr(value: str | Multiaddr, *, what: str = "address") -> tu
             f"{raw_port}/quic-v1"
         )
     return str(ip), int(raw_port), _family_of(ip)
+
+
+def split_peer_id(value: str | Multiaddr, *, what: str = "address") -> tuple[str, str | None]:
+    """``(/ip4|ip6/ADDR/udp/PORT/quic-v1, peer id text or None)``: a dial address may end in
+    ``/p2p/<peer-id>`` (libp2p mode, DESIGN §9); the rest is checked by the caller with
+    `parse_quic_multiaddr`, the peer id by ``PeerId.parse``."""
+    text = str(value) if isinstance(value, Multiaddr) else value
+    if not isinstance(text, str):
+        return text, None  # parse_quic_multiaddr names the wrong type
+    head, sep, tail = text.rstrip("/").rpartition("/p2p/")
+    if not sep:
+        return text, None
+    if not tail or "/" in tail:
+        raise InvalidAddressError(
+            value,
+            "/p2p/ must be the last component, followed by the peer id: "
+            "/ip4/ADDR/udp/PORT/quic-v1/p2p/12D3KooW...",
+            what=what,
+        )
+    return head, tail
 
 
 def to_multiaddr(host: str, port: int) -> Multiaddr:

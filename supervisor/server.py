@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from aioquic.asyncio import QuicConnectionProtocol
@@ -24,10 +25,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from multiaddr import Multiaddr
 
-from actors.errors import ConnectionClosedError
+from actors.errors import ConnectionClosedError, HandshakeError
 from actors.path_state import PathState
 from actors.stream_table import QuicStreamTransport, StreamTable
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
+from actors.tls_peer import ask_client_certificate, peer_certificate_chain
 from supervisor.addresses import parse_quic_multiaddr, path_socket_error, sockaddr_to_multiaddr
 from supervisor.core.handles import (
     Client,
@@ -37,10 +39,27 @@ from supervisor.core.handles import (
     PathInfo,
 )
 from supervisor.core.messages import ConnectionSnapshot
+from supervisor.libp2p.credentials import Credentials
+from supervisor.libp2p.peer_id import PeerId
+from supervisor.libp2p.service import Libp2pService
 
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
+
+#: QUIC CRYPTO_ERROR for TLS alert 42, bad_certificate (RFC 9001 §4.8): a libp2p client whose
+#: certificate breaks the spec, or that sent none.
+BAD_CERTIFICATE = 0x100 + 42
+
+
+@dataclass(frozen=True)
+class Libp2pListening:
+    """What a libp2p listener needs: whose certificate to check clients against, the service
+    that answers their streams, and this listener's own protocol handlers."""
+
+    credentials: Credentials
+    service: Libp2pService
+    handlers: dict[str, StreamHandler]
 
 
 class InboundProtocol(QuicConnectionProtocol):
@@ -55,11 +74,20 @@ class InboundProtocol(QuicConnectionProtocol):
         self.error: ConnectionClosedError | None = None
         self.peer_addresses: set[tuple[Any, ...]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.connection: InboundConnection | None = None
+        #: libp2p: the peer id the client's certificate proved.
+        self.remote_peer_id: PeerId | None = None
         # With a handler, each stream the peer opens starts it; without, accept_stream() has it.
-        on_accept = self._start_handler if listener.handler is not None else None
+        on_accept: Callable[[Stream], None] | None = None
+        if listener.libp2p is not None:
+            on_accept = self._negotiate
+        elif listener.handler is not None:
+            on_accept = self._start_handler
         # Also gives the connection the adapter's server-side rules (before any datagram):
         # bounded stream credit, and a fresh peer CID after a NAT rebinding.
         transport = QuicStreamTransport(quic, self.transmit, self.check_open)
+        if listener.libp2p is not None:
+            ask_client_certificate(quic)  # libp2p's TLS is mutual
         self.streams = StreamTable(transport, DEFAULT_STREAM_BUFFER, on_accept)
 
     def check_open(self) -> None:
@@ -88,13 +116,35 @@ class InboundProtocol(QuicConnectionProtocol):
         if self.streams.handle_event(event):
             pass  # stream data or a reset: the table's
         elif isinstance(event, qe.HandshakeCompleted):
-            self.listener._connected(self)
+            if self._peer_checked():
+                self.listener._connected(self)
         elif isinstance(event, qe.ConnectionTerminated):
             self.closed = True
             self.error = ConnectionClosedError(self.conn_id, reason=event.reason_phrase)
             self.streams.fail_all(self.error)
             self.listener._ended(self)
         self.streams.service()
+
+    def _peer_checked(self) -> bool:
+        """libp2p: the client's certificate proves a peer id (DESIGN §9), or the connection
+        is closed with bad_certificate and never surfaces."""
+        libp2p = self.listener.libp2p
+        if libp2p is None:
+            return True
+        try:
+            self.remote_peer_id = libp2p.credentials.verify(peer_certificate_chain(self.quic))
+        except HandshakeError as exc:
+            self.listener.rejected_peers += 1
+            log.warning("libp2p client %s refused: %s", self.peer_address(), exc)
+            self.quic.close(error_code=BAD_CERTIFICATE, reason_phrase=str(exc)[:200])
+            self.transmit()
+            return False
+        return True
+
+    def _negotiate(self, stream: Stream) -> None:
+        libp2p = self.listener.libp2p
+        assert libp2p is not None and self.connection is not None  # after the handshake
+        libp2p.service.accept(self.connection, stream, libp2p.handlers)
 
     def _start_handler(self, stream: Stream) -> None:
         handler = self.listener.handler
@@ -119,6 +169,7 @@ class InboundConnection(Connection):
 
     def __init__(self, client: Client, proto: InboundProtocol, local: Multiaddr) -> None:
         peer = proto.peer_address()
+        libp2p = proto.listener.libp2p
         snap = ConnectionSnapshot(
             conn_id=proto.conn_id,
             local_addr=str(local),
@@ -126,14 +177,21 @@ class InboundConnection(Connection):
             inbound=True,
             supports_migration=False,
             closed=False,
+            local_peer_id=str(libp2p.credentials.peer_id) if libp2p is not None else None,
+            remote_peer_id=str(proto.remote_peer_id) if proto.remote_peer_id else None,
         )
         super().__init__(client, snap, cast(Any, proto))
         self._proto = proto
 
     @property
     def remote_multiaddr(self) -> Multiaddr:
+        """The client's current address (it moves when the client migrates)."""
         peer = self._proto.peer_address()
-        return sockaddr_to_multiaddr(peer) if peer else Multiaddr(self._snap.remote_addr)
+        if peer is None:
+            return super().remote_multiaddr
+        now = sockaddr_to_multiaddr(peer)
+        remote_peer = self._snap.remote_peer_id
+        return now if remote_peer is None else Multiaddr(f"{now}/p2p/{remote_peer}")
 
     @property
     def peer_addresses(self) -> set[tuple[Any, ...]]:
@@ -145,7 +203,10 @@ class InboundConnection(Connection):
             self._proto.close()
 
     def _path_infos(self) -> list[PathInfo]:
-        return [PathInfo(self.local_multiaddr, self.remote_multiaddr, True, None, PathState.ACTIVE)]
+        peer = self._proto.peer_address()
+        remote = sockaddr_to_multiaddr(peer) if peer else Multiaddr(self._snap.remote_addr)
+        local = Multiaddr(self._snap.local_addr)
+        return [PathInfo(local, remote, True, None, PathState.ACTIVE)]
 
     def as_migratable(self) -> MigratableConn:
         if self._migratable is None:
@@ -156,11 +217,21 @@ class InboundConnection(Connection):
 class Listener:
     """A bound QUIC server; ``multiaddr`` is the bound address (real port after port 0)."""
 
-    def __init__(self, client: Client, handler: StreamHandler | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        handler: StreamHandler | None,
+        *,
+        libp2p: Libp2pListening | None = None,
+    ) -> None:
         self._client = client
         self.handler = handler
+        self.libp2p = libp2p
+        #: libp2p clients refused for their certificate (or for sending none).
+        self.rejected_peers = 0
         self._server: QuicServer | None = None
-        self.multiaddr: Multiaddr = Multiaddr("/ip4/0.0.0.0/udp/0/quic-v1")
+        #: The bound address; ``multiaddr`` adds ``/p2p/<peer id>`` for a libp2p listener.
+        self.bound: Multiaddr = Multiaddr("/ip4/0.0.0.0/udp/0/quic-v1")
         self.connections: dict[str, InboundConnection] = {}
         self._accepted: asyncio.Queue[InboundConnection] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,7 +262,13 @@ class Listener:
         except BaseException:
             self._close_keylog()
             raise
-        self.multiaddr = sockaddr_to_multiaddr(tuple(transport.get_extra_info("sockname")))
+        self.bound = sockaddr_to_multiaddr(tuple(transport.get_extra_info("sockname")))
+
+    @property
+    def multiaddr(self) -> Multiaddr:
+        if self.libp2p is None:
+            return self.bound
+        return Multiaddr(f"{self.bound}/p2p/{self.libp2p.credentials.peer_id}")
 
     def _close_keylog(self) -> None:
         if self._keylog is not None:
@@ -199,7 +276,8 @@ class Listener:
             self._keylog = None
 
     def _connected(self, proto: InboundProtocol) -> None:
-        conn = InboundConnection(self._client, proto, self.multiaddr)
+        conn = InboundConnection(self._client, proto, self.bound)
+        proto.connection = conn
         self.connections[proto.conn_id] = conn
         self._accepted.put_nowait(conn)
 

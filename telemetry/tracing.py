@@ -67,6 +67,8 @@ NETWORK_TRANSPORT_QUIC = "quic"
 
 # Attribute keys: project-specific.
 ATTR_CONNECTION_ID = "quic.connection.id"
+#: The peer id of a libp2p connection's far end (DESIGN §9), base58btc.
+ATTR_LIBP2P_PEER_ID = "libp2p.peer.id"
 ATTR_MIGRATION_REASON = "quic.migration.reason"  # manual | failover | drain | network | ...
 ATTR_MIGRATION_INITIATOR = "quic.migration.initiator"  # application | operator | policy
 ATTR_NETWORK_INTERFACE = "quic.network.interface"

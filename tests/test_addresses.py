@@ -83,7 +83,10 @@ def test_parse_valid() -> None:
         ("/ip4/10.0.0.1/udp/4433/quic", "use /quic-v1"),
         ("/dns4/example.com/udp/4433/quic-v1", "resolve the name first"),
         ("/dns/example.com/udp/4433/quic-v1", "not supported"),
-        (f"/ip4/10.0.0.1/udp/4433/quic-v1/p2p/{PEER_ID}", "peer IDs are not supported here"),
+        (
+            f"/ip4/10.0.0.1/udp/4433/quic-v1/p2p/{PEER_ID}",
+            "a peer ID belongs in a dial address only",
+        ),
         ("/ip4/10.0.0.1/udp/4433/quic-v1/webtransport", "remove /webtransport"),
         ("/ip4/10.0.0.1", "append /udp/PORT/quic-v1"),
         ("/ip4/10.0.0", "not a valid multiaddr"),

@@ -20,6 +20,7 @@ from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 from aioquic.quic.recovery import QuicPacketRecovery
 from aioquic.quic.stream import QuicStream, QuicStreamSender
+from aioquic.tls import Context as TlsContext
 
 from actors.quic_adapter import (
     REQUIRED_PRIVATE_MEMBERS,
@@ -48,6 +49,7 @@ def _instances() -> dict[type, Any]:
         QuicPacketRecovery: quic._loss,
         QuicLogger: QuicLogger(),
         QuicLoggerTrace: QuicLoggerTrace(is_client=True, odcid=b""),
+        TlsContext: TlsContext(is_client=True),
     }
 
 

@@ -45,6 +45,8 @@ from supervisor.cli.demo import (
 from supervisor.cli.fleet import add_fleet_commands, run_fleet_command
 from supervisor.core.config import NetworkPolicy, PathPolicy
 from supervisor.h3 import H3Error, http3_get
+from supervisor.libp2p.keys import Identity
+from supervisor.libp2p.peer_calls import identify_peer, ping_peer
 from supervisor.orchestration.network.netns import resolve_netns
 from supervisor.orchestration.supervisor import Supervisor
 from telemetry.journal import JournalFormatError, journal_files, read_journal
@@ -59,6 +61,9 @@ DEFAULT_LISTEN = "/ip4/127.0.0.1/udp/4433/quic-v1"
 
 #: Errors that are the user's input or the network's answer: one line, exit 2.
 USER_ERRORS = (MigrationError, H3Error, ValueError, OSError)
+
+#: The protocol `serve --libp2p` echoes on (ping and identify come with every libp2p listener).
+ECHO_PROTOCOL = "/echo/1.0.0"
 
 log = logging.getLogger("quic_supervisor.cli")
 
@@ -131,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", help="PEM certificate (default: generate a self-signed one)")
     serve.add_argument("--key", help="PEM private key (default: inside --cert, or generated)")
     serve.add_argument("--alpn", default="echo", help="ALPN protocol(s), comma-separated")
+    serve.add_argument(
+        "--libp2p",
+        action="store_true",
+        help="a libp2p listener (ping, identify, echo on /echo/1.0.0); --key is then the "
+        "libp2p identity file (made, mode 0600, when missing); prints its /p2p/ address",
+    )
     _control_flag(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -162,6 +173,37 @@ def build_parser() -> argparse.ArgumentParser:
     _control_flag(dial)
     _tls_flags(dial)
     dial.set_defaults(func=cmd_dial)
+
+    ping = sub.add_parser(
+        "ping",
+        parents=[common],
+        help="ping a libp2p peer over QUIC, optionally migrating between pings",
+        description="Dial /ip4/ADDR/udp/PORT/quic-v1/p2p/PEER_ID, check the peer's certificate "
+        "proves that peer id, and ping it (/ipfs/ping/1.0.0); with --path and "
+        "--migrate-after, the connection moves to the first --path after that many pings. "
+        "Prints what the peer's identify says it observes of us before and after.",
+    )
+    ping.add_argument("addr", metavar="MULTIADDR", help="ends in /p2p/PEER_ID")
+    ping.add_argument("-c", "--count", type=int, default=5, metavar="N", help="pings (default 5)")
+    ping.add_argument(
+        "--interval", type=_positive, default=0.5, metavar="SECONDS", help="between pings"
+    )
+    ping.add_argument("--path", action="append", default=[], metavar="MULTIADDR")
+    ping.add_argument(
+        "--migrate-after",
+        type=int,
+        metavar="N",
+        help="switch to the first --path after N pings",
+    )
+    ping.add_argument(
+        "--key",
+        metavar="FILE",
+        help="libp2p identity key file (made, Ed25519, mode 0600, when missing; default: a "
+        "fresh identity)",
+    )
+    ping.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
+    ping.add_argument("--timeout", type=_positive, default=10.0, help="handshake timeout (s)")
+    ping.set_defaults(func=cmd_ping)
 
     get = sub.add_parser(
         "get",
@@ -421,6 +463,8 @@ def _migration_note(record: MigrationRecord) -> str | None:
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     parse_quic_multiaddr(args.listen, what="listen address")  # before making a certificate
+    if args.libp2p:
+        return await _serve_libp2p(args)
     with contextlib.ExitStack() as stack:
         certfile, keyfile = args.cert, args.key
         if certfile is None:
@@ -462,6 +506,110 @@ async def cmd_serve(args: argparse.Namespace) -> int:
                     await accepted
         log.info("stopped")
     return 0
+
+
+def _identity_from(path: str | None) -> Identity | None:
+    """The identity in ``path``, made there (0600) when the file does not exist yet."""
+    if path is None:
+        return None
+    if Path(path).exists():
+        return Identity.load(path)
+    identity = Identity.generate()
+    identity.save(path)
+    print(f"{PROG}: made a new libp2p identity in {path} (mode 0600)", file=sys.stderr)
+    return identity
+
+
+async def _serve_libp2p(args: argparse.Namespace) -> int:
+    if args.cert is not None:
+        raise UsageError("--libp2p presents the identity's own certificate: leave out --cert")
+    identity = _identity_from(args.key)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.ExitStack() as stack:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                stack.callback(loop.remove_signal_handler, sig)
+        async with (
+            Supervisor(identity=identity, **_supervisor_kwargs(args)) as sup,
+            control_socket(sup, args.control_socket),
+        ):
+            listener = await sup.listen(
+                args.listen, libp2p=True, handlers={ECHO_PROTOCOL: echo_handler}
+            )
+            print(f"listening on {listener.multiaddr} (libp2p)", flush=True)
+            accepted = asyncio.create_task(_log_connections(listener))
+            try:
+                await stop.wait()
+            finally:
+                accepted.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await accepted
+    return 0
+
+
+async def cmd_ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    if args.migrate_after is not None and not args.path:
+        raise UsageError("--migrate-after needs a --path to move to")
+    if args.migrate_after is not None and not 1 <= args.migrate_after < args.count:
+        raise UsageError(f"--migrate-after must be between 1 and {args.count - 1} (--count - 1)")
+    identity = _identity_from(args.key)
+    async with Supervisor(
+        enable_experimental_connection_migration=True,
+        identity=identity,
+        **_supervisor_kwargs(args),
+    ) as sup:
+        started = time.perf_counter()
+        conn = await sup.dial(args.addr, timeout=args.timeout)
+        took = time.perf_counter() - started
+        print(
+            f"connected to {conn.remote_peer_id} in {took * 1000:.1f} ms "
+            f"(libp2p TLS verified; we are {conn.local_peer_id})",
+            flush=True,
+        )
+        mc = conn.as_migratable()
+        await _add_paths(mc, args.path, args.probe_timeout)
+        await _print_observed(conn)
+        failed = 0
+        for n in range(1, args.count + 1):
+            try:
+                (rtt,) = await ping_peer(conn)
+                print(
+                    f"ping {n}: {rtt * 1000:.2f} ms via {mc.active_path().local_addr}",
+                    flush=True,
+                )
+            except (ConnectionError, TimeoutError) as exc:
+                failed += 1
+                print(f"ping {n}: no answer ({_one_line(exc)})", flush=True)
+            if n == args.migrate_after:
+                target = next(
+                    p for p in mc.paths() if str(p.local_addr) != str(mc.active_path().local_addr)
+                )
+                result = await target.switch(probe_timeout=args.probe_timeout)
+                print(
+                    f"migrated {result.from_addr} -> {result.to_addr} "
+                    f"(confirmed in {result.confirmation_s * 1000:.2f} ms)",
+                    flush=True,
+                )
+                await _print_observed(conn)
+            if n < args.count:
+                await asyncio.sleep(args.interval)  # the pace of pings, as ping(8) has
+        await conn.close()
+    print(f"{args.count - failed}/{args.count} pings answered")
+    return 0 if failed == 0 else 1
+
+
+async def _print_observed(conn: Any) -> None:
+    """What the peer's identify says of us; a peer without identify is not an error."""
+    try:
+        info = await identify_peer(conn)
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"identify: no answer ({_one_line(exc)})", flush=True)
+        return
+    print(f"peer observes us at {info.observed_addr} ({info.agent_version})", flush=True)
 
 
 async def _log_connections(listener: Any) -> None:

@@ -7,6 +7,7 @@ from actors.errors import (
     ConnectionClosedError,
     DialTimeoutError,
     HandshakeError,
+    IdentityError,
     InvalidAddressError,
     InvalidArgumentError,
     InvalidTransitionError,
@@ -19,6 +20,8 @@ from actors.errors import (
     PathClosedError,
     PathLimitError,
     PathNotValidatedError,
+    PeerCertificateError,
+    PeerIdMismatchError,
     ProbeTimeoutError,
     SupervisorClosedError,
 )
@@ -29,6 +32,7 @@ __all__ = [
     "ConnectionClosedError",
     "DialTimeoutError",
     "HandshakeError",
+    "IdentityError",
     "InvalidAddressError",
     "InvalidArgumentError",
     "InvalidTransitionError",
@@ -41,6 +45,8 @@ __all__ = [
     "PathClosedError",
     "PathLimitError",
     "PathNotValidatedError",
+    "PeerCertificateError",
+    "PeerIdMismatchError",
     "ProbeTimeoutError",
     "SupervisorClosedError",
 ]

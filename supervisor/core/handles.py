@@ -9,8 +9,10 @@ changes made by others (failover, another task) show at once too.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -41,6 +43,8 @@ from supervisor.core.messages import (
     SwitchResult,
     reply_snapshot,
 )
+from supervisor.libp2p import multistream
+from supervisor.libp2p.peer_id import PeerId
 
 
 class Client(Protocol):
@@ -82,6 +86,10 @@ def _info(snap: PathSnapshot) -> PathInfo:
     )
 
 
+def _with_peer(addr: str, peer_id: str | None) -> Multiaddr:
+    return Multiaddr(addr if peer_id is None else f"{addr}/p2p/{peer_id}")
+
+
 class Connection:
     """A QUIC connection: raw bidirectional streams, addresses, close, ``as_migratable()``."""
 
@@ -97,12 +105,27 @@ class Connection:
 
     @property
     def local_multiaddr(self) -> Multiaddr:
-        """The dialled local address; after a migration see ``active_path().local_addr``."""
-        return Multiaddr(self._snap.local_addr)
+        """The dialled local address; after a migration see ``active_path().local_addr``.
+        A libp2p connection's ends with ``/p2p/<our peer id>``."""
+        return _with_peer(self._snap.local_addr, self._snap.local_peer_id)
 
     @property
     def remote_multiaddr(self) -> Multiaddr:
-        return Multiaddr(self._snap.remote_addr)
+        """The peer's address; a libp2p connection's ends with ``/p2p/<its peer id>``."""
+        return _with_peer(self._snap.remote_addr, self._snap.remote_peer_id)
+
+    @property
+    def local_peer_id(self) -> PeerId | None:
+        """Our libp2p peer id (the Supervisor's identity); None for plain QUIC."""
+        peer = self._snap.local_peer_id
+        return PeerId.parse(peer) if peer is not None else None
+
+    @property
+    def remote_peer_id(self) -> PeerId | None:
+        """The peer id its certificate proved (libp2p TLS, checked before ``dial()``
+        returned); None for plain QUIC."""
+        peer = self._snap.remote_peer_id
+        return PeerId.parse(peer) if peer is not None else None
 
     @property
     def is_closed(self) -> bool:
@@ -112,8 +135,35 @@ class Connection:
         """A new raw bidirectional stream, whatever the ALPN."""
         return self._port.open_stream()
 
+    async def new_stream(self, protocols: Sequence[str], *, timeout: float = 10.0) -> Stream:
+        """A new stream speaking the first of ``protocols`` the peer accepts (libp2p's
+        multistream-select 1.0.0); ``stream.protocol`` says which. Raises
+        ``NoCommonProtocolError`` (the stream closed) when the peer accepts none."""
+        offered = validate.protocol_ids(protocols)
+        stream = self._port.open_stream()
+        try:
+            async with asyncio.timeout(timeout):
+                stream.protocol = await multistream.select(stream, offered)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stream.close()  # our FIN: the peer's side of it ends too
+            raise
+        return stream
+
     async def accept_stream(self) -> Stream:
-        """The next stream the peer opened."""
+        """The next stream the peer opened. Not on libp2p connections: there the peer's
+        streams go to the handler of the protocol they negotiate
+        (``Supervisor.set_stream_handler``), as in every libp2p host."""
+        if self._snap.remote_peer_id is not None:
+            raise ValueError(
+                "accept_stream() is for plain QUIC connections: on a libp2p connection the "
+                "peer's streams go to protocol handlers; register one with "
+                "sup.set_stream_handler(protocol_id, handler)"
+            )
+        return await self._port.accept_stream()
+
+    async def _accept_any_stream(self) -> Stream:
+        """The next stream the peer opened, for the libp2p service that negotiates it."""
         return await self._port.accept_stream()
 
     async def close(self) -> None:

@@ -139,6 +139,9 @@ class ConnectionSnapshot:
     migrations: int = 0
     #: Peer CIDs left for new paths (each path needs its own: RFC 9000 §9.5).
     spare_connection_ids: int = 0
+    #: libp2p connections (DESIGN §9): both ends' peer ids (base58btc), checked in the handshake.
+    local_peer_id: str | None = None
+    remote_peer_id: str | None = None
 
 
 @message("sup.PathAdded")

@@ -104,14 +104,48 @@ def server_name(value: object) -> str | None:
     return value
 
 
+#: A libp2p protocol id is one multistream-select line: "/name/version", bounded.
+MAX_PROTOCOL_ID_BYTES = 256
+MAX_OFFERED_PROTOCOLS = 16
+
+
+def protocol_ids(value: object, *, what: str = "protocols") -> tuple[str, ...]:
+    """libp2p protocol ids (``["/ipfs/ping/1.0.0"]``), in order of preference: non-empty, at
+    most 16, each a path-like string that fits one multistream-select line."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{what} must be a list of protocol ids such as ['/ipfs/ping/1.0.0'], not "
+            f"{type(value).__name__}"
+        )
+    ids = tuple(value)
+    if not 1 <= len(ids) <= MAX_OFFERED_PROTOCOLS:
+        raise InvalidArgumentError(
+            what, value, f"give 1 to {MAX_OFFERED_PROTOCOLS} protocol ids, most preferred first"
+        )
+    for pid in ids:
+        if not isinstance(pid, str):
+            raise TypeError(f"{what} must hold strings, not {type(pid).__name__} ({pid!r})")
+        if (
+            not pid.startswith("/")
+            or "\n" in pid
+            or not 2 <= len(pid.encode()) <= MAX_PROTOCOL_ID_BYTES
+        ):
+            raise InvalidArgumentError(
+                what,
+                pid,
+                f"a protocol id starts with '/', has no newline and is at most "
+                f"{MAX_PROTOCOL_ID_BYTES} bytes, e.g. '/my-app/echo/1.0.0'",
+            )
+    return ids
+
+
 def alpn_list(value: object) -> tuple[str, ...] | None:
     """ALPN protocol names: a list of non-empty strings (``["h3"]``), or None for no ALPN."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(
-            f"alpn_protocols must be a list of strings such as ['h3'], not "
-            f"{type(value).__name__}"
+            f"alpn_protocols must be a list of strings such as ['h3'], not {type(value).__name__}"
         )
     names = tuple(value)
     if len(names) > MAX_ALPN_PROTOCOLS:

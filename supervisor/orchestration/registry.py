@@ -31,6 +31,9 @@ class ConnectionEntry:
     local: Multiaddr  # the dialled (handshake) local address
     family: int
     qlog: QlogWriter | None = None
+    #: libp2p connections: our peer id and the one the handshake proved (base58btc).
+    local_peer_id: str | None = None
+    remote_peer_id: str | None = None
     #: Requests forwarded to the connection and not answered yet: while any is queued there,
     #: only the connection's queue can say what "already active" will mean.
     inflight: int = 0
@@ -41,6 +44,13 @@ class ConnectionEntry:
             return await self.ref.ask(msg)
         finally:
             self.inflight -= 1
+
+    @property
+    def peer_multiaddr(self) -> Multiaddr:
+        """The peer's address as events name it: with ``/p2p/<peer id>`` on libp2p ones."""
+        if self.remote_peer_id is None:
+            return self.remote
+        return Multiaddr(f"{multiaddr_text(self.remote)}/p2p/{self.remote_peer_id}")
 
     @property
     def view(self) -> ConnectionView:
@@ -88,4 +98,6 @@ def snapshot_of(entry: ConnectionEntry, migration_enabled: bool) -> ConnectionSn
         paths=tuple(paths),
         migrations=view.migrations,
         spare_connection_ids=view.spare_peer_cids,
+        local_peer_id=entry.local_peer_id,
+        remote_peer_id=entry.remote_peer_id,
     )

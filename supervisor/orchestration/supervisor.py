@@ -27,7 +27,7 @@ from actors.view import PathSample
 from supervisor.core import validate
 from supervisor.core.config import FailoverPolicy, NetworkPolicy
 from supervisor.core.dialing import DialOptions, dial_request
-from supervisor.core.events import EventBus
+from supervisor.core.events import EventBus, EvtConnectionMigrationCompleted
 from supervisor.core.handles import Connection
 from supervisor.core.messages import (
     ConnectionSnapshot,
@@ -36,6 +36,10 @@ from supervisor.core.messages import (
     StatsRequest,
     expect,
 )
+from supervisor.libp2p.credentials import Credentials
+from supervisor.libp2p.keys import Identity
+from supervisor.libp2p.peer_id import PeerId
+from supervisor.libp2p.service import Libp2pService
 from supervisor.orchestration.client_config import open_key_log
 from supervisor.orchestration.drain import DrainReport, drain
 from supervisor.orchestration.failover import FailoverController
@@ -47,7 +51,7 @@ from supervisor.orchestration.policy import PolicyPort
 from supervisor.orchestration.preferred import PreferredAddressMode
 from supervisor.orchestration.registry import ConnectionEntry, snapshot_of
 from supervisor.orchestration.supervisor_actor import SupervisorActor
-from supervisor.server import Listener
+from supervisor.server import Libp2pListening, Listener
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
 from telemetry.propagation import current_trace_fields
@@ -82,6 +86,7 @@ class Supervisor(Service):
         network: NetworkPolicy | Literal[False] | None = None,
         netns: str | None = None,
         netlink: SourceFactory | None = None,
+        identity: Identity | None = None,
     ) -> None:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
@@ -93,7 +98,10 @@ class Supervisor(Service):
         runs whenever ``failover`` or ``network`` is given, ``network=False`` turns it off.
         ``netns``: the network namespace (a name under /run/netns, or a path) where path
         sockets are bound, device names resolved and events heard; default: this process's.
-        ``netlink``: an alternative source of rtnetlink events (tests; default pyroute2)."""
+        ``netlink``: an alternative source of rtnetlink events (tests; default pyroute2).
+        ``identity``: the libp2p identity (``Identity.generate()`` / ``Identity.load(path)``)
+        used to dial ``/p2p/`` addresses and for ``listen(libp2p=True)``, one per Supervisor
+        as a libp2p host has one; without it a random Ed25519 one is made when first needed."""
         self.migration_enabled = validate.flag(
             "enable_experimental_connection_migration", enable_experimental_connection_migration
         )
@@ -142,6 +150,14 @@ class Supervisor(Service):
         if netlink is not None and not callable(netlink):
             raise TypeError("netlink must be an async factory netns -> NetlinkSource")
         self._netlink = netlink
+        if identity is not None and not isinstance(identity, Identity):
+            raise TypeError(
+                "identity must be a supervisor.libp2p.Identity (Identity.generate() or "
+                f"Identity.load(path)) or None, not {type(identity).__name__}"
+            )
+        self._identity = identity
+        self._credentials: Credentials | None = None
+        self.libp2p = Libp2pService(lambda: self.identity, self._libp2p_listen_addrs)
         self.failover = failover
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
@@ -205,8 +221,10 @@ class Supervisor(Service):
             network=self.network,
             netns=self._netns,
             netlink=self._netlink,
+            libp2p=self._libp2p_credentials,
         )
         self._ref = self._runtime.start(actor, name="supervisor")
+        self.libp2p.watch(self.events.subscribe(EvtConnectionMigrationCompleted))
 
     def _crashed(self, failure: ChildFailed) -> None:
         """The supervisor actor itself failed (a bug): say so now, and on every later call."""
@@ -216,6 +234,7 @@ class Supervisor(Service):
     async def close(self) -> None:
         """Close every listener and connection; no socket or task survives this call."""
         self._closed = True
+        await self.libp2p.close()
         for listener in self._listeners:
             await listener.close()
         self._listeners.clear()
@@ -288,19 +307,80 @@ class Supervisor(Service):
         if sock is not None:
             request = dataclasses.replace(request, socket_key=self.register_socket(sock))
         reply = expect(await self.ask(request), ConnectionSnapshot)
-        return Connection(self, reply, self._conns[reply.conn_id].port)
+        conn = Connection(self, reply, self._conns[reply.conn_id].port)
+        if reply.remote_peer_id is not None:
+            self.libp2p.serve(conn)  # the peer's ping, identify and protocol streams
+        return conn
+
+    # ------------------------------------------------------------------ libp2p
+
+    @property
+    def identity(self) -> Identity:
+        """This supervisor's libp2p identity (made, Ed25519, when none was given)."""
+        if self._identity is None:
+            self._identity = Identity.generate()
+            log.info("libp2p identity generated: peer id %s", self._identity.peer_id)
+        return self._identity
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    def _libp2p_credentials(self) -> Credentials:
+        if self._credentials is None:
+            self._credentials = Credentials(self.identity)
+        return self._credentials
+
+    def _libp2p_listen_addrs(self) -> list[Multiaddr]:
+        return [lst.bound for lst in self._listeners if lst.libp2p is not None]
+
+    def set_stream_handler(
+        self, protocol: str, handler: Callable[[Stream], Awaitable[None]]
+    ) -> None:
+        """Run ``handler(stream)`` for every stream a libp2p peer opens with ``protocol``
+        (on dialled and accepted connections alike), as go-libp2p's ``SetStreamHandler``."""
+        (protocol,) = validate.protocol_ids([protocol], what="protocol")
+        if protocol in self.libp2p.protocols()[:3]:
+            raise InvalidArgumentError(
+                "protocol", protocol, "ping and identify are answered by the library itself"
+            )
+        if not callable(handler):
+            raise TypeError(f"handler must be an async function of a stream, not {handler!r}")
+        self.libp2p.handlers[protocol] = handler
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        self.libp2p.handlers.pop(protocol, None)
 
     async def listen(
         self,
         addr: str | Multiaddr,
         *,
-        certfile: str | os.PathLike[str],
+        certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         alpn_protocols: list[str] | None = None,
         handler: Callable[[Stream], Awaitable[None]] | None = None,
+        libp2p: bool = False,
+        handlers: dict[str, Callable[[Stream], Awaitable[None]]] | None = None,
     ) -> Listener:
-        """Serve QUIC on ``addr``; ``handler(stream)`` runs for every stream a peer opens."""
+        """Serve QUIC on ``addr``; ``handler(stream)`` runs for every stream a peer opens.
+
+        ``libp2p=True``: a libp2p listener (DESIGN §9) with this supervisor's identity: no
+        certfile, ALPN ``libp2p``, the client's certificate asked for and checked, streams
+        negotiated (ping and identify answered; ``handlers`` by protocol id, then those of
+        ``set_stream_handler``); ``listener.multiaddr`` ends in ``/p2p/<peer id>``."""
         self._check_running()
+        if libp2p:
+            return await self._listen_libp2p(
+                addr, certfile, keyfile, alpn_protocols, handler, handlers
+            )
+        if handlers is not None:
+            raise InvalidArgumentError(
+                "handlers", handlers, "protocol handlers are for libp2p=True listeners"
+            )
+        if certfile is None:
+            raise InvalidArgumentError(
+                "certfile", certfile, "give a PEM certificate, or libp2p=True for a libp2p listener"
+            )
         certfile = validate.existing_file("certfile", certfile)
         if keyfile is not None:
             keyfile = validate.existing_file("keyfile", keyfile)
@@ -324,6 +404,47 @@ class Supervisor(Service):
             self._server_qlogs.append(server_qlog)
         open_key_log(config)  # closed with the listener
         listener = Listener(self, handler)
+        await listener.start(addr, config)
+        self._listeners.append(listener)
+        return listener
+
+    async def _listen_libp2p(
+        self,
+        addr: str | Multiaddr,
+        certfile: object,
+        keyfile: object,
+        alpn_protocols: object,
+        handler: object,
+        handlers: dict[str, Callable[[Stream], Awaitable[None]]] | None,
+    ) -> Listener:
+        for name, value in (
+            ("certfile", certfile),
+            ("keyfile", keyfile),
+            ("alpn_protocols", alpn_protocols),
+            ("handler", handler),
+        ):
+            if value is not None:
+                raise InvalidArgumentError(
+                    name,
+                    value,
+                    "a libp2p listener presents the identity's certificate, speaks ALPN libp2p "
+                    "and takes protocol handlers (handlers={protocol_id: fn}): leave it out",
+                )
+        extra: dict[str, Callable[[Stream], Awaitable[None]]] = {}
+        for protocol, fn in (handlers or {}).items():
+            (checked,) = validate.protocol_ids([protocol], what="handlers")
+            if not callable(fn):
+                raise TypeError(f"handlers[{protocol!r}] must be an async function of a stream")
+            extra[checked] = fn
+        credentials = self._libp2p_credentials()
+        config = QuicConfiguration(is_client=False)
+        credentials.server_configuration(config)
+        if self.qlog is not None:
+            server_qlog = self.qlog.server_logger()
+            config.quic_logger = server_qlog
+            self._server_qlogs.append(server_qlog)
+        open_key_log(config)  # closed with the listener
+        listener = Listener(self, None, libp2p=Libp2pListening(credentials, self.libp2p, extra))
         await listener.start(addr, config)
         self._listeners.append(listener)
         return listener

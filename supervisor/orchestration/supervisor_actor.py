@@ -67,6 +67,7 @@ from supervisor.addresses import (
     multiaddr_text,
     parse_quic_multiaddr,
     sockaddr_to_multiaddr,
+    split_peer_id,
 )
 from supervisor.core import validate
 from supervisor.core.config import NetworkPolicy
@@ -105,6 +106,8 @@ from supervisor.core.messages import (
     SwitchResult,
 )
 from supervisor.interfaces import interface_addresses
+from supervisor.libp2p.credentials import Credentials, parse_peer_id, verified_peer
+from supervisor.libp2p.peer_id import PeerId
 from supervisor.orchestration.client_config import client_configuration, open_key_log
 from supervisor.orchestration.failover import FailoverController
 from supervisor.orchestration.herd import HerdLimits, MigrationGate
@@ -131,6 +134,7 @@ from telemetry.tracing import (
     ATTR_CID_SEQUENCE_AFTER,
     ATTR_CID_SEQUENCE_BEFORE,
     ATTR_CONNECTION_ID,
+    ATTR_LIBP2P_PEER_ID,
     ATTR_MIGRATION_INITIATOR,
     ATTR_MIGRATION_OUTCOME,
     ATTR_MIGRATION_QUEUE_WAIT_MS,
@@ -217,6 +221,7 @@ class SupervisorActor(Actor):
         network: NetworkPolicy | None = None,
         netns: Namespace | None = None,
         netlink: SourceFactory | None = None,
+        libp2p: Callable[[], Credentials] | None = None,
     ) -> None:
         """``registry`` is shared with the Supervisor front-end, which reads views from it;
         ``policy`` makes the policy (failover) over this actor's port; ``herd`` bounds the
@@ -229,6 +234,8 @@ class SupervisorActor(Actor):
         self._network_policy = network
         self.netns = netns
         self._netlink = netlink
+        #: The Supervisor's identity's TLS side, made when first needed (a /p2p/ dial).
+        self._libp2p = libp2p
         self.network: NetworkController | None = None
         self.monitor: ActorRef | None = None
         self._monitor_inventory: Inventory | None = None
@@ -430,7 +437,7 @@ class SupervisorActor(Actor):
             local = sockaddr_to_multiaddr(change.local)
             span = self._op_spans.get(change.op) if change.op is not None else None
             if change.old is None:
-                self.emit(EvtPathAdded(conn_id, entry.remote, now, local), span)
+                self.emit(EvtPathAdded(conn_id, entry.peer_multiaddr, now, local), span)
                 continue
             state = change.old.value
             self.metrics.path_bytes(change.bytes_sent, state=state, direction="transmit")
@@ -438,11 +445,13 @@ class SupervisorActor(Actor):
             if change.dropped_off_path:
                 self.metrics.datagrams_dropped_offpath(change.dropped_off_path)
             self.emit(
-                EvtPathStateChanged(conn_id, entry.remote, now, local, change.old, change.new),
+                EvtPathStateChanged(
+                    conn_id, entry.peer_multiaddr, now, local, change.old, change.new
+                ),
                 span,
             )
             if change.new is PathState.CLOSED:
-                self.emit(EvtPathRemoved(conn_id, entry.remote, now, local), span)
+                self.emit(EvtPathRemoved(conn_id, entry.peer_multiaddr, now, local), span)
         if self._policies() and self.ref.is_alive:
             self.ref.tell(_Changed(conn_id, changes))
 
@@ -637,10 +646,22 @@ class SupervisorActor(Actor):
                 sock.close()
 
     async def _dial(self, req: DialRequest) -> ConnectionSnapshot:
-        ip, port, family = parse_quic_multiaddr(req.remote, what="remote address")
+        remote, peer_text = split_peer_id(req.remote, what="remote address")
+        ip, port, family = parse_quic_multiaddr(remote, what="remote address")
         if port == 0:
             raise InvalidAddressError(req.remote, "port 0 cannot be dialled", what="remote address")
         config = client_configuration(req)
+        expected: PeerId | None = None
+        credentials: Credentials | None = None
+        if peer_text is not None:
+            # libp2p mode (DESIGN §9): our identity's certificate, ALPN libp2p, no SNI.
+            expected = parse_peer_id(peer_text, req.remote)
+            if self._libp2p is None:
+                raise InvalidAddressError(
+                    req.remote, "this supervisor has no libp2p identity", what="remote address"
+                )
+            credentials = self._libp2p()
+            credentials.client_configuration(config)
         sock = await self._bind(
             bind_path_socket,
             req.local_addr,
@@ -683,7 +704,12 @@ class SupervisorActor(Actor):
         )
         self.conns[conn_id] = entry
         try:
-            await entry.ref.ask(Connect(req.timeout))
+            chain = await entry.ref.ask(Connect(req.timeout))
+            if credentials is not None and expected is not None:
+                entry.remote_peer_id = str(
+                    verified_peer(credentials, chain, expected, multiaddr_text(entry.remote))
+                )
+                entry.local_peer_id = str(credentials.peer_id)
         except BaseException:
             # Nothing of a failed or cancelled dial remains: not the actor, not the entry.
             await asyncio.shield(self._discard(entry))
@@ -801,6 +827,8 @@ class SupervisorActor(Actor):
         ):
             span.set_attribute(ATTR_CONNECTION_ID, entry.conn_id)
             span.set_attribute(ATTR_PATH_TO_LOCAL_ADDRESS, str(local_addr_of(entry, req.path_id)))
+            if entry.remote_peer_id is not None:
+                span.set_attribute(ATTR_LIBP2P_PEER_ID, entry.remote_peer_id)
             try:
                 report = await entry.ask(Probe(req.path_id, req.timeout, op))
             except BaseException as exc:
@@ -877,13 +905,15 @@ class SupervisorActor(Actor):
                 parent_context=parent,
             ) as span:
                 span.set_attribute(ATTR_MIGRATION_INITIATOR, initiator)
+                if entry.remote_peer_id is not None:
+                    span.set_attribute(ATTR_LIBP2P_PEER_ID, entry.remote_peer_id)
                 if waited:
                     span.set_attribute(ATTR_MIGRATION_QUEUE_WAIT_MS, waited * 1000)
                 # Published inside the span: the journal records carry the migration's trace.
                 self.emit(
                     EvtConnectionMigrationStarted(
                         req.conn_id,
-                        entry.remote,
+                        entry.peer_multiaddr,
                         time.time(),
                         from_addr,
                         to_addr,
@@ -947,7 +977,7 @@ class SupervisorActor(Actor):
                     self.emit(
                         EvtConnectionMigrationFailed(
                             req.conn_id,
-                            entry.remote,
+                            entry.peer_multiaddr,
                             time.time(),
                             from_addr,
                             to_addr,
@@ -966,7 +996,7 @@ class SupervisorActor(Actor):
                 self.emit(
                     EvtConnectionMigrationCompleted(
                         req.conn_id,
-                        entry.remote,
+                        entry.peer_multiaddr,
                         time.time(),
                         from_addr,
                         to_addr,
