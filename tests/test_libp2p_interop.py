@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import re
+import sys
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -38,6 +41,7 @@ pytestmark = pytest.mark.interop
 
 SECOND = "/ip4/127.0.0.2/udp/0/quic-v1"
 LISTEN = "/ip4/127.0.0.1/udp/0/quic-v1"
+SCRIPT = Path(sys.executable).with_name("quic-supervisor")
 LIBP2P_EXTENSION = x509.ObjectIdentifier("1.3.6.1.4.1.53594.1.1")
 
 needs_py = pytest.mark.skipif(bool(py_libp2p_available()), reason=str(py_libp2p_available()))
@@ -210,3 +214,28 @@ async def test_js_libp2p_rejects_a_broken_signature() -> None:
         assert not result.ok, result.describe()
         assert result.rtts == []
         _record("js-libp2p vs a broken signature", error=result.error)
+
+
+@needs_py
+async def test_cli_ping_migrates_a_connection_to_py_libp2p(tmp_path: Path) -> None:
+    """The README's `quic-supervisor ping ... --migrate-after`, against py-libp2p."""
+    async with py_libp2p_peer() as peer:
+        argv = [str(SCRIPT), "ping", peer.multiaddr, "-c", "4", "--interval", "0.05"]
+        argv += ["--path", SECOND, "--migrate-after", "2", "--key", str(tmp_path / "me.key")]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = out.decode()
+        assert proc.returncode == 0, text + err.decode()
+        assert f"connected to {peer.peer_id}" in text
+        assert re.search(r"migrated /ip4/127\.0\.0\.1/udp/\d+/quic-v1 -> /ip4/127\.0\.0\.2/", text)
+        assert re.search(r"ping [34]: [\d.]+ ms via /ip4/127\.0\.0\.2/", text), text
+        assert "4/4 pings answered" in text
+        # py-libp2p answered on our new path: its ping events say where aioquic sends.
+        await peer.wait_event(
+            lambda e: e.get("event") == "ping" and "127.0.0.2" in str(e.get("quic_path")),
+            timeout=10,
+            what="a ping answered towards our new path",
+        )
+        _record("cli ping vs py-libp2p", output=text.splitlines())
