@@ -21,7 +21,7 @@ venv: $(STAMP)
 # Reinstall only when pyproject.toml changes; the stamp lives inside the venv so `clean` drops both.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[dev,ray,netlink]'
+	$(BIN)/python -m pip install -e '.[dev,ray,netlink,cli]'
 	@touch $(STAMP)
 
 # Install only what is missing; without root, say what is missing and carry on (tests that need
@@ -123,7 +123,7 @@ bench: sysdeps venv $(VENV)/.bench-installed
 	$(BIN)/python -m bench; status=$$?; $(BIN)/python -m bench.report; exit $$status
 
 $(VENV)/.bench-installed: pyproject.toml $(STAMP)
-	$(BIN)/python -m pip install -e '.[dev,ray,netlink,bench]'
+	$(BIN)/python -m pip install -e '.[dev,ray,netlink,cli,bench]'
 	@touch $@
 
 clean:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
@@ -29,7 +32,15 @@ from aioquic.quic.events import QuicEvent, StopSendingReceived, StreamDataReceiv
 from actors.ports import AppProtocolPort
 from supervisor.core.handles import Connection
 
-__all__ = ["DEFAULT_BODY_BUFFER", "H3Client", "H3Error", "H3Response", "Sink", "http3_get"]
+__all__ = [
+    "DEFAULT_BODY_BUFFER",
+    "H3Client",
+    "H3Error",
+    "H3FileServer",
+    "H3Response",
+    "Sink",
+    "http3_get",
+]
 
 Headers = list[tuple[bytes, bytes]]
 #: Receives each body chunk in order; may be a coroutine function.
@@ -176,6 +187,7 @@ class H3Client:
         headers: Iterable[tuple[str | bytes, str | bytes]] = (),
         sink: Sink | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        on_headers: Callable[[Headers], None] | None = None,
     ) -> H3Response:
         """GET ``url_path``; see :func:`http3_get`."""
         if not url_path.startswith("/"):
@@ -196,7 +208,7 @@ class H3Client:
         port.transmit_soon()
         complete = False
         try:
-            body, length = await self._receive(req, sink, max_body)
+            body, length = await self._receive(req, sink, max_body, on_headers)
             complete = True
         finally:
             del self._requests[stream_id]
@@ -211,11 +223,18 @@ class H3Client:
         return H3Response(int(status), req.headers, bytes(body), length, req.trailers)
 
     async def _receive(
-        self, req: _Request, sink: Sink | None, max_body: int
+        self,
+        req: _Request,
+        sink: Sink | None,
+        max_body: int,
+        on_headers: Callable[[Headers], None] | None = None,
     ) -> tuple[bytearray, int]:
         body = bytearray()
         received = 0
         while True:
+            if on_headers is not None and req.headers is not None:
+                on_headers(req.headers)  # once, before any body byte
+                on_headers = None
             while req.chunks:
                 chunk = req.chunks.popleft()
                 received += len(chunk)
@@ -265,20 +284,138 @@ async def http3_get(
     headers: Iterable[tuple[str | bytes, str | bytes]] = (),
     sink: Sink | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    on_headers: Callable[[Headers], None] | None = None,
 ) -> H3Response:
     """GET ``url_path`` over ``conn`` (dialled with ``alpn_protocols=["h3"]``).
 
     ``sink(chunk)`` (sync or async) receives the body as it arrives; the response then carries
-    an empty ``body`` and its ``length``. Migrations of ``conn`` during the transfer need nothing
-    from the caller. Cancelling stops the request (STOP_SENDING) and leaves the connection usable.
+    an empty ``body`` and its ``length``. ``on_headers(headers)`` is called once when the
+    response headers arrived, before the body (a progress display reads content-length).
+    Migrations of ``conn`` during the transfer need nothing from the caller. Cancelling stops
+    the request (STOP_SENDING) and leaves the connection usable.
     Raises :class:`H3Error` for HTTP-level failures and ``ConnectionClosedError`` when the
     connection ends first.
     """
     client = await h3_client(conn)
     return await client.get(
-        url_path, authority=authority, headers=headers, sink=sink, max_body=max_body
+        url_path,
+        authority=authority,
+        headers=headers,
+        sink=sink,
+        max_body=max_body,
+        on_headers=on_headers,
     )
 
 
 def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
+
+
+class H3FileServer:
+    """Serves the files under ``root`` over HTTP/3 (aioquic's H3Connection) on one inbound
+    connection: the listener's ``http3_root`` mode, for clients that speak nothing else
+    (ngtcp2's gtlsclient, browsers' HTTP/3 stacks).
+
+    It takes the connection's QUIC events before the stream table (HTTP/3 owns every stream of
+    the connection). A body is read from its file as the stream's unacknowledged send buffer
+    drains below ``window`` (``pump``, after every event and acknowledgement), so memory stays
+    bounded whatever the file sizes. A request is answered when it ended: a body (a POST's, or
+    a GET's as gtlsclient ``--data`` sends) is read, hashed and counted, never kept, so a client
+    that uploads keeps sending for as long as its upload lasts (the interop rig needs one that
+    does: only a client's datagram makes a NAT mapping). A path that leaves ``root`` (``..``, a
+    symlink out) is a 404, as is a missing file; a method other than GET, HEAD, POST is a 405.
+    """
+
+    def __init__(
+        self,
+        quic: Any,
+        root: Path,
+        transmit: Callable[[], None],
+        backlog: Callable[[int], int],
+        window: int = DEFAULT_BODY_BUFFER,
+    ) -> None:
+        self._h3 = H3Connection(quic)
+        self._root = root.resolve()
+        self._transmit = transmit
+        self._backlog = backlog
+        self._window = window
+        self._bodies: dict[int, Any] = {}  # stream id -> open file still being sent
+        self._uploads: dict[int, tuple[HeadersReceived, Any]] = {}  # POSTs still arriving
+        #: Requests answered, by status (for tests and the listener's owner).
+        self.answered: dict[int, int] = {}
+        #: Request bodies received: bytes in all, and the sha256 of each finished one.
+        self.uploaded_bytes = 0
+        self.upload_digests: list[str] = []
+
+    def handle_event(self, event: QuicEvent) -> bool:
+        """Feed a QUIC event; True when HTTP/3 took it (every stream event does)."""
+        if not isinstance(event, StreamDataReceived | StreamReset | StopSendingReceived):
+            return False
+        if isinstance(event, StreamReset | StopSendingReceived):
+            self._drop(event.stream_id)
+        for h3_event in self._h3.handle_event(event):
+            if isinstance(h3_event, HeadersReceived):
+                if not h3_event.stream_ended:  # a body follows (gtlsclient --data: a GET's)
+                    self._uploads[h3_event.stream_id] = (h3_event, hashlib.sha256())
+                else:
+                    self._respond(h3_event)
+            elif isinstance(h3_event, DataReceived) and h3_event.stream_id in self._uploads:
+                request, digest = self._uploads[h3_event.stream_id]
+                digest.update(h3_event.data)
+                self.uploaded_bytes += len(h3_event.data)
+                if h3_event.stream_ended:
+                    del self._uploads[h3_event.stream_id]
+                    self.upload_digests.append(digest.hexdigest())
+                    self._respond(request)
+        self.pump()
+        return True
+
+    def pump(self) -> None:
+        """Send more of every body whose stream has room again, then transmit."""
+        for stream_id, body in list(self._bodies.items()):
+            while (room := self._window - self._backlog(stream_id)) > 0:
+                chunk = body.read(min(room, 1 << 16))
+                if not chunk:
+                    self._h3.send_data(stream_id, b"", end_stream=True)
+                    self._drop(stream_id)
+                    break
+                self._h3.send_data(stream_id, chunk, end_stream=False)
+        self._transmit()
+
+    def close(self) -> None:
+        for stream_id in list(self._bodies):
+            self._drop(stream_id)
+
+    def _drop(self, stream_id: int) -> None:
+        self._uploads.pop(stream_id, None)
+        body = self._bodies.pop(stream_id, None)
+        if body is not None:
+            body.close()
+
+    def _file(self, target: bytes) -> Path | None:
+        path = target.split(b"?", 1)[0].decode("utf-8", "replace").lstrip("/")
+        candidate = (self._root / path).resolve()
+        if not candidate.is_relative_to(self._root) or not candidate.is_file():
+            return None
+        return candidate
+
+    def _respond(self, event: HeadersReceived) -> None:
+        headers = dict(event.headers)
+        method = headers.get(b":method", b"")
+        found = self._file(headers.get(b":path", b"/"))
+        if method not in (b"GET", b"HEAD", b"POST"):
+            status, size = 405, 0
+        elif found is None:
+            status, size = 404, 0
+        else:
+            status, size = 200, found.stat().st_size
+        self.answered[status] = self.answered.get(status, 0) + 1
+        body_follows = status == 200 and method != b"HEAD" and size > 0
+        self._h3.send_headers(
+            event.stream_id,
+            [(b":status", str(status).encode()), (b"content-length", str(size).encode())],
+            end_stream=not body_follows,
+        )
+        if body_follows:
+            assert found is not None
+            self._bodies[event.stream_id] = found.open("rb")

@@ -6,16 +6,23 @@ promoted) and never initiate one, so they need none of the path machinery: each 
 under the same CID (a NAT rebinding), the connection moves to a fresh peer CID and challenges
 the new address in its first packet there (``InboundQuicConnection`` in the adapter, attached
 with the stream credit through ``QuicStreamTransport``: this module imports no adapter).
+
+The server side is visible: each change of the address a connection sends to (the client
+migrated, or a NAT rebound it) is one ``EvtPeerAddressChanged`` on the owning Supervisor's bus,
+and ``snapshot()`` gives an inbound connection as ``ConnectionSnapshot(inbound=True)`` with the
+peer's current address (what ``quic-supervisor ctl paths`` lists on a server).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from aioquic.asyncio import QuicConnectionProtocol
@@ -31,6 +38,7 @@ from actors.stream_table import QuicStreamTransport, StreamTable
 from actors.streams import DEFAULT_STREAM_BUFFER, Stream, StreamResetError
 from actors.tls_peer import ask_client_certificate, peer_certificate_chain
 from supervisor.addresses import parse_quic_multiaddr, path_socket_error, sockaddr_to_multiaddr
+from supervisor.core.events import Event, EvtPeerAddressChanged
 from supervisor.core.handles import (
     Client,
     Connection,
@@ -38,7 +46,8 @@ from supervisor.core.handles import (
     MigratableConn,
     PathInfo,
 )
-from supervisor.core.messages import ConnectionSnapshot
+from supervisor.core.messages import ConnectionSnapshot, PathSnapshot
+from supervisor.h3 import H3FileServer
 from supervisor.libp2p.credentials import Credentials
 from supervisor.libp2p.peer_id import PeerId
 from supervisor.libp2p.service import Libp2pService
@@ -46,6 +55,8 @@ from supervisor.libp2p.service import Libp2pService
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
+#: Where a listener's events go: the owning Supervisor's bus (and journal).
+EmitEvent = Callable[[Event], None]
 
 #: QUIC CRYPTO_ERROR for TLS alert 42, bad_certificate (RFC 9001 §4.8): a libp2p client whose
 #: certificate breaks the spec, or that sent none.
@@ -73,6 +84,10 @@ class InboundProtocol(QuicConnectionProtocol):
         self.closed = False
         self.error: ConnectionClosedError | None = None
         self.peer_addresses: set[tuple[Any, ...]] = set()
+        #: The address datagrams go to, as of the last datagram; and how often it changed
+        #: (client migrations and NAT rebindings both count: the server cannot tell them apart).
+        self.peer: tuple[Any, ...] | None = None
+        self.peer_changes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.connection: InboundConnection | None = None
         #: libp2p: the peer id the client's certificate proved.
@@ -89,6 +104,12 @@ class InboundProtocol(QuicConnectionProtocol):
         if listener.libp2p is not None:
             ask_client_certificate(quic)  # libp2p's TLS is mutual
         self.streams = StreamTable(transport, DEFAULT_STREAM_BUFFER, on_accept)
+        #: HTTP/3 over the whole connection (``listen(http3_root=...)``), or None.
+        self.http3 = (
+            H3FileServer(quic, listener.http3_root, self.transmit, transport.stream_send_backlog)
+            if listener.http3_root is not None
+            else None
+        )
 
     def check_open(self) -> None:
         if self.closed:
@@ -106,14 +127,34 @@ class InboundProtocol(QuicConnectionProtocol):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
+        # Where aioquic now sends, not where this datagram came from: a probe from a new
+        # address changes nothing; the peer's first non-probing packet there moves it (RFC 9000
+        # §9.3). One list read and a tuple compare per datagram.
+        peer = self.quic.get_peer_address()
+        if peer is not None and peer != self.peer:
+            self._peer_moved(tuple(peer))
         # ACK-only datagrams raise no event, but they free send buffers: wake blocked writers.
         self.streams.service()
+        if self.http3 is not None:
+            self.http3.pump()
+
+    def _peer_moved(self, peer: tuple[Any, ...]) -> None:
+        # Here, not per event: after its request an HTTP/3 client sends only ACKs and flow
+        # credit, which raise no event, so its move during a download would go unrecorded.
+        self.peer_addresses.add(peer)
+        old, self.peer = self.peer, peer
+        if old is None:
+            return  # the first address is not a change
+        self.peer_changes += 1
+        self.listener._peer_moved(self, old, peer)
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
         peer = self.quic.get_peer_address()
         if peer is not None:
             self.peer_addresses.add(tuple(peer))
-        if self.streams.handle_event(event):
+        if self.http3 is not None and self.http3.handle_event(event):
+            pass  # every stream is HTTP/3's
+        elif self.streams.handle_event(event):
             pass  # stream data or a reset: the table's
         elif isinstance(event, qe.HandshakeCompleted):
             if self._peer_checked():
@@ -122,6 +163,8 @@ class InboundProtocol(QuicConnectionProtocol):
             self.closed = True
             self.error = ConnectionClosedError(self.conn_id, reason=event.reason_phrase)
             self.streams.fail_all(self.error)
+            if self.http3 is not None:
+                self.http3.close()
             self.listener._ended(self)
         self.streams.service()
 
@@ -198,15 +241,39 @@ class InboundConnection(Connection):
         """Every client address this connection has received from (migrations show here)."""
         return set(self._proto.peer_addresses)
 
+    def snapshot(self) -> ConnectionSnapshot:
+        """Now: the peer's current address (connection and its one path), ``inbound=True``,
+        ``migrations`` = how often the peer's address changed. RTT and byte counts stay
+        unset: aioquic keeps them private and this side has no path actors to count them."""
+        remote = str(self._current_remote())
+        closed = self._proto.closed
+        path = PathSnapshot(
+            path_id=0,
+            local_addr=self._snap.local_addr,
+            remote_addr=remote,
+            active=not closed,
+            rtt=None,
+            state=PathState.CLOSED if closed else PathState.ACTIVE,
+        )
+        return dataclasses.replace(
+            self._snap,
+            remote_addr=remote,
+            closed=closed,
+            paths=(path,),
+            migrations=self._proto.peer_changes,
+        )
+
+    def _current_remote(self) -> Multiaddr:
+        peer = self._proto.peer_address()
+        return sockaddr_to_multiaddr(peer) if peer else Multiaddr(self._snap.remote_addr)
+
     async def close(self) -> None:
         if not self._proto.closed:
             self._proto.close()
 
     def _path_infos(self) -> list[PathInfo]:
-        peer = self._proto.peer_address()
-        remote = sockaddr_to_multiaddr(peer) if peer else Multiaddr(self._snap.remote_addr)
         local = Multiaddr(self._snap.local_addr)
-        return [PathInfo(local, remote, True, None, PathState.ACTIVE)]
+        return [PathInfo(local, self._current_remote(), True, None, PathState.ACTIVE)]
 
     def as_migratable(self) -> MigratableConn:
         if self._migratable is None:
@@ -223,10 +290,16 @@ class Listener:
         handler: StreamHandler | None,
         *,
         libp2p: Libp2pListening | None = None,
+        emit: EmitEvent | None = None,
+        http3_root: Path | None = None,
     ) -> None:
+        """``emit``: where ``EvtPeerAddressChanged`` goes (the Supervisor's bus);
+        ``http3_root``: serve the files there over HTTP/3 (``H3FileServer``)."""
         self._client = client
         self.handler = handler
         self.libp2p = libp2p
+        self.http3_root = http3_root
+        self._emit = emit
         #: libp2p clients refused for their certificate (or for sending none).
         self.rejected_peers = 0
         self._server: QuicServer | None = None
@@ -283,6 +356,27 @@ class Listener:
 
     def _ended(self, proto: InboundProtocol) -> None:
         self.connections.pop(proto.conn_id, None)
+
+    def _peer_moved(
+        self, proto: InboundProtocol, old: tuple[Any, ...], new: tuple[Any, ...]
+    ) -> None:
+        conn = proto.connection
+        if conn is None:
+            return  # not accepted yet (a rebinding mid-handshake): nobody knows this conn id
+        old_addr, new_addr = sockaddr_to_multiaddr(old), sockaddr_to_multiaddr(new)
+        log.debug("inbound connection %s: peer %s -> %s", proto.conn_id, old_addr, new_addr)
+        if self._emit is not None:
+            evt = EvtPeerAddressChanged(
+                proto.conn_id, conn.remote_multiaddr, time.time(), old_addr, new_addr
+            )
+            try:
+                self._emit(evt)
+            except Exception:  # the datagram path must not fail for an observer
+                log.exception("emitting %r failed", evt)
+
+    def snapshots(self) -> tuple[ConnectionSnapshot, ...]:
+        """Every accepted, open connection of this listener, as of now."""
+        return tuple(conn.snapshot() for conn in list(self.connections.values()))
 
     async def accept(self) -> InboundConnection:
         """The next connection that completed its handshake."""

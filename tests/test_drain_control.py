@@ -21,8 +21,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.envelope import decode, encode
 from actors.errors import ConnectionClosedError, InvalidAddressError, PathNotValidatedError
@@ -46,6 +50,7 @@ from supervisor.remote.control import (
     frame,
 )
 from supervisor.remote.protocol import ErrorReply
+from telemetry.journal import read_journal
 from tests.rig.aioquic_server import RigServer
 from tests.support import ChecksummedStream, addr_of, dial_echo, echo_roundtrip, event_log
 
@@ -308,6 +313,80 @@ async def test_ctl_migrate_adds_probes_and_switches(
     await stream.finish()
 
 
+async def test_operators_migrations_and_drains_are_recorded_as_theirs(
+    echo: RigServer, tmp_path: Path
+) -> None:
+    """DESIGN §3: a migration asked through the control socket, or a drain, carries
+    ``initiator="operator"`` on the quic.migration span, in the journal (the request and the
+    events) and on the events; the application's own ``switch()`` stays ``application``."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    journal = tmp_path / "sup.journal"
+    sock = tmp_path / "ctl.sock"
+    async with (
+        Supervisor(
+            enable_experimental_connection_migration=True,
+            tracer_provider=provider,
+            journal=journal,
+        ) as sup,
+        ControlServer(sup, sock),
+        ControlClient(sock, timeout=30) as ctl,
+    ):
+        app = await dial_echo(sup, echo)
+        path = await app.as_migratable().add_path(THIRD)
+        await path.probe(timeout=5.0)
+        await path.switch()  # the application's own
+        operator = await dial_echo(sup, echo)
+        await ctl.migrate(operator.conn_id, THIRD)  # `quic-supervisor ctl migrate`
+        drained = await dial_echo(sup, echo)
+        await _with_second_path(drained, probe=True)
+        report = await ctl.drain(local_addr="/ip4/127.0.0.1")  # `ctl drain`
+        assert [o.conn_id for o in report.moved] == [drained.conn_id]
+        sub = sup.events.subscribe(
+            EvtConnectionMigrationStarted, EvtConnectionMigrationCompleted, since=0
+        )
+        events = [sub._queue.popleft() for _ in range(sub.pending)]
+    want = {app.conn_id: "application", operator.conn_id: "operator", drained.conn_id: "operator"}
+
+    by_event: dict[tuple[str, str], str] = {}
+    for evt in events:
+        assert isinstance(evt, EvtConnectionMigrationStarted | EvtConnectionMigrationCompleted)
+        by_event[(type(evt).__name__, evt.conn_id)] = evt.initiator
+    assert by_event == {
+        (kind, conn_id): who
+        for conn_id, who in want.items()
+        for kind in ("EvtConnectionMigrationStarted", "EvtConnectionMigrationCompleted")
+    }
+    spans = [s for s in exporter.get_finished_spans() if s.name == "quic.migration"]
+    assert spans and s_attrs(spans) == want
+
+    records = list(read_journal(journal))
+    requests = {
+        r["conn"]: r["body"]["initiator"]
+        for r in records
+        if r["kind"] == "msg" and r["type"] == "SwitchRequest"
+    }
+    assert requests == want  # the request as recorded says who asked, not None
+    done = {
+        r["conn"]: r["body"]["initiator"]
+        for r in records
+        if r["kind"] == "event" and r["type"] == "ConnectionMigrationCompleted"
+    }
+    assert done == want
+
+
+def s_attrs(spans: list[Any]) -> dict[str, str]:
+    """conn id -> quic.migration.initiator of each migration span (one per connection)."""
+    out: dict[str, str] = {}
+    for span in spans:
+        attrs = span.attributes or {}
+        conn_id = str(attrs["quic.connection.id"])
+        assert conn_id not in out, "one migration per connection in this test"
+        out[conn_id] = str(attrs["quic.migration.initiator"])
+    return out
+
+
 async def test_typed_errors_cross_the_socket(
     sup: Supervisor, echo: RigServer, sock_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -399,7 +478,7 @@ async def test_no_server_or_no_socket_is_a_clear_error(
     assert "no supervisor is serving" in capsys.readouterr().err
     monkeypatch.delenv("QUIC_SUPERVISOR_SOCKET", raising=False)
     assert await _ctl("paths") == 2
-    assert "--socket PATH is required" in capsys.readouterr().err
+    assert "no control socket given: pass --socket PATH" in capsys.readouterr().err
 
 
 async def test_drain_report_round_trips_the_envelope(sup: Supervisor, echo: RigServer) -> None:
@@ -431,7 +510,7 @@ def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
 @pytest.fixture
 def console_script() -> Path:
     if not SCRIPT.exists():
-        pytest.skip(f"{SCRIPT} missing: run .venv/bin/pip install -e '.[dev]'")
+        pytest.skip(f"{SCRIPT} missing: run .venv/bin/pip install -e '.[dev,cli]'")
     return SCRIPT
 
 

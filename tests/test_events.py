@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import threading
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from supervisor.core.events import (
     EvtPathAdded,
     EvtPathRemoved,
     EvtPathStateChanged,
+    EvtPeerAddressChanged,
     Subscription,
 )
 
@@ -49,11 +51,19 @@ def one_of_each() -> list[Event]:
         EvtPathRemoved("c1", REMOTE, now, LOCAL_B),
         EvtPathStateChanged("c1", REMOTE, now, LOCAL_B, PathState.NEW, PathState.VALIDATING),
         EvtNetworkChanged("", REMOTE, now, "eth1", "carrier_lost", ("10.0.0.2",)),
+        EvtPeerAddressChanged("c1", REMOTE, now, LOCAL_A, REMOTE),
     ]
 
 
 def test_field_order_and_names() -> None:
-    names = {cls.__name__: [f.name for f in dataclasses.fields(cls)] for cls in EVENT_TYPES}
+    """Each constructor's positional order is part of the API (events are built positionally);
+    ``seq`` is keyword-only, so adding it moved none of them."""
+
+    def positional(cls: type) -> list[str]:
+        params = inspect.signature(cls).parameters.values()
+        return [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    names = {cls.__name__: positional(cls) for cls in EVENT_TYPES}
     common = ["conn_id", "remote_addr", "time"]
     started = [*common, "from_local_addr", "to_local_addr", "reason"]
     # initiator comes last with a default: positional construction from before it existed
@@ -72,7 +82,11 @@ def test_field_order_and_names() -> None:
         "EvtPathRemoved": [*common, "local_addr"],
         "EvtPathStateChanged": [*common, "local_addr", "old", "new"],
         "EvtNetworkChanged": [*common, "interface", "change", "addresses", "trace_id"],
+        "EvtPeerAddressChanged": [*common, "old_remote_addr", "new_remote_addr"],
     }
+    for cls in EVENT_TYPES:
+        seq = inspect.signature(cls).parameters["seq"]
+        assert seq.kind is seq.KEYWORD_ONLY and seq.default == 0, cls
 
 
 def test_events_are_frozen_and_hashable() -> None:

@@ -40,6 +40,8 @@ import contextlib
 import hashlib
 import itertools
 import random
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ from tests.rig.interop_results import record
 from tests.rig.ngtcp2 import Ngtcp2Server, gtlsserver, gtlsserver_available, make_htdocs
 from tests.rig.quic_wire import PATH_CHALLENGE, WirePacket, wire_packets
 from tests.rig.rebind import NamespaceLoop, RebindingNat
+from tests.rig.waiting import poll_until
 
 pytest_plugins = ["tests.rig.fixtures"]
 
@@ -81,12 +84,13 @@ CHECKS = ("tuples", "challenge", "response", "new_dcid", "intact")
 
 _TSHARK, _NO_TSHARK = tshark_available()
 _NGTCP2, _NO_NGTCP2 = gtlsserver_available()
-GTLSCLIENT_SKIP = (
-    "gtlsclient speaks HTTP/3 only and our listener has no HTTP/3 server mode: its inbound "
-    "connections hand stream data to our bounded Stream objects (StreamTable), not raw QUIC "
-    "events to aioquic's H3Connection, so an HTTP/3 responder is more than a small addition "
-    "to supervisor/server.py"
-)
+_GTLSCLIENT = shutil.which("gtlsclient") is not None
+#: gtlsclient POSTs this much (an upload keeps the client sending: only a client's datagram
+#: makes a NAT mapping, so a client that only downloads and has nothing left to acknowledge
+#: when the router forgets its mapping goes silent until its idle timeout — ngtcp2 arms no
+#: probe timer for ACK-only flights), then downloads the answer.
+GTLS_UPLOAD = 48 << 20
+GTLS_DOWNLOAD = 4 << 20
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +123,8 @@ class Target:
     #: Raises if the server side of the connection failed (our listener only).
     check_server: Callable[[], Awaitable[None]] | None = None
     sha256: dict[str, str] = field(default_factory=dict)
+    #: Our listener's HTTP/3 mode: request-body bytes received and finished bodies' digests.
+    uploaded: Callable[[], tuple[int, list[str]]] = lambda: (0, [])
 
 
 async def _echo_handler(stream: Stream) -> None:
@@ -128,8 +134,11 @@ async def _echo_handler(stream: Stream) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _listener(nat: RebindingNat, cert: CertPair) -> AsyncIterator[Target]:
-    """Our listener on its own event loop inside the server namespace (it binds there)."""
+async def _listener(
+    nat: RebindingNat, cert: CertPair, htdocs: Path | None = None
+) -> AsyncIterator[Target]:
+    """Our listener on its own event loop inside the server namespace (it binds there); with
+    ``htdocs``, its HTTP/3 mode serving the files there (for gtlsclient)."""
     with NamespaceLoop(nat.server.name) as nsloop:
         state: dict[str, Any] = {}
 
@@ -137,13 +146,21 @@ async def _listener(nat: RebindingNat, cert: CertPair) -> AsyncIterator[Target]:
             sup = Supervisor()
             await sup.start()
             state["sup"] = sup
-            listener = await sup.listen(
-                f"/ip4/{nat.SERVER}/udp/0/quic-v1",
-                certfile=cert.certfile,
-                keyfile=cert.keyfile,
-                alpn_protocols=["echo"],
-                handler=_echo_handler,
-            )
+            if htdocs is not None:
+                listener = await sup.listen(
+                    f"/ip4/{nat.SERVER}/udp/0/quic-v1",
+                    certfile=cert.certfile,
+                    keyfile=cert.keyfile,
+                    http3_root=htdocs,
+                )
+            else:
+                listener = await sup.listen(
+                    f"/ip4/{nat.SERVER}/udp/0/quic-v1",
+                    certfile=cert.certfile,
+                    keyfile=cert.keyfile,
+                    alpn_protocols=["echo"],
+                    handler=_echo_handler,
+                )
             state["listener"] = listener
             return int(str(listener.multiaddr).split("/")[4])
 
@@ -157,14 +174,28 @@ async def _listener(nat: RebindingNat, cert: CertPair) -> AsyncIterator[Target]:
             proto = conns[0]._proto
             assert not proto.closed, f"listener side closed: {proto.error}"
 
+        seen_h3: list[Any] = []  # kept: the listener forgets a connection once it closed
+
+        def uploaded() -> tuple[int, list[str]]:
+            """Request-body bytes the HTTP/3 mode received, and the finished bodies' sha256
+            (read from the test's thread: ints and lists, polled from the transfer's start)."""
+            for conn in list(state["listener"].connections.values()):
+                h3 = conn._proto.http3
+                if h3 is not None and all(h3 is not known for known in seen_h3):
+                    seen_h3.append(h3)
+            return sum(h.uploaded_bytes for h in seen_h3), [
+                d for h in seen_h3 for d in h.upload_digests
+            ]
+
         port = await nsloop.run(start())
         try:
             yield Target(
                 "ours",
                 port,
-                "echo",
+                "echo" if htdocs is None else "h3",
                 peer_addresses=lambda: nsloop.submit(peers()).result(10),
                 check_server=lambda: nsloop.run(check()),
+                uploaded=uploaded,
             )
         finally:
             await nsloop.run(state["sup"].close())
@@ -523,9 +554,20 @@ async def _run_rebind(
     tmp_path: Path,
     rig_keylog: Path,
 ) -> None:
-    if peer == "gtlsclient->ours":
-        pytest.skip(GTLSCLIENT_SKIP)
     server_peer = "ours" if peer.endswith("->ours") else peer
+    if peer == "gtlsclient->ours":
+        if not _GTLSCLIENT:
+            pytest.skip("ngtcp2's gtlsclient is not installed (Debian ngtcp2-client)")
+        htdocs = tmp_path / "htdocs"
+        download = make_htdocs(htdocs, GTLS_DOWNLOAD, name="body")
+        upload = tmp_path / "upload"
+        upload_sha = make_htdocs(tmp_path, GTLS_UPLOAD, name="upload", seed=1)
+        async with _listener(nat, nat_cert, htdocs) as target:
+            client = _gtlsclient(nat, target, upload, upload_sha, download, tmp_path / "dl")
+            verdict = await _rebind_case(kind, nat, target, tmp_path, rig_keylog, client, peer)
+        assert verdict.details["undecrypted"] == 0, verdict.details
+        assert verdict.passed, (verdict.checks, verdict.details)
+        return
     async with serving(server_peer, nat, nat_cert, tmp_path) as target:
         if peer == "aioquic-client->ours":
             client = _stock_client(nat, target, nat_cert)
@@ -594,6 +636,84 @@ def _stock_client(
                 if not transfer.task.done():
                     transfer.task.cancel()
                     await asyncio.gather(transfer.task, return_exceptions=True)
+
+    return gen
+
+
+class GtlsclientUpload(Transfer):
+    """ngtcp2's gtlsclient POSTing a body to our listener's HTTP/3 mode from the client
+    namespace, then downloading the answer. Progress is the body as our listener received it
+    (gtlsclient reports none), so the stall is the largest gap in what crossed the NAT."""
+
+    def __init__(
+        self, nat: RebindingNat, target: Target, upload: Path, upload_sha: str, sha: str, dl: Path
+    ) -> None:
+        super().__init__()
+        self.nat, self.target, self.upload, self.upload_sha = nat, target, upload, upload_sha
+        self.sha, self.dl = sha, dl
+        self.returncode: int | None = None
+        self.stderr = ""
+        self.verdict: dict[str, Any] = {}
+
+    async def run(self) -> None:
+        self.dl.mkdir(parents=True, exist_ok=True)
+        url = f"https://{self.nat.SERVER}:{self.target.port}/body"
+        argv = ["gtlsclient", "-q", "--exit-on-all-streams-close", "--download", str(self.dl)]
+        argv += ["--data", str(self.upload), self.nat.SERVER, str(self.target.port), url]
+        proc = self.nat.client.popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        seen = 0
+
+        def moved() -> bool:
+            return self.target.uploaded()[0] > seen or proc.poll() is not None
+
+        try:
+            while proc.poll() is None:
+                await poll_until(moved, timeout=GUARD, what="gtlsclient's upload to move")
+                now = self.target.uploaded()[0]
+                if now > seen:
+                    self.delivered(now - seen)
+                    seen = now
+            self.returncode = proc.returncode
+            self.stderr = proc.stderr.read()[-500:] if proc.stderr is not None else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        """The transfer ends by itself once the answer arrived."""
+
+    def intact(self) -> bool:
+        got = self.dl / "body"
+        downloaded = hashlib.sha256(got.read_bytes()).hexdigest() if got.exists() else ""
+        self.verdict = {
+            "returncode": self.returncode,
+            "stderr": self.stderr,
+            "uploads": self.target.uploaded(),
+            "download_size": got.stat().st_size if got.exists() else None,
+        }
+        return (
+            self.returncode == 0
+            and self.target.uploaded()[1] == [self.upload_sha]
+            and downloaded == self.sha
+        )
+
+
+def _gtlsclient(
+    nat: RebindingNat, target: Target, upload: Path, upload_sha: str, sha: str, dl: Path
+) -> Callable[[], AsyncGenerator[Any, None]]:
+    async def gen() -> AsyncGenerator[Any, None]:
+        transfer = GtlsclientUpload(nat, target, upload, upload_sha, sha, dl)
+        transfer.task = asyncio.create_task(transfer.run(), name="gtlsclient")
+        try:
+            yield transfer
+            assert transfer.intact(), transfer.verdict
+        finally:
+            if not transfer.task.done():
+                transfer.task.cancel()
+                await asyncio.gather(transfer.task, return_exceptions=True)
 
     return gen
 

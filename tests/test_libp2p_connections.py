@@ -234,7 +234,7 @@ async def test_migrated_libp2p_connection_keeps_pinging_and_identify_follows() -
 def libp2p_serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     """``quic-supervisor serve --libp2p --key FILE``; yields (process, /p2p/ address, key)."""
     if not SCRIPT.exists():
-        pytest.skip(f"{SCRIPT} missing: run .venv/bin/pip install -e '.[dev]'")
+        pytest.skip(f"{SCRIPT} missing: run .venv/bin/pip install -e '.[dev,cli]'")
     key = tmp_path / "server.key"
     err = (tmp_path / "serve.err").open("w")
     proc = subprocess.Popen(

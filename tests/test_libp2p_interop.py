@@ -62,10 +62,18 @@ def _record(what: str, **figures: object) -> None:
 # ------------------------------------------------------------------------------ py-libp2p
 
 
-@needs_py
+PEER_KINDS = [
+    pytest.param("py-libp2p", marks=needs_py, id="py-libp2p"),
+    pytest.param("js-libp2p", marks=needs_js, id="js-libp2p"),
+]
+
+
 @pytest.mark.parametrize("key_type", KEY_TYPES)
-async def test_py_libp2p_dial_verify_and_ping(key_type: str) -> None:
-    async with py_libp2p_peer(key_type) as peer, _client(key_type) as sup:
+@pytest.mark.parametrize("kind", PEER_KINDS)
+async def test_dial_verify_and_ping(kind: str, key_type: str) -> None:
+    """Both sides with the same key type; js-libp2p also refuses our migration, typed."""
+    start = py_libp2p_peer if kind == "py-libp2p" else js_libp2p_peer
+    async with start(key_type) as peer, _client(key_type) as sup:
         started = asyncio.get_running_loop().time()
         conn = await sup.dial(peer.multiaddr)
         took = asyncio.get_running_loop().time() - started
@@ -73,11 +81,20 @@ async def test_py_libp2p_dial_verify_and_ping(key_type: str) -> None:
         rtts = await ping_peer(conn, count=3)
         assert len(rtts) == 3
         _record(
-            "py-libp2p dial+ping",
+            f"{kind} dial+ping",
             key_type=key_type,
             handshake_ms=took * 1000,
             rtts_ms=[r * 1000 for r in rtts],
         )
+        mc = conn.as_migratable()
+        if kind == "js-libp2p":
+            # It forbids migration (disable_active_migration): refused, typed, nothing sent.
+            assert not mc.supports_migration()
+            with pytest.raises(MigrationNotSupportedError):
+                await mc.add_path(SECOND)
+            assert len(await ping_peer(conn)) == 1  # still usable
+        else:
+            assert mc.supports_migration()
         await conn.close()
 
 
@@ -135,31 +152,6 @@ async def test_py_libp2p_dials_our_libp2p_listener() -> None:
 
 
 # ------------------------------------------------------------------------------ js-libp2p
-
-
-@needs_js
-@pytest.mark.parametrize("key_type", KEY_TYPES)
-async def test_js_libp2p_dial_verify_and_ping(key_type: str) -> None:
-    async with js_libp2p_peer(key_type) as peer, _client(key_type) as sup:
-        started = asyncio.get_running_loop().time()
-        conn = await sup.dial(peer.multiaddr)
-        took = asyncio.get_running_loop().time() - started
-        assert conn.remote_peer_id == PeerId.parse(peer.peer_id)
-        rtts = await ping_peer(conn, count=3)
-        assert len(rtts) == 3
-        _record(
-            "js-libp2p dial+ping",
-            key_type=key_type,
-            handshake_ms=took * 1000,
-            rtts_ms=[r * 1000 for r in rtts],
-        )
-        # js-libp2p forbids migration (disable_active_migration): refused, typed, nothing sent.
-        mc = conn.as_migratable()
-        assert not mc.supports_migration()
-        with pytest.raises(MigrationNotSupportedError):
-            await mc.add_path(SECOND)
-        assert len(await ping_peer(conn)) == 1  # still usable
-        await conn.close()
 
 
 @needs_js

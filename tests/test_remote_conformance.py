@@ -29,6 +29,7 @@ from actors.errors import (
 )
 from actors.path_state import PathState
 from supervisor import Supervisor
+from supervisor.core.events import EvtConnectionMigrationCompleted, EvtConnectionMigrationStarted
 from supervisor.core.messages import (
     AddPathRequest,
     ClosePathRequest,
@@ -59,6 +60,8 @@ class Carrier:
     ask: Callable[[object], Awaitable[object]]
     raw: Callable[[bytes], Awaitable[object]]
     conn_id: str
+    #: Every event the supervisor behind the carrier published so far.
+    events: Callable[[], Awaitable[list[object]]]
 
 
 async def _control_carrier(server: RigServer, tmp: Path) -> AsyncIterator[Carrier]:
@@ -83,7 +86,14 @@ async def _control_carrier(server: RigServer, tmp: Path) -> AsyncIterator[Carrie
             finally:
                 writer.close()
 
-        yield Carrier("control", client.request, raw, conn.conn_id)
+        async def events() -> list[object]:
+            sub = sup.events.subscribe(since=0)  # the bus replays what it kept
+            try:
+                return [sub._queue.popleft() for _ in range(sub.pending)]
+            finally:
+                sub.close()
+
+        yield Carrier("control", client.request, raw, conn.conn_id, events)
 
 
 async def _ray_carrier(fleet: Any, server: RigServer) -> AsyncIterator[Carrier]:
@@ -97,7 +107,10 @@ async def _ray_carrier(fleet: Any, server: RigServer) -> AsyncIterator[Carrier]:
         async def raw(data: bytes) -> object:
             return decode(await sup.call(data)).body
 
-        yield Carrier("ray", sup.ask, raw, conn.conn_id)
+        async def events() -> list[object]:
+            return list((await sup.events_since(0)).events)
+
+        yield Carrier("ray", sup.ask, raw, conn.conn_id, events)
     finally:
         sup.kill()
 
@@ -229,6 +242,27 @@ async def test_a_path_is_added_probed_switched_and_closed_the_same_way(carrier: 
     closed = await carrier.ask(ClosePathRequest(carrier.conn_id, 0))
     assert isinstance(closed, ConnectionSnapshot)
     assert [p.path_id for p in closed.paths] == [added.path_id]
+
+
+async def test_a_switch_through_a_carrier_is_recorded_as_the_operators(carrier: Carrier) -> None:
+    """DESIGN §3: a migration asked from another process (``ctl``, ``fleet``) has initiator
+    ``operator`` on its events, whichever carrier brought it."""
+    added = await carrier.ask(AddPathRequest(carrier.conn_id, local_addr=SECOND))
+    assert isinstance(added, PathAddedReply)
+    await carrier.ask(ProbeRequest(carrier.conn_id, added.path_id, 5.0))
+    await carrier.ask(SwitchRequest(carrier.conn_id, added.path_id, "manual"))
+
+    def migrations(events: list[object]) -> list[object]:
+        kinds = (EvtConnectionMigrationStarted, EvtConnectionMigrationCompleted)
+        return [e for e in events if isinstance(e, kinds)]
+
+    async with asyncio.timeout(10):  # the agent logs events a loop turn after its reply
+        while len(found := migrations(await carrier.events())) < 2:
+            await asyncio.sleep(0.02)
+    assert [(type(e).__name__, e.initiator) for e in found] == [  # type: ignore[attr-defined]
+        ("EvtConnectionMigrationStarted", "operator"),
+        ("EvtConnectionMigrationCompleted", "operator"),
+    ]
 
 
 async def test_bad_bytes_and_newer_envelopes_get_an_envelope_error(carrier: Carrier) -> None:

@@ -3,11 +3,13 @@ control socket.
 
 Wired into the main CLI by ``add_ctl_commands(subparsers)`` + ``run_ctl_command(args)``. The
 supervisor side is ``serve``/``dial --control-socket PATH`` (:func:`control_socket`), or any
-program that runs ``ControlServer(sup, PATH)``.
+program that runs ``ControlServer(sup, PATH)``. The arguments, tables, lines and errors are
+those of ``quic-supervisor fleet`` (:mod:`supervisor.cli.tables`): ``fleet`` shows per agent
+what ``ctl`` shows for its one supervisor.
 
 Exit status: 0 done, 1 a drain left some connection on the drained address, 2 a usage error or
-an error the supervisor answered with (one line on stderr, the typed error's own text), 130
-interrupted.
+an error the supervisor answered with (one line on stderr, ``quic-supervisor ctl CMD: error:
+WHAT: FIX``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,8 +32,24 @@ from rich.table import Table
 
 from actors.errors import MigrationError
 from actors.path_state import PathState
+from supervisor.cli.tables import (
+    IdError,
+    add_drain_arguments,
+    add_json,
+    add_log_level,
+    add_migrate_arguments,
+    add_timeout,
+    drain_json,
+    drain_lines,
+    make_console,
+    migrate_line,
+    one_line,
+    paths_table,
+    resolve_id,
+    snapshot_json,
+    stats_json,
+)
 from supervisor.core.messages import ConnectionSnapshot
-from supervisor.orchestration.drain import DrainReport
 from supervisor.orchestration.network.monitor import NetworkStatus, PeerRoute
 from supervisor.remote.control import ControlClient, ControlServer
 from supervisor.remote.protocol import RemoteError
@@ -51,7 +69,7 @@ __all__ = [
 PROG = "quic-supervisor ctl"
 
 #: The user's input or the supervisor's answer: one line, exit 2 (bugs still get a traceback).
-_USER_ERRORS = (MigrationError, ValueError, TypeError, OSError, RemoteError)
+_USER_ERRORS = (MigrationError, IdError, ValueError, TypeError, OSError, RemoteError)
 
 
 def control_socket(
@@ -74,76 +92,59 @@ def _socket_flag(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def _command(sub: Any, name: str, run: Callable[..., Awaitable[int]], **kw: Any) -> Any:
+    """A ctl subcommand with the flags every one takes: --socket, --timeout, --json."""
+    parser = sub.add_parser(name, **kw)
+    _socket_flag(parser, suppress=True)
+    add_timeout(parser, "the control socket")
+    add_json(parser)
+    add_log_level(parser)
+    parser.set_defaults(_ctl_run=run)
+    return parser
+
+
 def add_ctl_commands(subparsers: Any) -> None:
     """Add ``ctl`` (with paths/stats/network/drain/migrate) to a subparsers object."""
     ctl = subparsers.add_parser(
         "ctl",
         help="drive a running supervisor through its control socket",
         description="List paths or the network, drain an address or interface, or migrate one "
-        "connection of a running `serve`/`dial --control-socket PATH`.",
+        "connection of a running `serve`/`dial --control-socket PATH`. The same commands, "
+        "arguments and tables as `quic-supervisor fleet`, for one supervisor.",
     )
     _socket_flag(ctl, suppress=False)
     sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
 
-    paths = sub.add_parser("paths", help="every connection and its paths")
-    _socket_flag(paths, suppress=True)
-    paths.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    paths.set_defaults(_ctl_run=_paths)
-
-    stats = sub.add_parser(
-        "stats", help="how the supervisor's migrations ended: success rate and outcomes"
+    _command(sub, "paths", _paths, help="every connection and its paths")
+    _command(
+        sub, "stats", _stats, help="how the supervisor's migrations ended: success rate, outcomes"
     )
-    _socket_flag(stats, suppress=True)
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a line")
-    stats.set_defaults(_ctl_run=_stats)
-
-    network = sub.add_parser(
+    _command(
+        sub,
         "network",
+        _network,
         help="what the network monitor sees: interfaces, routes, paths per interface",
         description="Interfaces (link, MTU, addresses, paths on them), default routes, the "
         "kernel's route to each peer, and what the network policy did. When the monitor is "
         "not running, says why (exit 0).",
     )
-    _socket_flag(network, suppress=True)
-    network.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    network.set_defaults(_ctl_run=_network)
-
-    drain = sub.add_parser(
+    drain = _command(
+        sub,
         "drain",
+        _drain,
         help="move every connection off a local address or interface",
-        description="Exit 1 when some connection could not be moved (listed as FAILED).",
+        description="Each connection whose active path is there switches to its best other "
+        "path; the drained path is then closed (--keep-drained keeps it). Exit 1 when some "
+        "connection could not be moved (listed as FAILED).",
     )
-    _socket_flag(drain, suppress=True)
-    which = drain.add_mutually_exclusive_group(required=True)
-    which.add_argument("--local-addr", metavar="MA", help="e.g. /ip4/10.0.0.1 (port optional)")
-    which.add_argument("--device", metavar="DEV", help="interface, e.g. eth1")
-    drain.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
-    drain.add_argument(
-        "--keep-drained", action="store_true", help="keep the drained paths (standby) open"
-    )
-    drain.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    drain.set_defaults(_ctl_run=_drain)
-
-    migrate = sub.add_parser(
+    add_drain_arguments(drain)
+    migrate = _command(
+        sub,
         "migrate",
+        _migrate,
         help="switch one connection to the path on a local address (added when missing)",
     )
-    _socket_flag(migrate, suppress=True)
-    migrate.add_argument("conn_id", metavar="CONN_ID")
-    migrate.add_argument("--to", required=True, metavar="MA", help="local multiaddr of the path")
-    migrate.add_argument("--probe-timeout", type=_positive, default=2.0, metavar="SECONDS")
-    migrate.add_argument("--json", action="store_true", help="print JSON instead of a line")
-    migrate.set_defaults(_ctl_run=_migrate)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+    add_migrate_arguments(migrate)
 
 
 def run_ctl_command(args: argparse.Namespace) -> int:
@@ -152,24 +153,30 @@ def run_ctl_command(args: argparse.Namespace) -> int:
     where = f"{PROG} {args.ctl_command}"
     if not args.socket:
         print(
-            f"{where}: error: --socket PATH is required (the supervisor's --control-socket)",
+            f"{where}: error: no control socket given: pass --socket PATH (the supervisor's "
+            "--control-socket) or set QUIC_SUPERVISOR_SOCKET",
             file=sys.stderr,
         )
         return 2
 
     async def main() -> int:
-        async with ControlClient(args.socket) as client:
+        async with ControlClient(args.socket, timeout=args.timeout) as client:
             return await run(args, client)
 
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
         return 130
+    except TimeoutError:
+        print(
+            f"{where}: error: the supervisor at {args.socket} did not answer within "
+            f"{args.timeout:g} s: raise --timeout, or check that its process is running "
+            "(not stopped)",
+            file=sys.stderr,
+        )
+        return 2
     except _USER_ERRORS as exc:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, MigrationError):
-            text = f"{type(exc).__name__}: {text}"
-        print(f"{where}: error: {text}", file=sys.stderr)
+        print(f"{where}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -180,37 +187,10 @@ def _json(data: object) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _snapshot_dict(snap: ConnectionSnapshot) -> dict[str, Any]:
-    return dataclasses.asdict(snap)
-
-
-def _ms(rtt: float | None) -> str:
-    return "-" if rtt is None else f"{rtt * 1000:.2f}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
 async def _stats(args: argparse.Namespace, client: ControlClient) -> int:
     stats = await client.migration_stats()
     if args.json:
-        _json(
-            {
-                "completed": stats.completed,
-                "failed": stats.failed,
-                "success_rate": stats.success_rate,
-                "suspect_failovers": stats.suspect_failovers,
-                "in_flight": stats.in_flight,
-                "queued": stats.queued,
-                "waited": stats.waited,
-                "max_wait_s": stats.max_wait_s,
-                "max_queued": stats.max_queued,
-            }
-        )
+        _json(stats_json(stats))
     else:
         print(stats.summary())
     return 0
@@ -219,61 +199,12 @@ async def _stats(args: argparse.Namespace, client: ControlClient) -> int:
 async def _paths(args: argparse.Namespace, client: ControlClient) -> int:
     snaps = await client.snapshot()
     if args.json:
-        _json([_snapshot_dict(s) for s in snaps])
-        return 0
-    console = Console()
-    if not snaps:
-        console.print("no connections")
-        return 0
-    for snap in snaps:
-        # One table per connection: the remote address in the title keeps rows narrow enough
-        # for 80 columns without cutting a local address.
-        table = Table(
-            "",
-            "local",
-            "device",
-            "state",
-            "rtt ms",
-            "sent",
-            "recv",
-            title=f"{snap.conn_id} -> {snap.remote_addr}, {snap.migrations} migration(s)",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
-        table.columns[1].no_wrap = True
-        for p in snap.paths:
-            table.add_row(
-                "*" if p.active else "",
-                p.local_addr,
-                p.device or "-",
-                str(p.state),
-                _ms(p.rtt),
-                _size(p.bytes_sent),
-                _size(p.bytes_received),
-            )
-        console.print(table)
+        _json([snapshot_json(s) for s in snaps])
+    elif not snaps:
+        print("no connections")
+    else:
+        make_console().print(paths_table(snaps))
     return 0
-
-
-def _report_lines(report: DrainReport) -> list[str]:
-    lines = []
-    for o in report.outcomes:
-        if o.result == "moved":
-            line = f"{o.conn_id}: moved {o.from_addr} -> {o.to_addr}"
-            if o.error:
-                line += f" ({o.error})"
-        elif o.result == "failed":
-            line = f"{o.conn_id}: FAILED, still on {o.from_addr}: {o.error}"
-        else:
-            line = f"{o.conn_id}: untouched (active on {o.from_addr})"
-        lines.append(line)
-    counts = report.counts
-    lines.append(
-        f"moved {counts['moved']}, failed {counts['failed']}, untouched {counts['untouched']} "
-        f"in {report.elapsed_s:.3f} s"
-    )
-    return lines
 
 
 async def _drain(args: argparse.Namespace, client: ControlClient) -> int:
@@ -284,20 +215,22 @@ async def _drain(args: argparse.Namespace, client: ControlClient) -> int:
         close_drained=not args.keep_drained,
     )
     if args.json:
-        _json({**dataclasses.asdict(report), "counts": report.counts})
+        _json(drain_json(report))
     else:
-        print("\n".join(_report_lines(report)))
+        print("\n".join(drain_lines(report)))
     return 0 if report.ok else 1
 
 
 async def _migrate(args: argparse.Namespace, client: ControlClient) -> int:
-    snap = await client.migrate(args.conn_id, args.to, probe_timeout=args.probe_timeout)
+    known = [s.conn_id for s in await client.snapshot()]
+    conn_id = resolve_id(
+        args.conn_id, known, what="connection", listing="quic-supervisor ctl paths"
+    )
+    snap = await client.migrate(conn_id, args.to, probe_timeout=args.probe_timeout)
     if args.json:
-        _json(_snapshot_dict(snap))
+        _json(snapshot_json(snap))
     else:
-        active = next((p for p in snap.paths if p.active), None)
-        shown = active.local_addr if active is not None else "none"
-        print(f"{snap.conn_id}: active path {shown}")
+        print(migrate_line(snap))
     return 0
 
 
@@ -307,7 +240,7 @@ async def _network(args: argparse.Namespace, client: ControlClient) -> int:
     if args.json:
         _json(network_data(status, snaps))
     else:
-        print_network(Console(), status, snaps)
+        print_network(make_console(), status, snaps)
     return 0
 
 

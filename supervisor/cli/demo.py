@@ -6,9 +6,13 @@ bidirectional stream while migrating back and forth between the two paths, and s
 live. The exit status says whether every byte came back intact *and* at least one migration was
 confirmed: a demo of migration that never migrated has not shown anything.
 
-The pieces the ``dial`` subcommand shares live here too: :class:`VerifiedEcho` (deterministic
-blocks written, echoed, compared block by block) and :class:`Rotator` (probe, then switch to the
-next path on a schedule).
+The pieces the ``dial`` and ``get`` subcommands share live here too: :class:`VerifiedEcho`
+(deterministic blocks written, echoed, compared block by block), :class:`Rotator` (probe, then
+switch to the next path on a schedule, paused while an operator moves the connection) and
+:class:`TransferProgress` (bytes, rate, ETA).
+
+rich is imported only where something is drawn: the certificate and echo helpers (which
+``bench`` uses) work without the ``cli`` extra.
 """
 
 from __future__ import annotations
@@ -17,28 +21,25 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-import ipaddress
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multiaddr import Multiaddr
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, Status, StatusCode, Tracer
-from rich import box
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
-from actors.errors import MigrationError, MigrationRolledBackError
+from actors.errors import InvalidArgumentError, MigrationError, MigrationRolledBackError
 from actors.streams import Stream
+from supervisor.certificates import self_signed_cert
 from supervisor.core.events import (
+    EventBus,
     EvtConnectionMigrationCompleted,
     EvtConnectionMigrationFailed,
+    EvtConnectionMigrationStarted,
     Subscription,
 )
 from supervisor.core.handles import Connection, MigratableConn
@@ -47,19 +48,26 @@ from supervisor.core.messages import PathSnapshot
 from supervisor.orchestration.supervisor import Supervisor
 from telemetry.tracing import ATTR_PATH_FROM_LOCAL_ADDRESS, ATTR_PATH_TO_LOCAL_ADDRESS
 
+if TYPE_CHECKING:
+    from rich.console import Console, Group
+    from rich.table import Table
+
 __all__ = [
     "BLOCK",
     "DemoOptions",
     "DemoResult",
     "MigrationRecord",
     "Rotator",
+    "TransferProgress",
     "VerifiedEcho",
     "echo_handler",
     "journal_stats",
+    "operator_hold",
     "render_paths",
     "render_summary",
     "run_demo",
     "self_signed_cert",
+    "stable_cert",
 ]
 
 #: Size of each verified block; the payload of block i is SHAKE-128(seed || i).
@@ -69,52 +77,60 @@ BLOCK = 16384
 # --------------------------------------------------------------------------------- certificate
 
 
-def self_signed_cert(directory: str | Path) -> tuple[Path, Path]:
-    """Write a self-signed "localhost" certificate (SAN localhost, 127.0.0.1, ::1) and its key.
+#: How long a ``serve --cert-dir`` certificate is valid: long enough to be "stable" for a
+#: development setup, short enough that a forgotten one does not live on for years.
+STABLE_CERT_DAYS = 365
 
-    EC P-256: the one key type aioquic and ngtcp2/GnuTLS both take without configuration.
-    Returns ``(certfile, keyfile)``; the certificate doubles as its own CA file for clients.
+
+def stable_cert(directory: str | Path) -> tuple[Path, Path, str]:
+    """``DIR/cert.pem`` and ``DIR/key.pem``: made once, then reused (``serve --cert-dir``).
+
+    Returns ``(certfile, keyfile, how)``, ``how`` being ``"made"``, ``"reused"`` or
+    ``"renewed"`` (the old one had expired: clients must take the new ``--cafile``). Refuses
+    (:class:`InvalidArgumentError` naming the file and the fix) half a pair, a key file that
+    group or others can read, and a directory that is not one.
     """
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(san, critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+    if directory.exists() and not directory.is_dir():
+        raise InvalidArgumentError(
+            "--cert-dir", str(directory), "it is a file, not a directory: give a directory"
         )
-    )
-    keyfile.chmod(0o600)
-    return certfile, keyfile
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    have = [f.exists() for f in (certfile, keyfile)]
+    if not any(have):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self_signed_cert(directory, valid_days=STABLE_CERT_DAYS)
+        return certfile, keyfile, "made"
+    if not all(have):
+        present, missing = (certfile, keyfile) if have[0] else (keyfile, certfile)
+        raise InvalidArgumentError(
+            "--cert-dir",
+            str(directory),
+            f"it holds {present.name} but no {missing.name}: remove {present} to make a new "
+            "pair, or give --cert and --key",
+        )
+    mode = keyfile.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise InvalidArgumentError(
+            "--cert-dir",
+            str(directory),
+            f"{keyfile} is readable by others (mode {mode:04o}): chmod 600 {keyfile}",
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(certfile.read_bytes())
+    except ValueError:
+        raise InvalidArgumentError(
+            "--cert-dir",
+            str(directory),
+            f"{certfile} holds no PEM certificate: remove {certfile} and {keyfile} to make a "
+            "new pair",
+        ) from None
+    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
+        self_signed_cert(directory, valid_days=STABLE_CERT_DAYS)
+        return certfile, keyfile, "renewed"
+    return certfile, keyfile, "reused"
 
 
 async def echo_handler(stream: Stream) -> None:
@@ -228,6 +244,18 @@ class MigrationRecord:
     trace_id: str | None = None
 
 
+def operator_hold(every: float) -> float:
+    """How long a schedule of period ``every`` stays paused after an operator's migration ends.
+
+    Two periods, so that the operator's choice outlasts at least one whole period of the
+    schedule (one period would let the very next tick undo it), and at least 5 s, so that on a
+    fast schedule (0.1-1 s) an operator who runs ``ctl paths`` right after ``ctl migrate`` still
+    sees the path they chose, and a drain's close of the old path (which follows its switch)
+    lands before the schedule moves again.
+    """
+    return max(2.0 * every, 5.0)
+
+
 class Rotator:
     """Moves the connection to the next path on a schedule: probe it, then switch to it.
 
@@ -237,6 +265,12 @@ class Rotator:
     With a ``tracer``, each migration runs inside a caller span (``MIGRATE_SPAN``): the
     library's ``quic.path.probe`` and ``quic.migration`` become its children, which is how a
     caller learns a migration's trace id (``MigrationRecord.trace_id``).
+
+    Operators win: with ``events`` (the supervisor's bus), :meth:`run` watches this
+    connection's migrations whose initiator is ``"operator"`` (``ctl``/``fleet`` migrate or
+    drain). While one runs, and for ``hold`` seconds after it ended (default
+    :func:`operator_hold`), the schedule makes no move of its own; ``on_operator`` gets a line
+    for each start, end and resumption.
     """
 
     MIGRATE_SPAN = "quic-supervisor.migrate"
@@ -248,12 +282,28 @@ class Rotator:
         probe_timeout: float = 2.0,
         on_migration: Callable[[MigrationRecord], None] | None = None,
         tracer: Tracer | None = None,
+        events: EventBus | None = None,
+        hold: float | None = None,
+        on_operator: Callable[[str], None] | None = None,
     ) -> None:
         self.mc = mc
         self.probe_timeout = probe_timeout
         self.on_migration = on_migration
         self.tracer = tracer
+        self.events = events
+        self.hold = hold
+        self.on_operator = on_operator
         self.records: list[MigrationRecord] = []
+        #: Operator migrations of this connection seen starting.
+        self.operator_migrations = 0
+        self._operator_running = 0  # started and not yet ended
+        self._held_until = 0.0  # monotonic time the schedule may move again
+        self._operator_changed = asyncio.Event()
+
+    @property
+    def paused(self) -> bool:
+        """Whether an operator's migration holds the schedule now."""
+        return self._operator_running > 0 or time.monotonic() < self._held_until
 
     def _next_path(self) -> QuicPath | None:
         paths = self.mc.paths()
@@ -263,33 +313,40 @@ class Rotator:
         return paths[(active + 1) % len(paths)]
 
     async def migrate_once(self) -> MigrationRecord | None:
+        """One move to the next path; None when there is none, or an operator's move came
+        first (it is not undone)."""
         target = self._next_path()
-        if target is None:
+        if target is None or self.paused:
             return None
         src = _hostport(self.mc.active_path().local_addr)
         dst = _hostport(target.info().local_addr)
         if self.tracer is None:
-            record = await self._migrate(target, src, dst)
+            maybe = await self._migrate(target, src, dst)
         else:
             with self.tracer.start_as_current_span(
                 self.MIGRATE_SPAN,
                 attributes={ATTR_PATH_FROM_LOCAL_ADDRESS: src, ATTR_PATH_TO_LOCAL_ADDRESS: dst},
             ) as span:
-                record = await self._migrate(target, src, dst)
-                if not record.ok:
-                    span.set_status(Status(StatusCode.ERROR, record.error))
-            record = replace(record, trace_id=format(span.get_span_context().trace_id, "032x"))
-        self.records.append(record)
+                maybe = await self._migrate(target, src, dst)
+                if maybe is not None and not maybe.ok:
+                    span.set_status(Status(StatusCode.ERROR, maybe.error))
+            if maybe is not None:
+                maybe = replace(maybe, trace_id=format(span.get_span_context().trace_id, "032x"))
+        if maybe is None:
+            return None
+        self.records.append(maybe)
         if self.on_migration is not None:
-            self.on_migration(record)
-        return record
+            self.on_migration(maybe)
+        return maybe
 
-    async def _migrate(self, target: QuicPath, src: str, dst: str) -> MigrationRecord:
+    async def _migrate(self, target: QuicPath, src: str, dst: str) -> MigrationRecord | None:
         number = len(self.records) + 1
         rtt: float | None = None
         try:
             await target.probe(timeout=self.probe_timeout)
             rtt = target.info().rtt
+            if self.paused:  # an operator moved the connection while we probed: theirs stands
+                return None
             t0 = time.monotonic()
             await target.switch()
             return MigrationRecord(number, src, dst, True, rtt, time.monotonic() - t0)
@@ -305,15 +362,104 @@ class Rotator:
     ) -> None:
         """Migrate every ``every`` seconds until monotonic time ``until`` or until ``stop``."""
         stop = stop or asyncio.Event()
-        next_at = time.monotonic() + every
-        while until is None or next_at < until:
-            # A schedule, not a synchronisation: wake at the next tick unless told to stop.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
-            if stop.is_set():
-                return
-            await self.migrate_once()
-            next_at = max(next_at + every, time.monotonic())
+        hold = operator_hold(every) if self.hold is None else self.hold
+        watcher: asyncio.Task[None] | None = None
+        if self.events is not None:
+            sub = self.events.subscribe(
+                EvtConnectionMigrationStarted,
+                EvtConnectionMigrationCompleted,
+                EvtConnectionMigrationFailed,
+            )
+            watcher = asyncio.create_task(self._watch_operators(sub, hold), name="operators")
+        try:
+            next_at = time.monotonic() + every
+            while until is None or next_at < until:
+                if not await self._sleep_until(next_at, stop):
+                    return
+                if self.paused:
+                    if not await self._wait_unpaused(stop, until):
+                        return
+                    self._tell(
+                        f"resuming the migration schedule ({hold:g} s after the operator's "
+                        "last migration ended)"
+                    )
+                    next_at = time.monotonic()  # the schedule restarts from here
+                await self.migrate_once()
+                next_at = max(next_at + every, time.monotonic())
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    @staticmethod
+    async def _sleep_until(when: float, stop: asyncio.Event) -> bool:
+        """A schedule, not a synchronisation: wake at ``when`` unless told to stop first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, when - time.monotonic()))
+        return not stop.is_set()
+
+    async def _wait_unpaused(self, stop: asyncio.Event, until: float | None) -> bool:
+        """Wait while an operator's migration holds the schedule; False on stop or ``until``."""
+        while self.paused:
+            self._operator_changed.clear()
+            wake = self._held_until if self._operator_running == 0 else None
+            if until is not None:
+                wake = until if wake is None else min(wake, until)
+            waits = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._operator_changed.wait()),
+            }
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=None if wake is None else max(0.0, wake - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if stop.is_set() or (until is not None and time.monotonic() >= until):
+                return False
+        return True
+
+    async def _watch_operators(self, sub: Subscription, hold: float) -> None:
+        conn_id = self.mc.connection.conn_id
+        async with sub:
+            async for evt in sub:
+                assert isinstance(
+                    evt,
+                    EvtConnectionMigrationStarted
+                    | EvtConnectionMigrationCompleted
+                    | EvtConnectionMigrationFailed,
+                )
+                if evt.conn_id != conn_id or evt.initiator != "operator":
+                    continue
+                move = f"{_hostport(evt.from_local_addr)} -> {_hostport(evt.to_local_addr)}"
+                if isinstance(evt, EvtConnectionMigrationStarted):
+                    self.operator_migrations += 1
+                    self._operator_running += 1
+                    self._tell(
+                        f"operator migration ({evt.reason}) {move} started: pausing the "
+                        "migration schedule"
+                    )
+                else:
+                    self._operator_running = max(0, self._operator_running - 1)
+                    self._held_until = max(self._held_until, time.monotonic() + hold)
+                    how = (
+                        "completed"
+                        if isinstance(evt, EvtConnectionMigrationCompleted)
+                        else f"failed ({evt.outcome})"
+                    )
+                    self._tell(
+                        f"operator migration ({evt.reason}) {move} {how}: the schedule "
+                        f"resumes in {hold:g} s"
+                    )
+                self._operator_changed.set()
+
+    def _tell(self, line: str) -> None:
+        if self.on_operator is not None:
+            self.on_operator(line)
 
     @property
     def succeeded(self) -> int:
@@ -356,6 +502,83 @@ async def journal_stats(sup: Supervisor, every: float = 0.25) -> None:
                     span_context=INVALID_SPAN_CONTEXT,
                 )
         await asyncio.sleep(every)  # a sampling period, not a synchronisation
+
+
+class TransferProgress:
+    """Bytes, rate and ETA of one transfer while it runs.
+
+    On a terminal (``live``) a rich progress bar: bytes, rate, ETA (the ETA needs a known
+    ``total``). Anywhere else (a pipe, a log file, ``--plain``) one plain line every ``every``
+    seconds, so that a log shows progress without escape codes. :meth:`run` samples ``done()``
+    until cancelled, then draws the final state once.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        total: int | None,
+        live: bool,
+        every: float = 1.0,
+        refresh: float = 0.25,
+    ) -> None:
+        self.label = label
+        self.total = total
+        self.live = live
+        self.every = every
+        self.refresh = refresh
+        self.started = time.monotonic()
+
+    def line(self, done: int, rate: float, note: str = "") -> str:
+        """The plain progress line: ``t=  2.0s echoed 4.1 MB of 10.0 MB (41%), ...``."""
+        text = f"t={time.monotonic() - self.started:6.1f}s {self.label} {_bytes(done)}"
+        if self.total:
+            text += f" of {_bytes(self.total)} ({100 * done / self.total:.0f}%)"
+        text += f", {_bytes(int(rate))}/s"
+        if self.total and rate > 0 and done < self.total:
+            text += f", ETA {(self.total - done) / rate:.0f} s"
+        return text + (f"; {note}" if note else "")
+
+    async def run(self, done: Callable[[], int], note: Callable[[], str] = str) -> None:
+        """Sample ``done()`` (bytes so far) and ``note()`` (extra text) until cancelled."""
+        if self.live:
+            await self._run_live(done, note)
+            return
+        last_t, last_n = self.started, 0
+        while True:
+            await asyncio.sleep(self.every)  # a reporting period, not a synchronisation
+            now, n = time.monotonic(), done()
+            rate = (n - last_n) / max(now - last_t, 1e-9)
+            last_t, last_n = now, n
+            print(self.line(n, rate, note()), flush=True)
+
+    async def _run_live(self, done: Callable[[], int], note: Callable[[], str]) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
+            refresh_per_second=1 / self.refresh,
+        )
+        task = progress.add_task(self.label, total=self.total, note=note())
+        with progress:
+            try:
+                while True:
+                    progress.update(task, total=self.total, completed=done(), note=note())
+                    await asyncio.sleep(self.refresh)  # a refresh period
+            finally:
+                progress.update(task, completed=done(), note=note())
 
 
 # --------------------------------------------------------------------------------- demo
@@ -424,13 +647,19 @@ async def run_demo(
     ``on_migration`` is the hook for extra per-migration detail (the CLI returns the migration's
     trace id): its text is appended to that migration's progress line. With a tracer provider,
     each migration runs in a caller span (see :class:`Rotator`); with a journal, per-path byte
-    counters go to it as ``Stats`` records (see :func:`journal_stats`).
+    counters go to it as ``Stats`` records (see :func:`journal_stats`). Cancelled (Ctrl-C), it
+    prints the summary of what ran so far, marked INTERRUPTED, and lets the cancellation go on.
     """
+    from rich.text import Text
+
     if options.duration <= 0 or options.interval <= 0:
         raise ValueError("--duration and --interval must be > 0 seconds")
     live = console.is_terminal if options.live is None else options.live
     result = DemoResult()
     notes: list[str] = []
+    echo: VerifiedEcho | None = None
+    rotator: Rotator | None = None
+    start = time.monotonic()
 
     def note(record: MigrationRecord) -> None:
         extra = on_migration(record) if on_migration is not None else None
@@ -451,83 +680,89 @@ async def run_demo(
         if not live:
             console.print(line, highlight=False, soft_wrap=True)
 
-    with tempfile.TemporaryDirectory(prefix="qs-demo-") as tmp:
-        certfile, keyfile = self_signed_cert(tmp)
-        async with Supervisor(
-            enable_experimental_connection_migration=True, **(supervisor_kwargs or {})
-        ) as sup:
-            sub = sup.events.subscribe(
-                EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
-            )
-            counter = asyncio.create_task(_count_events(sub, result), name="demo-events")
-            listener = await sup.listen(
-                options.listen,
-                certfile=certfile,
-                keyfile=keyfile,
-                alpn_protocols=["echo"],
-                handler=echo_handler,
-            )
-            conn = await sup.dial(
-                listener.multiaddr,
-                alpn_protocols=["echo"],
-                server_name="localhost",
-                cafile=str(certfile),
-            )
-            mc = conn.as_migratable()
-            second = await mc.add_path(options.second_path)
-            console.print(
-                f"echo server on {_hostport(listener.multiaddr)}; client paths "
-                f"{_hostport(conn.local_multiaddr)} and {_hostport(second.info().local_addr)}; "
-                f"streaming for {options.duration:g}s, migrating every {options.interval:g}s",
-                highlight=False,
-                soft_wrap=True,
-            )
-            await second.probe()
-            result.probe_rtts.extend(r for r in [second.info().rtt] if r is not None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qs-demo-") as tmp:
+            certfile, keyfile = self_signed_cert(tmp)
+            async with Supervisor(
+                enable_experimental_connection_migration=True, **(supervisor_kwargs or {})
+            ) as sup:
+                sub = sup.events.subscribe(
+                    EvtConnectionMigrationCompleted, EvtConnectionMigrationFailed
+                )
+                counter = asyncio.create_task(_count_events(sub, result), name="demo-events")
+                listener = await sup.listen(
+                    options.listen,
+                    certfile=certfile,
+                    keyfile=keyfile,
+                    alpn_protocols=["echo"],
+                    handler=echo_handler,
+                )
+                conn = await sup.dial(
+                    listener.multiaddr,
+                    alpn_protocols=["echo"],
+                    server_name="localhost",
+                    cafile=str(certfile),
+                )
+                mc = conn.as_migratable()
+                second = await mc.add_path(options.second_path)
+                console.print(
+                    f"echo server on {_hostport(listener.multiaddr)}; client paths "
+                    f"{_hostport(conn.local_multiaddr)} and "
+                    f"{_hostport(second.info().local_addr)}; streaming for "
+                    f"{options.duration:g}s, migrating every {options.interval:g}s",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                await second.probe()
+                result.probe_rtts.extend(r for r in [second.info().rtt] if r is not None)
 
-            echo = VerifiedEcho(await conn.open_stream())
-            rotator = Rotator(mc, on_migration=note, tracer=caller_tracer(sup))
-            stats = asyncio.create_task(journal_stats(sup), name="demo-stats")
-            start = time.monotonic()
-            until = start + options.duration
-            reader = asyncio.create_task(echo.read(), name="demo-reader")
-            writer = asyncio.create_task(echo.write(until=until), name="demo-writer")
-            migrator = asyncio.create_task(
-                rotator.run(options.interval, until=until), name="demo-mig"
-            )
-            display = asyncio.create_task(
-                _display(console, live, sup, conn, echo, result, notes, start, options, reader),
-                name="demo-display",
-            )
-            try:
-                await asyncio.gather(writer, migrator)
-                async with asyncio.timeout(options.drain_timeout):
-                    await reader
-            except TimeoutError:
-                result.error = f"the echo did not complete within {options.drain_timeout:g}s"
-            except Exception as exc:
-                result.error = f"{type(exc).__name__}: {exc}"
-            finally:
-                for task in (writer, migrator, reader, stats):
-                    task.cancel()
-                await asyncio.gather(writer, migrator, reader, stats, return_exceptions=True)
-                await display  # ends once the reader is done; prints the last table
-                result.elapsed = time.monotonic() - start
-                await conn.close()
-                sub.close()
-                await counter
+                echo = VerifiedEcho(await conn.open_stream())
+                rotator = Rotator(mc, on_migration=note, tracer=caller_tracer(sup))
+                stats = asyncio.create_task(journal_stats(sup), name="demo-stats")
+                start = time.monotonic()
+                until = start + options.duration
+                reader = asyncio.create_task(echo.read(), name="demo-reader")
+                writer = asyncio.create_task(echo.write(until=until), name="demo-writer")
+                migrator = asyncio.create_task(
+                    rotator.run(options.interval, until=until), name="demo-mig"
+                )
+                display = asyncio.create_task(
+                    _display(console, live, sup, conn, echo, result, notes, start, options, reader),
+                    name="demo-display",
+                )
+                try:
+                    await asyncio.gather(writer, migrator)
+                    async with asyncio.timeout(options.drain_timeout):
+                        await reader
+                except TimeoutError:
+                    result.error = f"the echo did not complete within {options.drain_timeout:g}s"
+                except Exception as exc:
+                    result.error = f"{type(exc).__name__}: {exc}"
+                finally:
+                    for task in (writer, migrator, reader, stats):
+                        task.cancel()
+                    await asyncio.gather(writer, migrator, reader, stats, return_exceptions=True)
+                    await display  # ends once the reader is done; prints the last table
+                    result.elapsed = time.monotonic() - start
+                    await conn.close()
+                    sub.close()
+                    await counter
+    except asyncio.CancelledError:
+        result.elapsed = time.monotonic() - start
+        _fill(result, echo, rotator)
+        console.print(render_summary(result))
+        console.print(
+            Text(
+                f"INTERRUPTED after {result.elapsed:.1f} s: {result.bytes_verified:,} bytes "
+                f"verified, {result.migrations} migrations",
+                style="bold yellow",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise
 
-    for record in rotator.records:
-        if record.ok:
-            assert record.confirmation is not None
-            result.confirmations.append(record.confirmation)
-            if record.probe_rtt is not None:
-                result.probe_rtts.append(record.probe_rtt)
-    result.failed_attempts = rotator.failed
-    result.bytes_sent, result.bytes_echoed = echo.sent, echo.echoed
-    result.bytes_verified, result.first_mismatch = echo.verified, echo.first_mismatch
-    result.throughput = echo.throughput
-    result.sha256 = echo.echo_sha.hexdigest() if echo.ok else ""
+    _fill(result, echo, rotator)
     console.print(render_summary(result))
     console.print(
         Text(
@@ -538,6 +773,23 @@ async def run_demo(
         )
     )
     return result
+
+
+def _fill(result: DemoResult, echo: VerifiedEcho | None, rotator: Rotator | None) -> None:
+    """Copy the echo's and the rotation's figures into ``result`` (whatever ran of them)."""
+    if rotator is not None:
+        for record in rotator.records:
+            if record.ok:
+                assert record.confirmation is not None
+                result.confirmations.append(record.confirmation)
+                if record.probe_rtt is not None:
+                    result.probe_rtts.append(record.probe_rtt)
+        result.failed_attempts = rotator.failed
+    if echo is not None:
+        result.bytes_sent, result.bytes_echoed = echo.sent, echo.echoed
+        result.bytes_verified, result.first_mismatch = echo.verified, echo.first_mismatch
+        result.throughput = echo.throughput
+        result.sha256 = echo.echo_sha.hexdigest() if echo.ok else ""
 
 
 def _failure(result: DemoResult) -> str:
@@ -553,6 +805,27 @@ def _failure(result: DemoResult) -> str:
     return "no migration was confirmed"
 
 
+class PathRates:
+    """Bytes per second of each path (sent + received), over about the last ``window`` s."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        self.window = window
+        self._samples: list[tuple[float, dict[int, int]]] = []
+
+    def update(self, paths: Sequence[PathSnapshot]) -> dict[int, float]:
+        now = time.monotonic()
+        counts = {p.path_id: p.bytes_sent + p.bytes_received for p in paths}
+        self._samples.append((now, counts))
+        # keep the newest sample at least `window` old as the base, drop the older ones
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            del self._samples[0]
+        base_t, base = self._samples[0]
+        dt = now - base_t
+        if dt <= 0:
+            return {pid: 0.0 for pid in counts}
+        return {pid: max(0, n - base.get(pid, 0)) / dt for pid, n in counts.items()}
+
+
 async def _display(
     console: Console,
     live: bool,
@@ -565,7 +838,11 @@ async def _display(
     options: DemoOptions,
     reader: asyncio.Task[None],
 ) -> None:
-    """Refresh the live table (terminal) or print a progress line a second (anything else)."""
+    """Refresh the live table (terminal) or print a progress line a second (anything else).
+
+    Both show each path's rate and how far the run is towards ``--duration``.
+    """
+    rates = PathRates()
 
     def paths() -> list[PathSnapshot]:
         for snap in sup.connections():
@@ -573,20 +850,55 @@ async def _display(
                 return list(snap.paths)
         return []
 
-    def progress() -> str:
-        active = next((p for p in paths() if p.active), None)
+    rates.update(paths())  # the base the first rates are measured from
+
+    def elapsed() -> float:
+        return time.monotonic() - start
+
+    def progress(snaps: list[PathSnapshot], per_path: Mapping[int, float] | None) -> str:
+        active = next((p for p in snaps if p.active), None)
         where = _hostport(Multiaddr(active.local_addr)) if active else "-"
-        return (
-            f"t={time.monotonic() - start:5.1f}s active={where} sent={_bytes(echo.sent)} "
-            f"echoed={_bytes(echo.echoed)} verified={_bytes(echo.verified)} "
-            f"migrations={result.migrations} rollbacks={result.rollbacks}"
+        t = elapsed()
+        shown = min(t, options.duration)
+        line = (
+            f"t={t:5.1f}s of {options.duration:g}s ({100 * shown / options.duration:.0f}%) "
+            f"active={where} sent={_bytes(echo.sent)} echoed={_bytes(echo.echoed)} "
+            f"verified={_bytes(echo.verified)} migrations={result.migrations} "
+            f"rollbacks={result.rollbacks}"
         )
+        if per_path is None:  # the live table has a rate column
+            return line
+        each = ", ".join(
+            f"{_hostport(Multiaddr(p.local_addr))} {_bytes(int(per_path.get(p.path_id, 0)))}/s"
+            for p in snaps
+        )
+        return f"{line} rates: {each or '-'}"
 
     def frame() -> Group:
-        caption = progress()
-        return Group(render_paths(paths(), title="paths"), Text(caption), *map(Text, notes[-3:]))
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        snaps = paths()
+        per_path = rates.update(snaps)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(
+                total=options.duration, completed=min(elapsed(), options.duration), width=40
+            ),
+            Text(f"{min(elapsed(), options.duration):.1f} / {options.duration:g} s"),
+        )
+        return Group(
+            render_paths(snaps, title="paths", rates=per_path),
+            bar,
+            Text(progress(snaps, None)),
+            *map(Text, notes[-3:]),
+        )
 
     if live:
+        from rich.live import Live
+
         with Live(frame(), console=console, refresh_per_second=options.refresh_per_second) as view:
             while not reader.done():
                 await asyncio.wait({reader}, timeout=1 / options.refresh_per_second)
@@ -594,14 +906,26 @@ async def _display(
         return
     while not reader.done():
         await asyncio.wait({reader}, timeout=1.0)
-        console.print(progress(), highlight=False, soft_wrap=True)
+        snaps = paths()
+        console.print(progress(snaps, rates.update(snaps)), highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------- rendering
 
 
-def render_paths(paths: Sequence[PathSnapshot], *, title: str | None = None) -> Table:
-    """The path table: one row per path of the connection (bytes: UDP payload per socket)."""
+def render_paths(
+    paths: Sequence[PathSnapshot],
+    *,
+    title: str | None = None,
+    rates: Mapping[int, float] | None = None,
+) -> Table:
+    """The path table: one row per path of the connection (bytes: UDP payload per socket).
+
+    With ``rates`` (path id -> bytes/s, sent + received) a ``rate`` column shows them.
+    """
+    from rich import box
+    from rich.table import Table
+
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
     # Only the address column may wrap (at " -> "): on an 80-column terminal it takes two lines.
     table.add_column("path", justify="right", no_wrap=True)
@@ -611,8 +935,10 @@ def render_paths(paths: Sequence[PathSnapshot], *, title: str | None = None) -> 
     table.add_column("active", justify="center", no_wrap=True)
     table.add_column("sent", justify="right", no_wrap=True)
     table.add_column("recv", justify="right", no_wrap=True)
+    if rates is not None:
+        table.add_column("rate", justify="right", no_wrap=True)
     for p in paths:
-        table.add_row(
+        cells = [
             str(p.path_id),
             f"{_hostport(Multiaddr(p.local_addr))} -> {_hostport(Multiaddr(p.remote_addr))}",
             p.state.value,
@@ -620,13 +946,17 @@ def render_paths(paths: Sequence[PathSnapshot], *, title: str | None = None) -> 
             "*" if p.active else "",
             _bytes(p.bytes_sent),
             _bytes(p.bytes_received),
-            style="bold" if p.active else None,
-        )
+        ]
+        if rates is not None:
+            cells.append(f"{_bytes(int(rates.get(p.path_id, 0)))}/s")
+        table.add_row(*cells, style="bold" if p.active else None)
     return table
 
 
 def render_summary(result: DemoResult) -> Table:
     """The end-of-run summary."""
+    from rich.table import Table
+
     table = Table(title="summary", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -1,8 +1,20 @@
-"""``quic-supervisor fleet ls|paths|network|drain|migrate`` and ``quic-supervisor agent``.
+"""``quic-supervisor fleet ls|paths|stats|network|drain|migrate|dial|listen`` and
+``quic-supervisor agent``.
 
 Wired into the main CLI by ``add_fleet_commands(subparsers)`` + ``run_fleet_command(args)``;
 also runnable alone (``python -m supervisor.cli.fleet fleet drain --device net1``), which is
 what the k8s manifests call, so they do not depend on how the main CLI is assembled.
+
+``fleet`` speaks ``ctl``'s vocabulary (:mod:`supervisor.cli.tables`): the same subcommands,
+arguments, tables, units and defaults, one block per agent where ``ctl`` has its one
+supervisor, and ``--json`` as ``{node: <what ctl --json prints>}``. Agents are named as
+``fleet ls`` prints them (a node id's unique prefix); ``--node`` narrows any command to one.
+
+Every error is one line, ``quic-supervisor fleet CMD: error: WHAT: FIX``, exit 2; 1 means the
+command ran but some agent could not answer or some connection could not be drained; 130 an
+interrupt. ``--timeout`` bounds joining the Ray cluster as well as each call, and Ray's own
+warnings (its token-authentication notice, its connection retries, the agents' logs) appear
+only with ``--log-level info`` or ``debug``.
 
 The commands build OTel providers from ``OTEL_*`` and run under one span, so a drain started
 from a RayJob is one trace from this process to every agent's migration spans.
@@ -12,78 +24,209 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
+from actors.errors import MigrationError
 from supervisor.cli.ctl import network_data, print_network
-from supervisor.orchestration.drain import DrainReport
+from supervisor.cli.tables import (
+    IdError,
+    add_drain_arguments,
+    add_json,
+    add_log_level,
+    add_migrate_arguments,
+    add_timeout,
+    drain_json,
+    drain_lines,
+    ls_table,
+    make_console,
+    migrate_line,
+    one_line,
+    paths_table,
+    positive,
+    resolve_id,
+    short_ids,
+    snapshot_json,
+    stats_json,
+)
 from supervisor.remote.ray_agent import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from supervisor.remote.fleet import Fleet, RemoteSupervisor
 
 __all__ = ["add_fleet_commands", "main", "run_fleet_command"]
 
+PROG = "quic-supervisor"
+DEFAULT_LISTEN = "/ip4/127.0.0.1/udp/4433/quic-v1"
+_LS = "quic-supervisor fleet ls"
+_PATHS = "quic-supervisor fleet paths"
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
-    p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the agents")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call timeout, seconds")
+log = logging.getLogger("quic_supervisor.cli")
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default="auto",
+        metavar="ADDR",
+        help="the Ray cluster: auto (this host's, or $RAY_ADDRESS), HOST:PORT of its GCS, or "
+        "local (start one in this process) (default: auto)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=DEFAULT_NAMESPACE,
+        help=f"Ray namespace of the agents (default: {DEFAULT_NAMESPACE})",
+    )
+    add_timeout(p, "the Ray cluster")
+    add_json(p)
+    add_log_level(p)
+
+
+def _command(
+    sub: Any, name: str, run: Callable[[argparse.Namespace], Awaitable[int]], **kw: Any
+) -> argparse.ArgumentParser:
+    """A fleet subcommand with the flags every one takes (and ``--node``)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kw)
+    _cluster_flags(parser)
+    parser.add_argument(
+        "--node",
+        metavar="NODE",
+        help=f"only this agent: its node id or label as `{_LS}` prints it (a unique prefix "
+        "is enough; default: every agent)",
+    )
+    parser.set_defaults(_fleet_run=run)
+    return parser
 
 
 def add_fleet_commands(subparsers: Any) -> None:
-    """Add ``fleet`` (with ls/paths/network/drain/migrate) and ``agent`` to a subparsers
-    object."""
-    fleet = subparsers.add_parser("fleet", help="drive the supervisors of a Ray cluster")
-    sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    """Add ``fleet`` (ls/paths/stats/network/drain/migrate/dial/listen) and ``agent`` to a
+    subparsers object."""
+    fleet = subparsers.add_parser(
+        "fleet",
+        help="drive the supervisors of a Ray cluster",
+        description="The commands of `quic-supervisor ctl`, with the same arguments and tables, "
+        "for every agent of a Ray cluster (one block per agent), plus ls, dial and listen.",
+    )
+    sub = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
 
-    ls = sub.add_parser("ls", help="list the agents (one per node)")
-    _common(ls)
-    ls.set_defaults(_fleet_run=_ls)
-
-    paths = sub.add_parser("paths", help="every connection and path in the fleet")
-    _common(paths)
-    paths.set_defaults(_fleet_run=_paths)
-
-    network = sub.add_parser(
+    _command(sub, "ls", _ls, help="list the agents (one per node) and their counters")
+    _command(sub, "paths", _paths, help="every connection and its paths, per agent")
+    _command(sub, "stats", _stats, help="how each agent's migrations ended: success rate, outcomes")
+    _command(
+        sub,
         "network",
+        _network,
         help="each agent's network monitor: interfaces, routes, paths per interface",
         description="The tables of `ctl network`, one block per agent (agents run the monitor "
         "when started with `agent --network`).",
     )
-    _common(network)
-    network.set_defaults(_fleet_run=_network)
-
-    drain = sub.add_parser("drain", help="move connections off an address or device, everywhere")
-    _common(drain)
-    which = drain.add_mutually_exclusive_group(required=True)
-    which.add_argument("--device", help="interface to drain, e.g. net1")
-    which.add_argument("--local-addr", help="local IP (or multiaddr) to drain")
-    drain.add_argument("--probe-timeout", type=float, default=5.0)
-    drain.set_defaults(_fleet_run=_drain)
-
-    migrate = sub.add_parser("migrate", help="switch one connection to a local address")
-    _common(migrate)
-    migrate.add_argument("--node", required=True, help="node id (or agent label)")
-    migrate.add_argument("--conn", required=True, help="connection id")
-    migrate.add_argument(
-        "--to", required=True, help="local multiaddr of the path (added when missing)"
+    drain = _command(
+        sub,
+        "drain",
+        _drain,
+        help="move every connection off a local address or interface, on every agent",
+        description="As `ctl drain`, on every agent in parallel: the drained path is then "
+        "closed (--keep-drained keeps it). Exit 1 when some connection could not be moved "
+        "(FAILED) or some agent did not answer.",
     )
-    migrate.add_argument("--probe-timeout", type=float, default=5.0)
-    migrate.set_defaults(_fleet_run=_migrate)
+    add_drain_arguments(drain)
+    migrate = _command(
+        sub,
+        "migrate",
+        _migrate,
+        help="switch one connection to the path on a local address (added when missing)",
+        description="The agent holding CONN_ID is found by asking every agent (--node narrows it).",
+    )
+    add_migrate_arguments(migrate)
+
+    dial = _command(
+        sub,
+        "dial",
+        _dial,
+        help="dial a QUIC server from an agent; the connection stays in the agent",
+        description="The agent (--node, needed when there are several) dials MULTIADDR, adds "
+        "and probes each --path, and keeps the connection (a restarted agent re-dials it). "
+        "Files are paths on the agent's node. Prints the connection id `fleet migrate` takes.",
+    )
+    dial.add_argument("addr", metavar="MULTIADDR", help="e.g. /ip4/10.0.0.5/udp/4433/quic-v1")
+    dial.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="MA",
+        help="add and probe a local path (repeatable), e.g. /ip4/10.0.1.5/udp/0/quic-v1",
+    )
+    dial.add_argument("--alpn", default="echo", help="ALPN protocol(s), comma-separated")
+    dial.add_argument(
+        "--server-name", default="localhost", help="TLS name to verify (default: localhost)"
+    )
+    dial.add_argument(
+        "--probe-timeout",
+        type=positive,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long each --path's probe may take (default: 2)",
+    )
+    tls = dial.add_mutually_exclusive_group()
+    tls.add_argument("--cafile", help="PEM file of the CA to trust (a path on the agent's node)")
+    tls.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's certificate"
+    )
+
+    listen = _command(
+        sub,
+        "listen",
+        _listen,
+        help="serve QUIC (echo) from an agent",
+        description="The agent (--node, needed when there are several) listens on MULTIADDR "
+        "until it stops; streams are echoed (or left unread: --handler none). Files are paths "
+        "on the agent's node; without --cert the agent makes a self-signed one, as `serve` does.",
+    )
+    listen.add_argument(
+        "addr",
+        nargs="?",
+        default=DEFAULT_LISTEN,
+        metavar="MULTIADDR",
+        help=f"where to listen (default: {DEFAULT_LISTEN}; port 0: any free port)",
+    )
+    listen.add_argument("--cert", help="PEM certificate (default: a self-signed one)")
+    listen.add_argument("--key", help="PEM private key (default: inside --cert, or made)")
+    listen.add_argument("--alpn", default="echo", help="ALPN protocol(s), comma-separated")
+    listen.add_argument(
+        "--handler",
+        choices=["echo", "none"],
+        default="echo",
+        help="what the agent does with each stream (default: echo)",
+    )
 
     agent = subparsers.add_parser(
         "agent", help="start this node's supervisor agent in a running Ray cluster"
     )
-    _common(agent)
+    _cluster_flags(agent)
     agent.add_argument("--node-id", help="node to pin the agent to (default: this node)")
     agent.add_argument("--label", help="agent name suffix (default: the node id)")
-    agent.add_argument("--max-restarts", type=int, default=-1)
     agent.add_argument(
-        "--wait", type=float, default=0.0, help="retry joining the cluster for this long"
+        "--max-restarts",
+        type=int,
+        default=-1,
+        help="how often Ray restarts the agent's process (default: -1, always)",
+    )
+    agent.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="retry joining the cluster for this long (default: 0, once)",
     )
     agent.add_argument(
         "--network",
@@ -94,19 +237,44 @@ def add_fleet_commands(subparsers: Any) -> None:
     agent.set_defaults(_fleet_run=_agent)
 
 
+# -- running --------------------------------------------------------------------------------------
+
+
+def _verbose(args: argparse.Namespace) -> bool:
+    return getattr(args, "log_level", "warning") in ("debug", "info")
+
+
 def run_fleet_command(args: argparse.Namespace) -> int:
     """Run the command ``add_fleet_commands`` parsed; returns the exit code."""
     run: Callable[[argparse.Namespace], Awaitable[int]] = args._fleet_run
+    command = getattr(args, "fleet_command", None)
+    where = f"{PROG} fleet {command}" if command else f"{PROG} agent"
     from telemetry.providers import build_providers_from_env
 
     providers = build_providers_from_env()
     try:
         return asyncio.run(_traced(run, args, providers.tracer_provider))
-    except Exception as exc:  # one clear line, not a Ray traceback
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line, never a Ray traceback
+        log.debug("%s failed", where, exc_info=True)
+        print(f"{where}: error: {_error_text(exc)}", file=sys.stderr)
+        return 2
     finally:
         providers.shutdown()
+
+
+def _error_text(exc: BaseException) -> str:
+    from supervisor.remote.fleet import FleetError
+    from supervisor.remote.protocol import RemoteError
+
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "ray":
+        return "Ray is not installed: pip install -e '.[ray]' (the fleet runs on Ray)"
+    if isinstance(exc, FleetError | MigrationError | IdError):
+        return one_line(exc)  # says what failed and the fix
+    if isinstance(exc, ValueError | TypeError | LookupError | OSError | RemoteError):
+        return one_line(exc)  # the input's check, or the agent's answer, names it
+    return f"{one_line(exc)}: run again with --log-level debug to see where it came from"
 
 
 async def _traced(
@@ -119,162 +287,342 @@ async def _traced(
         return await run(args)
 
 
-def _connect(args: argparse.Namespace) -> Any:
+@contextlib.contextmanager
+def _native_stderr_muted(muted: bool) -> Iterator[None]:
+    """fd 2 to /dev/null while Ray joins the cluster: its native client logs connection retries
+    there before any logging level reaches it (``--log-level info`` leaves them).
+
+    When joining fails, Ray may still be retrying in its thread: fd 2 then stays muted and
+    ``sys.stderr`` (our one error line) moves to the real stderr.
+    """
+    if not muted:
+        yield
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    except BaseException:
+        if _writes_to_fd2(sys.stderr):
+            sys.stderr = os.fdopen(saved, "w", buffering=1)
+        else:
+            os.dup2(saved, 2)
+            os.close(saved)
+        raise
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _writes_to_fd2(stream: Any) -> bool:
+    try:
+        return bool(stream.fileno() == 2)
+    except (AttributeError, OSError, ValueError):  # a test's capture, a closed stream
+        return False
+
+
+def _connect(args: argparse.Namespace) -> Fleet:
+    import ray
+
     from supervisor.remote.fleet import connect
 
     address = None if args.address in ("", "local") else args.address
-    return connect(address, args.namespace, timeout=args.timeout)
+    if ray.is_initialized():
+        return connect(address, args.namespace, timeout=args.timeout)
+    verbose = _verbose(args)
+    level = logging.getLevelName(args.log_level.upper()) if verbose else logging.ERROR
+    with _native_stderr_muted(not verbose):
+        return connect(
+            address,
+            args.namespace,
+            timeout=args.timeout,
+            logging_level=level,
+            log_to_driver=verbose,  # the agents' own logs stay in theirs
+        )
 
 
-def _print(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, default=str))
-    else:
-        print("\n".join(lines))
+def _json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _agents(
+    args: argparse.Namespace, fleet: Fleet
+) -> tuple[list[RemoteSupervisor], dict[str, str]]:
+    """The agents a command acts on (every one, or ``--node``'s) and how labels print."""
+    from supervisor.remote.fleet import SupervisorNotFoundError
+
+    labels = fleet.labels()
+    shown = short_ids(labels)
+    if args.node is not None:
+        labels = [resolve_id(args.node, labels, what="node", listing=_LS)]
+    sups = []
+    for label in labels:
+        try:
+            sups.append(fleet.get_supervisor(label))
+        except SupervisorNotFoundError:
+            if args.node is not None:
+                raise
+    return sups, shown
+
+
+def _one_agent(args: argparse.Namespace, fleet: Fleet) -> tuple[RemoteSupervisor, str]:
+    """The agent a dial or listen runs in: ``--node``'s, or the only one."""
+    from supervisor.remote.fleet import SupervisorNotFoundError
+
+    sups, shown = _agents(args, fleet)
+    if len(sups) == 1:
+        return sups[0], shown.get(sups[0].label, sups[0].label)
+    if not sups:
+        raise SupervisorNotFoundError("", fleet.namespace)
+    names = ", ".join(shown.get(s.label, s.label) for s in sups)
+    raise IdError(
+        f"{len(sups)} agents in namespace {fleet.namespace!r} ({names}): give --node, one of "
+        f"them as `{_LS}` prints it"
+    )
+
+
+def _none_line(namespace: str) -> str:
+    return (
+        f"no agents in namespace {namespace!r}: start one with `quic-supervisor agent` on each node"
+    )
+
+
+# -- listings ------------------------------------------------------------------------------------
 
 
 async def _ls(args: argparse.Namespace) -> int:
-    fleet = _connect(args)
-    rows = []
-    for sup in fleet.list_supervisors():
+    sups, shown = _agents(args, _connect(args))
+
+    async def row(sup: RemoteSupervisor) -> dict[str, Any]:
         try:
-            info = await sup.info()
-            stats = (await sup.metrics()).migration_stats
-            rows.append(
-                {
-                    "label": sup.label,
-                    "node_id": info.node_id,
-                    "host": info.hostname,
-                    "pid": info.pid,
-                    "connections": info.connections,
-                    "restored": len(info.restored),
-                    "migrations": stats.ended,
-                    "success_rate": stats.success_rate,
-                    "failed": stats.failed,
-                }
-            )
+            info, metrics = await asyncio.gather(sup.info(), sup.metrics())
         except Exception as exc:
-            rows.append({"label": sup.label, "error": str(exc)})
-    lines = [
-        f"{r['label'][:16]:16}  {r.get('host', '-'):20}  conns={r.get('connections', '-')}"
-        + (
-            f"  migrations={r['migrations']} ok={r['success_rate']:.0%}"
-            if r.get("success_rate") is not None
-            else ""
-        )
-        + (f"  ERROR {r['error']}" if "error" in r else "")
-        for r in rows
-    ] or [f"no agents in namespace {args.namespace!r}"]
-    _print(args, rows, lines)
-    return 0
+            return {"label": sup.label, "error": one_line(exc)}
+        stats = metrics.migration_stats
+        return {
+            "label": sup.label,
+            "node_id": info.node_id,
+            "host": info.hostname,
+            "pid": info.pid,
+            "connections": info.connections,
+            "listeners": info.listeners,
+            "restored": len(info.restored),
+            "migrations": stats.ended,
+            "success_rate": stats.success_rate,
+            "failed": dict(stats.failed),
+        }
+
+    rows = list(await asyncio.gather(*(row(s) for s in sups)))
+    if args.json:
+        _json(rows)
+    elif not rows:
+        print(_none_line(args.namespace))
+    else:
+        make_console().print(ls_table(rows, shown))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 async def _paths(args: argparse.Namespace) -> int:
     fleet = _connect(args)
+    sups, shown = _agents(args, fleet)
+    found = await fleet.snapshots(sups)
+    data: dict[str, Any] = {}
+    console = make_console()
+    for label, snaps in found.items():
+        name = shown.get(label, label)
+        if isinstance(snaps, BaseException):
+            data[label] = {"error": one_line(snaps)}
+            if not args.json:
+                print(f"{name}: error: {one_line(snaps)}")
+            continue
+        data[label] = [snapshot_json(s) for s in snaps]
+        if args.json:
+            continue
+        if snaps:
+            console.print(paths_table(snaps, title=f"{name}: {len(snaps)} connection(s)"))
+        else:
+            print(f"{name}: no connections")
+    if args.json:
+        _json(data)
+    elif not found:
+        print(_none_line(args.namespace))
+    return 1 if any("error" in v for v in data.values() if isinstance(v, dict)) else 0
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    sups, shown = _agents(args, _connect(args))
+    results = await asyncio.gather(*(s.migration_stats() for s in sups), return_exceptions=True)
     data: dict[str, Any] = {}
     lines = []
-    for label, snaps in (await fleet.snapshots()).items():
-        if isinstance(snaps, BaseException):
-            data[label] = {"error": str(snaps)}
-            lines.append(f"{label[:16]}: ERROR {snaps}")
-            continue
-        data[label] = [
-            {
-                "conn_id": s.conn_id,
-                "remote": s.remote_addr,
-                "paths": [
-                    {"local": p.local_addr, "state": str(p.state), "active": p.active, "rtt": p.rtt}
-                    for p in s.paths
-                ],
-            }
-            for s in snaps
-        ]
-        for s in snaps:
-            lines.append(f"{label[:16]}  {s.conn_id}  -> {s.remote_addr}")
-            for p in s.paths:
-                rtt = f"{p.rtt * 1000:.2f}ms" if p.rtt is not None else "-"
-                mark = "*" if p.active else " "
-                lines.append(f"    {mark} {p.local_addr:40} {p.state!s:10} rtt={rtt}")
-    _print(args, data, lines or ["no connections"])
-    return 0
+    for sup, stats in zip(sups, results, strict=True):
+        name = shown.get(sup.label, sup.label)
+        if isinstance(stats, BaseException):
+            data[sup.label] = {"error": one_line(stats)}
+            lines.append(f"{name}: error: {one_line(stats)}")
+        else:
+            data[sup.label] = stats_json(stats)
+            lines.append(f"{name}: {stats.summary()}")
+    if args.json:
+        _json(data)
+    else:
+        print("\n".join(lines or [_none_line(args.namespace)]))
+    return 1 if any("error" in v for v in data.values()) else 0
 
 
 async def _network(args: argparse.Namespace) -> int:
     fleet = _connect(args)
-    statuses, snapshots = await asyncio.gather(fleet.network_status(), fleet.snapshots())
+    sups, shown = _agents(args, fleet)
+    statuses, snapshots = await asyncio.gather(fleet.network_status(sups), fleet.snapshots(sups))
     data: dict[str, Any] = {}
-    console = Console()
+    console = make_console()
     for n, (label, status) in enumerate(statuses.items()):
+        name = shown.get(label, label)
         if n and not args.json:
             print()  # one block per agent
         if isinstance(status, BaseException):
-            data[label] = {"error": str(status)}
+            data[label] = {"error": one_line(status)}
             if not args.json:
-                print(f"{label[:16]}: ERROR {status}")
+                print(f"{name}: error: {one_line(status)}")
             continue
         snaps = snapshots.get(label)
         listed = snaps if isinstance(snaps, list) else []
         data[label] = network_data(status, listed)
         if not args.json:
-            print_network(console, status, listed, label=label[:16])
+            print_network(console, status, listed, label=name)
     if args.json:
-        _print(args, data, [])
+        _json(data)
     elif not statuses:
-        print(f"no agents in namespace {args.namespace!r}")
-    return 0
+        print(_none_line(args.namespace))
+    return 1 if any("error" in v for v in data.values()) else 0
 
 
-def _report_rows(label: str, report: DrainReport | BaseException) -> tuple[Any, list[str]]:
-    if isinstance(report, BaseException):
-        return {"error": str(report)}, [f"{label[:16]}: ERROR {report}"]
-    row = {
-        "moved": [[m.conn_id, m.from_addr, m.to_addr] for m in report.moved],
-        "failed": [[m.conn_id, m.from_addr, m.error] for m in report.failed],
-        "untouched": len(report.untouched),
-    }
-    lines = [
-        f"{label[:16]}: moved {len(report.moved)}, failed {len(report.failed)}, "
-        f"untouched {len(report.untouched)}"
-    ]
-    lines += [f"    {m.conn_id}: {m.from_addr} -> {m.to_addr}" for m in report.moved]
-    lines += [f"    {m.conn_id}: FAILED {m.error}" for m in report.failed]
-    return row, lines
+# -- actions -------------------------------------------------------------------------------------
 
 
 async def _drain(args: argparse.Namespace) -> int:
     fleet = _connect(args)
+    sups, shown = _agents(args, fleet)
     started = time.monotonic()
     reports = await fleet.drain(
-        device=args.device, local_addr=args.local_addr, probe_timeout=args.probe_timeout
+        device=args.device,
+        local_addr=args.local_addr,
+        probe_timeout=args.probe_timeout,
+        close_drained=not args.keep_drained,
+        supervisors=sups,
     )
     data: dict[str, Any] = {}
     lines = []
     for label, report in reports.items():
-        data[label], more = _report_rows(label, report)
-        lines += more
-    lines.append(f"{len(reports)} node(s) in {time.monotonic() - started:.2f}s")
-    _print(args, data, lines if reports else [f"no agents in namespace {args.namespace!r}"])
-    bad = any(isinstance(r, BaseException) or r.failed for r in reports.values())
+        name = shown.get(label, label)
+        if isinstance(report, BaseException):
+            data[label] = {"error": one_line(report)}
+            lines.append(f"{name}: error: {one_line(report)}")
+        else:
+            data[label] = drain_json(report)
+            lines += drain_lines(report, prefix=f"{name}: ")
+    if args.json:
+        _json(data)
+    elif reports:
+        lines.append(f"{len(reports)} node(s) in {time.monotonic() - started:.3f} s")
+        print("\n".join(lines))
+    else:
+        print(_none_line(args.namespace))
+    bad = any(isinstance(r, BaseException) or not r.ok for r in reports.values())
     return 1 if bad else 0
 
 
 async def _migrate(args: argparse.Namespace) -> int:
+    from supervisor.cli.tables import AmbiguousIdError
+
     fleet = _connect(args)
-    sup = fleet.get_supervisor(args.node)
-    conn = await sup.connection(args.conn)
-    mc = conn.as_migratable()
-    target = next((p for p in mc.paths() if str(p.info().local_addr) == args.to), None)
-    if target is None:
-        target = await mc.add_path(args.to)
-    if target.info().rtt is None:
-        await target.probe(timeout=args.probe_timeout)
-    await target.switch()
-    active = mc.active_path()
-    _print(
-        args,
-        {"conn_id": conn.conn_id, "active": str(active.local_addr)},
-        [f"{conn.conn_id}: active path {active.local_addr}"],
+    sups, shown = _agents(args, fleet)
+    found = await fleet.snapshots(sups)
+    holders: dict[str, list[str]] = {}
+    for label, snaps in found.items():
+        for snap in snaps if isinstance(snaps, list) else ():
+            holders.setdefault(snap.conn_id, []).append(label)
+    conn_id = resolve_id(args.conn_id, holders, what="connection", listing=_PATHS)
+    if len(holders[conn_id]) > 1:
+        raise AmbiguousIdError(
+            "connection",
+            args.conn_id,
+            [f"{conn_id} on {shown.get(label, label)}" for label in holders[conn_id]],
+        )
+    sup = next(s for s in sups if s.label == holders[conn_id][0])
+    snap = await sup.migrate(conn_id, args.to, probe_timeout=args.probe_timeout)
+    if args.json:
+        _json(snapshot_json(snap))
+    else:
+        print(migrate_line(snap))
+    return 0
+
+
+def _alpn(text: str) -> list[str] | None:
+    return [a for a in text.split(",") if a] or None
+
+
+async def _dial(args: argparse.Namespace) -> int:
+    sup, name = _one_agent(args, _connect(args))
+    conn = await sup.dial(
+        args.addr,
+        alpn_protocols=_alpn(args.alpn),
+        server_name=args.server_name,
+        cafile=args.cafile,
+        verify=not args.insecure,
+        timeout=args.timeout,
     )
+    lines = [
+        f"connected {conn.local_multiaddr} -> {conn.remote_multiaddr} "
+        f"(connection {conn.conn_id} on {name})"
+    ]
+    mc = conn.as_migratable()
+    try:
+        for addr in args.path:
+            path = await mc.add_path(addr)
+            await path.probe(timeout=args.probe_timeout)
+            rtt = path.info().rtt
+            lines.append(
+                f"path {path.info().local_addr} validated"
+                + (f" (probe RTT {rtt * 1000:.2f} ms)" if rtt is not None else "")
+            )
+    except BaseException:
+        with contextlib.suppress(Exception):  # a failed dial leaves nothing in the agent
+            await conn.close()
+        raise
+    snap = await conn.refresh()
+    if args.json:
+        _json({"node": sup.label, **snapshot_json(snap)})
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    sup, name = _one_agent(args, _connect(args))
+    listener = await sup.listen(
+        args.addr,
+        certfile=args.cert,
+        keyfile=args.key,
+        alpn_protocols=_alpn(args.alpn),
+        handler=None if args.handler == "none" else args.handler,
+    )
+    info = listener.info
+    if args.json:
+        _json({"node": sup.label, **dataclasses.asdict(info)})
+    else:
+        print(
+            f"listening on {info.multiaddr} (alpn {args.alpn}, handler {args.handler}, "
+            f"listener {info.listener_id} on {name})"
+        )
     return 0
 
 
@@ -288,24 +636,40 @@ async def _agent(args: argparse.Namespace) -> int:
         except Exception as exc:  # raylet not up yet (pod start): retry until --wait runs out
             if time.monotonic() >= deadline:
                 raise
-            print(f"waiting for the Ray node: {exc}", file=sys.stderr)
-            await asyncio.sleep(2.0)
+            print(f"waiting for the Ray node: {one_line(exc)}", file=sys.stderr)
+            await asyncio.sleep(2.0)  # the retry's pace, not a synchronisation
     sup = fleet.start_agent(
         args.node_id, label=args.label, max_restarts=args.max_restarts, network=args.network
     )
     info = await sup.info()
-    _print(
-        args,
-        {"name": sup.name, "namespace": sup.namespace, "node_id": info.node_id, "pid": info.pid},
-        [f"agent {sup.name} running on node {info.node_id} (pid {info.pid})"],
-    )
+    if args.json:
+        _json(
+            {"name": sup.name, "namespace": sup.namespace, "node_id": info.node_id, "pid": info.pid}
+        )
+    else:
+        print(f"agent {sup.name} running on node {info.node_id} (pid {info.pid})")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quic-supervisor")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG)
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="logging threshold (stderr; default: warning)",
+    )
     add_fleet_commands(parser.add_subparsers(dest="command", required=True))
-    return run_fleet_command(parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own usage error (status 2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return run_fleet_command(args)
 
 
 if __name__ == "__main__":

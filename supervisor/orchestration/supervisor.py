@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal, Unpack, cast
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -27,7 +28,7 @@ from actors.view import PathSample
 from supervisor.core import validate
 from supervisor.core.config import FailoverPolicy, NetworkPolicy
 from supervisor.core.dialing import DialOptions, dial_request
-from supervisor.core.events import EventBus, EvtConnectionMigrationCompleted
+from supervisor.core.events import DEFAULT_RETAIN, Event, EventBus, EvtConnectionMigrationCompleted
 from supervisor.core.handles import Connection
 from supervisor.core.messages import (
     ConnectionSnapshot,
@@ -54,6 +55,7 @@ from supervisor.orchestration.supervisor_actor import SupervisorActor
 from supervisor.server import Libp2pListening, Listener
 from telemetry.journal import JournalWriter
 from telemetry.metrics import Metrics
+from telemetry.plain import plain_dict
 from telemetry.propagation import current_trace_fields
 from telemetry.qlog import DEFAULT_MAX_EVENTS as DEFAULT_QLOG_MAX_EVENTS
 from telemetry.qlog import QlogDirectory, QlogWriter
@@ -87,6 +89,7 @@ class Supervisor(Service):
         netns: str | None = None,
         netlink: SourceFactory | None = None,
         identity: Identity | None = None,
+        event_retention: int = DEFAULT_RETAIN,
     ) -> None:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
         ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
@@ -101,7 +104,9 @@ class Supervisor(Service):
         ``netlink``: an alternative source of rtnetlink events (tests; default pyroute2).
         ``identity``: the libp2p identity (``Identity.generate()`` / ``Identity.load(path)``)
         used to dial ``/p2p/`` addresses and for ``listen(libp2p=True)``, one per Supervisor
-        as a libp2p host has one; without it a random Ed25519 one is made when first needed."""
+        as a libp2p host has one; without it a random Ed25519 one is made when first needed.
+        ``event_retention``: how many of the newest events ``sup.events`` keeps for
+        ``subscribe(since=...)`` (0: none)."""
         self.migration_enabled = validate.flag(
             "enable_experimental_connection_migration", enable_experimental_connection_migration
         )
@@ -165,7 +170,7 @@ class Supervisor(Service):
         if failover is not None and self.options.health is None:
             # Failover needs path health: keep-alives on standby paths, active-path liveness.
             self.options = dataclasses.replace(self.options, health=failover.health_config())
-        self.events = EventBus()
+        self.events = EventBus(retain=validate.count("event_retention", event_retention))
         self._ask_timeout = ask_timeout
         self._runtime: Runtime | None = None
         self._ref: ActorRef | None = None
@@ -361,8 +366,13 @@ class Supervisor(Service):
         handler: Callable[[Stream], Awaitable[None]] | None = None,
         libp2p: bool = False,
         handlers: dict[str, Callable[[Stream], Awaitable[None]]] | None = None,
+        http3_root: str | os.PathLike[str] | None = None,
     ) -> Listener:
         """Serve QUIC on ``addr``; ``handler(stream)`` runs for every stream a peer opens.
+
+        ``http3_root``: serve the files under that directory over HTTP/3 instead (GET, HEAD,
+        and POST whose body is read and dropped; ALPN ``h3`` unless ``alpn_protocols`` says
+        otherwise), for HTTP/3-only clients such as ngtcp2's gtlsclient.
 
         ``libp2p=True``: a libp2p listener (DESIGN §9) with this supervisor's identity: no
         certfile, ALPN ``libp2p``, the client's certificate asked for and checked, streams
@@ -370,6 +380,10 @@ class Supervisor(Service):
         ``set_stream_handler``); ``listener.multiaddr`` ends in ``/p2p/<peer id>``."""
         self._check_running()
         if libp2p:
+            if http3_root is not None:
+                raise InvalidArgumentError(
+                    "http3_root", str(http3_root), "a libp2p listener serves libp2p protocols"
+                )
             return await self._listen_libp2p(
                 addr, certfile, keyfile, alpn_protocols, handler, handlers
             )
@@ -387,6 +401,21 @@ class Supervisor(Service):
         alpn = validate.alpn_list(alpn_protocols)
         if handler is not None and not callable(handler):
             raise TypeError(f"handler must be an async function of a stream, not {handler!r}")
+        root = None
+        if http3_root is not None:
+            if handler is not None:
+                raise InvalidArgumentError(
+                    "http3_root",
+                    str(http3_root),
+                    "HTTP/3 owns every stream of the connection: give a handler or an "
+                    "http3_root, not both",
+                )
+            root = Path(os.fspath(http3_root))
+            if not root.is_dir():
+                raise InvalidArgumentError(
+                    "http3_root", str(http3_root), "not a directory: give the document root"
+                )
+            alpn = alpn or ("h3",)
         config = QuicConfiguration(is_client=False, alpn_protocols=list(alpn) if alpn else None)
         try:
             config.load_cert_chain(certfile, keyfile)
@@ -403,7 +432,7 @@ class Supervisor(Service):
             config.quic_logger = server_qlog
             self._server_qlogs.append(server_qlog)
         open_key_log(config)  # closed with the listener
-        listener = Listener(self, handler)
+        listener = Listener(self, handler, emit=self._emit, http3_root=root)
         await listener.start(addr, config)
         self._listeners.append(listener)
         return listener
@@ -444,7 +473,12 @@ class Supervisor(Service):
             config.quic_logger = server_qlog
             self._server_qlogs.append(server_qlog)
         open_key_log(config)  # closed with the listener
-        listener = Listener(self, None, libp2p=Libp2pListening(credentials, self.libp2p, extra))
+        listener = Listener(
+            self,
+            None,
+            libp2p=Libp2pListening(credentials, self.libp2p, extra),
+            emit=self._emit,
+        )
         await listener.start(addr, config)
         self._listeners.append(listener)
         return listener
@@ -474,6 +508,29 @@ class Supervisor(Service):
             for e in list(self._conns.values())
             if not e.view.closed
         ]
+
+    def inbound_connections(self) -> list[ConnectionSnapshot]:
+        """The open connections every listener accepted (``inbound=True``), each with the
+        peer's current address."""
+        return [snap for listener in self._listeners for snap in listener.snapshots()]
+
+    def inbound_snapshot(self, conn_id: str) -> ConnectionSnapshot | None:
+        """One accepted, open connection by id (None: no listener holds it)."""
+        for listener in self._listeners:
+            conn = listener.connections.get(conn_id)
+            if conn is not None:
+                return conn.snapshot()
+        return None
+
+    def _emit(self, evt: Event) -> None:
+        """A listener's event: on the bus, and in the journal as the actor's events are."""
+        published = self.events.publish(evt)
+        if published is not None and self.journal is not None:
+            self.journal.event(
+                type(published).__name__.removeprefix("Evt"),
+                plain_dict(published),
+                conn=published.conn_id,
+            )
 
     async def drain(
         self,

@@ -405,8 +405,9 @@ class SupervisorActor(Actor):
             del self._op_spans[op]
 
     def emit(self, evt: Event, span: Span | None = None) -> None:
-        """Publish an event: the bus, the operation's span (path events), the journal."""
-        self.events.publish(evt)
+        """Publish an event: the bus (which numbers it), the operation's span (path events),
+        the journal (with its ``seq``)."""
+        evt = self.events.publish(evt) or evt
         if span is not None:
             if isinstance(evt, EvtPathStateChanged):
                 path_event(
@@ -519,6 +520,10 @@ class SupervisorActor(Actor):
                 }
             )
             msg = msg.body
+        if isinstance(msg, SwitchRequest) and msg.initiator is None:
+            # Who asked, made explicit before it is recorded: the journal's request record
+            # says what the span and the events will say.
+            msg = dataclasses.replace(msg, initiator=initiator_of(msg.reason))
         if self.journal is not None and not isinstance(msg, _Changed):
             self.journal.msg(
                 type(msg).__name__,

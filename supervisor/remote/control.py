@@ -9,7 +9,12 @@ Wire: each frame is a 4-byte big-endian length and that many bytes of one envelo
 (``actors.envelope``, msgpack) of the one remote protocol (:mod:`supervisor.remote.protocol`,
 shared with the Ray agent). Requests: ``sup.Snapshot``, ``sup.Switch``, ``sup.Probe``,
 ``sup.ClosePath``, ``sup.AddPath`` (without ``sock=``), ``sup.Stats``, ``net.StatusRequest`` and
-``remote.Drain``. Each gets exactly one reply, in order: the result (a ``ConnectionSnapshot``,
+``remote.Drain``. ``sup.Snapshot`` lists the connections the supervisor's listeners accepted
+too (``inbound=True``, the peer's current address: a server's ``ctl paths``); path requests for
+one of those fail with ``MigrationNotSupportedError`` (the client migrates them). A migration
+asked here is recorded with ``initiator="operator"`` (the protocol's
+:class:`~supervisor.remote.protocol.Dispatcher`). Each gets exactly one reply, in order: the
+result (a ``ConnectionSnapshot``,
 ``remote.Snapshots``, ``sup.DrainReport``, ``net.Status`` or ``remote.Ok``) or a
 ``remote.Error`` that :class:`ControlClient` raises as the original typed exception. A frame
 over 1 MiB, or bytes that are not an envelope (anything :func:`actors.envelope.decode` refuses:
@@ -24,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -35,22 +39,18 @@ from typing import TYPE_CHECKING, Any
 from multiaddr import Multiaddr
 
 from actors.envelope import EnvelopeError, decode, encode
+from actors.errors import MigrationNotSupportedError
 from actors.lifecycle import Closing, Service
-from actors.path_state import PathState
-from supervisor.addresses import parse_quic_multiaddr
 from supervisor.core.messages import (
     AddPathRequest,
     ClosePathRequest,
     ConnectionSnapshot,
     MigrationStats,
-    PathAddedReply,
-    PathSnapshot,
     ProbeRequest,
     SnapshotRequest,
     StatsRequest,
     SwitchRequest,
     expect,
-    reply_snapshot,
 )
 from supervisor.orchestration.drain import DrainReport
 from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
@@ -59,6 +59,7 @@ from supervisor.remote.protocol import (
     DrainRequest,
     ErrorReply,
     encode_error,
+    migrate_to,
     rebuild_error,
     reply_body,
 )
@@ -84,7 +85,6 @@ _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 _FORWARDED = (
-    SnapshotRequest,
     SwitchRequest,
     ProbeRequest,
     ClosePathRequest,
@@ -196,7 +196,11 @@ class ControlServer(Service):
         self._inode: tuple[int, int] | None = None
         self._clients: set[asyncio.Task[Any]] = set()
         self.dispatcher = Dispatcher(
-            forwarded=_FORWARDED, forward=self._forward, asks=sup, name="control-socket"
+            handlers={SnapshotRequest: self._snapshot},
+            forwarded=_FORWARDED,
+            forward=self._forward,
+            asks=sup,
+            name="control-socket",
         )
 
     async def start(self) -> None:
@@ -279,7 +283,18 @@ class ControlServer(Service):
     async def _forward(self, msg: object) -> object:
         if isinstance(msg, AddPathRequest) and msg.socket_key is not None:
             raise ValueError("sock= cannot cross the control socket: pass local_addr or device")
+        conn_id = getattr(msg, "conn_id", None)
+        if isinstance(conn_id, str) and self.sup.inbound_snapshot(conn_id) is not None:
+            raise MigrationNotSupportedError("inbound", conn_id=conn_id)
         return await self.sup.ask(msg)
+
+    async def _snapshot(self, msg: SnapshotRequest) -> object:
+        """Outbound connections from the supervisor, then the listeners' inbound ones."""
+        if msg.conn_id is not None:
+            inbound = self.sup.inbound_snapshot(msg.conn_id)
+            return inbound if inbound is not None else await self.sup.ask(msg)
+        outbound = expect(await self.sup.ask(msg), tuple)
+        return (*outbound, *self.sup.inbound_connections())
 
 
 # -- client --------------------------------------------------------------------------------------
@@ -372,7 +387,9 @@ class ControlClient(Closing):
         return reply
 
     async def snapshot(self) -> tuple[ConnectionSnapshot, ...]:
-        """Every outbound connection of the supervisor with its paths."""
+        """Every connection of the supervisor with its paths: the ones it dialled, then the
+        ones its listeners accepted (``inbound=True``, one path to the peer's current
+        address)."""
         reply = expect(await self.request(SnapshotRequest(None)), tuple)
         return reply
 
@@ -403,49 +420,6 @@ class ControlClient(Closing):
     async def migrate(
         self, conn_id: str, to_local_addr: str | Multiaddr, *, probe_timeout: float = 2.0
     ) -> ConnectionSnapshot:
-        """Make the path on ``to_local_addr`` the active one (reason ``"manual"``).
-
-        The path is found by local address (port 0 matches any port); when the connection has
-        none there, one is added, and removed again if it cannot be validated or switched to.
-        A path that is not standby is probed first (``probe_timeout``).
-        """
-        ip, port, _ = parse_quic_multiaddr(to_local_addr, what="migration target")
-        snap = await self.connection(conn_id)
-        target = _find_path(snap.paths, ip, port)
-        added = target is None
-        if target is None:
-            made = expect(
-                await self.request(AddPathRequest(conn_id, local_addr=str(to_local_addr))),
-                PathAddedReply,
-            )
-            snap = made.snapshot
-            target = next(p for p in snap.paths if p.path_id == made.path_id)
-        if target.active:
-            return snap
-        try:
-            if target.state is not PathState.STANDBY:
-                await self.request(ProbeRequest(conn_id, target.path_id, probe_timeout))
-            return _as_snapshot(
-                await self.request(SwitchRequest(conn_id, target.path_id, "manual"))
-            )
-        except BaseException:
-            if added:  # leave nothing behind
-                with contextlib.suppress(Exception):
-                    await self.request(ClosePathRequest(conn_id, target.path_id))
-            raise
-
-
-def _as_snapshot(reply: object) -> ConnectionSnapshot:
-    return reply_snapshot(reply)
-
-
-def _find_path(paths: tuple[PathSnapshot, ...], ip: str, port: int) -> PathSnapshot | None:
-    """The path on ``ip`` (and ``port`` unless 0): the active one if it matches, else the best."""
-    want = ipaddress.ip_address(ip)
-    matches = []
-    for p in paths:
-        parts = p.local_addr.split("/")
-        if ipaddress.ip_address(parts[2]) == want and port in (0, int(parts[4])):
-            matches.append(p)
-    matches.sort(key=lambda p: (not p.active, p.state is not PathState.STANDBY, p.path_id))
-    return matches[0] if matches else None
+        """Make the path on ``to_local_addr`` the active one (reason ``"manual"``): see
+        ``protocol.migrate_to``."""
+        return await migrate_to(self.request, conn_id, to_local_addr, probe_timeout=probe_timeout)

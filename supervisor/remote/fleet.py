@@ -8,6 +8,7 @@
     mc = conn.as_migratable()                       # the same MigratableConn/Path handles
     path = await mc.add_path(device="net1"); await path.probe(); await path.switch()
     reports = await fleet.drain(device="net1")      # {label: DrainReport | exception}
+    snap = await sup.migrate(conn.conn_id, "/ip4/10.0.1.5/udp/0/quic-v1")  # as ControlClient
     lst = await sup.listen("/ip4/0.0.0.0/udp/4433/quic-v1", certfile=..., handler="echo")
     print(await sup.metrics())                      # counters and bytes per path
     print(await sup.network_status())               # interfaces, routes (network=True agents)
@@ -18,15 +19,21 @@ A :class:`RayTransport` is the handles' ``Client``: it encodes each request into
 (with the caller's trace context), calls the agent's ``ask`` through Ray and turns the reply
 back into a snapshot or into the typed exception the agent raised. Snapshots are cached (no
 live view across processes), sockets cannot be handed over (``sock=``), and streams stay in the
-agent's process. Failures of the fleet itself are :class:`FleetError` subclasses.
+agent's process. Failures of the fleet itself are :class:`FleetError` subclasses; with a
+``timeout``, :func:`connect` and every call return within it (:class:`FleetUnreachableError`,
+:class:`SupervisorTimeoutError`) instead of waiting on Ray's own retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
+import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Unpack
@@ -38,13 +45,20 @@ from actors.lifecycle import Closing
 from actors.streams import Stream
 from supervisor.core.dialing import DialOptions, dial_request
 from supervisor.core.handles import Connection
-from supervisor.core.messages import ConnectionSnapshot, SnapshotRequest, expect
+from supervisor.core.messages import (
+    ConnectionSnapshot,
+    MigrationStats,
+    SnapshotRequest,
+    StatsRequest,
+    expect,
+)
 from supervisor.orchestration.drain import DrainReport
 from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote.protocol import (
     DrainRequest,
     ErrorReply,
     RemoteError,
+    migrate_to,
     rebuild_error,
     reply_body,
 )
@@ -74,6 +88,7 @@ __all__ = [
     "EventStream",
     "Fleet",
     "FleetError",
+    "FleetUnreachableError",
     "HandlerNotRemoteError",
     "RayTransport",
     "RemoteConnection",
@@ -83,6 +98,7 @@ __all__ = [
     "SocketNotTransferableError",
     "StreamsNotRemoteError",
     "SupervisorNotFoundError",
+    "SupervisorTimeoutError",
     "SupervisorUnavailableError",
     "connect",
 ]
@@ -120,6 +136,28 @@ class SupervisorUnavailableError(FleetError):
             f"supervisor {name!r} (namespace {namespace!r}) is unavailable: {first}; if it "
             "has max_restarts it is coming back: retry, its connections are re-dialled"
         )
+
+
+class SupervisorTimeoutError(FleetError, TimeoutError):
+    """The agent did not answer within the handle's ``timeout``."""
+
+    def __init__(self, name: str, namespace: str, timeout: float) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.timeout = timeout
+        super().__init__(
+            f"supervisor {name!r} (namespace {namespace!r}) did not answer within {timeout:g} s: "
+            "raise the timeout (--timeout), or check the agent (`quic-supervisor fleet ls`)"
+        )
+
+
+class FleetUnreachableError(FleetError, ConnectionError):
+    """No Ray cluster could be joined at that address within the timeout."""
+
+    def __init__(self, address: str, reason: str, fix: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot reach the Ray cluster at {address}: {reason}: {fix}")
 
 
 class SocketNotTransferableError(FleetError, TypeError):
@@ -186,6 +224,9 @@ class RayTransport:
             reply = await (asyncio.wait_for(ref, limit) if limit is not None else ref)
         except RayActorError as exc:
             raise SupervisorUnavailableError(self.name, self.namespace, str(exc)) from exc
+        except TimeoutError:
+            assert limit is not None
+            raise SupervisorTimeoutError(self.name, self.namespace, limit) from None
         if not isinstance(reply, bytes):
             raise EnvelopeError(
                 f"supervisor {self.name!r} answered {type(reply).__name__}, not envelope bytes: "
@@ -393,8 +434,14 @@ class RemoteSupervisor(RayTransport):
         ``cafile`` is a path on that node, ``sock`` cannot cross processes)."""
         if options.get("sock") is not None:
             raise SocketNotTransferableError()
+        # The handshake's own deadline answers first (DialTimeoutError), not the Ray call's.
+        handshake = options.get("timeout")
+        limit = self.timeout
+        if limit is not None and handshake is not None:
+            limit = max(limit, float(handshake) + 5.0)
         snap = expect(
-            await self.ask(dial_request(addr, options, files_here=False)), ConnectionSnapshot
+            await self.ask(dial_request(addr, options, files_here=False), limit),
+            ConnectionSnapshot,
         )
         return RemoteConnection(self, snap)
 
@@ -402,12 +449,13 @@ class RemoteSupervisor(RayTransport):
         self,
         addr: str | Multiaddr,
         *,
-        certfile: str | os.PathLike[str],
+        certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         alpn_protocols: list[str] | None = None,
         handler: str | None = "echo",
     ) -> RemoteListener:
-        """Serve QUIC from the agent's node (files are paths on that node).
+        """Serve QUIC from the agent's node (files are paths on that node; without
+        ``certfile`` the agent makes a self-signed "localhost" certificate, as ``serve`` does).
 
         ``handler`` names a built-in stream handler, since a callable cannot cross processes:
         ``"echo"`` sends every byte back; ``None`` accepts connections and leaves their streams
@@ -418,7 +466,7 @@ class RemoteSupervisor(RayTransport):
         info = await self.ask(
             ListenRequest(
                 addr=str(addr),
-                certfile=os.fspath(certfile),
+                certfile=os.fspath(certfile) if certfile is not None else None,
                 keyfile=os.fspath(keyfile) if keyfile is not None else None,
                 alpn_protocols=tuple(alpn_protocols) if alpn_protocols else None,
                 handler=handler,
@@ -430,6 +478,11 @@ class RemoteSupervisor(RayTransport):
     async def listeners(self) -> list[RemoteListener]:
         reply = expect(await self.ask(ListenersRequest()), Listeners)
         return [RemoteListener(self, info) for info in reply.listeners]
+
+    async def migration_stats(self) -> MigrationStats:
+        """How the agent's migrations ended (``Supervisor.migration_stats`` in the agent)."""
+        reply = expect(await self.ask(StatsRequest()), MigrationStats)
+        return reply
 
     async def metrics(self) -> AgentMetrics:
         """Counters of this agent: connections, paths by state, migrations by reason and
@@ -459,13 +512,23 @@ class RemoteSupervisor(RayTransport):
         *,
         device: str | None = None,
         local_addr: str | None = None,
-        probe_timeout: float = 5.0,
+        probe_timeout: float = 2.0,
+        close_drained: bool = True,
     ) -> DrainReport:
-        report = await self.ask(
-            DrainRequest(local_addr, device, probe_timeout, close_drained=False)
+        """``Supervisor.drain`` in the agent: the same defaults, the drained path closed unless
+        ``close_drained=False`` (the agent's recorded state follows, for a restart)."""
+        report = expect(
+            await self.ask(DrainRequest(local_addr, device, probe_timeout, close_drained)),
+            DrainReport,
         )
-        assert isinstance(report, DrainReport)
         return report
+
+    async def migrate(
+        self, conn_id: str, to_local_addr: str | Multiaddr, *, probe_timeout: float = 2.0
+    ) -> ConnectionSnapshot:
+        """Make the path on ``to_local_addr`` the active one (reason ``"manual"``), as
+        ``ControlClient.migrate`` does (``protocol.migrate_to``)."""
+        return await migrate_to(self.ask, conn_id, to_local_addr, probe_timeout=probe_timeout)
 
     def events(
         self,
@@ -619,30 +682,43 @@ class Fleet:
         *,
         device: str | None = None,
         local_addr: str | None = None,
-        probe_timeout: float = 5.0,
+        probe_timeout: float = 2.0,
+        close_drained: bool = True,
+        supervisors: Sequence[RemoteSupervisor] | None = None,
     ) -> dict[str, DrainReport | BaseException]:
-        """Drain every agent in parallel; one report (or the error it met) per label."""
+        """Drain every agent (or ``supervisors``) in parallel; one report (or the error it
+        met) per label."""
         if (device is None) == (local_addr is None):
             raise ValueError("drain needs exactly one of device= or local_addr=")
-        sups = self.list_supervisors()
+        sups = list(supervisors) if supervisors is not None else self.list_supervisors()
         results = await asyncio.gather(
             *(
-                s.drain(device=device, local_addr=local_addr, probe_timeout=probe_timeout)
+                s.drain(
+                    device=device,
+                    local_addr=local_addr,
+                    probe_timeout=probe_timeout,
+                    close_drained=close_drained,
+                )
                 for s in sups
             ),
             return_exceptions=True,
         )
         return {s.label: r for s, r in zip(sups, results, strict=True)}
 
-    async def network_status(self) -> dict[str, NetworkStatus | BaseException]:
-        """Every agent's network monitor status (or the error it met), by label."""
-        sups = self.list_supervisors()
+    async def network_status(
+        self, supervisors: Sequence[RemoteSupervisor] | None = None
+    ) -> dict[str, NetworkStatus | BaseException]:
+        """Every agent's (or ``supervisors``') network monitor status (or the error it met),
+        by label."""
+        sups = list(supervisors) if supervisors is not None else self.list_supervisors()
         results = await asyncio.gather(*(s.network_status() for s in sups), return_exceptions=True)
         return {s.label: r for s, r in zip(sups, results, strict=True)}
 
-    async def snapshots(self) -> dict[str, list[ConnectionSnapshot] | BaseException]:
-        """Every connection and path in the fleet, by label."""
-        sups = self.list_supervisors()
+    async def snapshots(
+        self, supervisors: Sequence[RemoteSupervisor] | None = None
+    ) -> dict[str, list[ConnectionSnapshot] | BaseException]:
+        """Every connection and path in the fleet (or of ``supervisors``), by label."""
+        sups = list(supervisors) if supervisors is not None else self.list_supervisors()
         results = await asyncio.gather(*(s.snapshot() for s in sups), return_exceptions=True)
         return {s.label: r for s, r in zip(sups, results, strict=True)}
 
@@ -656,16 +732,139 @@ def connect(
 ) -> Fleet:
     """Join the Ray cluster at ``address`` (unless already joined) and return its fleet.
 
-    ``address="auto"`` finds the local node's cluster (``RAY_ADDRESS`` wins when set); token
-    authentication is Ray's own (``RAY_AUTH_TOKEN`` / the token file, see k8s/README).
+    ``address="auto"`` finds the local node's cluster and uses this host's token
+    (``~/.ray/auth_token``), as Ray does; an explicit address (``HOST:PORT``, or
+    ``RAY_ADDRESS``, which wins over "auto") of a cluster with token authentication needs
+    ``RAY_AUTH_MODE=token`` and the token (see k8s/README); ``None`` or
+    ``"local"`` starts a cluster in this process. ``timeout`` bounds joining an existing
+    cluster too: its GCS port must accept a TCP connection, then ``ray.init`` must finish,
+    within it, or :class:`FleetUnreachableError` says why (Ray alone retries a dead address
+    for minutes); starting a new cluster is bounded by Ray's own start-up limits.
+    ``init_kwargs`` go to ``ray.init`` (``logging_level`` defaults to ``logging.WARNING``).
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS", address) if address == "auto" else address,
-            namespace=namespace,
-            logging_level=logging.WARNING,
-            **init_kwargs,
-        )
+        init_kwargs.setdefault("logging_level", logging.WARNING)
+        shown = address or "local"
+        if timeout is None or address in (None, "", "local"):
+            # A new cluster starts in this thread: its processes die with the thread that
+            # started them (PR_SET_PDEATHSIG), so never in a helper thread. Ray bounds it.
+            _init(address, namespace, init_kwargs)
+        else:
+            deadline = time.monotonic() + timeout
+            _check_reachable(address, timeout)
+            _init_within(address, namespace, init_kwargs, deadline, timeout, shown)
     return Fleet(namespace, timeout=timeout)
+
+
+_UNREACHABLE_FIX = (
+    "start one there (`ray start --head`), or give --address HOST:PORT of its GCS (port 6379 "
+    "unless changed)"
+)
+_SLOW_FIX = (
+    "check that it is the cluster's GCS address; a cluster with token authentication needs "
+    "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) when the address "
+    "is explicit (--address or RAY_ADDRESS); or raise --timeout"
+)
+
+
+def _init(address: str | None, namespace: str, init_kwargs: dict[str, Any]) -> None:
+    import ray
+
+    ray.init(address=address, namespace=namespace, **init_kwargs)
+
+
+def _gcs_host_port(address: str | None) -> tuple[str, int] | None:
+    """Where ``ray.init(address)`` will connect, as Ray resolves it; None: a new local cluster
+    (nothing to check). Raises :class:`FleetUnreachableError` when "auto" finds no cluster."""
+    if address in (None, "", "local"):
+        return None
+    assert address is not None
+    if address.startswith("ray://"):  # Ray Client: its server, port 10001 unless given
+        host, sep, port = address.removeprefix("ray://").partition("/")[0].rpartition(":")
+        if not sep:
+            host, port = port, "10001"
+        return (host, int(port)) if host and port.isdigit() else None
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except ConnectionError as exc:  # "auto" and no cluster on this host
+        raise FleetUnreachableError(address, _first_line(exc), _UNREACHABLE_FIX) from None
+    except ValueError as exc:
+        raise FleetUnreachableError(
+            address, f"not a Ray address ({_first_line(exc)})", "give HOST:PORT or auto"
+        ) from None
+    except (ImportError, AttributeError):  # another Ray release: check the text as given
+        resolved = address
+    if not resolved:
+        return None
+    host, sep, port = resolved.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FleetUnreachableError(address, "no port in it", "give HOST:PORT or auto")
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host.strip("[]")))
+    return host, int(port)
+
+
+def _check_reachable(address: str | None, timeout: float) -> None:
+    """The cluster's GCS accepts a TCP connection within ``timeout``: a dead address fails
+    here at once (connection refused) or after ``timeout``, never after Ray's retries."""
+    target = _gcs_host_port(address)
+    if target is None:
+        return
+    host, port = target
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except TimeoutError:
+        raise FleetUnreachableError(
+            str(address), f"no answer from {where} within {timeout:g} s", _SLOW_FIX
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FleetUnreachableError(
+            str(address), f"{reason} at {where}", _UNREACHABLE_FIX
+        ) from None
+
+
+def _init_within(
+    address: str | None,
+    namespace: str,
+    init_kwargs: dict[str, Any],
+    deadline: float,
+    timeout: float,
+    shown: str,
+) -> None:
+    """``ray.init`` in a daemon thread, waited for until ``deadline``: Ray's own connection
+    retries (GCS, authentication) block in native code where no timeout reaches them."""
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            _init(address, namespace, init_kwargs)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="ray-init", daemon=True).start()
+    if not done.wait(max(deadline - time.monotonic(), 0.0)):
+        raise FleetUnreachableError(
+            shown, f"Ray did not finish joining the cluster within {timeout:g} s", _SLOW_FIX
+        )
+    error = outcome[0]
+    if error is None:
+        return
+    if isinstance(error, ConnectionError) or type(error).__name__ == "AuthenticationError":
+        raise FleetUnreachableError(shown, _first_line(error), _SLOW_FIX) from error
+    raise error
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(exc).__name__

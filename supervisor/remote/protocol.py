@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import dataclasses
 import enum
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +33,20 @@ from multiaddr import Multiaddr
 
 from actors import errors as _errors
 from actors.envelope import Envelope, EnvelopeError, decode, encode, message, type_name
-from supervisor.core.messages import ConnectionSnapshot
+from actors.path_state import PathState
+from supervisor.addresses import parse_quic_multiaddr
+from supervisor.core.messages import (
+    AddPathRequest,
+    ClosePathRequest,
+    ConnectionSnapshot,
+    PathAddedReply,
+    PathSnapshot,
+    ProbeRequest,
+    SnapshotRequest,
+    SwitchRequest,
+    expect,
+    reply_snapshot,
+)
 from supervisor.orchestration.drain import DrainReport, drain
 from telemetry.propagation import attached
 
@@ -202,6 +218,11 @@ class Dispatcher:
     dial or listen); ``forwarded`` are supervisor requests passed to ``forward`` unchanged
     (``Supervisor.ask``). :class:`DrainRequest` is always offered. Anything else is refused with a
     ``TypeError`` that lists what is accepted. No request can make it fail without replying.
+
+    A migration asked through a carrier is an operator's (``quic-supervisor ctl``, ``fleet``, a
+    program driving the agent): a ``SwitchRequest`` that does not say who asked is marked
+    ``initiator="operator"`` here, so the span, the events and the journal say so (DESIGN §3);
+    one that says is left as it is. A drain is the operator's by its reason.
     """
 
     def __init__(
@@ -259,6 +280,8 @@ class Dispatcher:
     async def handle(self, msg: object) -> object:
         if self._prepare is not None:
             await self._prepare()
+        if isinstance(msg, SwitchRequest) and msg.initiator is None:
+            msg = dataclasses.replace(msg, initiator="operator")
         handler = self._handlers.get(type(msg))
         if handler is not None:
             return await handler(msg)
@@ -277,3 +300,52 @@ class Dispatcher:
             probe_timeout=msg.probe_timeout,
             close_drained=msg.close_drained,
         )
+
+
+# -- a migration by target address, as both carriers' clients ask for one -------------------------
+
+
+async def migrate_to(
+    ask: Callable[[object], Awaitable[object]],
+    conn_id: str,
+    to_local_addr: str | Multiaddr,
+    *,
+    probe_timeout: float = 2.0,
+) -> ConnectionSnapshot:
+    """Make the path on ``to_local_addr`` the active one (reason ``"manual"``) through ``ask``
+    (a control-socket or Ray-agent request): the path is found by local address (port 0
+    matches any port), added when missing and closed again if it cannot be validated or
+    switched to; a path that is not standby is probed first (``probe_timeout``)."""
+    ip, port, _ = parse_quic_multiaddr(to_local_addr, what="migration target")
+    snap = expect(await ask(SnapshotRequest(conn_id)), ConnectionSnapshot)
+    target = find_path(snap.paths, ip, port)
+    added = target is None
+    if target is None:
+        made = expect(
+            await ask(AddPathRequest(conn_id, local_addr=str(to_local_addr))), PathAddedReply
+        )
+        snap = made.snapshot
+        target = next(p for p in snap.paths if p.path_id == made.path_id)
+    if target.active:
+        return snap
+    try:
+        if target.state is not PathState.STANDBY:
+            await ask(ProbeRequest(conn_id, target.path_id, probe_timeout))
+        return reply_snapshot(await ask(SwitchRequest(conn_id, target.path_id, "manual")))
+    except BaseException:
+        if added:  # leave nothing behind
+            with contextlib.suppress(Exception):
+                await ask(ClosePathRequest(conn_id, target.path_id))
+        raise
+
+
+def find_path(paths: tuple[PathSnapshot, ...], ip: str, port: int) -> PathSnapshot | None:
+    """The path on ``ip`` (and ``port`` unless 0): the active one if it matches, else the best."""
+    want = ipaddress.ip_address(ip)
+    matches = []
+    for p in paths:
+        parts = p.local_addr.split("/")
+        if ipaddress.ip_address(parts[2]) == want and port in (0, int(parts[4])):
+            matches.append(p)
+    matches.sort(key=lambda p: (not p.active, p.state is not PathState.STANDBY, p.path_id))
+    return matches[0] if matches else None

@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,6 +42,7 @@ import msgpack
 from actors import errors as _errors
 from actors.envelope import encode, message
 from actors.streams import Stream
+from supervisor.certificates import self_signed_cert
 from supervisor.core.config import NetworkPolicy
 from supervisor.core.dialing import dial_options
 from supervisor.core.handles import Connection
@@ -201,11 +203,12 @@ class EchoReport:
 @message("fleet.Listen")
 @dataclass(frozen=True, slots=True)
 class ListenRequest:
-    """Serve QUIC from the agent. Files are paths on the agent's node; ``handler`` names a
-    built-in stream handler (``"echo"``) or is None (streams are accepted and left unread)."""
+    """Serve QUIC from the agent. Files are paths on the agent's node (no ``certfile``: a
+    self-signed "localhost" certificate made by the agent); ``handler`` names a built-in stream
+    handler (``"echo"``) or is None (streams are accepted and left unread)."""
 
     addr: str
-    certfile: str
+    certfile: str | None = None
     keyfile: str | None = None
     alpn_protocols: tuple[str, ...] | None = None
     handler: str | None = "echo"
@@ -343,6 +346,13 @@ async def echo_handler(stream: Stream) -> None:
     while data := await stream.read(65536):
         await stream.write(data)
     await stream.close()
+
+
+def _self_signed_cert() -> tuple[str, str]:
+    """A self-signed "localhost" certificate and its key in a fresh private directory (0700):
+    for a remote ``listen`` without files."""
+    certfile, keyfile = self_signed_cert(tempfile.mkdtemp(prefix="quic-supervisor-cert-"))
+    return str(certfile), str(keyfile)
 
 
 @dataclass(slots=True)
@@ -554,6 +564,9 @@ class SupervisorAgent:
             return Restored(stable, False, error=f"re-dial failed: {exc}", time=time.time())
         self._bind(stable, conn)
         dialled = {"path_id": 0, "index": 0, "local_addr": dial.local_addr, "device": dial.device}
+        # A drain (or a close) may have closed the handshake path: dialling makes it again,
+        # and it is closed once the recorded active path carries the connection.
+        dialled_closed = not any(p.get("index", 0) == 0 for p in record.get("paths", []))
         paths = [dialled]
         for path in record.get("paths", []):
             if path.get("index", 0) == 0:
@@ -574,6 +587,9 @@ class SupervisorAgent:
             if target is not None and target["path_id"] != 0:
                 await self.sup.ask(ProbeRequest(conn.conn_id, target["path_id"]))
                 await self.sup.ask(SwitchRequest(conn.conn_id, target["path_id"], "failover"))
+                if dialled_closed:
+                    await self.sup.ask(ClosePathRequest(conn.conn_id, 0))
+                    record["paths"] = [p for p in record["paths"] if p.get("index", 0) != 0]
             snap = await self._snapshot(conn.conn_id)
             active_addr = next((p.local_addr for p in snap.paths if p.active), None)
         except Exception as exc:
@@ -675,6 +691,8 @@ class SupervisorAgent:
                 msg = dataclasses.replace(msg, conn_id=live)  # type: ignore[type-var]
         if isinstance(msg, AddPathRequest) and msg.socket_key is not None:
             raise ValueError("sock= cannot cross processes: pass local_addr or device instead")
+        if isinstance(conn_id, str) and self.sup.inbound_snapshot(conn_id) is not None:
+            raise _errors.MigrationNotSupportedError("inbound", conn_id=conn_id)
         reply = await self.sup.ask(msg)
         await self._record(msg, reply)
         return self._outward(reply)
@@ -764,10 +782,16 @@ class SupervisorAgent:
         return await self._snapshot(conn.conn_id)
 
     async def _snapshot_request(self, req: SnapshotRequest) -> object:
+        """As the control socket answers it: the connections this agent dialled, then the ones
+        its listeners accepted (``inbound=True``, the peer's current address)."""
         if req.conn_id is None:
-            reply = await self.sup.ask(req)
-        else:
-            reply = await self.sup.ask(SnapshotRequest(self._live.get(req.conn_id, req.conn_id)))
+            outbound = self._outward(await self.sup.ask(req))
+            assert isinstance(outbound, tuple)
+            return (*outbound, *self.sup.inbound_connections())
+        inbound = self.sup.inbound_snapshot(req.conn_id)
+        if inbound is not None:
+            return inbound
+        reply = await self.sup.ask(SnapshotRequest(self._live.get(req.conn_id, req.conn_id)))
         return self._outward(reply)
 
     async def _close(self, req: CloseConnectionRequest) -> None:
@@ -801,15 +825,16 @@ class SupervisorAgent:
     async def _drain(self, req: DrainRequest) -> DrainReport:
         """The node's part of a fleet drain: the core drain, reported with stable conn ids.
 
-        Drained paths stay open here (``close_drained`` is ignored) so the desired state a
-        restarted agent restores is exactly what the connection has.
+        The desired state follows what the drain did (the new active path, the drained path
+        closed unless ``close_drained`` is False), so a restarted agent restores exactly what
+        the connection has.
         """
         report = await drain(
             self.sup,
             local_addr=req.local_addr,
             device=req.device,
             probe_timeout=req.probe_timeout,
-            close_drained=False,
+            close_drained=req.close_drained,
         )
         outcomes = []
         for outcome in report.outcomes:
@@ -817,6 +842,8 @@ class SupervisorAgent:
                 await self._record(
                     SwitchRequest(outcome.conn_id, outcome.to_path_id, "drain"), None
                 )
+            if outcome.closed_drained and outcome.from_path_id is not None:
+                await self._record(ClosePathRequest(outcome.conn_id, outcome.from_path_id), None)
             stable = self._stable.get(outcome.conn_id, outcome.conn_id)
             outcomes.append(dataclasses.replace(outcome, conn_id=stable))
         return dataclasses.replace(report, outcomes=tuple(outcomes))
@@ -827,10 +854,13 @@ class SupervisorAgent:
                 f"handler {req.handler!r} is not a built-in stream handler: a remote listener "
                 f"takes one of {', '.join(map(repr, LISTEN_HANDLERS))} or None"
             )
+        certfile, keyfile = req.certfile, req.keyfile
+        if certfile is None:  # as `serve` without --cert: a self-signed one, in the agent
+            certfile, keyfile = await asyncio.to_thread(_self_signed_cert)
         listener = await self.sup.listen(
             req.addr,
-            certfile=req.certfile,
-            keyfile=req.keyfile,
+            certfile=certfile,
+            keyfile=keyfile,
             alpn_protocols=list(req.alpn_protocols) if req.alpn_protocols else None,
             handler=echo_handler if req.handler == "echo" else None,
         )
