@@ -71,7 +71,12 @@ from actors.messages import (
 from actors.node_health import NodeHealth
 from actors.path import PathActor, ProbeSchedule
 from actors.path_state import PathState, PathStateMachine
-from actors.quic_adapter import MigratingQuicConnection, PathAddr, peer_certificate_chain
+from actors.quic_adapter import (
+    MigratingQuicConnection,
+    PathAddr,
+    connection_trace,
+    peer_certificate_chain,
+)
 from actors.runtime import Actor, ActorRef, ChildFailed, Later
 from actors.socket_errors import Evidence
 from actors.stream_table import StreamTable
@@ -326,6 +331,7 @@ class ConnectionActor(Actor):
             remote=remote,
             group=GroupKey(device or local[0], _ip(remote)),
         )
+        self._qlog_path("path_assigned", path_id)  # qlog hook: path added
         self._pending.append(PathChange(path_id, local, None, PathState.NEW, self._op))
         self._publish_soon()
 
@@ -369,6 +375,8 @@ class ConnectionActor(Actor):
             return
         facts.rtt = rtt
         facts.validated_at = self._loop.time()
+        if facts.machine.state is not PathState.STANDBY:  # qlog hook: a validation, not a check
+            self._qlog_migration("probing_successful", path_id)
         self._move(path_id, PathState.STANDBY)
 
     def probe_failed(self, path_id: int, before: PathState, *, timed_out: bool) -> None:
@@ -384,6 +392,49 @@ class ConnectionActor(Actor):
             self._move(path_id, PathState.FAILED)
         else:
             self._move(path_id, before if before is not PathState.VALIDATING else PathState.NEW)
+
+    # ------------------------------------------------------------------ qlog hooks
+
+    def _qlog(self, event: str, data: dict[str, Any]) -> None:
+        """A ``connectivity:`` event in this connection's qlog (telemetry/qlog.py), if any."""
+        trace = connection_trace(self.quic)
+        if trace is not None:
+            trace.log_event(category="connectivity", event=event, data=data)
+
+    def _qlog_addresses(self, path_id: int) -> dict[str, Any]:
+        """A path's id, local and remote address and DCID (when it has one yet)."""
+        data: dict[str, Any] = {"path_id": path_id}
+        facts = self._paths.get(path_id)
+        if facts is not None:
+            data["path_local"] = _endpoint(facts.local)
+            data["path_remote"] = _endpoint(facts.remote)
+        dcid = self.quic.path_cids().get(path_id) if self.quic.has_path(path_id) else None
+        if dcid is not None:
+            data["dcid"] = dcid.hex()
+            data["path_remote"] = {**data.get("path_remote", {}), "connection_ids": [dcid.hex()]}
+        return data
+
+    def _qlog_path(self, event: str, path_id: int, *, abandoned: bool = False) -> None:
+        if connection_trace(self.quic) is None:
+            return
+        data = self._qlog_addresses(path_id)
+        if abandoned:
+            data["abandoned"] = True
+        self._qlog(event, data)
+
+    def _qlog_migration(self, state: str, path_id: int, *, old: int | None = None) -> None:
+        """``migration_state_updated``: ``old`` -> ``path_id`` (its addresses, its DCID)."""
+        if connection_trace(self.quic) is None:
+            return
+        data = {"state": state, **self._qlog_addresses(path_id)}
+        if old is not None:
+            data["old"] = old
+            data["new"] = path_id
+            previous = self._paths.get(old)
+            if previous is not None:
+                data["old_path_local"] = _endpoint(previous.local)
+                data["old_path_remote"] = _endpoint(previous.remote)
+        self._qlog("migration_state_updated", data)
 
     # ------------------------------------------------------------------ health (node groups)
 
@@ -1122,6 +1173,7 @@ class ConnectionActor(Actor):
         t0 = _now()
         pto_old = self.quic.probe_timeout()
         failover = msg.old_path_dead
+        old_dcid = self.quic.path_cids().get(active)
         token = self.quic.switch_path(
             msg.path_id,
             t0,
@@ -1132,6 +1184,7 @@ class ConnectionActor(Actor):
         window = max(
             3 * max(pto_old, self.quic.probe_timeout()), self.options.min_confirmation_window
         )
+        self._qlog_migration("migration_started", msg.path_id, old=active)  # qlog hook
         self._move(msg.path_id, PathState.ACTIVE)
         old.rollback_target = True
         self._move(active, PathState.STANDBY)
@@ -1149,6 +1202,7 @@ class ConnectionActor(Actor):
             if not confirmed and not self.closed:
                 # Rolled back (or cancelled): the old path carries the connection again.
                 self.quic.rollback_switch(token, _now(), ping_uid=next(self._ping_ids))
+                self._qlog_migration("migration_abandoned", msg.path_id, old=active)  # qlog hook
                 self._move(active, PathState.ACTIVE)
                 self._move(msg.path_id, PathState.STANDBY)
                 self._flush()
@@ -1168,6 +1222,13 @@ class ConnectionActor(Actor):
                 reason="the peer did not reach us on the new path",
             )
         self.migrations += 1
+        self._qlog_migration("migration_complete", msg.path_id, old=active)  # qlog hook
+        new_dcid = self.quic.path_cids().get(msg.path_id)
+        if old_dcid is not None and new_dcid is not None and new_dcid != old_dcid:
+            self._qlog(
+                "connection_id_updated",
+                {"owner": "remote", "old": old_dcid.hex(), "new": new_dcid.hex()},
+            )
         target.validated_at = self._loop.time()
         self.remote = target.remote  # new paths follow the server where it now is
         if failover:
@@ -1195,6 +1256,7 @@ class ConnectionActor(Actor):
         if self.quic.has_path(path_id) and not self.closed:
             self.quic.close_path(path_id)
             self._schedule_flush()  # sends RETIRE_CONNECTION_ID on the active path
+        self._qlog_path("path_assigned", path_id, abandoned=True)  # qlog hook: path closed
         # Closed once asked, even if the caller gives up while the socket closes.
         await asyncio.shield(facts.ref.stop())
         self._move(path_id, PathState.CLOSED)
@@ -1202,6 +1264,8 @@ class ConnectionActor(Actor):
         return True
 
     def _forget_path(self, path_id: int) -> None:
+        if path_id in self._paths:
+            self._qlog_path("path_assigned", path_id, abandoned=True)  # qlog hook: path closed
         if self.quic.has_path(path_id) and path_id != self.quic.active_path_id:
             self.quic.close_path(path_id)
         self._move(path_id, PathState.CLOSED)
@@ -1244,6 +1308,13 @@ class ConnectionActor(Actor):
 
 def _addr(sockaddr: tuple[Any, ...]) -> tuple[str, int]:
     return str(sockaddr[0]), int(sockaddr[1])
+
+
+def _endpoint(addr: tuple[Any, ...]) -> dict[str, Any]:
+    """A qlog ``PathEndpointInfo``: ``{ip_v4, port_v4}`` or ``{ip_v6, port_v6}``."""
+    host = _ip(addr)
+    v = "v6" if ":" in host else "v4"
+    return {f"ip_{v}": host, f"port_{v}": int(addr[1])}
 
 
 def _ip(sockaddr: tuple[Any, ...]) -> str:

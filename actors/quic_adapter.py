@@ -1035,21 +1035,29 @@ def has_stream(quic: QuicConnection, stream_id: int) -> bool:
 
 
 class BoundedQuicLoggerTrace(QuicLoggerTrace):
-    """A qlog trace keeping only its newest ``max_events`` events.
+    """A qlog trace that stores its events itself (to bound them), handing each to :meth:`keep`.
 
-    aioquic keeps a trace's events in a private unbounded deque; a bounded one is swapped in
-    here so telemetry/qlog.py can cap memory without reaching into aioquic itself.
+    aioquic appends every event to a private unbounded deque read by ``to_dict``; here that
+    deque holds only the event being logged, so telemetry/qlog.py decides what is kept without
+    reaching into aioquic itself (its ``to_dict`` then lists no events: the subclass adds them).
     """
 
-    def __init__(self, *, is_client: bool, odcid: bytes, max_events: int) -> None:
+    def __init__(self, *, is_client: bool, odcid: bytes) -> None:
         super().__init__(is_client=is_client, odcid=odcid)
-        self._events = deque(maxlen=max_events)
-        self.max_events = max_events
+        self._events = deque(maxlen=1)
 
-    @property
-    def event_count(self) -> int:
-        """Events held now (at most ``max_events``)."""
-        return len(self._events)
+    def log_event(self, *, category: str, event: str, data: dict[str, Any]) -> None:
+        super().log_event(category=category, event=event, data=data)
+        self.keep(self._events.pop())
+
+    def keep(self, event: dict[str, Any]) -> None:
+        """Store one event (``name``, ``time`` in ms, ``data``), as aioquic built it."""
+        raise NotImplementedError
+
+
+def connection_trace(quic: QuicConnection) -> QuicLoggerTrace | None:
+    """The qlog trace of a connection (aioquic's private ``_quic_logger``), None without qlog."""
+    return quic._quic_logger
 
 
 def logger_traces(logger: QuicLogger) -> list[QuicLoggerTrace]:
@@ -1076,6 +1084,7 @@ __all__ = [
     "QuicConnectionId",
     "StreamCredit",
     "SwitchToken",
+    "connection_trace",
     "follow_rebindings",
     "logger_traces",
 ]

@@ -1,4 +1,4 @@
-"""Render journal records as a text timeline or a PNG (lanes per path, throughput below).
+"""Render journal records as a text timeline or a PNG (lanes per path, goodput and RTT below).
 
 Input: journal records (see :mod:`telemetry.journal`), in any order; time is ``mono`` relative
 to the earliest record (``wall`` if a record has no ``mono``).
@@ -34,9 +34,15 @@ PathStateChanged        ``old``, ``new`` (path state names)         the lane is 
                                                                     ``validating -> failed``
                                                                     as ProbeFailed
 ConnectionEnded         ``reason``                                  black X on the conn lane
-Stats                   ``bytes`` (cumulative), or ``tx_bytes`` +   throughput subplot: rate
-                        ``rx_bytes`` (cumulative)                   between samples, per lane
+Stats                   ``tx_bytes``, ``rx_bytes`` (cumulative;     tx and rx goodput panels
+                        older journals: ``bytes``), ``rtt`` (s) or  (rate between samples, per
+                        ``rtt_ms``                                  lane); RTT panel
 ======================  ==========================================  =========================
+
+The RTT panel also takes ``rtt`` of ProbeSucceeded and ``probe_rtt`` (s) of a completed
+migration (on its target lane). Each switch that ended gets a label on its target lane: its
+reason and confirmation time in ms (see :func:`switch_labels`). The legend names every marker
+drawn and every state colour shaded.
 
 Lane of a record: ``(conn, path)`` from the record, else ``body["path"]``, else
 ``body["to_path"]`` (or ``to_local_addr``); a record with neither sits on its connection's
@@ -62,7 +68,19 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["MAX_LANES", "normalize_type", "plot", "record_time", "render_text", "untimed"]
+__all__ = [
+    "MAX_LANES",
+    "WIDTH",
+    "figure",
+    "normalize_type",
+    "plot",
+    "record_time",
+    "render_text",
+    "select",
+    "start_time",
+    "switch_labels",
+    "untimed",
+]
 
 #: Most lanes :func:`plot` draws: beyond that the figure would exceed what Agg can render.
 MAX_LANES = 100
@@ -90,11 +108,18 @@ _KEY_FIELDS = (
     "tx_bytes",
     "rx_bytes",
 )
-_MAX_FIELDS = 6
+_MAX_FIELDS = 8
 _HIDDEN_FIELDS = frozenset({"conn_id", "time"})  # already in the record's columns
 _SKIPPED_MSGS = frozenset({"SnapshotRequest"})
 _MAX_VALUE = 40
 _MAX_LABEL = 80
+#: ``journal show``: widest line, and caps on its columns, so a line stays readable.
+WIDTH = 120
+_MAX_INDENT = 40
+_MAX_SHOWN = 60
+_MAX_CONN = 20
+_MAX_PATH = 24
+_MAX_TYPE = 32
 
 _ALIASES = {"MigrationStarted": "SwitchStarted"}
 
@@ -129,6 +154,7 @@ _STATE_COLOURS = {
     "failed": "#ffc9c9",
     "closed": "#dddddd",
 }
+_OTHER_STATE_COLOUR = "#f4f4f4"
 
 
 def _text(value: Any) -> str:
@@ -225,36 +251,142 @@ def _short(value: Any, limit: int = _MAX_VALUE) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _fields(body: Mapping[str, Any]) -> str:
+def start_time(records: Iterable[Mapping[str, Any]]) -> float | None:
+    """The journal's start: the earliest usable record time (None without one). Times shown by
+    :func:`render_text` and taken by :func:`select` and :func:`figure` are seconds after it."""
+    times = [t for r in records if isinstance(r, Mapping) and (t := record_time(r)) is not None]
+    return min(times) if times else None
+
+
+def _type_matches(record_type: str, wanted: str) -> bool:
+    """``wanted`` as written in the journal, or the same event under another spelling
+    (``MigrationCompleted`` matches ``EvtConnectionMigrationCompleted``)."""
+    return record_type == wanted or normalize_type(record_type) == normalize_type(wanted)
+
+
+def _wall(record: Mapping[str, Any]) -> float | None:
+    value = record.get("wall")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def select(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    conns: Sequence[str] = (),
+    types: Sequence[str] = (),
+    since: float | None = None,
+    until: float | None = None,
+    since_wall: float | None = None,
+    until_wall: float | None = None,
+    stats: bool = True,
+) -> list[Mapping[str, Any]]:
+    """The records that pass every filter given (an empty filter passes everything).
+
+    ``conns``: connection ids or unique prefixes of them, as printed; ``types``: record types,
+    either spelling (see :func:`_type_matches`); ``since``/``until``: seconds after
+    :func:`start_time`, inclusive; ``since_wall``/``until_wall``: Unix times compared with each
+    record's ``wall`` (a record without one fails them); ``stats=False`` drops the periodic
+    ``Stats`` records. Records without a usable time fail any time filter.
+    """
+    recs = [r for r in records if isinstance(r, Mapping)]
+    t0 = start_time(recs) or 0.0
+    out: list[Mapping[str, Any]] = []
+    for r in recs:
+        type_ = _type(r)
+        if not stats and normalize_type(type_) == "Stats":
+            continue
+        if conns and not any(_text(r.get("conn") or "").startswith(c) for c in conns):
+            continue
+        if types and not any(_type_matches(type_, t) for t in types):
+            continue
+        if since is not None or until is not None:
+            t = record_time(r)
+            if t is None or (since is not None and t - t0 < since):
+                continue
+            if until is not None and t - t0 > until:
+                continue
+        if since_wall is not None or until_wall is not None:
+            wall = _wall(r)
+            if wall is None or (since_wall is not None and wall < since_wall):
+                continue
+            if until_wall is not None and wall > until_wall:
+                continue
+        out.append(r)
+    return out
+
+
+def _wrap(head: str, tokens: Sequence[str], width: int) -> list[str]:
+    """``head`` then ``tokens`` (space-separated) in lines of at most ``width`` characters:
+    continuation lines are indented to the fields column (or :data:`_MAX_INDENT` when that is
+    far right); a token longer than a line is cut with an ellipsis."""
+    indent = " " * min(len(head), _MAX_INDENT)
+    lines: list[str] = []
+    line = head
+    fresh = True  # nothing after the head/indent yet
+    for token in tokens:
+        room = width - len(indent)
+        token = token if len(token) <= room else token[: room - 1] + "…"
+        if not fresh and len(line) + 1 + len(token) > width:
+            lines.append(line)
+            line, fresh = indent, True
+        if fresh and len(line) + len(token) > width:  # the head alone leaves no room
+            lines.append(line.rstrip())
+            line = indent
+        line = f"{line}{'' if fresh else ' '}{token}"
+        fresh = False
+    lines.append(line.rstrip())
+    return lines
+
+
+def _field_tokens(body: Mapping[str, Any], path: Any = None) -> list[str]:
+    """``key=value`` of the body: key fields first; None values, and a ``local_addr`` that is
+    the record's own path (already in the path column), left out (``--json`` shows them)."""
+    body = {
+        k: v
+        for k, v in body.items()
+        if v is not None and not (k == "local_addr" and path is not None and v == path)
+    }
     keys = [k for k in _KEY_FIELDS if k in body]
     keys += sorted(
         k for k in body if isinstance(k, str) and k not in _KEY_FIELDS and k not in _HIDDEN_FIELDS
     )
-    shown = [f"{k}={_short(body[k])}" for k in keys[:_MAX_FIELDS]]
+    shown = [f"{k}={_short(body[k], _MAX_SHOWN)}" for k in keys[:_MAX_FIELDS]]
     if len(keys) > _MAX_FIELDS:
-        shown.append(f"(+{len(keys) - _MAX_FIELDS})")
-    return " ".join(shown)
+        shown.append(f"(+{len(keys) - _MAX_FIELDS} more: --json shows all)")
+    return shown
 
 
-def render_text(records: Iterable[Mapping[str, Any]]) -> str:
-    """One line per record: ``+seconds  conn  path  kind  type  key=value ... [trace]``.
+def _trace_token(record: Mapping[str, Any]) -> list[str]:
+    trace_id = record.get("trace_id")
+    return [f"trace={_short(trace_id, 64)}"] if trace_id else []
 
-    Records without a usable time are left out; a last line says how many.
+
+def render_text(
+    records: Iterable[Mapping[str, Any]], *, t0: float | None = None, width: int = WIDTH
+) -> str:
+    """One entry per record: ``+seconds  conn  path  kind  type  key=value ... trace=ID``.
+
+    Times are seconds after ``t0`` (default: the earliest record shown; pass
+    :func:`start_time` of the whole journal so a filtered listing keeps the journal's clock).
+    Paths are shown as ``host:port``; the trace id in full (32 hex, as OTLP backends search
+    it). An entry longer than ``width`` continues on indented lines. Records without a usable
+    time are left out; a last line says how many.
     """
     timed, skipped = _timed(records)
     note = f"({skipped} record(s) without a usable mono/wall time not shown)\n" if skipped else ""
     if not timed:
         return "(no records)\n" + note
-    t0 = timed[0][0]
+    base = timed[0][0] if t0 is None else t0
     rows = [
         (
-            f"{t - t0:+.6f}s",
-            _short(r.get("conn") or "-", _MAX_LABEL),
-            _short(r.get("path") or "-", _MAX_LABEL),
-            _short(r.get("kind", "?")),
-            _short(r.get("type", "?"), _MAX_LABEL),
-            _fields(_body(r)),
-            f"  [trace {_text(r.get('trace_id'))[:8]}]" if r.get("trace_id") else "",
+            f"{t - base:+.6f}s",
+            _short(r.get("conn") or "-", _MAX_CONN),
+            _short(_short_addr(_text(r.get("path") or "-")), _MAX_PATH),
+            _short(r.get("kind", "?"), 5),
+            _short(r.get("type", "?"), _MAX_TYPE),
+            _field_tokens(_body(r), r.get("path")) + _trace_token(r),
         )
         for t, r in timed
     ]
@@ -265,11 +397,9 @@ def render_text(records: Iterable[Mapping[str, Any]]) -> str:
         f"{'time':<11}  {'conn':<{conn_w}}  {'path':<{path_w}}  {'kind':<5}  "
         f"{'type':<{type_w}}  fields"
     ]
-    for when, conn, path, kind, type_, fields, tail in rows:
-        lines.append(
-            f"{when:<11}  {conn:<{conn_w}}  {path:<{path_w}}  {kind:<5}  "
-            f"{type_:<{type_w}}  {fields}{tail}".rstrip()
-        )
+    for when, conn, path, kind, type_, tokens in rows:
+        head = f"{when:<11}  {conn:<{conn_w}}  {path:<{path_w}}  {kind:<5}  {type_:<{type_w}}  "
+        lines.extend(_wrap(head, tokens, width))
     return "\n".join(lines) + "\n" + note
 
 
@@ -297,7 +427,7 @@ def _lane_label(lane: tuple[str, str | None]) -> str:
 
 
 def _count(value: Any) -> float | None:
-    """A byte count: a finite number (not a bool), else None."""
+    """A byte count or a duration: a finite number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
@@ -307,32 +437,32 @@ def _count(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _stats_bytes(body: Mapping[str, Any]) -> float | None:
-    total = _count(body.get("bytes"))
-    if total is not None:
-        return total
-    tx, rx = _count(body.get("tx_bytes")), _count(body.get("rx_bytes"))
-    if tx is None and rx is None:
-        return None
-    return (tx or 0.0) + (rx or 0.0)
+Lane = tuple[str, str | None]
+Series = dict[Lane, tuple[list[float], list[float]]]
+
+#: Rate panels: (body field with a cumulative byte count, axis label). ``bytes`` is the older
+#: undirected total; ``tx_bytes``/``rx_bytes`` are drawn apart, never summed.
+_RATE_PANELS = (
+    ("tx_bytes", "tx goodput"),
+    ("rx_bytes", "rx goodput"),
+    ("bytes", "throughput (tx+rx)"),
+)
 
 
-def _throughput(
-    recs: Sequence[tuple[float, Mapping[str, Any]]],
-    t0: float,
-    lanes: Mapping[tuple[str, str | None], int],
-) -> dict[tuple[str, str | None], tuple[list[float], list[float]]]:
-    """Per drawn lane: (times, bytes/s) between consecutive cumulative samples; resets
-    skipped."""
-    samples: dict[tuple[str, str | None], list[tuple[float, float]]] = defaultdict(list)
+def _rates(
+    recs: Sequence[tuple[float, Mapping[str, Any]]], t0: float, lanes: Mapping[Lane, int], key: str
+) -> Series:
+    """Per drawn lane: (times, bytes/s) of ``key`` between consecutive cumulative samples of
+    ``Stats`` records; counter resets skipped."""
+    samples: dict[Lane, list[tuple[float, float]]] = defaultdict(list)
     for t, r in recs:
         if normalize_type(_type(r)) != "Stats":
             continue
-        total = _stats_bytes(_body(r))
+        total = _count(_body(r).get(key))
         lane = _lane(r)
         if total is not None and lane in lanes:
             samples[lane].append((t - t0, total))
-    series: dict[tuple[str, str | None], tuple[list[float], list[float]]] = {}
+    series: Series = {}
     for lane, pts in samples.items():
         times: list[float] = []
         rates: list[float] = []
@@ -346,23 +476,135 @@ def _throughput(
     return series
 
 
-def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) -> None:
-    """Write a PNG timeline of ``records`` to ``out_png`` (see the module docstring).
+def _rtt_ms(record: Mapping[str, Any]) -> tuple[Lane, float] | None:
+    """An RTT sample in ms and its lane: ``rtt`` (s) or ``rtt_ms`` of a Stats or
+    ProbeSucceeded record, or ``probe_rtt`` (s) of a completed migration (the new path's)."""
+    kind = normalize_type(_type(record))
+    body = _body(record)
+    if kind in ("Stats", "ProbeSucceeded"):
+        seconds, ms = _count(body.get("rtt")), _count(body.get("rtt_ms"))
+    elif kind == "MigrationCompleted":
+        seconds, ms = _count(body.get("probe_rtt")), None
+    else:
+        return None
+    value = ms if ms is not None else (seconds * 1e3 if seconds is not None else None)
+    if value is None or value < 0:
+        return None
+    conn = _text(record.get("conn") or "-")
+    if kind == "MigrationCompleted":
+        to_path = _from_to(body)[1]
+        return ((conn, to_path), value) if to_path else None
+    return _lane(record), value
 
-    Uses matplotlib's Agg canvas directly (no pyplot): no global backend switch, no GUI,
-    safe from any thread. Records without a usable time, and lanes past :data:`MAX_LANES`, are
-    not drawn.
+
+def _rtts(
+    recs: Sequence[tuple[float, Mapping[str, Any]]], t0: float, lanes: Mapping[Lane, int]
+) -> Series:
+    series: Series = {}
+    for t, r in recs:
+        sample = _rtt_ms(r)
+        if sample is not None and sample[0] in lanes:
+            times, values = series.setdefault(sample[0], ([], []))
+            times.append(t - t0)
+            values.append(sample[1])
+    return series
+
+
+def _window(series: Series, start: float, end: float) -> Series:
+    """Only the samples in [start, end]: the axis scales to what is shown."""
+    out: Series = {}
+    for lane, (times, values) in series.items():
+        kept = [(t, v) for t, v in zip(times, values, strict=True) if start <= t <= end]
+        if kept:
+            out[lane] = ([t for t, _ in kept], [v for _, v in kept])
+    return out
+
+
+#: A switch's end: what its label says happened.
+_OUTCOME_WORDS = {
+    "MigrationCompleted": "",
+    "MigrationRolledBack": "rolled back after ",
+    "MigrationFailed": "failed after ",
+}
+
+
+def switch_labels(records: Iterable[Mapping[str, Any]]) -> list[tuple[float, Lane, str]]:
+    """Per switch that ended (completed, rolled back, failed): (seconds after the start, lane
+    of its target path, label). The label gives the reason and the confirmation time
+    (``manual: 4.2 ms``; ``failover: rolled back after 812.0 ms``): from the switch's start
+    (the latest ``SwitchStarted`` on the connection not yet paired) to its end, in ms; "time
+    unknown" when the start is not in the journal."""
+    timed, _ = _timed(records)
+    if not timed:
+        return []
+    t0 = timed[0][0]
+    open_starts: dict[str, tuple[float, Mapping[str, Any]]] = {}
+    labels: list[tuple[float, Lane, str]] = []
+    for t, r in timed:
+        kind = normalize_type(_type(r))
+        conn = _text(r.get("conn") or "-")
+        if kind == "SwitchStarted":
+            open_starts[conn] = (t, _body(r))
+            continue
+        if kind not in _OUTCOME_WORDS:
+            continue
+        body = _body(r)
+        start = open_starts.pop(conn, None)
+        reason = body.get("reason") or (start[1].get("reason") if start else None) or "?"
+        plot_kind = _plot_kind(r) or kind
+        words = _OUTCOME_WORDS.get(plot_kind, "ended after ")
+        when = f"{words}{(t - start[0]) * 1e3:.1f} ms" if start else "time unknown"
+        to_path = _from_to(body)[1] or (_from_to(start[1])[1] if start else None)
+        lane = (conn, to_path) if to_path else _lane(r)
+        labels.append((t - t0, lane, _short(f"{_text(reason)}: {when}", _MAX_LABEL)))
+    return labels
+
+
+def _legend_handles(seen: set[str], states: Iterable[str]) -> list[Any]:
+    """A legend entry per marker drawn and per state colour shaded."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = [
+        Line2D([], [], linestyle="none", marker=m, markerfacecolor=f, markeredgecolor=e, label=lbl)
+        for kind, (m, f, e, lbl) in _MARKERS.items()
+        if kind in seen
+    ]
+    if "other" in seen:
+        handles.append(Line2D([], [], linestyle="none", marker=".", color="0.5", label="other"))
+    for state in states:
+        colour = _STATE_COLOURS.get(state, _OTHER_STATE_COLOUR)
+        handles.append(Patch(facecolor=colour, edgecolor="0.6", label=f"state: {state}"))
+    return handles
+
+
+def figure(
+    records: Iterable[Mapping[str, Any]], *, start: float | None = None, end: float | None = None
+) -> Any:
+    """The timeline as a matplotlib ``Figure`` (see the module docstring); ``start``/``end``
+    zoom to that window, in seconds after the earliest record.
+
+    Panels, top to bottom: the lanes (state shading, markers, a label per switch with its
+    reason and confirmation time), then each rate series the journal has (tx goodput, rx
+    goodput: per lane, never summed), then RTT over time. Raises ValueError for a window that
+    is empty (``start >= end``) or negative.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
+    if (start is not None and start < 0) or (end is not None and end <= 0):
+        raise ValueError(f"zoom window must be seconds after the start (>= 0), got {start}..{end}")
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"zoom window is empty: from {start} s is not before to {end} s")
+    records = list(records)
     recs, _ = _timed(records)
     t0 = recs[0][0] if recs else 0.0
     t_end = (recs[-1][0] - t0) if recs else 1.0
     t_end = t_end if t_end > 0 else 1.0
+    lo = 0.0 if start is None else start
+    hi = t_end if end is None else end
 
-    seen_lanes: dict[tuple[str, str | None], None] = {}  # insertion-ordered set
+    seen_lanes: dict[Lane, None] = {}  # insertion-ordered set
     for _t, r in recs:
         is_state = normalize_type(_type(r)) == "PathStateChanged"
         if _plot_kind(r) is None and not is_state:
@@ -374,28 +616,37 @@ def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) 
             seen_lanes.setdefault((_text(r.get("conn") or "-"), src))
     lanes = list(seen_lanes)[:MAX_LANES]
     lane_y = {lane: i for i, lane in enumerate(lanes)}
-    throughput = _throughput(recs, t0, lane_y)
+    panels: list[tuple[str, Series]] = []
+    for key, title in _RATE_PANELS:
+        series = _window(_rates(recs, t0, lane_y, key), lo, hi)
+        if series:
+            panels.append((title, series))
+    rtts = _window(_rtts(recs, t0, lane_y), lo, hi)
 
-    nrows = 2 if throughput else 1
-    fig = Figure(figsize=(11, 1.5 + 0.55 * max(len(lanes), 2) + (2.5 if throughput else 0)))
+    n_lower = len(panels) + (1 if rtts else 0)
+    fig = Figure(figsize=(12, 1.8 + 0.55 * max(len(lanes), 2) + 2.2 * n_lower))
     FigureCanvasAgg(fig)
-    ratios = [max(len(lanes), 2), 3] if throughput else [1]
-    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False, height_ratios=ratios)
+    ratios = [max(len(lanes), 2) * 0.9] + [2.5] * n_lower
+    axes = fig.subplots(1 + n_lower, 1, sharex=True, squeeze=False, height_ratios=ratios)
     ax = axes[0][0]
 
     # State shading: from each PathStateChanged to the next one (or the end) on that lane.
-    changes: dict[tuple[str, str | None], list[tuple[float, str]]] = defaultdict(list)
+    changes: dict[Lane, list[tuple[float, str]]] = defaultdict(list)
     for t, r in recs:
         if normalize_type(_type(r)) == "PathStateChanged" and _lane(r) in lane_y:
             changes[_lane(r)].append((t - t0, _text(_body(r).get("new", ""))))
+    states: dict[str, None] = {}
     for lane, points in changes.items():
         y = lane_y[lane]
         ends = [t for t, _ in points[1:]] + [t_end]
-        for (start, state), end in zip(points, ends, strict=True):
+        for (begin, state), finish in zip(points, ends, strict=True):
+            if finish < lo or begin > hi:
+                continue
+            states.setdefault(state)
             ax.broken_barh(
-                [(start, max(end - start, t_end * 1e-3))],
+                [(begin, max(finish - begin, t_end * 1e-3))],
                 (y - 0.35, 0.7),
-                facecolors=_STATE_COLOURS.get(state, "#f4f4f4"),
+                facecolors=_STATE_COLOURS.get(state, _OTHER_STATE_COLOUR),
                 edgecolors="none",
                 zorder=1,
             )
@@ -404,9 +655,10 @@ def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) 
     for t_abs, r in recs:
         kind = _plot_kind(r)
         y_lane = lane_y.get(_lane(r))
-        if kind is None or y_lane is None:
+        t = t_abs - t0
+        if kind is None or y_lane is None or not lo <= t <= hi:
             continue
-        t, y = t_abs - t0, y_lane
+        y = y_lane
         from_path, to_path = _from_to(_body(r))
         if kind in _SWITCH_TYPES and from_path and to_path:
             y_src = lane_y.get((_text(r.get("conn") or "-"), from_path))
@@ -429,39 +681,91 @@ def plot(records: Iterable[Mapping[str, Any]], out_png: str | os.PathLike[str]) 
             )
         seen.add(kind if kind in _MARKERS else "other")
 
+    # A label per switch, above its target lane; stacked when switches are close in time so
+    # that labels do not cover each other.
+    # A 7 pt character is about 1/140 of the lanes' width (12 in at 100 dpi, legend aside).
+    per_char = (hi - lo) / 140
+    last_at: dict[int, tuple[float, int]] = {}  # lane -> (time its last label ends, level)
+    for t, lane, text in switch_labels(records):
+        y_lane = lane_y.get(lane)
+        if y_lane is None or not lo <= t <= hi:
+            continue
+        prev = last_at.get(y_lane)
+        level = (prev[1] + 1) % 3 if prev is not None and t < prev[0] else 0
+        last_at[y_lane] = (t + (len(text) + 2) * per_char, level)
+        ax.annotate(
+            text.replace("$", r"\$"),
+            xy=(t, y_lane),
+            xytext=(4, 9 + 11 * level),
+            textcoords="offset points",
+            fontsize=7,
+            color="0.15",
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.8, "lw": 0},
+            zorder=4,
+            gid="switch-label",
+        )
+
     ax.set_yticks(range(len(lanes)), [_lane_label(lane) for lane in lanes])
     ax.set_ylim(-0.7, max(len(lanes), 1) - 0.3)
     ax.invert_yaxis()
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
     dropped = len(seen_lanes) - len(lanes)
+    zoom = f", {lo:g}-{hi:g} s" if start is not None or end is not None else ""
     ax.set_title(
         "quic-supervisor timeline"
+        + zoom
         + (f" (first {len(lanes)} of {len(seen_lanes)} lanes drawn)" if dropped else "")
     )
-    handles = [
-        Line2D([], [], linestyle="none", marker=m, markerfacecolor=f, markeredgecolor=e, label=lbl)
-        for kind, (m, f, e, lbl) in _MARKERS.items()
-        if kind in seen
-    ]
-    if "other" in seen:
-        handles.append(Line2D([], [], linestyle="none", marker=".", color="0.5", label="other"))
+    handles = _legend_handles(seen, states)
     if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        ax.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize=7,
+            ncols=2 if len(handles) > max(len(lanes), 2) * 2 + 2 else 1,
+        )
 
-    if throughput:
-        tax = axes[1][0]
-        peak = max(max(rates) for _, rates in throughput.values())
+    row = 1
+    for title, series in panels:
+        pax = axes[row][0]
+        row += 1
+        peak = max(max(values) for _, values in series.values())
         scale, unit = next(
             ((s, u) for s, u in ((1e6, "MB/s"), (1e3, "kB/s")) if peak >= s), (1.0, "B/s")
         )
-        for lane, (times, rates) in throughput.items():
-            tax.step(times, [v / scale for v in rates], where="pre", label=_lane_label(lane))
-        tax.set_ylabel(f"throughput ({unit})")
-        tax.grid(linestyle=":", linewidth=0.5)
-        tax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-        tax.set_xlabel("time (s)")
-    else:
-        ax.set_xlabel("time (s)")
-    ax.set_xlim(-0.02 * t_end, t_end * 1.02)
+        for lane, (times, rates) in series.items():
+            pax.step(times, [v / scale for v in rates], where="pre", label=_lane_label(lane))
+        pax.set_ylabel(f"{title} ({unit})")
+        pax.grid(linestyle=":", linewidth=0.5)
+        pax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    if rtts:
+        rax = axes[row][0]
+        for lane, (times, values) in rtts.items():
+            rax.plot(times, values, marker=".", linewidth=1, label=_lane_label(lane))
+        rax.set_ylabel("RTT (ms)")
+        rax.set_ylim(bottom=0)
+        rax.grid(linestyle=":", linewidth=0.5)
+        rax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    axes[-1][0].set_xlabel("time (s after the journal's first record)")
+    pad = 0.02 * (hi - lo)
+    ax.set_xlim(lo - (pad if start is None else 0), hi + (pad if end is None else 0))
     fig.tight_layout()
+    return fig
+
+
+def plot(
+    records: Iterable[Mapping[str, Any]],
+    out_png: str | os.PathLike[str],
+    *,
+    start: float | None = None,
+    end: float | None = None,
+) -> None:
+    """Write a PNG of :func:`figure` to ``out_png``.
+
+    Uses matplotlib's Agg canvas directly (no pyplot): no global backend switch, no GUI,
+    safe from any thread. Records without a usable time, and lanes past :data:`MAX_LANES`, are
+    not drawn.
+    """
+    fig = figure(records, start=start, end=end)
     fig.savefig(os.fspath(out_png), format="png", dpi=100)

@@ -163,6 +163,13 @@ async def test_streams_negotiate_protocols_both_ways() -> None:
         await back.close()
         assert await back.read() == b"ping"
         assert await asyncio.wait_for(served.get(), 10) == "/test/client-side/1.0.0"
+        # Bad protocol lists are named before anything is opened.
+        with pytest.raises(InvalidArgumentError, match="1 to 16 protocol ids"):
+            await conn.new_stream([])
+        with pytest.raises(TypeError, match="list of protocol ids"):
+            await conn.new_stream("/ipfs/ping/1.0.0")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="starts with '/'"):
+            await conn.new_stream(["ping"])
         # The connection is still fine after a refused negotiation.
         assert len(await ping_peer(conn)) == 1
 

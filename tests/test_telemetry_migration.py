@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from actors.path_state import PathState
+from actors.quic_adapter import connection_trace
 from supervisor import Supervisor
 from supervisor.core.errors import (
     ConnectionClosedError,
@@ -23,7 +24,7 @@ from supervisor.core.errors import (
 )
 from supervisor.core.events import EvtPathStateChanged
 from supervisor.core.handles import Connection
-from telemetry.qlog import BoundedTrace, QlogDirectory
+from telemetry.qlog import BoundedTrace, QlogDirectory, is_packet_event
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import CertPair, generate_cert
 from tests.rig.udp_shim import udp_shim
@@ -401,28 +402,34 @@ async def test_qlog_files_are_named_by_conn_id(server: RigServer, tmp_path: Path
         assert trace["title"] == f"quic-supervisor connection {conn.conn_id}"
         names_seen = {e["name"] for e in trace["events"]}
         assert {"transport:packet_sent", "transport:packet_received"} <= names_seen
-        assert "description" not in trace  # under the cap: nothing dropped
+        assert isinstance(trace["common_fields"]["dropped_events"], int)  # said, even if 0
 
 
 async def test_qlog_memory_is_capped(server: RigServer, tmp_path: Path) -> None:
-    """Past the cap the oldest events go: the file keeps the newest, and says so."""
+    """Without a migration only the start's and the end's packet events are kept (at most
+    ``window_events`` each, half the cap here): the rest are counted in the file, and the
+    close is kept."""
     async with Supervisor(
         enable_experimental_connection_migration=True, qlog_dir=tmp_path, qlog_max_events=40
     ) as sup:
         conn = await _dial(sup, server)
-        trace = connection_actor(conn).quic._quic_logger
+        trace = connection_trace(connection_actor(conn).quic)
         assert isinstance(trace, BoundedTrace)
+        assert trace.window_events == 20
         await echo_roundtrip(conn, size=256 * 1024)
-        assert len(trace._events) == 40 and trace.dropped > 0
+        assert trace.packet_events <= 2 * 20 and trace.dropped > 0
         await conn.close()
     (doc,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.qlog")]
     (written,) = doc["traces"]
-    assert len(written["events"]) == 40
-    assert f"the {trace.dropped} oldest events were dropped" in written["description"]
+    dropped = written["common_fields"]["dropped_events"]
+    assert dropped >= trace.dropped > 0
+    assert f"{dropped} events dropped" in written["description"]
+    packets = [e for e in written["events"] if is_packet_event(e)]
+    assert len(packets) <= 2 * 20
     times = [e["time"] for e in written["events"]]
     assert times == sorted(times)
     frames = [f for e in written["events"] for f in e["data"].get("frames", [])]
-    assert any(f["frame_type"] == "connection_close" for f in frames)  # the newest kept
+    assert any(f["frame_type"] == "connection_close" for f in frames)  # the end kept
 
 
 def test_qlog_writer_end_trace_and_close_are_idempotent(tmp_path: Path) -> None:

@@ -60,14 +60,14 @@ def test_render_text_lines() -> None:
     text = render_text(reversed(scenario()))  # any order in, time order out
     lines = text.splitlines()
     assert lines[0].split()[:5] == ["time", "conn", "path", "kind", "type"]
-    assert all(line[:1] == "+" for line in lines[1:])
+    assert all(line[:1] in "+ " and len(line) <= 120 for line in lines[1:])
     added = next(line for line in lines if "PathAdded" in line)
     assert added.startswith("+0.000000s   c1    p1    event  PathAdded ")
     assert "local_addr=/ip4/127.0.0.1/udp/5000/quic-v1" in added
     rolled = next(line for line in lines if "MigrationRolledBack" in line)
     assert "+0.400000s" in rolled
     assert "from_path=p1 to_path=p2" in rolled
-    assert "[trace 0af76519]" in rolled
+    assert "trace=0af7651916cd43dd8448eb211c80319c" in text.split("MigrationRolledBack")[1]
     probe = next(line for line in lines if "ProbeSucceeded" in line)
     assert "rtt=0.0012" in probe
     assert render_text([]) == "(no records)\n"

@@ -479,9 +479,10 @@ def caller_tracer(sup: Supervisor) -> Tracer | None:
 async def journal_stats(sup: Supervisor, every: float = 0.25) -> None:
     """Write each path's cumulative byte counters to the journal every ``every`` seconds.
 
-    ``Stats`` records (``tx_bytes``, ``rx_bytes``, ``state``, ``active``) on the path's lane:
-    what ``journal plot`` turns into throughput over time. Returns at once without a journal;
-    otherwise runs until cancelled (cancel it before the supervisor closes its journal).
+    ``Stats`` records (``tx_bytes``, ``rx_bytes``, ``state``, ``active``, ``rtt``) on the
+    path's lane: what ``journal plot`` turns into goodput and RTT over time. Returns at once
+    without a journal; otherwise runs until cancelled (cancel it before the supervisor closes
+    its journal).
     """
     journal = sup.journal
     if journal is None:
@@ -496,6 +497,7 @@ async def journal_stats(sup: Supervisor, every: float = 0.25) -> None:
                         "rx_bytes": p.bytes_received,
                         "state": p.state.value,
                         "active": p.active,
+                        "rtt": p.rtt,  # the plot's RTT panel
                     },
                     conn=snap.conn_id,
                     path=p.local_addr,

@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import errno
 import functools
 import hashlib
 import importlib.metadata
 import ipaddress
+import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -68,7 +71,7 @@ from supervisor.remote.control import ControlServer
 from telemetry.journal import JournalFormatError, journal_files, read_journal
 from telemetry.otlp_json import OtlpJsonFileSpanExporter
 from telemetry.providers import DropCountingSpanProcessor, Providers, build_providers_from_env
-from telemetry.timeline import plot, render_text, untimed
+from telemetry.timeline import plot, record_time, render_text, select, start_time, untimed
 
 __all__ = ["CliParser", "build_parser", "main"]
 
@@ -444,11 +447,55 @@ def build_parser() -> argparse.ArgumentParser:
         description="FILE's rotated backups (FILE.1, FILE.2, ...) are read too, oldest first.",
     )
     journal_sub = journal.add_subparsers(dest="journal_command", metavar="ACTION", required=True)
-    show_cmd = journal_sub.add_parser("show", help="print the timeline, one line per record")
+    show_cmd = journal_sub.add_parser(
+        "show",
+        help="print the timeline, one record per line (wrapped at 120 columns)",
+        description="Times are seconds after the journal's first record. Filters combine "
+        "(a record must pass all of them); repeat --conn or --type to accept several.",
+    )
     show_cmd.add_argument("file", type=Path, metavar="FILE", help="the journal")
+    show_cmd.add_argument(
+        "--conn",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this connection (its id as printed, or a prefix of it; default: all)",
+    )
+    show_cmd.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        dest="types",
+        metavar="TYPE",
+        help="only records of this type, e.g. MigrationCompleted or "
+        "EvtConnectionMigrationCompleted (default: all)",
+    )
+    show_cmd.add_argument(
+        "--since",
+        type=_journal_time,
+        metavar="T",
+        help=f"only records at or after T: {_JOURNAL_TIME_HELP} (default: from the start)",
+    )
+    show_cmd.add_argument(
+        "--until",
+        type=_journal_time,
+        metavar="T",
+        help=f"only records at or before T: {_JOURNAL_TIME_HELP} (default: to the end)",
+    )
+    show_cmd.add_argument(
+        "--no-stats",
+        action="store_true",
+        help="hide the periodic Stats records (byte counters) (default: shown)",
+    )
+    show_cmd.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per record and line, every field in full (default: a table)",
+    )
     show_cmd.set_defaults(func=cmd_journal_show, telemetry=False)
     plot_cmd = journal_sub.add_parser(
-        "plot", help="draw it: a lane per path, probes, switches, rollbacks, throughput"
+        "plot",
+        help="draw it: a lane per path, probes, switches with reason and ms, tx/rx goodput, RTT",
     )
     plot_cmd.add_argument("file", type=Path, metavar="FILE", help="the journal")
     plot_cmd.add_argument(
@@ -458,6 +505,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("timeline.png"),
         metavar="PNG",
         help="the image to write",
+    )
+    plot_cmd.add_argument(
+        "--from",
+        dest="start",
+        type=_zoom_seconds,
+        metavar="SECONDS",
+        help="zoom: start the picture this many seconds after the journal's first record "
+        "(default: 0)",
+    )
+    plot_cmd.add_argument(
+        "--to",
+        dest="end",
+        type=_zoom_seconds,
+        metavar="SECONDS",
+        help="zoom: end it this many seconds after the first record (default: the last record)",
     )
     plot_cmd.set_defaults(func=cmd_journal_plot, telemetry=False)
 
@@ -1468,14 +1530,118 @@ def _journal_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+_JOURNAL_TIME_HELP = (
+    "seconds after the journal's first record (e.g. 2.5) or an ISO 8601 time compared with "
+    "the records' wall clock (e.g. 2026-12-04T10:00:05; local time unless it has an offset)"
+)
+
+
+def _journal_time(text: str) -> tuple[str, float, str]:
+    """``--since``/``--until``: ("rel", seconds after the start, text) or ("wall", Unix time,
+    text)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a time: give seconds >= 0 after the journal's start, e.g. 2.5"
+            )
+        return ("rel", seconds, text)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give seconds after the journal's start (e.g. 2.5) or an "
+            "ISO 8601 time (e.g. 2026-12-04T10:00:05)"
+        ) from None
+    return ("wall", when.timestamp(), text)
+
+
+def _zoom_seconds(text: str) -> float:
+    """``--from``/``--to``: seconds after the journal's first record."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give seconds >= 0 after the journal's first record, e.g. 2.5"
+        )
+    return seconds
+
+
+def _bounds(args: argparse.Namespace) -> dict[str, float]:
+    """The --since/--until of ``args`` as :func:`telemetry.timeline.select` arguments."""
+    out: dict[str, float] = {}
+    for flag in ("since", "until"):
+        bound: tuple[str, float, str] | None = getattr(args, flag)
+        if bound is not None:
+            out[flag if bound[0] == "rel" else f"{flag}_wall"] = bound[1]
+    for rel in ("", "_wall"):
+        lo, hi = out.get(f"since{rel}"), out.get(f"until{rel}")
+        if lo is not None and hi is not None and lo > hi:
+            raise UsageError(
+                f"--since {args.since[2]} is after --until {args.until[2]}: "
+                "give a --since at or before --until"
+            )
+    return out
+
+
+def _check_known(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """A --conn or --type that matches no record is a typo more often than a question: say
+    what the journal has instead of printing nothing."""
+    conns = sorted({str(r.get("conn")) for r in records if r.get("conn")})
+    for wanted in args.conn:
+        matches = [c for c in conns if c.startswith(wanted)]
+        if not matches:
+            have = ", ".join(conns[:8]) + (", ..." if len(conns) > 8 else "") or "none"
+            raise UsageError(
+                f"--conn {wanted}: no connection with that id in the journal: "
+                f"give one of its ids ({have})"
+            )
+    types = sorted({str(r.get("type")) for r in records if r.get("type")})
+    for wanted in args.types:
+        if not select(records, types=[wanted]):
+            raise UsageError(
+                f"--type {wanted}: no record of that type in the journal: "
+                f"give one of its types ({', '.join(types) or 'none'})"
+            )
+
+
+def _json_value(value: Any) -> Any:
+    """JSON for what msgpack can hold that JSON cannot: bytes as hex, anything else as text."""
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
 async def cmd_journal_show(args: argparse.Namespace) -> int:
-    sys.stdout.write(render_text(_journal_records(args.file)))
+    records = _journal_records(args.file)
+    _check_known(records, args)
+    shown = select(
+        records, conns=args.conn, types=args.types, stats=not args.no_stats, **_bounds(args)
+    )
+    t0 = start_time(records)
+    if args.json:
+        for record in shown:
+            t = record_time(record)
+            line = {"t": None if t is None or t0 is None else round(t - t0, 6), **record}
+            sys.stdout.write(json.dumps(line, default=_json_value) + "\n")
+        return 0
+    sys.stdout.write(render_text(shown, t0=t0))
+    hidden = len(records) - len(shown)
+    if hidden:
+        print(f"({hidden} of {len(records)} record(s) filtered out)")
     return 0
 
 
 async def cmd_journal_plot(args: argparse.Namespace) -> int:
+    if args.start is not None and args.end is not None and args.start >= args.end:
+        raise UsageError(
+            f"--from {args.start:g} is not before --to {args.end:g}: give --from < --to"
+        )
     records = _journal_records(args.file)
-    plot(records, args.output)
+    plot(records, args.output, start=args.start, end=args.end)
     skipped = untimed(records)
     note = f", {skipped} without a usable time not drawn" if skipped else ""
     print(f"wrote {args.output} ({len(records)} records{note})")

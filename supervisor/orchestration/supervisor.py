@@ -92,8 +92,9 @@ class Supervisor(Service):
         event_retention: int = DEFAULT_RETAIN,
     ) -> None:
         """``qlog_dir``: aioquic's qlog of every connection, ``{conn_id}.qlog`` (outbound) or
-        ``server-{odcid}.qlog`` (inbound), written when it ends; at most ``qlog_max_events``
-        of its newest events are kept in memory (see ``telemetry.qlog``). ``herd``: how many
+        ``server-{odcid}.qlog`` (inbound), written when it ends; every path and migration event is
+        kept, packet events only in windows around each migration, at most
+        ``qlog_max_events`` of each kind in memory (see ``telemetry.qlog``). ``herd``: how many
         migrations may be in flight at once, in all and per remote IP (default 64 each); the
         others wait their turn, FIFO (``supervisor.orchestration.herd``). ``network``:
         reactions to the

@@ -21,7 +21,11 @@ back into a snapshot or into the typed exception the agent raised. Snapshots are
 live view across processes), sockets cannot be handed over (``sock=``), and streams stay in the
 agent's process. Failures of the fleet itself are :class:`FleetError` subclasses; with a
 ``timeout``, :func:`connect` and every call return within it (:class:`FleetUnreachableError`,
-:class:`SupervisorTimeoutError`) instead of waiting on Ray's own retries.
+:class:`SupervisorTimeoutError`) instead of waiting on Ray's own retries. Whatever Ray raises
+(``ActorUnschedulableError``, ``ActorDiedError`` ...), a call on an agent whose node has left the
+cluster fails at once with :class:`SupervisorNodeLostError`; without a Ray connection every call
+raises :class:`FleetDisconnectedError` and cleanup does nothing, since any Ray call would start a
+new local cluster by itself.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ from telemetry.propagation import current_trace_fields
 __all__ = [
     "EventStream",
     "Fleet",
+    "FleetDisconnectedError",
     "FleetError",
     "FleetUnreachableError",
     "HandlerNotRemoteError",
@@ -97,6 +102,7 @@ __all__ = [
     "RemoteSupervisor",
     "SocketNotTransferableError",
     "StreamsNotRemoteError",
+    "SupervisorNodeLostError",
     "SupervisorNotFoundError",
     "SupervisorTimeoutError",
     "SupervisorUnavailableError",
@@ -135,6 +141,38 @@ class SupervisorUnavailableError(FleetError):
         super().__init__(
             f"supervisor {name!r} (namespace {namespace!r}) is unavailable: {first}; if it "
             "has max_restarts it is coming back: retry, its connections are re-dialled"
+        )
+
+
+class SupervisorNodeLostError(SupervisorUnavailableError):
+    """The agent's node has left the cluster: the agent cannot come back there, so every call
+    on its handles fails at once (Ray's ``ActorUnschedulableError``, ``ActorDiedError``, a
+    bounded wait on a node that is gone ...)."""
+
+    def __init__(self, name: str, namespace: str, node_id: str, cause: str) -> None:
+        FleetError.__init__(
+            self,
+            f"supervisor {name!r} (namespace {namespace!r}) is gone with its node {node_id}, "
+            "which has left the Ray cluster: start an agent on a live node (`quic-supervisor "
+            "agent` there; `quic-supervisor fleet ls` lists them) and dial its connections "
+            "again from there",
+        )
+        self.name = name
+        self.namespace = namespace
+        self.node_id = node_id
+        self.cause = cause
+
+
+class FleetDisconnectedError(FleetError, ConnectionError):
+    """This process is not connected to Ray (``ray.shutdown()``, or never ``connect()``ed): a
+    call would otherwise make Ray start a new, empty local cluster by itself."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(
+            f"cannot reach {what}: this process is not connected to Ray "
+            "(ray.shutdown() was called, or connect() never was); a handle does not outlive "
+            "its Ray session: connect() again and look the agent up with fleet.get_supervisor()"
         )
 
 
@@ -191,17 +229,86 @@ class HandlerNotRemoteError(FleetError, TypeError):
         )
 
 
+def _ray_connected() -> bool:
+    """Whether this process is connected to Ray, without ever starting it (every public Ray
+    call on a handle, ``ray.kill`` and ``ray.cancel`` included, starts a local cluster when
+    it is not)."""
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _node_alive(node_id: str) -> bool | None:
+    """Whether the cluster lists ``node_id`` as alive; None: not known (no such node id, e.g.
+    a label that is not one, or the GCS did not answer)."""
+    import ray
+
+    if not _ray_connected():
+        return None
+    try:
+        nodes = ray.nodes()
+    except Exception:  # the GCS is unreachable: nothing to conclude
+        return None
+    for node in nodes:
+        if node.get("NodeID") == node_id:
+            return bool(node.get("Alive"))
+    return None
+
+
 class RayTransport:
     """The handles' ``Client`` over a Ray actor handle: envelopes in, envelopes out."""
 
     def __init__(
-        self, handle: Any, *, name: str, namespace: str, timeout: float | None = None
+        self,
+        handle: Any,
+        *,
+        name: str,
+        namespace: str,
+        timeout: float | None = None,
+        node_id: str | None = None,
     ) -> None:
         self.handle = handle
         self.name = name
         self.namespace = namespace
         self.timeout = timeout
+        #: The node the agent is pinned to (from start_agent, the label, or its info()):
+        #: how a failure is told apart from a restart (its node has left the cluster).
+        self.node_id = node_id
         self._migration_enabled = True  # refreshed by every info()
+
+    def _check_connected(self) -> None:
+        if not _ray_connected():
+            raise FleetDisconnectedError(f"supervisor {self.name!r}")
+
+    async def _failure(self, exc: BaseException, limit: float | None = None) -> FleetError:
+        """The fleet error a Ray failure of a call means: its node is gone
+        (:class:`SupervisorNodeLostError`), the agent is down or restarting
+        (:class:`SupervisorUnavailableError`), or it did not answer within ``limit``."""
+        from ray.exceptions import ActorUnschedulableError
+
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        node = self.node_id
+        if node is not None:
+            alive = await asyncio.to_thread(_node_alive, node)
+            if alive is False or (alive is None and isinstance(exc, ActorUnschedulableError)):
+                return SupervisorNodeLostError(self.name, self.namespace, node, cause)
+        elif isinstance(exc, ActorUnschedulableError):  # pinned to a node that is not there
+            return SupervisorNodeLostError(self.name, self.namespace, "(unknown)", cause)
+        if isinstance(exc, TimeoutError) and limit is not None:
+            return SupervisorTimeoutError(self.name, self.namespace, limit)
+        return SupervisorUnavailableError(self.name, self.namespace, cause)
+
+    async def _remote(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """One Ray call of the agent's ``method``: every Ray failure becomes a fleet error, and
+        without a Ray connection none is made (Ray would start a new cluster by itself)."""
+        from ray.exceptions import GetTimeoutError, RayError
+
+        self._check_connected()
+        try:
+            ref = getattr(self.handle, method).remote(*args)
+            return await (asyncio.wait_for(ref, timeout) if timeout is not None else ref)
+        except (RayError, TimeoutError, GetTimeoutError) as exc:
+            raise await self._failure(exc, timeout) from exc
 
     @property
     def migration_enabled(self) -> bool:
@@ -215,18 +322,10 @@ class RayTransport:
         raise SocketNotTransferableError()
 
     async def call(self, data: bytes, timeout: float | None = None) -> bytes:
-        """One raw envelope round trip; Ray failures become :class:`SupervisorUnavailableError`."""
-        from ray.exceptions import RayActorError
-
-        ref = self.handle.ask.remote(data)
+        """One raw envelope round trip; Ray failures become :class:`FleetError` subclasses
+        (:meth:`_failure`)."""
         limit = timeout if timeout is not None else self.timeout
-        try:
-            reply = await (asyncio.wait_for(ref, limit) if limit is not None else ref)
-        except RayActorError as exc:
-            raise SupervisorUnavailableError(self.name, self.namespace, str(exc)) from exc
-        except TimeoutError:
-            assert limit is not None
-            raise SupervisorTimeoutError(self.name, self.namespace, limit) from None
+        reply = await self._remote("ask", data, timeout=limit)
         if not isinstance(reply, bytes):
             raise EnvelopeError(
                 f"supervisor {self.name!r} answered {type(reply).__name__}, not envelope bytes: "
@@ -332,6 +431,7 @@ class EventStream(Closing):
         self._types = types
         self._pending: deque[Any] = deque()
         self._closed = False
+        sup._check_connected()
         # Backpressure: at most this many unread batches wait in Ray's object store; beyond it
         # the agent's generator pauses (and its bounded log drops the oldest events).
         self._gen = sup.handle.events_stream.options(
@@ -361,16 +461,19 @@ class EventStream(Closing):
         return self._pending.popleft()
 
     async def _next_batch(self) -> EventBatch | None:
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayError
 
+        if not _ray_connected():
+            self._closed = True
+            raise FleetDisconnectedError(f"supervisor {self._sup.name!r}")
         try:
             ref = await self._gen.__anext__()
             data = await ref
         except StopAsyncIteration:
             return None
-        except RayActorError as exc:
+        except RayError as exc:
             self._closed = True
-            raise SupervisorUnavailableError(self._sup.name, self._sup.namespace, str(exc)) from exc
+            raise await self._sup._failure(exc) from exc
         body = decode(data).body
         if isinstance(body, ErrorReply):
             self._closed = True
@@ -379,23 +482,31 @@ class EventStream(Closing):
             raise EnvelopeError(f"events_stream sent {type(body).__name__}, not an EventBatch")
         return body
 
-    def _cancel_remote(self) -> None:
+    def _cancel_remote(self) -> bool:
+        """Cancel the agent's generator; False (nothing done) without a Ray connection: after
+        ``ray.shutdown()`` the generator is gone with the session, and ``ray.cancel`` would
+        start a new local cluster by itself."""
         import ray
 
         self._closed = True
+        if not _ray_connected():
+            return False
         ray.cancel(self._gen)
+        return True
 
     def __del__(self) -> None:
         # Ray keeps a generator running when its ref is dropped: a forgotten stream would
-        # hold a slot in the agent forever. Best effort (Ray may be shut down already).
+        # hold a slot in the agent forever. Best effort (Ray may be shut down already:
+        # _cancel_remote then does nothing).
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):
                 self._cancel_remote()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Cancel the agent's generator and wait (up to ``timeout``) until it has ended."""
-        self._cancel_remote()
         self._pending.clear()
+        if not self._cancel_remote():
+            return
 
         async def drain() -> None:
             while True:
@@ -419,14 +530,23 @@ class RemoteSupervisor(RayTransport):
     """One node's agent: the local ``Supervisor`` API (dial, snapshots) plus fleet operations."""
 
     def __init__(
-        self, handle: Any, *, label: str, namespace: str, timeout: float | None = None
+        self,
+        handle: Any,
+        *,
+        label: str,
+        namespace: str,
+        timeout: float | None = None,
+        node_id: str | None = None,
     ) -> None:
-        super().__init__(handle, name=agent_name(label), namespace=namespace, timeout=timeout)
+        super().__init__(
+            handle, name=agent_name(label), namespace=namespace, timeout=timeout, node_id=node_id
+        )
         self.label = label
 
     async def info(self) -> AgentInfo:
         info = expect(await self.ask(InfoRequest()), AgentInfo)
         self._migration_enabled = info.migration_enabled
+        self.node_id = info.node_id
         return info
 
     async def dial(self, addr: str | Multiaddr, **options: Unpack[DialOptions]) -> RemoteConnection:
@@ -563,18 +683,14 @@ class RemoteSupervisor(RayTransport):
 
     async def finished_spans(self) -> list[dict[str, Any]]:
         """Spans the agent kept in memory (only when started with ``capture_spans=True``)."""
-        from ray.exceptions import RayActorError
-
-        try:
-            spans: list[dict[str, Any]] = await self.handle.finished_spans.remote()
-        except RayActorError as exc:
-            raise SupervisorUnavailableError(self.name, self.namespace, str(exc)) from exc
+        spans: list[dict[str, Any]] = await self._remote("finished_spans", timeout=self.timeout)
         return spans
 
     def kill(self, *, no_restart: bool = True) -> None:
         """Kill the agent's process; with ``no_restart=False`` Ray restarts it (max_restarts)."""
         import ray
 
+        self._check_connected()
         ray.kill(self.handle, no_restart=no_restart)
 
     def __repr__(self) -> str:
@@ -588,10 +704,15 @@ class Fleet:
         self.namespace = namespace
         self.timeout = timeout
 
+    def _check_connected(self) -> None:
+        if not _ray_connected():
+            raise FleetDisconnectedError(f"the fleet of namespace {self.namespace!r}")
+
     def labels(self) -> list[str]:
         """Labels (node ids, normally) of the agents registered in this namespace."""
         import ray
 
+        self._check_connected()
         names = ray.util.list_named_actors(all_namespaces=True)
         return sorted(
             str(n["name"]).removeprefix(AGENT_NAME_PREFIX)
@@ -605,12 +726,14 @@ class Fleet:
         """The agent of ``node_id`` (or of a label given to :meth:`start_agent`)."""
         import ray
 
+        self._check_connected()
         try:
             handle = ray.get_actor(agent_name(node_id), namespace=self.namespace)
         except ValueError:
             raise SupervisorNotFoundError(node_id, self.namespace, self.labels()) from None
+        # A label is the node id unless start_agent was given another (then info() says).
         return RemoteSupervisor(
-            handle, label=node_id, namespace=self.namespace, timeout=self.timeout
+            handle, label=node_id, namespace=self.namespace, timeout=self.timeout, node_id=node_id
         )
 
     def list_supervisors(self) -> list[RemoteSupervisor]:
@@ -644,6 +767,7 @@ class Fleet:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        self._check_connected()
         node = node_id or ray.get_runtime_context().get_node_id()
         name = label or node
         options: dict[str, Any] = {
@@ -675,7 +799,9 @@ class Fleet:
                 network=network,
             )
         )
-        return RemoteSupervisor(handle, label=name, namespace=self.namespace, timeout=self.timeout)
+        return RemoteSupervisor(
+            handle, label=name, namespace=self.namespace, timeout=self.timeout, node_id=node
+        )
 
     async def drain(
         self,
