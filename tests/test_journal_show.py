@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -147,3 +150,25 @@ def test_json_is_one_whole_record_per_line(
     assert records[1]["trace_id"] == TRACE_HEX
     assert records[1]["body"]["note"] == LONG  # nothing cut
     assert records[1]["t"] == 2.0
+
+
+def test_a_reader_that_left_is_not_an_error(journal: Path) -> None:
+    """``journal show | head``: the pipe's reader is gone; the command stops quietly with
+    128 + SIGPIPE, as a shell reports it, and no error line."""
+    script = Path(sys.executable).with_name("quic-supervisor")
+    if not script.exists():
+        pytest.skip(f"{script} missing: run .venv/bin/pip install -e '.[dev,cli]'")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line
+    try:
+        proc = subprocess.run(
+            [str(script), "journal", "show", str(journal)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""

@@ -636,6 +636,11 @@ def _run(args: argparse.Namespace) -> int:
         if summary is not None:
             print(summary(), flush=True)
         return 130
+    except BrokenPipeError:
+        # The reader left (`journal show | head`): not an error, as for cat(1). Python would
+        # complain again when it flushes stdout at exit, so stdout goes to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     except (*USER_ERRORS, ImportError) as exc:
         log.debug("%s failed", args.command, exc_info=True)
         print(f"{PROG} {args.command}: error: {_error_line(exc, args)}", file=sys.stderr)
