@@ -12,6 +12,8 @@ import hashlib
 import itertools
 import os
 import random
+import signal
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,3 +220,15 @@ def path_actor(conn: Any, path_id: int) -> Any:
 def supervisor_actor(sup: Any) -> Any:
     """The SupervisorActor of a running ``Supervisor`` (via its ActorRef's cell)."""
     return sup._ref._cell.actor
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM (the orderly stop a server is asked for), then SIGKILL if it has not exited
+    within ``timeout``; always reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -35,6 +35,7 @@ from supervisor.cli import main
 from supervisor.cli.demo import DemoOptions, run_demo
 from tests.rig.aioquic_server import h3_file_server
 from tests.rig.certs import CertPair
+from tests.support import stop_process
 
 pytest_plugins = ["tests.rig.fixtures"]
 
@@ -127,13 +128,7 @@ def serve_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]
         assert match, f"serve did not start: {line!r} {(tmp_path / 'serve.err').read_text()}"
         yield proc, match.group(1)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         stderr.close()
 
 

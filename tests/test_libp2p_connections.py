@@ -38,6 +38,7 @@ from supervisor.libp2p.multistream import NoCommonProtocolError
 from supervisor.libp2p.peer_calls import identify_peer, ping_peer
 from supervisor.server import Listener
 from tests.rig.waiting import poll_until
+from tests.support import stop_process
 
 SECOND = "/ip4/127.0.0.2/udp/0/quic-v1"
 LISTEN = "/ip4/127.0.0.1/udp/0/quic-v1"
@@ -258,13 +259,7 @@ def libp2p_serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, P
         assert match, f"serve did not start: {line!r} {(tmp_path / 'serve.err').read_text()}"
         yield proc, match.group(1), key
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         err.close()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import uuid
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.rig.waiting import poll_until_sync
+from tests.support import stop_process
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SCRIPT = Path(sys.executable).with_name("quic-supervisor")
@@ -195,13 +195,7 @@ def readme_server(workdir: Path) -> Iterator[Server]:
         assert (workdir / "certs" / "cert.pem").is_file(), "no certs/cert.pem beside the server"
         yield Server(int(listening.group(2)), argv)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @dataclass(frozen=True)
