@@ -38,6 +38,12 @@ class ConnectionPort:
     def closed(self) -> bool:
         return self._conn.closed
 
+    @property
+    def open_streams(self) -> int:
+        """Streams not done yet: open either way, or with sent bytes not yet acknowledged (the
+        table forgets a stream once aioquic discarded it). An orderly shutdown waits for 0."""
+        return len(self._conn.streams)
+
     def open_stream(self) -> Stream:
         return self._conn.open_stream()
 
@@ -120,5 +126,3 @@ class AppProtocolPort:
 
     def __repr__(self) -> str:
         return f"<AppProtocolPort {self._conn.conn_id}>"
-
-

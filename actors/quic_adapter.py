@@ -1060,6 +1060,19 @@ def connection_trace(quic: QuicConnection) -> QuicLoggerTrace | None:
     return quic._quic_logger
 
 
+def peer_connection_id(quic: QuicConnection) -> bytes:
+    """The CID a connection now sends to (aioquic's private ``_peer_cid``): a listener's qlog
+    names the DCID a client's migration moved it to."""
+    return quic._peer_cid.cid
+
+
+def active_path_validated(quic: QuicConnection) -> bool:
+    """Whether the address a connection sends to is validated (RFC 9000 §8.2): a listener's
+    qlog marks a client's migration complete when its own PATH_CHALLENGE there is answered."""
+    paths = quic._network_paths
+    return bool(paths) and paths[0].is_validated
+
+
 def logger_traces(logger: QuicLogger) -> list[QuicLoggerTrace]:
     """The live list of traces a ``QuicLogger`` holds until ``end_trace`` (private in aioquic).
 
@@ -1084,7 +1097,9 @@ __all__ = [
     "QuicConnectionId",
     "StreamCredit",
     "SwitchToken",
+    "active_path_validated",
     "connection_trace",
     "follow_rebindings",
     "logger_traces",
+    "peer_connection_id",
 ]

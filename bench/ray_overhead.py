@@ -48,27 +48,49 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def _timed(n: int, op: Callable[[int], Awaitable[Any]], warmup: int = 0) -> list[float]:
-    for i in range(warmup):
-        await op(i)
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        await op(i)
-        out.append(time.perf_counter() - t0)
+Sample = Callable[[], Awaitable[Any]]
+
+
+async def _interleaved(
+    n: int, ops: dict[str, Sample], block: int = 10, warmup: int = 0
+) -> dict[str, list[float]]:
+    """``n`` timed calls of each op, taken in alternating blocks of ``block``, so a load change
+    on this shared host falls on both sides of a comparison alike."""
+    for op in ops.values():
+        for _ in range(warmup):
+            await op()
+    out: dict[str, list[float]] = {name: [] for name in ops}
+    while any(len(v) < n for v in out.values()):
+        for name, op in ops.items():
+            for _ in range(min(block, n - len(out[name]))):
+                t0 = time.perf_counter()
+                await op()
+                out[name].append(time.perf_counter() - t0)
     return out
 
 
-async def _migrations(conn: Connection, n: int) -> list[float]:
-    """``n`` switches alternating between the dialled path and one on 127.0.0.2."""
-    mc = conn.as_migratable()
-    extra = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
-    await extra.probe()
-    paths = mc.paths()
-    assert len(paths) == 2, paths
-    first = next(p for p in paths if p.info().active)
-    order = [extra, first]
-    return await _timed(n, lambda i: order[i % 2].switch())
+class _Switcher:
+    """Switches one connection back and forth between its dialled path and one on 127.0.0.2,
+    keeping each switch's ``confirmation_s`` (the part spent on the wire and in the process
+    that owns the connection)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.order: list[Any] = []
+        self.confirmations: list[float] = []
+
+    async def ready(self) -> _Switcher:
+        mc = self.conn.as_migratable()
+        extra = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+        await extra.probe()
+        paths = mc.paths()
+        assert len(paths) == 2, paths
+        self.order = [extra, next(p for p in paths if p.info().active)]
+        return self
+
+    async def __call__(self) -> None:
+        target = self.order[len(self.confirmations) % 2]
+        self.confirmations.append((await target.switch()).confirmation_s)
 
 
 async def _run(calls: int, migrations: int) -> dict[str, Any]:
@@ -93,7 +115,8 @@ async def _run(calls: int, migrations: int) -> dict[str, Any]:
         await server.info()  # the worker process is up and its supervisor started
         agent_start = time.perf_counter() - t0
         agents.append(server)
-        dialer = fleet.start_agent(label="dialer", persist=False)
+        # The dialer keeps its desired state, as a fleet's agents do (persist=True).
+        dialer = fleet.start_agent(label="dialer")
         agents.append(dialer)
         await dialer.info()
 
@@ -106,20 +129,23 @@ async def _run(calls: int, migrations: int) -> dict[str, Any]:
                 alpn_protocols=["echo"],
             )
             target = listener.multiaddr
-
-            remote = await dialer.dial(target, alpn_protocols=["echo"], verify=False)
-            remote_call = await _timed(
-                calls, lambda _i: dialer.ask(SnapshotRequest(remote.conn_id)), warmup=20
-            )
-            remote_mig = await _migrations(remote, migrations)
-            await remote.close()
-
             async with Supervisor(enable_experimental_connection_migration=True) as local_sup:
+                remote = await dialer.dial(target, alpn_protocols=["echo"], verify=False)
                 local = await local_sup.dial(target, alpn_protocols=["echo"], verify=False)
-                local_call = await _timed(
-                    calls, lambda _i: local_sup.ask(SnapshotRequest(local.conn_id)), warmup=20
+                call = await _interleaved(
+                    calls,
+                    {
+                        "handle": lambda: dialer.ask(SnapshotRequest(remote.conn_id)),
+                        "in_process": lambda: local_sup.ask(SnapshotRequest(local.conn_id)),
+                    },
+                    warmup=20,
                 )
-                local_mig = await _migrations(local, migrations)
+                switchers = {
+                    "handle": await _Switcher(remote).ready(),
+                    "in_process": await _Switcher(local).ready(),
+                }
+                mig = await _interleaved(migrations, dict(switchers), warmup=2)
+                await remote.close()
                 await local.close()
     finally:
         for agent in agents:
@@ -135,13 +161,15 @@ async def _run(calls: int, migrations: int) -> dict[str, Any]:
             "overhead_p99_ms": round(h["p99_ms"] - i["p99_ms"], 3),
         }
 
+    conf = {k: s.confirmations[2:] for k, s in switchers.items()}  # without the warm-up
     return {
         "ray_version": ray.__version__,
         "cpus": os.cpu_count(),
         "ray_init_s": round(ray_init, 3),
         "agent_start_s": round(agent_start, 3),
-        "call": compare(remote_call, local_call),
-        "migration": compare(remote_mig, local_mig),
+        "call": compare(call["handle"], call["in_process"]),
+        "migration": compare(mig["handle"], mig["in_process"]),
+        "confirmation": compare(conf["handle"], conf["in_process"]),
     }
 
 

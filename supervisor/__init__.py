@@ -8,7 +8,7 @@ from actors.path_state import PathState
 from actors.streams import Stream
 from supervisor.core.config import FailoverPolicy, NetworkPolicy, PathPolicy
 from supervisor.core.handles import Connection, MigratableConn, Path, PathInfo
-from supervisor.orchestration.supervisor import Supervisor
+from supervisor.orchestration.supervisor import ShutdownReport, Supervisor
 from supervisor.server import InboundConnection, Listener
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "PathInfo",
     "PathPolicy",
     "PathState",
+    "ShutdownReport",
     "Stream",
     "Supervisor",
 ]

@@ -341,11 +341,19 @@ class H3FileServer:
         self._window = window
         self._bodies: dict[int, Any] = {}  # stream id -> open file still being sent
         self._uploads: dict[int, tuple[HeadersReceived, Any]] = {}  # POSTs still arriving
+        self._finishing: set[int] = set()  # answered in full, not all acknowledged yet
         #: Requests answered, by status (for tests and the listener's owner).
         self.answered: dict[int, int] = {}
         #: Request bodies received: bytes in all, and the sha256 of each finished one.
         self.uploaded_bytes = 0
         self.upload_digests: list[str] = []
+
+    @property
+    def open_requests(self) -> int:
+        """Requests still arriving, being answered, or answered with bytes the client has not
+        acknowledged yet: what an orderly shutdown waits for (``Supervisor.shutdown``)."""
+        self._finishing = {s for s in self._finishing if self._backlog(s) > 0}
+        return len(self._bodies) + len(self._uploads) + len(self._finishing)
 
     def handle_event(self, event: QuicEvent) -> bool:
         """Feed a QUIC event; True when HTTP/3 took it (every stream event does)."""
@@ -378,6 +386,7 @@ class H3FileServer:
                 if not chunk:
                     self._h3.send_data(stream_id, b"", end_stream=True)
                     self._drop(stream_id)
+                    self._finishing.add(stream_id)
                     break
                 self._h3.send_data(stream_id, chunk, end_stream=False)
         self._transmit()
@@ -388,6 +397,7 @@ class H3FileServer:
 
     def _drop(self, stream_id: int) -> None:
         self._uploads.pop(stream_id, None)
+        self._finishing.discard(stream_id)
         body = self._bodies.pop(stream_id, None)
         if body is not None:
             body.close()
@@ -419,3 +429,5 @@ class H3FileServer:
         if body_follows:
             assert found is not None
             self._bodies[event.stream_id] = found.open("rb")
+        else:
+            self._finishing.add(event.stream_id)

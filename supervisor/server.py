@@ -30,6 +30,7 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from multiaddr import Multiaddr
 
 from actors.errors import ConnectionClosedError, HandshakeError
@@ -51,12 +52,16 @@ from supervisor.h3 import H3FileServer
 from supervisor.libp2p.credentials import Credentials
 from supervisor.libp2p.peer_id import PeerId
 from supervisor.libp2p.service import Libp2pService
+from telemetry.qlog import PeerMoves
 
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[Stream], Awaitable[None]]
 #: Where a listener's events go: the owning Supervisor's bus (and journal).
 EmitEvent = Callable[[Event], None]
+
+#: The reason phrase of the CONNECTION_CLOSE a stopping listener answers new clients with.
+REFUSED_REASON = "server shutting down"
 
 #: QUIC CRYPTO_ERROR for TLS alert 42, bad_certificate (RFC 9001 §4.8): a libp2p client whose
 #: certificate breaks the spec, or that sent none.
@@ -75,6 +80,9 @@ class Libp2pListening:
 
 class InboundProtocol(QuicConnectionProtocol):
     """One accepted connection, its streams in the same table as a dialled connection's."""
+
+    #: The client's moves in this connection's qlog (``Supervisor(qlog_dir=...)``), else None.
+    moves: PeerMoves | None = None
 
     def __init__(self, quic: QuicConnection, *args: Any, listener: Listener, **kwargs: Any) -> None:
         super().__init__(quic, *args, **kwargs)
@@ -103,6 +111,15 @@ class InboundProtocol(QuicConnectionProtocol):
         transport = QuicStreamTransport(quic, self.transmit, self.check_open)
         if listener.libp2p is not None:
             ask_client_certificate(quic)  # libp2p's TLS is mutual
+        if listener.refusing:
+            # A new connection while the listener stops: closed before its first datagram is
+            # answered, so the client's Initial gets CONNECTION_CLOSE (CONNECTION_REFUSED,
+            # RFC 9000 §5.2.2) and nothing else: no ServerHello, no handshake.
+            quic.close(
+                error_code=QuicErrorCode.CONNECTION_REFUSED,
+                frame_type=QuicFrameType.PADDING,
+                reason_phrase=REFUSED_REASON,
+            )
         self.streams = StreamTable(transport, DEFAULT_STREAM_BUFFER, on_accept)
         #: HTTP/3 over the whole connection (``listen(http3_root=...)``), or None.
         self.http3 = (
@@ -133,6 +150,8 @@ class InboundProtocol(QuicConnectionProtocol):
         peer = self.quic.get_peer_address()
         if peer is not None and peer != self.peer:
             self._peer_moved(tuple(peer))
+        elif self.moves is not None and self.moves.pending:
+            self.moves.check()  # qlog: is the client's new address validated yet?
         # ACK-only datagrams raise no event, but they free send buffers: wake blocked writers.
         self.streams.service()
         if self.http3 is not None:
@@ -143,9 +162,13 @@ class InboundProtocol(QuicConnectionProtocol):
         # credit, which raise no event, so its move during a download would go unrecorded.
         self.peer_addresses.add(peer)
         old, self.peer = self.peer, peer
-        if old is None:
-            return  # the first address is not a change
+        if old is None:  # the first address is not a change
+            ip, port, _family = parse_quic_multiaddr(self.listener.bound)
+            self.moves = PeerMoves.attach(self.quic, (ip, port), peer)
+            return
         self.peer_changes += 1
+        if self.moves is not None:
+            self.moves.moved(old, peer)
         self.listener._peer_moved(self, old, peer)
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
@@ -267,9 +290,21 @@ class InboundConnection(Connection):
         peer = self._proto.peer_address()
         return sockaddr_to_multiaddr(peer) if peer else Multiaddr(self._snap.remote_addr)
 
-    async def close(self) -> None:
+    @property
+    def open_streams(self) -> int:
+        """Streams not done yet: open either way, or with sent bytes not yet acknowledged
+        (the table forgets a stream once aioquic discarded it); HTTP/3 requests still arriving
+        or being answered."""
+        if self._proto.closed:
+            return 0
+        http3 = self._proto.http3
+        return len(self._proto.streams) + (http3.open_requests if http3 is not None else 0)
+
+    async def close(self, reason: str = "") -> None:
+        """CONNECTION_CLOSE (NO_ERROR) with ``reason`` as its phrase. Idempotent."""
         if not self._proto.closed:
-            self._proto.close()
+            self._proto.quic.close(reason_phrase=reason)
+            self._proto.transmit()
 
     def _path_infos(self) -> list[PathInfo]:
         local = Multiaddr(self._snap.local_addr)
@@ -310,6 +345,8 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._keylog: Any = None
         self.started = time.time()
+        #: Set by :meth:`stop_accepting`: new clients are refused, accepted ones go on.
+        self.refusing = False
 
     async def start(self, addr: str | Multiaddr, configuration: QuicConfiguration) -> None:
         # Closed with the listener: the SSLKEYLOGFILE handle, if the caller opened one.
@@ -382,9 +419,22 @@ class Listener:
         """The next connection that completed its handshake."""
         return await self._accepted.get()
 
-    async def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """Refuse every new client from now on (CONNECTION_CLOSE with CONNECTION_REFUSED to
+        its first Initial); accepted connections and their new streams go on."""
+        self.refusing = True
+
+    def open_streams(self) -> dict[str, int]:
+        """Per accepted, open connection: its streams not done yet (see
+        ``InboundConnection.open_streams``)."""
+        return {cid: conn.open_streams for cid, conn in list(self.connections.items())}
+
+    async def close(self, reason: str = "") -> None:
+        """Close every connection (NO_ERROR, ``reason``) and the socket; handlers are
+        cancelled."""
         for conn in list(self.connections.values()):
-            await conn.close()
+            await conn.close(reason)
+        self.connections.clear()  # closing now; their draining needs no handle
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -33,7 +33,12 @@ or with ``"abandoned": true`` closed), ``connectivity:migration_state_updated``
 (``probing_successful``, ``migration_started``, ``migration_complete``,
 ``migration_abandoned``, with old and new path ids) and ``connectivity:connection_id_updated``
 (the DCID a migration moved to). Each carries ``path_local``/``path_remote`` as
-``{ip_v4|ip_v6, port_v4|port_v6}`` and the DCID when known.
+``{ip_v4|ip_v6, port_v4|port_v6}`` and the DCID when known. A listener's connection logs its
+client's moves in the same shape (:class:`PeerMoves`). Two departures from the draft (-07,
+the one with ``path_assigned``): it puts ``migration_state_updated`` in the ``quic``
+category, and its ``old``/``new`` are the previous and new *states* (ours: ``state``, and
+path ids in ``old``/``new``). qvis reads neither: it draws any event it does not know as a
+label named by the event.
 
 Files are written when the trace ends: aioquic ends it only after its closing period, which our
 connection actor does not wait for, so the owner also calls :meth:`QlogWriter.close` when it
@@ -53,15 +58,23 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.logger import QLOG_VERSION, QuicLogger, QuicLoggerTrace
 
-from actors.quic_adapter import BoundedQuicLoggerTrace, logger_traces
+from actors.quic_adapter import (
+    BoundedQuicLoggerTrace,
+    active_path_validated,
+    connection_trace,
+    logger_traces,
+    peer_connection_id,
+)
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
     "DEFAULT_WINDOW",
     "DEFAULT_WINDOW_EVENTS",
     "BoundedTrace",
+    "PeerMoves",
     "QlogDirectory",
     "QlogWriter",
     "is_packet_event",
@@ -105,6 +118,7 @@ KEY_FRAMES = frozenset(
 WINDOW_STATES = frozenset({"migration_started", "migration_complete", "migration_abandoned"})
 
 _Kept = tuple[int, dict[str, Any]]  # (arrival order, event)
+Addr = tuple[str, int]  # a client's (host, port)
 
 
 class BoundedTrace(BoundedQuicLoggerTrace):
@@ -242,6 +256,116 @@ def is_packet_event(event: dict[str, Any]) -> bool:
         return False
     frames = event["data"].get("frames")
     return not frames or not any(f.get("frame_type") in KEY_FRAMES for f in frames)
+
+
+class PeerMoves:
+    """A listener connection's qlog of its client's moves: the server side of a migration.
+
+    aioquic's server moves to a client's new address on its first non-probing packet there
+    (RFC 9000 §9.3) and logs nothing but packets; the listener calls :meth:`moved` when the
+    address it sends to changed (a migration or a NAT rebinding: it cannot tell them apart)
+    and :meth:`check` per datagram while a move awaits validation. Logged, in the outbound
+    side's shape: ``path_assigned`` for each new client address (path ids count addresses
+    in order seen, at most ``MAX_PATH_IDS`` remembered), ``migration_state_updated``
+    ``migration_started`` (old and new path, ``old_path_remote`` and ``path_remote`` with the
+    DCID; it opens a packet window, see :class:`BoundedTrace`), ``migration_complete`` once the
+    new address is validated (at once for one validated before), ``migration_abandoned`` if the
+    address changed again first, and ``connection_id_updated`` when the DCID moved with it.
+    """
+
+    #: Client addresses given a path id; past this a new address gets a fresh id unremembered.
+    MAX_PATH_IDS = 64
+
+    def __init__(
+        self, quic: QuicConnection, trace: QuicLoggerTrace, local: tuple[Any, ...], first: Addr
+    ) -> None:
+        self.quic = quic
+        self.trace = trace
+        self.local = _endpoint(local)
+        self._ids: dict[Addr, int] = {}
+        self._next_id = 0
+        self.peer = first
+        self.path_id = self._assign(first)
+        self.dcid = peer_connection_id(quic)
+        #: The move awaiting validation: (old path id, old address).
+        self._pending: tuple[int, Addr] | None = None
+
+    @classmethod
+    def attach(
+        cls, quic: QuicConnection, local: tuple[Any, ...], first: tuple[Any, ...]
+    ) -> PeerMoves | None:
+        """The log of a connection's moves from its ``first`` address; None without qlog."""
+        trace = connection_trace(quic)
+        return None if trace is None else cls(quic, trace, local, _addr(first))
+
+    @property
+    def pending(self) -> bool:
+        """A move awaits validation (the listener calls :meth:`check` per datagram)."""
+        return self._pending is not None
+
+    def moved(self, old: tuple[Any, ...], new: tuple[Any, ...]) -> None:
+        """The address the connection sends to went ``old`` -> ``new``."""
+        old_addr, new_addr = _addr(old), _addr(new)
+        if self._pending is not None:  # moved on before the last move was validated
+            self._migration("migration_abandoned", *self._pending)
+        old_id = self.path_id
+        self.peer, self.path_id = new_addr, self._assign(new_addr)
+        self._pending = (old_id, old_addr)
+        self._migration("migration_started", old_id, old_addr)
+        dcid = peer_connection_id(self.quic)
+        if dcid != self.dcid:
+            self._log(
+                "connection_id_updated",
+                {"owner": "remote", "old": self.dcid.hex(), "new": dcid.hex()},
+            )
+            self.dcid = dcid
+        self.check()
+
+    def check(self) -> None:
+        """The pending move is complete once the address is validated."""
+        if self._pending is not None and active_path_validated(self.quic):
+            pending, self._pending = self._pending, None
+            self._migration("migration_complete", *pending)
+
+    def _assign(self, addr: Addr) -> int:
+        path_id = self._ids.get(addr)
+        if path_id is None:
+            path_id = self._next_id
+            self._next_id += 1
+            if len(self._ids) < self.MAX_PATH_IDS:
+                self._ids[addr] = path_id
+            self._log("path_assigned", {"path_id": path_id, **self._path(addr)})
+        return path_id
+
+    def _path(self, remote: Addr) -> dict[str, Any]:
+        dcid = peer_connection_id(self.quic).hex()
+        return {
+            "path_local": self.local,
+            "path_remote": {**_endpoint(remote), "connection_ids": [dcid]},
+            "dcid": dcid,
+        }
+
+    def _migration(self, state: str, old_id: int, old_addr: Addr) -> None:
+        data = {"state": state, "path_id": self.path_id, **self._path(self.peer)}
+        data |= {"old": old_id, "new": self.path_id}
+        data |= {"old_path_local": self.local, "old_path_remote": _endpoint(old_addr)}
+        self._log("migration_state_updated", data)
+
+    def _log(self, event: str, data: dict[str, Any]) -> None:
+        self.trace.log_event(category="connectivity", event=event, data=data)
+
+
+def _addr(sockaddr: tuple[Any, ...]) -> Addr:
+    """``(host, port)`` of a socket address (IPv4-mapped IPv6 as IPv4)."""
+    host = str(sockaddr[0])
+    return (host[7:] if host.startswith("::ffff:") else host), int(sockaddr[1])
+
+
+def _endpoint(sockaddr: tuple[Any, ...]) -> dict[str, Any]:
+    """A qlog ``PathEndpointInfo``: ``{ip_v4, port_v4}`` or ``{ip_v6, port_v6}``."""
+    host, port = _addr(sockaddr)
+    v = "v6" if ":" in host else "v4"
+    return {f"ip_{v}": host, f"port_{v}": port}
 
 
 class QlogWriter(QuicLogger):

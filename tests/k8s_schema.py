@@ -48,6 +48,21 @@ RESOURCES = obj(
     limits=obj(cpu=QUANTITY, memory=QUANTITY),
 )
 
+EXEC = obj(["exec"], exec=obj(["command"], command=array(STR, 1)))
+POSITIVE: Schema = {"type": "integer", "minimum": 1}
+NON_NEGATIVE: Schema = {"type": "integer", "minimum": 0}
+
+# Only exec probes: the agent answers on its Unix control socket (`ctl health`).
+PROBE = obj(
+    ["exec", "periodSeconds", "timeoutSeconds", "failureThreshold"],
+    exec=obj(["command"], command=array(STR, 1)),
+    initialDelaySeconds=NON_NEGATIVE,
+    periodSeconds=POSITIVE,
+    timeoutSeconds=POSITIVE,
+    failureThreshold=POSITIVE,
+    successThreshold=POSITIVE,
+)
+
 CONTAINER = obj(
     ["name", "image"],
     name=STR,
@@ -57,7 +72,9 @@ CONTAINER = obj(
     ports=array(obj(["containerPort"], name=STR, containerPort=INT)),
     env=array(ENV_VAR),
     resources=RESOURCES,
-    lifecycle=obj(postStart=obj(exec=obj(["command"], command=array(STR, 1)))),
+    lifecycle=obj(postStart=EXEC, preStop=EXEC),
+    readinessProbe=PROBE,
+    livenessProbe=PROBE,
     securityContext=obj(capabilities=obj(add=array(STR))),
 )
 
@@ -68,6 +85,7 @@ POD_TEMPLATE = obj(
         ["containers"],
         containers=array(CONTAINER, 1),
         restartPolicy={"enum": ["Always", "OnFailure", "Never"]},
+        terminationGracePeriodSeconds=NON_NEGATIVE,
     ),
 )
 

@@ -14,7 +14,9 @@ import os
 import random
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,3 +234,41 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def local_ray_fleet(prefix: str) -> Iterator[Any]:
+    """A local Ray cluster (2 CPUs, no dashboard) and a ``Fleet`` in a fresh namespace, for one
+    test module. On the way out every named actor left in the namespace is killed (agents are
+    detached: they would outlive this driver) and Ray is shut down."""
+    import ray
+
+    from supervisor.remote.fleet import Fleet
+
+    namespace = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    ray.init(
+        include_dashboard=False,
+        num_cpus=2,
+        namespace=namespace,
+        logging_level="warning",
+        log_to_driver=False,
+    )
+    print(f"\nray.init took {time.monotonic() - started:.2f}s")
+    try:
+        yield Fleet(namespace, timeout=30)
+    finally:
+        started = time.monotonic()
+        left = [
+            ray.get_actor(a["name"], namespace=namespace)
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == namespace
+        ]
+        for handle in left:
+            ray.kill(handle, no_restart=True)
+        ray.shutdown()
+        assert not ray.is_initialized()
+        print(
+            f"killed {len(left)} leftover actor(s); ray.shutdown took "
+            f"{time.monotonic() - started:.2f}s"
+        )

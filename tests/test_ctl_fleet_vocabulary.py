@@ -36,7 +36,7 @@ from supervisor.cli.tables import LS_COLUMNS, PATH_COLUMNS
 from supervisor.remote.control import ControlServer
 from tests.rig.aioquic_server import RigServer, echo_server
 from tests.rig.certs import generate_cert
-from tests.support import addr_of, dial_echo, echo_roundtrip
+from tests.support import addr_of, dial_echo, echo_roundtrip, local_ray_fleet
 
 SECOND = "/ip4/127.0.0.2/udp/0/quic-v1"
 THIRD = "/ip4/127.0.0.3/udp/0/quic-v1"
@@ -226,25 +226,8 @@ async def test_ctl_timeout_bounds_a_silent_supervisor(
 def ray_cluster() -> Iterator[tuple[Any, str]]:
     """One local Ray cluster for the module: (Fleet, its GCS address)."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
-    from supervisor.remote.fleet import Fleet
-
-    namespace = f"qs-vocab-{uuid.uuid4().hex[:8]}"
-    started = time.monotonic()
-    ray.init(
-        include_dashboard=False,
-        num_cpus=2,
-        namespace=namespace,
-        logging_level="warning",
-        log_to_driver=False,
-    )
-    print(f"\nray.init took {time.monotonic() - started:.2f}s")
-    try:
-        yield Fleet(namespace, timeout=30), ray.get_runtime_context().gcs_address
-    finally:
-        for a in ray.util.list_named_actors(all_namespaces=True):
-            if a["namespace"] == namespace:  # detached: they would outlive this driver
-                ray.kill(ray.get_actor(a["name"], namespace=namespace), no_restart=True)
-        ray.shutdown()
+    with local_ray_fleet("qs-vocab") as fleet:
+        yield fleet, ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture

@@ -279,3 +279,32 @@ async def test_file_mode_arguments_are_checked(cert: CertPair, tmp_path: Path) -
             )
         with pytest.raises(InvalidArgumentError, match="libp2p"):
             await sup.listen("/ip4/127.0.0.1/udp/0/quic-v1", libp2p=True, http3_root=tmp_path)
+
+
+async def test_orderly_shutdown_lets_a_download_in_progress_finish(
+    cert: CertPair, tmp_path: Path
+) -> None:
+    """``shutdown()`` counts HTTP/3 requests being answered as open, so a download that is
+    half-way when the stop begins still ends intact, and then its connection is closed."""
+    htdocs, _downloads, sha = _htdocs(tmp_path, 8_000_000)
+    async with Supervisor() as server, Supervisor() as client:
+        _listener, (host, port) = await _serve(server, cert, htdocs)
+        conn = await client.dial(
+            f"/ip4/{host}/udp/{port}/quic-v1", alpn_protocols=["h3"], cafile=str(cert.certfile)
+        )
+        digest = hashlib.sha256()
+        half_way = asyncio.Event()
+
+        def sink(chunk: bytes) -> None:
+            digest.update(chunk)
+            if len(chunk) and not half_way.is_set():
+                half_way.set()
+
+        download = asyncio.create_task(
+            http3_get(conn, "/body", authority=f"{host}:{port}", sink=sink)
+        )
+        await asyncio.wait_for(half_way.wait(), 10)
+        report = await server.shutdown(deadline=30)
+        response = await download
+        assert response.status == 200 and digest.hexdigest() == sha
+        assert (report.connections, report.streams_cut, report.deadline_hit) == (1, 0, False)

@@ -6,6 +6,7 @@ kustomize rendering when a kustomize tool is installed.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import re
@@ -218,6 +219,52 @@ def test_drain_job_targets_the_cluster_and_parses_with_the_cli() -> None:
     agent_argv = hook[-1].split(">")[0].split()[3:]
     agent = parser.parse_args(agent_argv)
     assert agent.command == "agent" and agent.namespace == args.namespace
+
+
+def _exec_argv(command: list[str]) -> list[str]:
+    """The quic-supervisor arguments of an exec command (``python -m supervisor.cli.main``)."""
+    assert command[:3] == ["python", "-m", "supervisor.cli.main"], command
+    return command[3:]
+
+
+def test_worker_stop_and_probes_use_the_agents_socket_and_fit_the_grace_period() -> None:
+    from supervisor.cli.main import build_parser
+
+    (group,) = _one("RayCluster")["spec"]["workerGroupSpecs"]
+    spec = group["template"]["spec"]
+    (container,) = spec["containers"]
+    hook = container["lifecycle"]["postStart"]["exec"]["command"][-1].split(">")[0].split()[3:]
+    parser = argparse.ArgumentParser()
+    add_fleet_commands(parser.add_subparsers(dest="command", required=True))
+    agent = parser.parse_args(hook)
+    assert agent.command == "agent" and agent.control_socket
+
+    cli = build_parser()
+    stop = cli.parse_args(_exec_argv(container["lifecycle"]["preStop"]["exec"]["command"]))
+    assert (stop.command, stop.ctl_command, stop.socket) == ("ctl", "stop", agent.control_socket)
+    # The stop and its client's wait end before kubelet's SIGKILL, with room for Ray's stop.
+    grace = spec["terminationGracePeriodSeconds"]
+    assert stop.deadline + stop.timeout + 15 <= grace, (stop.deadline, stop.timeout, grace)
+
+    ready = cli.parse_args(_exec_argv(container["readinessProbe"]["exec"]["command"]))
+    live = cli.parse_args(_exec_argv(container["livenessProbe"]["exec"]["command"]))
+    for args, probe, which in (
+        (ready, container["readinessProbe"], "ready"),
+        (live, container["livenessProbe"], "live"),
+    ):
+        assert (args.command, args.ctl_command, args.socket) == (
+            "ctl",
+            "health",
+            agent.control_socket,
+        )
+        assert getattr(args, which) and not getattr(args, {"ready": "live", "live": "ready"}[which])
+        # The CLI gives up (exit 1, one line) before kubelet's own probe timeout.
+        assert args.timeout < probe["timeoutSeconds"], (which, args.timeout, probe)
+    liveness = container["livenessProbe"]
+    # Lenient: a busy pod gets at least a minute of failed probes before it is restarted,
+    # and the pod's start (raylet, then the agent: --wait) before the first probe counts.
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
+    assert liveness["initialDelaySeconds"] >= agent.wait
 
 
 def test_images_match_the_pinned_ray_version() -> None:

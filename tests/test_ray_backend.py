@@ -45,42 +45,19 @@ from supervisor.remote.fleet import (  # noqa: E402
     SupervisorUnavailableError,
 )
 from supervisor.remote.protocol import ErrorReply  # noqa: E402
-from supervisor.remote.ray_agent import Restored  # noqa: E402
+from supervisor.remote.ray_agent import KV_NAMESPACE, Restored, kv_prefix  # noqa: E402
 from tests.rig.aioquic_server import RigServer, echo_server  # noqa: E402
 from tests.rig.certs import generate_cert  # noqa: E402
+from tests.rig.waiting import poll_until  # noqa: E402
+from tests.support import local_ray_fleet  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    namespace = f"qs-test-{uuid.uuid4().hex[:8]}"
-    started = time.monotonic()
-    ray.init(
-        include_dashboard=False,
-        num_cpus=2,
-        namespace=namespace,
-        logging_level="warning",
-        log_to_driver=False,
-    )
-    print(f"\nray.init took {time.monotonic() - started:.2f}s")
-    try:
-        yield Fleet(namespace, timeout=30)
-    finally:
-        started = time.monotonic()
-        left = [
-            ray.get_actor(a["name"], namespace=namespace)
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == namespace
-        ]
-        for handle in left:  # detached: they would outlive this driver
-            ray.kill(handle, no_restart=True)
-        ray.shutdown()
-        assert not ray.is_initialized()
-        print(
-            f"killed {len(left)} leftover actor(s); ray.shutdown took "
-            f"{time.monotonic() - started:.2f}s"
-        )
+    with local_ray_fleet("qs-test") as fleet:
+        yield fleet
 
 
 @pytest.fixture
@@ -236,6 +213,73 @@ async def test_killed_agent_restarts_and_restores_its_connections(
     events = await sup.events_since()
     assert any(isinstance(e, Restored) and e.conn_id == conn.conn_id for e in events.events)
     await again.close()  # forgets the desired state too
+    sup.kill()
+
+
+def _record_of(sup: RemoteSupervisor, conn_id: str) -> dict[str, Any] | None:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(
+        kv_prefix(sup.namespace, sup.label) + conn_id, namespace=KV_NAMESPACE
+    )
+    return None if raw is None else dict(msgpack.unpackb(raw, raw=False))
+
+
+def test_the_ray_internals_the_desired_state_writes_with_exist(fleet: Fleet) -> None:
+    """DesiredState writes through these (Ray's own async KV calls): a Ray upgrade that renames
+    them must fail here, not silently stop recording."""
+    from ray.experimental import internal_kv
+
+    client = internal_kv.global_gcs_client
+    for name in ("async_internal_kv_put", "async_internal_kv_del"):
+        assert callable(getattr(client, name, None)), name
+
+
+async def test_desired_state_follows_each_change_written_behind_the_reply(
+    fleet: Fleet, server: RigServer
+) -> None:
+    sup = await _started(fleet, "behind")
+    conn = await sup.dial(_remote(server), alpn_protocols=["echo"], verify=False)
+    mc = conn.as_migratable()
+    extra = await mc.add_path("/ip4/127.0.0.2/udp/0/quic-v1")
+    await extra.probe()
+    dialled = next(p for p in mc.paths() if p.info().active)
+    for target, index in ((extra, 1), (dialled, 0), (extra, 1)):
+        await target.switch()
+        await poll_until(
+            lambda index=index: (_record_of(sup, conn.conn_id) or {}).get("active") == index,
+            timeout=10,
+            what=f"the recorded active path to become {index}",
+        )
+    record = _record_of(sup, conn.conn_id)
+    assert record is not None and [p["index"] for p in record["paths"]] == [0, 1]
+    await conn.close()
+    await poll_until(
+        lambda: _record_of(sup, conn.conn_id) is None, timeout=10, what="the record deleted"
+    )
+    sup.kill()
+
+
+async def test_migrate_by_address_is_one_request(fleet: Fleet, server: RigServer) -> None:
+    """``RemoteSupervisor.migrate`` adds, probes and switches in the agent: one Ray call."""
+    sup = await _started(fleet, "one-call")
+    conn = await sup.dial(_remote(server), alpn_protocols=["echo"], verify=False)
+    calls: list[str] = []
+    real = sup._remote
+
+    async def counted(method: str, *args: Any, timeout: float | None = None) -> Any:
+        calls.append(method)
+        return await real(method, *args, timeout=timeout)
+
+    sup._remote = counted  # type: ignore[method-assign]
+    snap = await sup.migrate(conn.conn_id, "/ip4/127.0.0.2/udp/0/quic-v1")
+    assert calls == ["ask"]
+    assert "/127.0.0.2/" in next(p for p in snap.paths if p.active).local_addr
+    assert snap.conn_id == conn.conn_id  # the stable id the client holds
+    with pytest.raises(ValueError, match="migration target"):
+        await sup.migrate(conn.conn_id, "/ip4/127.0.0.2/tcp/1")
+    assert calls == ["ask"]  # refused here, before any call
+    await conn.close()
     sup.kill()
 
 

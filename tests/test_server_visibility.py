@@ -28,6 +28,7 @@ from supervisor.remote.control import ControlClient, ControlServer
 from supervisor.server import Listener
 from telemetry.journal import read_journal
 from tests.rig.certs import CertPair
+from tests.rig.loopback_nat import Rebinder
 from tests.rig.waiting import poll_until
 from tests.support import ChecksummedStream, EventLog, echo_roundtrip, event_log
 
@@ -131,64 +132,6 @@ async def test_one_event_per_switch_with_the_old_and_new_address(pair: Pair) -> 
     assert {r["conn"] for r in records} == {pair.inbound_id}
 
 
-class _Rebinder:
-    """A NAT in miniature: the client talks to ``front``; its datagrams reach the server from
-    ``back``; ``rebind()`` swaps ``back`` for a socket on a fresh port and forgets the old one
-    (what a NAT does when its mapping expires). The client cannot see it happen."""
-
-    def __init__(self, server: tuple[str, int]) -> None:
-        self.server = server
-        self.client: Any = None
-        self.front: asyncio.DatagramTransport | None = None
-        self.back: asyncio.DatagramTransport | None = None
-
-    async def start(self) -> _Rebinder:
-        loop = asyncio.get_running_loop()
-        self.front, _ = await loop.create_datagram_endpoint(
-            lambda: _Relay(self._from_client), local_addr=("127.0.0.1", 0)
-        )
-        await self.rebind()
-        return self
-
-    async def rebind(self) -> tuple[str, int]:
-        """A fresh mapping; returns its address (what the server sees from now on)."""
-        old = self.back
-        self.back, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Relay(self._from_server), local_addr=("127.0.0.1", 0)
-        )
-        if old is not None:
-            old.close()
-        return self.back.get_extra_info("sockname")[:2]
-
-    @property
-    def address(self) -> str:
-        assert self.front is not None
-        host, port = self.front.get_extra_info("sockname")[:2]
-        return f"/ip4/{host}/udp/{port}/quic-v1"
-
-    def _from_client(self, data: bytes, addr: Any) -> None:
-        self.client = addr
-        assert self.back is not None
-        self.back.sendto(data, self.server)
-
-    def _from_server(self, data: bytes, _addr: Any) -> None:
-        if self.front is not None and self.client is not None:
-            self.front.sendto(data, self.client)
-
-    def close(self) -> None:
-        for t in (self.front, self.back):
-            if t is not None:
-                t.close()
-
-
-class _Relay(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Any) -> None:
-        self.on_datagram = on_datagram
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.on_datagram(data, addr)
-
-
 async def test_a_nat_rebinding_is_one_event_too(cert: CertPair) -> None:
     """The server cannot tell a rebinding from a migration: each new mapping is one event,
     old -> new, and the connection goes on (the listener re-validates the new address)."""
@@ -201,7 +144,7 @@ async def test_a_nat_rebinding_is_one_event_too(cert: CertPair) -> None:
             handler=_echo,
         )
         host, port = str(listener.bound).split("/")[2], int(str(listener.bound).split("/")[4])
-        nat = await _Rebinder((host, port)).start()
+        nat = await Rebinder((host, port)).start()
         try:
             async with Supervisor() as client, event_log(server, EvtPeerAddressChanged) as log:
                 conn = await client.dial(nat.address, alpn_protocols=["echo"], verify=False)

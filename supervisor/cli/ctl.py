@@ -1,5 +1,5 @@
-"""``quic-supervisor ctl paths|stats|network|drain|migrate``: drive a running supervisor via its
-control socket.
+"""``quic-supervisor ctl paths|stats|network|drain|migrate|health|stop``: drive a running
+supervisor via its control socket.
 
 Wired into the main CLI by ``add_ctl_commands(subparsers)`` + ``run_ctl_command(args)``. The
 supervisor side is ``serve``/``dial --control-socket PATH`` (:func:`control_socket`), or any
@@ -9,7 +9,8 @@ what ``ctl`` shows for its one supervisor.
 
 Exit status: 0 done, 1 a drain left some connection on the drained address, 2 a usage error or
 an error the supervisor answered with (one line on stderr, ``quic-supervisor ctl CMD: error:
-WHAT: FIX``), 130 interrupted.
+WHAT: FIX``), 130 interrupted. ``health`` is a probe (kubelet's exec probes call it): 0 healthy,
+1 not or no answer at all, one line on stdout saying why.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ from actors.errors import MigrationError
 from actors.path_state import PathState
 from supervisor.cli.tables import (
     IdError,
+    add_deadline_argument,
     add_drain_arguments,
+    add_health_choice,
     add_json,
     add_log_level,
     add_migrate_arguments,
     add_timeout,
     drain_json,
     drain_lines,
+    health_line,
+    health_ok,
     make_console,
     migrate_line,
     one_line,
@@ -48,6 +53,8 @@ from supervisor.cli.tables import (
     resolve_id,
     snapshot_json,
     stats_json,
+    stop_json,
+    stop_line,
 )
 from supervisor.core.messages import ConnectionSnapshot
 from supervisor.orchestration.network.monitor import NetworkStatus, PeerRoute
@@ -145,6 +152,27 @@ def add_ctl_commands(subparsers: Any) -> None:
         help="switch one connection to the path on a local address (added when missing)",
     )
     add_migrate_arguments(migrate)
+    health = _command(
+        sub,
+        "health",
+        _health,
+        help="is the supervisor ready and live? (exit 0 yes, 1 no: a probe)",
+        description="Ready: started, desired state restored (an agent), not stopping. Live: its "
+        "event loop answers. Exit 1, with one line saying why, when the asked state does not "
+        "hold or the socket does not answer within --timeout.",
+    )
+    add_health_choice(health)
+    stop = _command(
+        sub,
+        "stop",
+        _stop,
+        help="stop a Ray agent in order: not ready, streams finish or the deadline, closed",
+        description="The agent behind the socket (`agent --control-socket`) turns not ready, "
+        "its listeners stop accepting, its connections run until no stream is open or "
+        "--deadline, then every one is closed with CONNECTION_CLOSE. Its desired state is kept. "
+        "This is the pod's preStop.",
+    )
+    add_deadline_argument(stop)
 
 
 def run_ctl_command(args: argparse.Namespace) -> int:
@@ -231,6 +259,33 @@ async def _migrate(args: argparse.Namespace, client: ControlClient) -> int:
         _json(snapshot_json(snap))
     else:
         print(migrate_line(snap))
+    return 0
+
+
+async def _health(args: argparse.Namespace, client: ControlClient) -> int:
+    which = "ready" if args.ready else "live" if args.live else "both"
+    try:
+        health = await client.health()
+    except Exception as exc:  # a probe: no answer is an answer (exit 1), never a traceback
+        if isinstance(exc, TimeoutError):
+            text = f"no answer within {args.timeout:g} s"
+        else:
+            text = one_line(exc)
+        print(f"NOT HEALTHY: {text}")
+        return 1
+    if args.json:
+        _json(dataclasses.asdict(health))
+    else:
+        print(health_line(health, which))
+    return 0 if health_ok(health, which) else 1
+
+
+async def _stop(args: argparse.Namespace, client: ControlClient) -> int:
+    report = await client.stop(args.deadline)
+    if args.json:
+        _json(stop_json(report))
+    else:
+        print(stop_line(report))
     return 0
 
 

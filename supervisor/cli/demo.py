@@ -167,13 +167,23 @@ class VerifiedEcho:
         self.started = time.monotonic()
         self.finished: float | None = None
 
-    async def write(self, *, total: int | None = None, until: float | None = None) -> None:
-        """Write exactly ``total`` bytes, or whole blocks until monotonic time ``until``."""
+    async def write(
+        self,
+        *,
+        total: int | None = None,
+        until: float | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Write exactly ``total`` bytes, or whole blocks until monotonic time ``until``, then
+        FIN; ``stop`` set ends it early after a whole write (every byte counted as sent is on
+        the stream, so its echo can be awaited)."""
         index = 0
         while True:
             if total is not None and self.sent >= total:
                 break
             if until is not None and time.monotonic() >= until:
+                break
+            if stop is not None and stop.is_set():
                 break
             data = block(self.seed, index)
             if total is not None:

@@ -1,4 +1,4 @@
-"""``quic-supervisor fleet ls|paths|stats|network|drain|migrate|dial|listen`` and
+"""``quic-supervisor fleet ls|paths|stats|network|drain|migrate|dial|listen|health|stop`` and
 ``quic-supervisor agent``.
 
 Wired into the main CLI by ``add_fleet_commands(subparsers)`` + ``run_fleet_command(args)``;
@@ -38,13 +38,17 @@ from actors.errors import MigrationError
 from supervisor.cli.ctl import network_data, print_network
 from supervisor.cli.tables import (
     IdError,
+    add_deadline_argument,
     add_drain_arguments,
+    add_health_choice,
     add_json,
     add_log_level,
     add_migrate_arguments,
     add_timeout,
     drain_json,
     drain_lines,
+    health_line,
+    health_ok,
     ls_table,
     make_console,
     migrate_line,
@@ -55,6 +59,8 @@ from supervisor.cli.tables import (
     short_ids,
     snapshot_json,
     stats_json,
+    stop_json,
+    stop_line,
 )
 from supervisor.remote.ray_agent import DEFAULT_NAMESPACE
 
@@ -209,6 +215,26 @@ def add_fleet_commands(subparsers: Any) -> None:
         help="what the agent does with each stream (default: echo)",
     )
 
+    health = _command(
+        sub,
+        "health",
+        _health,
+        help="is each agent ready and live? (exit 1 when one is not)",
+        description="As `ctl health`, through Ray, one line per agent. For kubelet's probes use "
+        "`ctl health` on the agent's --control-socket (no Ray client).",
+    )
+    add_health_choice(health)
+    stop = _command(
+        sub,
+        "stop",
+        _stop,
+        help="stop one agent (--node) in order, as `ctl stop` does",
+        description="As `ctl stop`, through Ray: the agent (--node is required) turns not ready, "
+        "its connections run until no stream is open or --deadline, then every one is "
+        "closed with CONNECTION_CLOSE; its desired state is kept.",
+    )
+    add_deadline_argument(stop)
+
     agent = subparsers.add_parser(
         "agent", help="start this node's supervisor agent in a running Ray cluster"
     )
@@ -233,6 +259,12 @@ def add_fleet_commands(subparsers: Any) -> None:
         action="store_true",
         help="run the network monitor and react to interface and route changes "
         "(NetworkPolicy defaults; default: off)",
+    )
+    agent.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="the agent also serves the control socket at PATH (a path on its node) for "
+        "`ctl health` probes and `ctl stop` (the pod's preStop) (default: none)",
     )
     agent.set_defaults(_fleet_run=_agent)
 
@@ -566,6 +598,45 @@ async def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _health(args: argparse.Namespace) -> int:
+    sups, shown = _agents(args, _connect(args))
+    which = "ready" if args.ready else "live" if args.live else "both"
+    results = await asyncio.gather(*(s.health() for s in sups), return_exceptions=True)
+    data: dict[str, Any] = {}
+    lines = []
+    ok = True
+    for sup, health in zip(sups, results, strict=True):
+        name = shown.get(sup.label, sup.label)
+        if isinstance(health, BaseException):
+            ok = False
+            data[sup.label] = {"error": one_line(health)}
+            lines.append(f"{name}: NOT HEALTHY: {one_line(health)}")
+        else:
+            ok = ok and health_ok(health, which)
+            data[sup.label] = dataclasses.asdict(health)
+            lines.append(health_line(health, which, prefix=f"{name}: "))
+    if args.json:
+        _json(data)
+    else:
+        print("\n".join(lines) if lines else _none_line(args.namespace))
+    return 0 if ok else 1
+
+
+async def _stop(args: argparse.Namespace) -> int:
+    if args.node is None:
+        raise IdError(
+            "fleet stop needs --node: it stops one agent (a node leaving), never the whole "
+            f"fleet at once; give the node as `{_LS}` prints it"
+        )
+    sup, name = _one_agent(args, _connect(args))
+    report = await sup.stop(args.deadline)
+    if args.json:
+        _json({sup.label: stop_json(report)})
+    else:
+        print(stop_line(report, prefix=f"{name}: "))
+    return 0
+
+
 def _alpn(text: str) -> list[str] | None:
     return [a for a in text.split(",") if a] or None
 
@@ -638,8 +709,13 @@ async def _agent(args: argparse.Namespace) -> int:
                 raise
             print(f"waiting for the Ray node: {one_line(exc)}", file=sys.stderr)
             await asyncio.sleep(2.0)  # the retry's pace, not a synchronisation
+    socket_path = os.path.abspath(args.control_socket) if args.control_socket else None
     sup = fleet.start_agent(
-        args.node_id, label=args.label, max_restarts=args.max_restarts, network=args.network
+        args.node_id,
+        label=args.label,
+        max_restarts=args.max_restarts,
+        network=args.network,
+        control_socket=socket_path,
     )
     info = await sup.info()
     if args.json:

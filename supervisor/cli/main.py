@@ -6,7 +6,9 @@ bad address, a path that cannot be validated, a server that does not answer, a f
 there) end the command with ONE line on stderr, ``quic-supervisor CMD: error: WHAT: FIX``, and
 exit status 2, never a traceback or a raw OS error: they are answers, not crashes. Exit status 1
 means the command ran but its check failed (bytes not verified, an HTTP error status); 0 means
-everything checked out; 130 an interrupt (Ctrl-C), after a partial summary on stdout.
+everything checked out; 130 an interrupt (Ctrl-C), after a partial summary on stdout. SIGTERM
+asks ``serve`` and ``dial`` for an orderly stop within ``--stop-timeout`` (``StopSignals``):
+exit 0 when nothing was lost; a second SIGTERM stops at once.
 
 Logging (``--log-level``, default warning): our own loggers (``quic_supervisor``,
 ``supervisor``, ``actors``, ``telemetry``) at that level on stderr; third-party libraries'
@@ -35,9 +37,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 from aioquic.h3.connection import H3_ALPN
@@ -62,6 +64,7 @@ from supervisor.cli.demo import (
 from supervisor.cli.fleet import add_fleet_commands, run_fleet_command
 from supervisor.core.config import NetworkPolicy, PathPolicy
 from supervisor.core.events import EvtPeerAddressChanged
+from supervisor.core.validate import MAX_DURATION
 from supervisor.h3 import H3Error, H3Response, http3_get
 from supervisor.libp2p.keys import Identity
 from supervisor.libp2p.peer_calls import identify_peer, ping_peer
@@ -93,6 +96,8 @@ OWN_LOGGERS = ("quic_supervisor", "supervisor", "actors", "telemetry")
 RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 log = logging.getLogger("quic_supervisor.cli")
+
+T = TypeVar("T")
 
 
 class UsageError(ValueError):
@@ -236,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         parents=[common],
-        help="run an echo server until SIGINT/SIGTERM",
+        help="run an echo server until SIGTERM (an orderly stop) or SIGINT",
         description="Echo every stream back. The first stdout line is 'listening on MULTIADDR'; "
-        "the certificate clients should trust is named on stderr.",
+        "the certificate clients should trust is named on stderr. SIGTERM stops in order: new "
+        "clients are refused, open streams may finish within --stop-timeout, every connection "
+        "is closed (NO_ERROR), one line says what was cut, exit 0. SIGINT closes at once.",
     )
     serve.add_argument(
         "--listen",
@@ -273,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a libp2p listener (ping, identify, echo on /echo/1.0.0); --key is then the "
         "libp2p identity file (made, mode 0600, when missing); prints its /p2p/ address",
     )
+    _stop_timeout_flag(
+        serve,
+        "on SIGTERM, how long connections may finish their open streams (new clients are "
+        "refused at once) before the rest are closed and their streams cut; 0: no waiting. "
+        "A second SIGTERM or a SIGINT closes at once",
+    )
     _control_flag(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -282,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream verified data through an echo server, migrating on a schedule",
         description="Write --bytes of deterministic data on one stream, check every echoed "
         "byte, and (with --migrate-every) move between the paths meanwhile. Shows progress "
-        "(bytes, rate, ETA); Ctrl-C prints what was done so far and exits 130.",
+        "(bytes, rate, ETA); Ctrl-C prints what was done so far and exits 130. SIGTERM stops "
+        "in order: no new data, the echo of what was sent awaited (--stop-timeout), the "
+        "connection closed, the usual summary; exit 0 when every byte sent was verified.",
     )
     dial.add_argument("addr", metavar="MULTIADDR", help="e.g. /ip4/127.0.0.1/udp/4433/quic-v1")
     dial.add_argument(
@@ -325,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         "echoed byte",
     )
     _plain_flag(dial, "progress")
+    _stop_timeout_flag(
+        dial,
+        "on SIGTERM, how long to wait for the echo of the bytes already sent (no new ones "
+        "are) before closing the connection; 0: no waiting. A second SIGTERM stops at once",
+    )
     _network_flags(dial)
     _control_flag(dial)
     _tls_flags(dial)
@@ -566,6 +586,28 @@ def _control_flag(parser: argparse.ArgumentParser) -> None:
         help="serve a local control socket here (mode 0600) for `quic-supervisor ctl` "
         "(default: none)",
     )
+
+
+def _stop_timeout_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--stop-timeout",
+        type=_stop_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help=what,
+    )
+
+
+def _stop_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_DURATION:  # NaN and inf too
+        raise argparse.ArgumentTypeError(
+            f"must be between 0 and {MAX_DURATION:g} seconds, got {text!r}"
+        )
+    return value
 
 
 def _positive(text: str) -> float:
@@ -917,6 +959,74 @@ def _serve_credentials(
     return str(cert), str(key), notice
 
 
+class StopSignals:
+    """The stop signals of a long-running command, one handler for all: the first asks for a
+    stop (``first`` says which), any later one for an immediate stop (``hurry``).
+
+    Installed on the running loop for the ``with`` block; signals not given keep their
+    handling (asyncio's SIGINT: KeyboardInterrupt, the partial summary, exit 130)."""
+
+    def __init__(self, *signals: signal.Signals) -> None:
+        self.signals = signals
+        self.first: signal.Signals | None = None
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self._installed: list[signal.Signals] = []
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.first is None:
+            self.first = sig
+            self.stop.set()
+        else:
+            self.hurry.set()
+
+    def __enter__(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for sig in self.signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._received, sig)
+                self._installed.append(sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    async def unless_hurried(self, awaitable: Awaitable[T]) -> T | None:
+        """Its result, or None when a later signal came first (it is then cancelled)."""
+        task = asyncio.ensure_future(awaitable)
+        hurry = asyncio.create_task(self.hurry.wait())
+        try:
+            await asyncio.wait({task, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, hurry, return_exceptions=True)
+        return None if task.cancelled() else task.result()
+
+
+async def _serve_until_stopped(sup: Supervisor, signals: StopSignals, stop_timeout: float) -> None:
+    """Serve until a signal; SIGTERM then stops in order (``Supervisor.shutdown``), saying so
+    in two lines; SIGINT, or a second signal meanwhile, closes at once."""
+    await signals.stop.wait()
+    if signals.first != signal.SIGTERM:
+        return  # SIGINT: closed at once by the Supervisor's exit
+    count = len(sup.inbound_connections()) + len(sup.connections())
+    print(f"stopping: {count} connection(s), deadline {stop_timeout:g} s", flush=True)
+    report = await signals.unless_hurried(sup.shutdown(stop_timeout))
+    if report is None:  # cancelled: shutdown() closed everything at once
+        print("stopped at once: a second signal came before the deadline", flush=True)
+        return
+    print(
+        f"stopped: {report.connections} closed, {report.streams_cut} streams cut in "
+        f"{report.elapsed:.2f} s",
+        flush=True,
+    )
+
+
 @contextlib.asynccontextmanager
 async def _control(sup: Supervisor, path: Path | None) -> AsyncIterator[None]:
     """``--control-socket``: said on stderr once it listens; an OS error while opening it is
@@ -943,12 +1053,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         certfile, keyfile, notice = _serve_credentials(args, stack)
         alpn = [a.strip() for a in args.alpn.split(",") if a.strip()]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-                stack.callback(loop.remove_signal_handler, sig)
+        signals = stack.enter_context(StopSignals(signal.SIGTERM, signal.SIGINT))
         async with (
             Supervisor(**_supervisor_kwargs(args)) as sup,
             _control(sup, args.control_socket),
@@ -964,7 +1069,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             if notice is not None:
                 print(notice, file=sys.stderr, flush=True)
             async with _serving(sup, listener):
-                await stop.wait()
+                await _serve_until_stopped(sup, signals, args.stop_timeout)
         log.info("stopped")
     return 0
 
@@ -987,13 +1092,7 @@ async def _serve_libp2p(args: argparse.Namespace) -> int:
             "--libp2p presents the identity's own certificate: leave out --cert/--cert-dir"
         )
     identity = _identity_from(args.key)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    with contextlib.ExitStack() as stack:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-                stack.callback(loop.remove_signal_handler, sig)
+    with StopSignals(signal.SIGTERM, signal.SIGINT) as signals:
         async with (
             Supervisor(identity=identity, **_supervisor_kwargs(args)) as sup,
             _control(sup, args.control_socket),
@@ -1003,7 +1102,7 @@ async def _serve_libp2p(args: argparse.Namespace) -> int:
             )
             print(f"listening on {listener.multiaddr} (libp2p)", flush=True)
             async with _serving(sup, listener):
-                await stop.wait()
+                await _serve_until_stopped(sup, signals, args.stop_timeout)
     return 0
 
 
@@ -1217,83 +1316,135 @@ async def cmd_dial(args: argparse.Namespace) -> int:
         return f"interrupted after {time.monotonic() - started:.2f} s: {figures}; {migrations()}"
 
     args.partial_summary = partial
-    async with (
-        Supervisor(
-            enable_experimental_connection_migration=True,
-            **network,
-            **_supervisor_kwargs(args),
-        ) as sup,
-        _control(sup, args.control_socket),
-    ):
-        conn = await _dial(
-            sup,
-            args.addr,
-            args.timeout,
-            alpn_protocols=[a for a in args.alpn.split(",") if a] or None,
-            server_name=args.server_name,
-            cafile=args.cafile,
-            verify=not args.insecure,
-            timeout=args.timeout,
-        )
-        mc = conn.as_migratable()
-        print(f"connected {conn.local_multiaddr} -> {conn.remote_multiaddr}", flush=True)
-        await _add_paths(mc, args.path, args.probe_timeout)
-        echo = VerifiedEcho(await conn.open_stream())
-        rotator = Rotator(
-            mc,
-            probe_timeout=args.probe_timeout,
-            on_migration=_print_migration,
-            tracer=caller_tracer(sup),
-            events=sup.events,
-            hold=args.operator_hold,
-            on_operator=lambda line: print(line, flush=True),
-        )
-        live_echo, rotating = echo, rotator  # non-optional names for the closures below
-        progress = TransferProgress("echoed", total=args.bytes, live=_live(args))
-
-        def note() -> str:
-            text = f"migrations {rotating.succeeded}"
-            return text + (" (paused for the operator)" if rotating.paused else "")
-
-        done = asyncio.Event()
-        transfer: asyncio.Future[Any] = asyncio.gather(echo.write(total=args.bytes), echo.read())
-        helpers = [
-            asyncio.create_task(journal_stats(sup), name="journal-stats"),
-            asyncio.create_task(progress.run(lambda: live_echo.echoed, note), name="progress"),
-        ]
-        guard: asyncio.Future[Any] = asyncio.create_task(
-            _stall_guard(lambda: live_echo.echoed, args.timeout)
-        )
-        rotation = (
-            asyncio.create_task(rotator.run(args.migrate_every, stop=done))
-            if args.migrate_every is not None
-            else None
-        )
-        try:
-            await asyncio.wait({transfer, guard}, return_when=asyncio.FIRST_COMPLETED)
-            if guard.done():
-                guard.result()  # raises the stall
-            transfer.result()
-        finally:
-            done.set()  # the rotation ends after its migration in progress, if any
-            for task in (transfer, guard, *helpers):
-                task.cancel()
-            await asyncio.gather(transfer, guard, *helpers, return_exceptions=True)
-            outcome = (
-                await asyncio.gather(rotation, return_exceptions=True)
-                if rotation is not None
-                else [None]
+    # SIGTERM only: SIGINT stays asyncio's (KeyboardInterrupt: the partial summary, 130).
+    with StopSignals(signal.SIGTERM) as signals:
+        async with (
+            Supervisor(
+                enable_experimental_connection_migration=True,
+                **network,
+                **_supervisor_kwargs(args),
+            ) as sup,
+            _control(sup, args.control_socket),
+        ):
+            conn = await _dial(
+                sup,
+                args.addr,
+                args.timeout,
+                alpn_protocols=[a for a in args.alpn.split(",") if a] or None,
+                server_name=args.server_name,
+                cafile=args.cafile,
+                verify=not args.insecure,
+                timeout=args.timeout,
             )
-        if isinstance(outcome[0], Exception):
-            raise outcome[0]
-        await conn.close()
+            mc = conn.as_migratable()
+            print(f"connected {conn.local_multiaddr} -> {conn.remote_multiaddr}", flush=True)
+            await _add_paths(mc, args.path, args.probe_timeout)
+            echo = VerifiedEcho(await conn.open_stream())
+            rotator = Rotator(
+                mc,
+                probe_timeout=args.probe_timeout,
+                on_migration=_print_migration,
+                tracer=caller_tracer(sup),
+                events=sup.events,
+                hold=args.operator_hold,
+                on_operator=lambda line: print(line, flush=True),
+            )
+            live_echo, rotating = echo, rotator  # non-optional names for the closures below
+            progress = TransferProgress("echoed", total=args.bytes, live=_live(args))
+
+            def note() -> str:
+                text = f"migrations {rotating.succeeded}"
+                return text + (" (paused for the operator)" if rotating.paused else "")
+
+            done = asyncio.Event()
+            transfer: asyncio.Future[Any] = asyncio.gather(
+                echo.write(total=args.bytes, stop=signals.stop), echo.read()
+            )
+            helpers = [
+                asyncio.create_task(journal_stats(sup), name="journal-stats"),
+                asyncio.create_task(progress.run(lambda: live_echo.echoed, note), name="progress"),
+            ]
+            guard: asyncio.Future[Any] = asyncio.create_task(
+                _stall_guard(lambda: live_echo.echoed, args.timeout)
+            )
+            # Ends (the transfer is then cut) when --stop-timeout passed after a SIGTERM, or
+            # at a second SIGTERM.
+            stopping = asyncio.create_task(
+                _dial_stopping(signals, done, live_echo, args.stop_timeout), name="stopping"
+            )
+            rotation = (
+                asyncio.create_task(rotator.run(args.migrate_every, stop=done))
+                if args.migrate_every is not None
+                else None
+            )
+            try:
+                await asyncio.wait({transfer, guard, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if guard.done():
+                    guard.result()  # raises the stall
+                if transfer.done():
+                    transfer.result()
+            finally:
+                done.set()  # the rotation ends after its migration in progress, if any
+                for task in (transfer, guard, stopping, *helpers):
+                    task.cancel()
+                await asyncio.gather(transfer, guard, stopping, *helpers, return_exceptions=True)
+                outcome = (
+                    await asyncio.gather(rotation, return_exceptions=True)
+                    if rotation is not None
+                    else [None]
+                )
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            if signals.hurry.is_set():
+                print(partial(), flush=True)  # a second SIGTERM: no waiting for anything
+                return 130
+            await conn.close()
     elapsed = (echo.finished or time.monotonic()) - echo.started
-    verdict = "all verified" if echo.ok else f"NOT verified (first bad byte {echo.first_mismatch})"
+    if signals.first is None:
+        verdict = (
+            "all verified" if echo.ok else f"NOT verified (first bad byte {echo.first_mismatch})"
+        )
+        ok = echo.ok
+    else:
+        verdict, ok = _stopped_verdict(echo, args.stop_timeout)
     print(
         f"sent {echo.sent:,} bytes, echoed {echo.echoed:,}, verified {echo.verified:,} "
         f"({verdict}); {migrations()}; {elapsed:.2f} s, {echo.throughput / 1e6:.2f} MB/s"
     )
-    return 0 if echo.ok else 1
+    return 0 if ok else 1
+
+
+async def _dial_stopping(
+    signals: StopSignals, done: asyncio.Event, echo: VerifiedEcho, stop_timeout: float
+) -> None:
+    """After a SIGTERM: no new migration, one line, then return (cutting the transfer) when
+    ``stop_timeout`` passed or at a second SIGTERM."""
+    await signals.stop.wait()
+    done.set()
+    print(
+        f"stopping: no new data; waiting up to {stop_timeout:g} s for the echo of "
+        f"{echo.sent - echo.echoed:,} byte(s)",
+        flush=True,
+    )
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(stop_timeout):
+            await signals.hurry.wait()
+
+
+def _stopped_verdict(echo: VerifiedEcho, stop_timeout: float) -> tuple[str, bool]:
+    """The summary's verdict after a SIGTERM, and whether it is a success: every byte sent
+    came back intact (fewer than --bytes is what was asked for)."""
+    if echo.first_mismatch is not None:
+        return f"NOT verified (first bad byte {echo.first_mismatch}); stopped by SIGTERM", False
+    if echo.verified == echo.sent == echo.echoed and echo.sent_sha.digest() == (
+        echo.echo_sha.digest()
+    ):
+        return "all verified; stopped by SIGTERM", True
+    return (
+        f"NOT verified: {echo.sent - echo.echoed:,} bytes not echoed within --stop-timeout "
+        f"{stop_timeout:g} s of the SIGTERM",
+        False,
+    )
 
 
 # ------------------------------------------------------------------------------ get

@@ -39,6 +39,7 @@ from rich.table import Table
 
 from supervisor.core.messages import ConnectionSnapshot, MigrationStats
 from supervisor.orchestration.drain import DrainReport
+from supervisor.remote.protocol import Health, StopReport
 
 __all__ = [
     "DEFAULT_PROBE_TIMEOUT",
@@ -48,6 +49,7 @@ __all__ = [
     "AmbiguousIdError",
     "IdError",
     "UnknownIdError",
+    "add_deadline_argument",
     "add_drain_arguments",
     "add_json",
     "add_log_level",
@@ -55,9 +57,12 @@ __all__ = [
     "add_timeout",
     "drain_json",
     "drain_lines",
+    "health_line",
+    "health_ok",
     "ls_table",
     "make_console",
     "migrate_line",
+    "not_negative",
     "one_line",
     "paths_table",
     "positive",
@@ -66,12 +71,17 @@ __all__ = [
     "size",
     "snapshot_json",
     "stats_json",
+    "stop_json",
+    "stop_line",
 ]
 
 #: Seconds ``ctl`` and ``fleet`` wait for the socket or the Ray cluster, and for each answer.
 DEFAULT_TIMEOUT = 60.0
 #: Seconds a probe of an unvalidated target may take (``Supervisor.drain``'s default too).
 DEFAULT_PROBE_TIMEOUT = 2.0
+#: Seconds ``stop`` lets open streams finish before every connection is closed (the pod's
+#: preStop passes its own, below terminationGracePeriodSeconds).
+DEFAULT_STOP_DEADLINE = 10.0
 #: Off a terminal: wide enough for any row, so rich never cuts or wraps one.
 _PIPE_WIDTH = 100_000
 #: Ids longer than this are shown as their shortest unique prefix (Ray node ids: 56 hex).
@@ -168,6 +178,36 @@ def add_drain_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the drained paths open (standby) instead of closing them (default: close)",
     )
+
+
+def not_negative(text: str) -> float:
+    """argparse type: seconds >= 0 (0: close at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def add_deadline_argument(parser: argparse.ArgumentParser) -> None:
+    """``stop --deadline``: how long open streams may run before every connection is closed."""
+    parser.add_argument(
+        "--deadline",
+        type=not_negative,
+        default=DEFAULT_STOP_DEADLINE,
+        metavar="SECONDS",
+        help="let connections with open streams run this long, then close every one with "
+        f"CONNECTION_CLOSE (0: at once; default: {DEFAULT_STOP_DEADLINE:g})",
+    )
+
+
+def add_health_choice(parser: argparse.ArgumentParser) -> None:
+    """``health --ready|--live``: which state a probe asks about (both when neither)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--ready", action="store_true", help="only readiness counts")
+    which.add_argument("--live", action="store_true", help="only liveness counts")
 
 
 def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,6 +416,46 @@ def drain_lines(report: DrainReport, prefix: str = "") -> list[str]:
         f"untouched {counts['untouched']} in {report.elapsed_s:.3f} s"
     )
     return lines
+
+
+def stop_json(report: StopReport) -> dict[str, Any]:
+    return dataclasses.asdict(report)
+
+
+def stop_line(report: StopReport, prefix: str = "") -> str:
+    """What an orderly stop did, in one line."""
+    if report.already:
+        return f"{prefix}already stopped: {report.connections} connection(s) were closed"
+    cut = (
+        f", {report.streams_cut} stream(s) cut at the deadline"
+        if report.deadline_hit
+        else ", every stream had ended"
+    )
+    return (
+        f"{prefix}stopped: {report.connections} connection(s) closed{cut}, "
+        f"in {report.elapsed:.3f} s"
+    )
+
+
+def health_line(health: Health, which: str = "both", prefix: str = "") -> str:
+    """One line for a probe: ``ready``/``live``/``both`` decides what counts, the rest is said."""
+    loop = f"loop lag {health.loop_lag * 1000:.1f} ms, last tick {health.tick_age:.1f} s ago"
+    if which == "live":
+        state = "live" if health.live else "NOT LIVE: the event loop is stuck"
+        return f"{prefix}{state} ({loop})"
+    ready = "ready" if health.ready else f"NOT READY: {health.why}"
+    if which == "ready":
+        return f"{prefix}{ready} ({health.connections} connection(s))"
+    live = "live" if health.live else "NOT LIVE"
+    return f"{prefix}{ready}, {live} ({health.connections} connection(s), {loop})"
+
+
+def health_ok(health: Health, which: str = "both") -> bool:
+    if which == "ready":
+        return health.ready
+    if which == "live":
+        return health.live
+    return health.ready and health.live
 
 
 def migrate_line(snap: ConnectionSnapshot) -> str:

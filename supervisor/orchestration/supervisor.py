@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -10,7 +11,8 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Unpack, cast
 
@@ -62,6 +64,33 @@ from telemetry.qlog import QlogDirectory, QlogWriter
 from telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
+
+#: How often ``shutdown`` re-counts open streams: a stream publishes no event when it ends
+#: (its table forgets it on the connection's next flush), so the count is read on this period.
+SHUTDOWN_CHECK_PERIOD = 0.02
+#: The CONNECTION_CLOSE reason phrases: an orderly stop, and ``close()``.
+SHUTDOWN_REASON = "shutting down"
+CLOSE_REASON = "supervisor closing"
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownReport:
+    """What ``Supervisor.shutdown`` did: what an operator's stop log line (and a pod's
+    termination message) needs to say whether anyone was cut off."""
+
+    #: Connections (accepted and dialled) this stop closed with CONNECTION_CLOSE.
+    connections: int
+    #: Streams still open when the deadline passed (0 when everything ended in time).
+    streams_cut: int
+    #: Seconds from the call to everything released.
+    elapsed: float
+    #: The deadline passed with streams still open.
+    deadline_hit: bool
+
+
+def quiet_connections(open_streams: Mapping[str, int]) -> list[str]:
+    """The connections an orderly stop may close now: those without an open stream."""
+    return [conn_id for conn_id, count in open_streams.items() if count == 0]
 
 
 class Supervisor(Service):
@@ -182,6 +211,11 @@ class Supervisor(Service):
         self._listeners: list[Listener] = []
         self._crash: ChildFailed | None = None
         self._closed = False
+        #: Set once close() began: a second or concurrent close() waits for the first.
+        self._released: asyncio.Event | None = None
+        #: shutdown() began: no new dial or listener; set when it has ended.
+        self._stopping: asyncio.Event | None = None
+        self._stop_report: ShutdownReport | None = None
         # Providers are the caller's: the library never sets the global ones.
         self.tracing = Tracing(tracer_provider)
         self.metrics = Metrics(meter_provider)
@@ -238,11 +272,25 @@ class Supervisor(Service):
         self._crash = failure
 
     async def close(self) -> None:
-        """Close every listener and connection; no socket or task survives this call."""
+        """Close every listener and connection at once (CONNECTION_CLOSE, NO_ERROR); no
+        socket or task survives this call. Idempotent: after ``shutdown()`` it does nothing."""
+        await self._release(CLOSE_REASON)
+
+    async def _release(self, reason: str) -> None:
+        if self._released is not None:
+            await self._released.wait()  # a close already ran, or runs: it does the work
+            return
+        self._released = asyncio.Event()
+        try:
+            await self._close_all(reason)
+        finally:
+            self._released.set()
+
+    async def _close_all(self, reason: str) -> None:
         self._closed = True
         await self.libp2p.close()
         for listener in self._listeners:
-            await listener.close()
+            await listener.close(reason)
         self._listeners.clear()
         for qlog in self._server_qlogs:  # inbound connections cut short by the close
             qlog.close()
@@ -251,7 +299,7 @@ class Supervisor(Service):
             for entry in list(self._conns.values()):
                 if entry.ref.is_alive:
                     with contextlib.suppress(Exception):
-                        await entry.ref.ask(Close(0, "supervisor closing"), timeout=5)
+                        await entry.ref.ask(Close(0, reason), timeout=5)
             await self._runtime.stop()
             self._runtime = None
             self._ref = None
@@ -264,6 +312,87 @@ class Supervisor(Service):
             self.journal = None
         if self._netns is not None:
             self._netns.close()  # idempotent (the SupervisorActor closed it when it ran)
+
+    async def shutdown(self, deadline: float = 10.0) -> ShutdownReport:
+        """Stop in order, as a server being stopped (SIGTERM, a pod's end) should.
+
+        At once every listener refuses new clients (CONNECTION_CLOSE with
+        CONNECTION_REFUSED to their first Initial) and ``dial``/``listen`` raise
+        ``SupervisorClosedError``. Connections, accepted and dialled, go on; each is closed
+        (CONNECTION_CLOSE, NO_ERROR, "shutting down") as soon as it has no open stream. When
+        ``deadline`` seconds pass, the rest are closed with their streams cut (counted).
+        Then everything is released as by ``close()``, which is a no-op afterwards.
+
+        Twice (or concurrently) it returns the first call's report; after ``close()``, an
+        empty one. Cancelled, it closes everything at once (the caller gave up waiting)."""
+        deadline = validate.duration("deadline", deadline, allow_zero=True)
+        if self._stopping is not None:
+            await self._stopping.wait()
+            return self._stop_report or ShutdownReport(0, 0, 0.0, False)
+        if self._released is not None:
+            return ShutdownReport(0, 0, 0.0, False)
+        self._stopping = asyncio.Event()
+        try:
+            self._stop_report = await self._stop(deadline)
+        except BaseException:
+            await self._release(CLOSE_REASON)
+            raise
+        finally:
+            self._stopping.set()
+        return self._stop_report
+
+    async def _stop(self, deadline: float) -> ShutdownReport:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ends = started + deadline
+        for listener in self._listeners:
+            listener.stop_accepting()
+        closed: set[str] = set()  # closing: aioquic keeps them a moment (draining)
+        cut = 0
+        while self._released is None:  # a concurrent close() ends the wait
+            streams = {c: n for c, n in self._open_streams().items() if c not in closed}
+            quiet = quiet_connections(streams)
+            await self._close_connections(quiet)
+            closed.update(quiet)
+            if len(quiet) == len(streams):
+                break
+            if loop.time() >= ends:
+                cut = sum(streams.values())
+                break
+            await asyncio.sleep(min(SHUTDOWN_CHECK_PERIOD, ends - loop.time()))
+        closed.update(self._open_streams())  # the rest: closed below, streams cut
+        await self._release(SHUTDOWN_REASON)
+        report = ShutdownReport(len(closed), cut, loop.time() - started, cut > 0)
+        log.info("shut down: %s", report)
+        return report
+
+    def _open_streams(self) -> dict[str, int]:
+        """Open streams per open connection, accepted and dialled."""
+        counts: dict[str, int] = {}
+        for listener in self._listeners:
+            counts.update(listener.open_streams())
+        for entry in list(self._conns.values()):
+            if not entry.view.closed:
+                counts[entry.conn_id] = entry.port.open_streams
+        return counts
+
+    async def _close_connections(self, conn_ids: list[str]) -> None:
+        """Close these connections (NO_ERROR, "shutting down")."""
+        for conn_id in conn_ids:
+            entry = self._conns.get(conn_id)
+            if entry is not None:
+                if entry.ref.is_alive:
+                    with contextlib.suppress(Exception):
+                        await entry.ref.ask(Close(0, SHUTDOWN_REASON), timeout=5)
+                continue
+            for listener in self._listeners:
+                conn = listener.connections.get(conn_id)
+                if conn is not None:
+                    await conn.close(SHUTDOWN_REASON)
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping is not None:
+            raise SupervisorClosedError("it is shutting down: shutdown() was called")
 
     # ------------------------------------------------------------------ Client (handles)
 
@@ -308,6 +437,7 @@ class Supervisor(Service):
 
         Cancelled, it leaves nothing behind (the half-made connection is closed)."""
         self._check_running()
+        self._check_not_stopping()
         sock = options.get("sock")
         request = dial_request(addr, options)
         if sock is not None:
@@ -380,6 +510,7 @@ class Supervisor(Service):
         negotiated (ping and identify answered; ``handlers`` by protocol id, then those of
         ``set_stream_handler``); ``listener.multiaddr`` ends in ``/p2p/<peer id>``."""
         self._check_running()
+        self._check_not_stopping()
         if libp2p:
             if http3_root is not None:
                 raise InvalidArgumentError(

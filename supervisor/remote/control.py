@@ -8,8 +8,11 @@ runs the supervisor (and root), with no port and no authentication scheme to get
 Wire: each frame is a 4-byte big-endian length and that many bytes of one envelope
 (``actors.envelope``, msgpack) of the one remote protocol (:mod:`supervisor.remote.protocol`,
 shared with the Ray agent). Requests: ``sup.Snapshot``, ``sup.Switch``, ``sup.Probe``,
-``sup.ClosePath``, ``sup.AddPath`` (without ``sock=``), ``sup.Stats``, ``net.StatusRequest`` and
-``remote.Drain``. ``sup.Snapshot`` lists the connections the supervisor's listeners accepted
+``sup.ClosePath``, ``sup.AddPath`` (without ``sock=``), ``sup.Stats``, ``net.StatusRequest``,
+``remote.Drain`` and ``remote.Health`` (ready and live while the supervisor answers). A Ray
+agent serving the socket (``agent --control-socket``) answers with its own dispatcher instead:
+every agent request, ``remote.Stop`` and its own health included, which is what kubelet's
+probes and preStop call. ``sup.Snapshot`` lists the connections the supervisor's listeners accepted
 too (``inbound=True``, the peer's current address: a server's ``ctl paths``); path requests for
 one of those fail with ``MigrationNotSupportedError`` (the client migrates them). A migration
 asked here is recorded with ``initiator="operator"`` (the protocol's
@@ -52,14 +55,19 @@ from supervisor.core.messages import (
     SwitchRequest,
     expect,
 )
+from supervisor.core.validate import duration
 from supervisor.orchestration.drain import DrainReport
 from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote.protocol import (
     Dispatcher,
     DrainRequest,
     ErrorReply,
+    Health,
+    HealthRequest,
+    StopReport,
+    StopRequest,
+    ask_migrate,
     encode_error,
-    migrate_to,
     rebuild_error,
     reply_body,
 )
@@ -183,11 +191,17 @@ class ControlServer(Service):
         async with Supervisor(...) as sup, ControlServer(sup, "/run/qs.sock"):
             ...
 
-    The socket file is removed on close (only if it is still ours).
+    The socket file is removed on close (only if it is still ours). ``dispatcher`` answers
+    instead of the supervisor's own (the Ray agent passes its own: one protocol, two carriers).
     """
 
     def __init__(
-        self, sup: Supervisor, path: str | os.PathLike[str], *, max_frame: int = MAX_FRAME
+        self,
+        sup: Supervisor,
+        path: str | os.PathLike[str],
+        *,
+        max_frame: int = MAX_FRAME,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.sup = sup
         self.path = os.fspath(path)
@@ -195,8 +209,8 @@ class ControlServer(Service):
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._clients: set[asyncio.Task[Any]] = set()
-        self.dispatcher = Dispatcher(
-            handlers={SnapshotRequest: self._snapshot},
+        self.dispatcher = dispatcher or Dispatcher(
+            handlers={SnapshotRequest: self._snapshot, HealthRequest: self._health},
             forwarded=_FORWARDED,
             forward=self._forward,
             asks=sup,
@@ -288,6 +302,22 @@ class ControlServer(Service):
             raise MigrationNotSupportedError("inbound", conn_id=conn_id)
         return await self.sup.ask(msg)
 
+    async def _health(self, _msg: HealthRequest) -> Health:
+        """Ready and live while the supervisor's actor answers (this reply ran on its loop)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self.sup.ask(StatsRequest())
+        except Exception as exc:
+            return Health(ready=False, live=True, why=f"the supervisor does not answer: {exc}")
+        return Health(
+            ready=True,
+            live=True,
+            why="ready",
+            loop_lag=loop.time() - started,
+            connections=len(self.sup.connections()) + len(self.sup.inbound_connections()),
+        )
+
     async def _snapshot(self, msg: SnapshotRequest) -> object:
         """Outbound connections from the supervisor, then the listeners' inbound ones."""
         if msg.conn_id is not None:
@@ -340,7 +370,7 @@ class ControlClient(Closing):
                 raise ControlSocketError(
                     self.path,
                     f"no supervisor is serving there ({exc.strerror}): start one with "
-                    "`quic-supervisor serve|dial --control-socket PATH`",
+                    "`quic-supervisor serve|dial|agent --control-socket PATH`",
                 ) from exc
             except PermissionError as exc:
                 raise ControlSocketError(
@@ -422,4 +452,20 @@ class ControlClient(Closing):
     ) -> ConnectionSnapshot:
         """Make the path on ``to_local_addr`` the active one (reason ``"manual"``): see
         ``protocol.migrate_to``."""
-        return await migrate_to(self.request, conn_id, to_local_addr, probe_timeout=probe_timeout)
+        return await ask_migrate(self.request, conn_id, to_local_addr, probe_timeout=probe_timeout)
+
+    async def health(self) -> Health:
+        """Readiness and liveness of the process behind the socket (see ``remote.Health``)."""
+        return expect(await self.request(HealthRequest()), Health)
+
+    async def stop(self, deadline: float = 10.0) -> StopReport:
+        """The orderly stop of a Ray agent behind the socket (``remote.Stop``); this client
+        waits up to ``deadline`` plus its own timeout for the report."""
+        deadline = duration("deadline", deadline, allow_zero=True)
+        saved = self.timeout
+        if saved is not None:
+            self.timeout = saved + deadline
+        try:
+            return expect(await self.request(StopRequest(deadline)), StopReport)
+        finally:
+            self.timeout = saved

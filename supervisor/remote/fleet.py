@@ -56,13 +56,18 @@ from supervisor.core.messages import (
     StatsRequest,
     expect,
 )
+from supervisor.core.validate import duration
 from supervisor.orchestration.drain import DrainReport
 from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.remote.protocol import (
     DrainRequest,
     ErrorReply,
+    Health,
+    HealthRequest,
     RemoteError,
-    migrate_to,
+    StopReport,
+    StopRequest,
+    ask_migrate,
     rebuild_error,
     reply_body,
 )
@@ -616,6 +621,19 @@ class RemoteSupervisor(RayTransport):
         reply = expect(await self.ask(NetworkStatusRequest()), NetworkStatus)
         return reply
 
+    async def health(self) -> Health:
+        """The agent's readiness and liveness (``remote.Health``), answered even while it
+        restores its connections."""
+        return expect(await self.ask(HealthRequest()), Health)
+
+    async def stop(self, deadline: float = 10.0) -> StopReport:
+        """The agent's orderly stop: not ready at once, ``Supervisor.shutdown(deadline)`` in the
+        agent (connections closed with CONNECTION_CLOSE by the deadline), the desired state
+        kept. The agent's process keeps running (stopped) until Ray or the pod ends it."""
+        deadline = duration("deadline", deadline, allow_zero=True)
+        limit = None if self.timeout is None else self.timeout + deadline
+        return expect(await self.ask(StopRequest(deadline), limit), StopReport)
+
     async def snapshot(self) -> list[ConnectionSnapshot]:
         snaps = expect(await self.ask(SnapshotRequest(None)), tuple)
         return list(snaps)
@@ -648,7 +666,7 @@ class RemoteSupervisor(RayTransport):
     ) -> ConnectionSnapshot:
         """Make the path on ``to_local_addr`` the active one (reason ``"manual"``), as
         ``ControlClient.migrate`` does (``protocol.migrate_to``)."""
-        return await migrate_to(self.ask, conn_id, to_local_addr, probe_timeout=probe_timeout)
+        return await ask_migrate(self.ask, conn_id, to_local_addr, probe_timeout=probe_timeout)
 
     def events(
         self,
@@ -756,6 +774,8 @@ class Fleet:
         persist: bool = True,
         env: dict[str, str] | None = None,
         network: bool = False,
+        control_socket: str | None = None,
+        exit_deadline: float | None = None,
     ) -> RemoteSupervisor:
         """Start (or find: ``get_if_exists``) the detached agent pinned to ``node_id``.
 
@@ -763,6 +783,9 @@ class Fleet:
         so tests can run two agents on one node. ``env`` adds variables to the agent's
         process (e.g. ``OTEL_*``); by default it inherits the node's. ``network``: run the
         NetworkMonitor and its reactions (``NetworkPolicy()``) in the agent.
+        ``control_socket``: the agent also serves the Unix control socket there (kubelet's
+        probes and preStop use it); ``exit_deadline``: seconds its stop at process exit
+        (SIGTERM) may take. Ray passes both again to a restarted incarnation.
         """
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -797,6 +820,8 @@ class Fleet:
                 capture_spans=capture_spans,
                 persist=persist,
                 network=network,
+                control_socket=control_socket,
+                exit_deadline=exit_deadline,
             )
         )
         return RemoteSupervisor(

@@ -55,9 +55,15 @@ __all__ = [
     "DrainRequest",
     "ErrorReply",
     "Handler",
+    "Health",
+    "HealthRequest",
+    "MigrateRequest",
     "Ok",
     "RemoteError",
     "Snapshots",
+    "StopReport",
+    "StopRequest",
+    "ask_migrate",
     "encode_error",
     "error_reply",
     "rebuild_error",
@@ -107,6 +113,67 @@ class DrainRequest:
     device: str | None = None
     probe_timeout: float = 2.0
     close_drained: bool = True
+
+
+@message("remote.Migrate")
+@dataclass(frozen=True, slots=True)
+class MigrateRequest:
+    """Make the path on ``to_local_addr`` the active one (:func:`migrate_to`), run where the
+    connection lives: one request per migration, however many steps it takes there (B5). The
+    reply is the connection's :class:`ConnectionSnapshot`."""
+
+    conn_id: str
+    to_local_addr: str
+    probe_timeout: float = 2.0
+
+
+@message("remote.Health")
+@dataclass(frozen=True, slots=True)
+class HealthRequest:
+    """Is the process behind this carrier ready and alive? Answered without waiting for a
+    restore in progress (a probe must not hang on it); the reply is :class:`Health`."""
+
+
+@message("remote.HealthReply")
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Readiness (it should get work: started, desired state restored, not stopping) and
+    liveness (its event loop turns). ``why`` is one line saying what is not so, or that all is.
+
+    ``loop_lag``: the worst lateness, seconds, of the loop's heartbeat over the last few
+    seconds; ``tick_age``: seconds since its last tick (large only when the heartbeat died).
+    """
+
+    ready: bool
+    live: bool
+    why: str
+    loop_lag: float = 0.0
+    tick_age: float = 0.0
+    connections: int = 0
+    stopping: bool = False
+
+
+@message("remote.Stop")
+@dataclass(frozen=True, slots=True)
+class StopRequest:
+    """Stop in order: not ready at once, listeners stop accepting, connections run until no
+    stream is open or ``deadline`` seconds, then every one is closed with CONNECTION_CLOSE. The
+    desired state is kept (a restarted agent re-dials). The reply is :class:`StopReport`."""
+
+    deadline: float = 10.0
+
+
+@message("remote.StopReport")
+@dataclass(frozen=True, slots=True)
+class StopReport:
+    """What an orderly stop did: connections closed, streams cut at the deadline, how long it
+    took, whether the deadline cut it short; ``already`` when an earlier stop had done it."""
+
+    connections: int
+    streams_cut: int
+    elapsed: float
+    deadline_hit: bool
+    already: bool = False
 
 
 class RemoteError(Exception):
@@ -233,19 +300,23 @@ class Dispatcher:
         forward: Callable[[object], Awaitable[object]] | None = None,
         asks: Any = None,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        unprepared: tuple[type, ...] = (HealthRequest, StopRequest),
         name: str = "remote",
     ) -> None:
         """``asks``: the supervisor (or anything with ``ask``) a :class:`DrainRequest` drains;
         ``prepare``: awaited before each request (an agent restoring its connections), its
-        failure the request's; ``name`` says which carrier refused a request."""
+        failure the request's, except for ``unprepared`` ones (a health probe or a stop must
+        answer while a restore runs); ``name`` says which carrier refused a request."""
         self._handlers: dict[type, Handler] = dict(handlers or {})
         self._prepare = prepare
+        self._unprepared = unprepared
         self._forwarded = forwarded
         self._forward = forward
         self._asks = asks
         self._name = name
         if DrainRequest not in self._handlers:
             self._handlers[DrainRequest] = self._drain
+        self._handlers.setdefault(MigrateRequest, self._migrate)
 
     @property
     def accepted(self) -> tuple[type, ...]:
@@ -278,7 +349,7 @@ class Dispatcher:
             return encode_error(exc)
 
     async def handle(self, msg: object) -> object:
-        if self._prepare is not None:
+        if self._prepare is not None and not isinstance(msg, self._unprepared):
             await self._prepare()
         if isinstance(msg, SwitchRequest) and msg.initiator is None:
             msg = dataclasses.replace(msg, initiator="operator")
@@ -289,6 +360,13 @@ class Dispatcher:
             return await self._forward(msg)
         accepted = ", ".join(type_name(t) for t in self.accepted)
         raise TypeError(f"{type_name(msg)} is not a {self._name} request: send one of {accepted}")
+
+    async def _migrate(self, msg: MigrateRequest) -> ConnectionSnapshot:
+        # Each step is handled as if it had come on its own (the carrier's id mapping and
+        # records apply; the switch is the operator's), without a round trip per step.
+        return await migrate_to(
+            self.handle, msg.conn_id, msg.to_local_addr, probe_timeout=msg.probe_timeout
+        )
 
     async def _drain(self, msg: DrainRequest) -> DrainReport:
         if self._asks is None:
@@ -337,6 +415,20 @@ async def migrate_to(
             with contextlib.suppress(Exception):
                 await ask(ClosePathRequest(conn_id, target.path_id))
         raise
+
+
+async def ask_migrate(
+    ask: Callable[[object], Awaitable[object]],
+    conn_id: str,
+    to_local_addr: str | Multiaddr,
+    *,
+    probe_timeout: float = 2.0,
+) -> ConnectionSnapshot:
+    """A client's migrate-by-address: the target checked here, then one
+    :class:`MigrateRequest` that :func:`migrate_to` answers on the far side."""
+    parse_quic_multiaddr(to_local_addr, what="migration target")
+    request = MigrateRequest(conn_id, str(to_local_addr), probe_timeout)
+    return expect(await ask(request), ConnectionSnapshot)
 
 
 def find_path(paths: tuple[PathSnapshot, ...], ip: str, port: int) -> PathSnapshot | None:

@@ -17,14 +17,24 @@ Beyond ``ask``: ``events_stream`` is a Ray streaming generator (``num_returns="s
 that pushes event batches as they happen, and ``listen`` starts a QUIC server in the agent whose
 stream handler is built in (``"echo"``), because a Python callable cannot cross processes.
 
+Health and an orderly stop: ``remote.Health`` answers readiness (started, desired state
+restored, not stopping) and liveness (a heartbeat on the agent's loop, with its lag);
+``remote.Stop`` marks the agent not ready, runs ``Supervisor.shutdown(deadline)`` and keeps the
+desired state. Both travel through Ray and through the Unix control socket the agent serves
+when given one (``control_socket=``, ``agent --control-socket PATH``): kubelet's probes and
+preStop then cost a ``quic-supervisor ctl`` process and a local socket, not a Ray client. A
+SIGTERM to the worker process runs the same stop (see :func:`_stop_at_exit`).
+
 This module imports ``ray`` only inside functions: the messages are usable without Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -32,10 +42,11 @@ import os
 import socket
 import tempfile
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -60,17 +71,29 @@ from supervisor.core.messages import (
     SwitchReply,
     SwitchRequest,
 )
+from supervisor.core.validate import duration
 from supervisor.orchestration.drain import DrainReport, drain
 from supervisor.orchestration.network.monitor import NetworkStatus, NetworkStatusRequest
 from supervisor.orchestration.supervisor import Supervisor
-from supervisor.remote.protocol import Dispatcher, DrainRequest, encode_error
+from supervisor.remote.control import ControlServer
+from supervisor.remote.protocol import (
+    Dispatcher,
+    DrainRequest,
+    Health,
+    HealthRequest,
+    StopReport,
+    StopRequest,
+    encode_error,
+)
 from supervisor.server import Listener
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "AGENT_NAME_PREFIX",
+    "DEFAULT_EXIT_DEADLINE",
     "DEFAULT_NAMESPACE",
+    "EXIT_DEADLINE_ENV",
     "AgentInfo",
     "AgentMetrics",
     "CloseListenerRequest",
@@ -99,6 +122,15 @@ AGENT_NAME_PREFIX = "quic-supervisor:"
 KV_NAMESPACE = "quic-supervisor"
 _EVENT_LOG_SIZE = 4096
 LISTEN_HANDLERS = ("echo",)  # built-in stream handlers a remote listen() may name
+
+#: Seconds the stop a SIGTERM starts may take (the worker exits right after): below the pod's
+#: terminationGracePeriodSeconds, which also covers ``ray stop``.
+EXIT_DEADLINE_ENV = "QUIC_SUPERVISOR_EXIT_DEADLINE"
+DEFAULT_EXIT_DEADLINE = 5.0
+_TICK = 0.5  # heartbeat period, seconds
+_LAG_WINDOW = 20  # ticks whose lateness loop_lag reports (10 s)
+_LIVE_TICK_AGE = 10.0  # a heartbeat older than this: the loop is stuck, not live
+_STATE_FLUSH_TIMEOUT = 2.0  # seconds a stop waits for desired-state writes in flight
 
 
 #: Supervisor requests the agent passes on as they are (conn ids made live): a path's
@@ -302,29 +334,95 @@ class DesiredState:
 
     Why there: it survives the actor's process, it is in every Ray cluster (no volume to mount),
     and the records are tiny. One key per connection, msgpack values.
+
+    Written behind the replies (B5: one Ray call per operation, nothing else on the way):
+    :meth:`put` and :meth:`delete` only note the change; a writer task this object owns sends
+    the newest record of each changed key on the loop's next turn, one batch at a time, so a
+    key's writes stay in order and a burst of changes costs one write per key. A request that
+    arrives after a reply therefore runs after its change was sent (``unsaved`` says how many
+    are not yet acknowledged by the GCS); :meth:`close` flushes, bounded.
     """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._dirty: dict[str, bytes | None] = {}  # conn id -> record to write, None: delete
+        self._sending = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer: asyncio.Task[None] | None = None
+        self.failures = 0
 
-    def _kv(self) -> Any:
+    @property
+    def unsaved(self) -> int:
+        """Changes noted or sent but not yet acknowledged by the GCS."""
+        return len(self._dirty) + self._sending
+
+    @staticmethod
+    def _gcs() -> Any:
+        """Ray's GCS client in this worker (``internal_kv``'s own; tests/test_ray_backend.py
+        checks the members used, so a Ray upgrade that renames them fails loudly)."""
         from ray.experimental import internal_kv
 
-        return internal_kv
+        return internal_kv.global_gcs_client
 
-    async def put(self, conn_id: str, record: dict[str, Any]) -> None:
-        data = msgpack.packb(record, use_bin_type=True)
-        await asyncio.to_thread(
-            self._kv()._internal_kv_put, self.prefix + conn_id, data, namespace=KV_NAMESPACE
-        )
+    def put(self, conn_id: str, record: dict[str, Any]) -> None:
+        self._note(conn_id, msgpack.packb(record, use_bin_type=True))
 
-    async def delete(self, conn_id: str) -> None:
-        await asyncio.to_thread(
-            self._kv()._internal_kv_del, self.prefix + conn_id, namespace=KV_NAMESPACE
-        )
+    def delete(self, conn_id: str) -> None:
+        self._note(conn_id, None)
+
+    def _note(self, conn_id: str, data: bytes | None) -> None:
+        self._dirty[conn_id] = data
+        self._idle.clear()
+        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    def _send(self, conn_id: str, data: bytes | None) -> Awaitable[Any]:
+        """One write to the GCS, issued now (Ray's async KV call)."""
+        gcs, key, namespace = self._gcs(), (self.prefix + conn_id).encode(), KV_NAMESPACE.encode()
+        if data is None:
+            sent = gcs.async_internal_kv_del(key, False, namespace, timeout=None)
+        else:
+            sent = gcs.async_internal_kv_put(key, data, True, namespace, timeout=None)
+        return cast(Awaitable[Any], sent)
+
+    async def _write(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._dirty = self._dirty, {}
+            self._sending = len(batch)
+
+            async def one(conn_id: str, data: bytes | None) -> None:
+                try:
+                    await self._send(conn_id, data)
+                except Exception as exc:  # the GCS is away: the connection itself still works
+                    self.failures += 1
+                    log.error("desired state: cannot write %s: %s", conn_id, exc)
+
+            await asyncio.gather(*(one(c, d) for c, d in batch.items()))
+            self._sending = 0
+            if not self._dirty:
+                self._idle.set()
+
+    async def close(self, timeout: float = 5.0) -> int:
+        """Flush what is noted (at most ``timeout`` seconds), then stop the writer; returns how
+        many changes were left unsaved."""
+        if self._writer is None:
+            return 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        left = self.unsaved
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
+        return left
 
     async def load(self) -> dict[str, dict[str, Any]]:
-        kv = self._kv()
+        from ray.experimental import internal_kv as kv
 
         def read() -> dict[str, dict[str, Any]]:
             out: dict[str, dict[str, Any]] = {}
@@ -444,11 +542,21 @@ class SupervisorAgent:
         capture_spans: bool = False,
         persist: bool = True,
         network: bool = False,
+        control_socket: str | None = None,
+        exit_deadline: float | None = None,
     ) -> None:
         """``network``: run the NetworkMonitor with ``NetworkPolicy()``'s reactions (off by
-        default: it moves connections on its own when an interface or route changes)."""
+        default: it moves connections on its own when an interface or route changes).
+        ``control_socket``: also serve the Unix control socket there (a restarted incarnation
+        gets the same arguments, so it serves it again); ``exit_deadline``: seconds the stop run
+        at process exit (SIGTERM) may take (default ``$QUIC_SUPERVISOR_EXIT_DEADLINE``, else
+        5)."""
         from telemetry.providers import build_providers_from_env
 
+        if exit_deadline is None:
+            exit_deadline = float(os.environ.get(EXIT_DEADLINE_ENV, DEFAULT_EXIT_DEADLINE))
+        self.exit_deadline = duration("exit_deadline", exit_deadline, allow_zero=True)
+        self.control_socket = control_socket
         self.label = label
         self.started = time.time()
         self._extra: list[Any] = []
@@ -504,6 +612,14 @@ class SupervisorAgent:
         self._echo_ids = itertools.count(1)
         self._ready_task: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._phase = "starting the supervisor"  # what readiness waits for
+        self._stop_task: asyncio.Task[StopReport] | None = None
+        self._control: ControlServer | None = None
+        self._control_error: str | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._last_tick = 0.0
+        self._lags: deque[float] = deque(maxlen=_LAG_WINDOW)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher = Dispatcher(
             handlers=self._handlers(),
             forwarded=AGENT_FORWARDED,
@@ -512,7 +628,11 @@ class SupervisorAgent:
             name="Ray agent",
         )
         with contextlib.suppress(RuntimeError):  # an async actor's __init__ runs on its loop
-            self._ready_task = asyncio.get_running_loop().create_task(self._start())
+            self._loop = asyncio.get_running_loop()
+            self._ready_task = self._loop.create_task(self._start())
+            # Weakly: an agent built in a test process must not be kept alive by the hook.
+            self._exit_hook = functools.partial(_exit_hook, weakref.ref(self))
+            atexit.register(self._exit_hook)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -522,10 +642,40 @@ class SupervisorAgent:
         await asyncio.shield(self._ready_task)
 
     async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._last_tick = loop.time()
+        self._heartbeat = loop.create_task(self._beat())
+        if self.control_socket is not None:  # first: liveness answers during a long restore
+            await self._serve_control(self.control_socket)
         await self.sup.start()
-        self._pump = asyncio.get_running_loop().create_task(self._pump_events())
+        self._pump = loop.create_task(self._pump_events())
         if self.state is not None:
+            self._phase = "restoring the desired state"
             await self._restore()
+        self._phase = "ready"
+
+    async def _serve_control(self, path: str) -> None:
+        """The control socket, answered by this agent's dispatcher (the same requests as Ray
+        calls, stable conn ids). A failure leaves the agent running and not ready, saying why."""
+        server = ControlServer(self.sup, path, dispatcher=self._dispatcher)
+        try:
+            await server.start()
+        except (OSError, ValueError) as exc:
+            self._control_error = f"control socket {path}: {exc}"
+            log.error("agent %s: %s", self.label, self._control_error)
+            return
+        self._control = server
+
+    async def _beat(self) -> None:
+        """The liveness heartbeat: how late the loop runs a timer is how busy it is."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + _TICK
+            await asyncio.sleep(_TICK)
+            now = loop.time()
+            self._lags.append(max(0.0, now - due))
+            self._last_tick = now
 
     async def _pump_events(self) -> None:
         async for evt in self.sup.events.subscribe():
@@ -594,7 +744,7 @@ class SupervisorAgent:
             active_addr = next((p.local_addr for p in snap.paths if p.active), None)
         except Exception as exc:
             log.warning("agent %s: re-activating a path of %s failed: %s", self.label, stable, exc)
-        await self._save(stable)
+        self._save(stable)
         return Restored(
             stable, True, paths=len(record["paths"]), active=active_addr, time=time.time()
         )
@@ -604,22 +754,18 @@ class SupervisorAgent:
         self._stable[conn.conn_id] = stable
         self._conns[conn.conn_id] = conn
 
-    async def _save(self, stable: str) -> None:
+    def _save(self, stable: str) -> None:
         if self.state is not None and stable in self._records:
-            try:
-                await self.state.put(stable, self._records[stable])
-            except Exception as exc:
-                log.error("agent %s: cannot record %s: %s", self.label, stable, exc)
+            self.state.put(stable, self._records[stable])  # written behind the reply
 
-    async def _forget(self, stable: str) -> None:
+    def _forget(self, stable: str) -> None:
         self._records.pop(stable, None)
         live = self._live.pop(stable, None)
         if live is not None:
             self._stable.pop(live, None)
             self._conns.pop(live, None)
         if self.state is not None:
-            with contextlib.suppress(Exception):
-                await self.state.delete(stable)
+            self.state.delete(stable)
 
     # ------------------------------------------------------------------ Ray methods
 
@@ -674,11 +820,102 @@ class SupervisorAgent:
     async def shutdown(self) -> None:
         """Close every listener and connection, end event streams and flush telemetry; the
         recorded state is kept."""
+        if self._stop_task is None:
+            self._stopping_now()
+            await self.sup.close()
+            self.providers.shutdown()
+        else:  # an orderly stop ran (or runs): it closed everything
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._stop_task)
+        await self._close_own()
+
+    def _stopping_now(self) -> None:
+        self._phase = "stopping"
         self._closing = True
         self._wake_streams()
-        self._listeners.clear()  # sup.close() closes them
-        await self.sup.close()
+        self._listeners.clear()  # the supervisor closes them
+
+    async def _close_own(self) -> None:
+        """What the agent itself runs: control socket, heartbeat, the desired state's writer,
+        the exit hook."""
+        control, self._control = self._control, None
+        if control is not None:
+            await control.close()
+        if self.state is not None:
+            left = await self.state.close(timeout=_STATE_FLUSH_TIMEOUT)
+            if left:
+                log.error("agent %s: %d desired-state change(s) not saved", self.label, left)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        hook = getattr(self, "_exit_hook", None)
+        if hook is not None:
+            atexit.unregister(hook)
+
+    # ------------------------------------------------------------------ health and stop
+
+    async def _health(self, _req: HealthRequest) -> Health:
+        loop = asyncio.get_running_loop()
+        tick_age = loop.time() - self._last_tick
+        lag = max(self._lags, default=0.0)
+        live = self._heartbeat is not None and not self._heartbeat.done()
+        live = live and tick_age < _LIVE_TICK_AGE
+        task = self._ready_task
+        why = self._phase
+        if self._stop_task is not None:
+            why = "stopped" if self._stop_task.done() else "stopping"
+        elif task is not None and task.done() and not task.cancelled() and task.exception():
+            why = f"start failed: {task.exception()}"
+        elif self._control_error is not None:
+            why = self._control_error
+        return Health(
+            ready=why == "ready",
+            live=live,
+            why=why,
+            loop_lag=lag,
+            tick_age=tick_age,
+            connections=len(self.sup.connections()) if why != "stopped" else 0,
+            stopping=self._stop_task is not None,
+        )
+
+    async def _stop(self, req: StopRequest) -> StopReport:
+        """The orderly stop (one per incarnation: a second request gets the first report,
+        ``already=True``)."""
+        deadline = duration("deadline", req.deadline, allow_zero=True)
+        if self._stop_task is not None:
+            report = await asyncio.shield(self._stop_task)
+            return dataclasses.replace(report, already=True)
+        self._stopping_now()  # not ready before anything else
+        self._stop_task = asyncio.get_running_loop().create_task(self._stop_once(deadline))
+        return await asyncio.shield(self._stop_task)
+
+    async def _stop_once(self, deadline: float) -> StopReport:
+        started = time.monotonic()
+        if self._ready_task is not None and not self._ready_task.done():
+            # A restore in progress finishes first (or the deadline runs out): shutting the
+            # supervisor down under it would only fail its dials.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._ready_task), deadline)
+        remaining = max(0.0, deadline - (time.monotonic() - started))
+        report = await _shutdown(self.sup, remaining)
         self.providers.shutdown()
+        report = dataclasses.replace(report, elapsed=time.monotonic() - started)
+        log.warning(
+            "agent %s stopped: %d connection(s) closed, %d stream(s) cut, %.3f s%s",
+            self.label,
+            report.connections,
+            report.streams_cut,
+            report.elapsed,
+            " (deadline hit)" if report.deadline_hit else "",
+        )
+        return report
+
+    async def _exit_stop(self) -> StopReport:
+        try:
+            return await self._stop(StopRequest(self.exit_deadline))
+        finally:
+            await self._close_own()
 
     # ------------------------------------------------------------------ dispatch
 
@@ -694,7 +931,7 @@ class SupervisorAgent:
         if isinstance(conn_id, str) and self.sup.inbound_snapshot(conn_id) is not None:
             raise _errors.MigrationNotSupportedError("inbound", conn_id=conn_id)
         reply = await self.sup.ask(msg)
-        await self._record(msg, reply)
+        self._record(msg, reply)
         return self._outward(reply)
 
     def _handlers(self) -> dict[type, Callable[[Any], Any]]:
@@ -712,6 +949,8 @@ class SupervisorAgent:
             CloseListenerRequest: self._close_listener,
             MetricsRequest: self._metrics,
             NetworkStatusRequest: self._network_status,
+            HealthRequest: self._health,
+            StopRequest: self._stop,
         }
 
     def _outward(self, reply: object) -> object:
@@ -733,7 +972,7 @@ class SupervisorAgent:
         assert isinstance(snap, ConnectionSnapshot)
         return snap
 
-    async def _record(self, msg: object, reply: object) -> None:
+    def _record(self, msg: object, reply: object) -> None:
         """Keep the desired state in step with a request that succeeded."""
         conn_id = getattr(msg, "conn_id", None)
         stable = self._stable.get(conn_id) if isinstance(conn_id, str) else None
@@ -758,7 +997,7 @@ class SupervisorAgent:
             record["paths"] = [p for p in record["paths"] if p["path_id"] != msg.path_id]
         else:
             return
-        await self._save(stable)
+        self._save(stable)
 
     # ------------------------------------------------------------------ handlers
 
@@ -778,7 +1017,7 @@ class SupervisorAgent:
             ],
             "active": 0,
         }
-        await self._save(conn.conn_id)
+        self._save(conn.conn_id)
         return await self._snapshot(conn.conn_id)
 
     async def _snapshot_request(self, req: SnapshotRequest) -> object:
@@ -797,7 +1036,7 @@ class SupervisorAgent:
     async def _close(self, req: CloseConnectionRequest) -> None:
         live = self._live.get(req.conn_id, req.conn_id)
         await self.sup.ask(dataclasses.replace(req, conn_id=live))
-        await self._forget(self._stable.get(live, req.conn_id))
+        self._forget(self._stable.get(live, req.conn_id))
 
     async def _info(self, _req: InfoRequest) -> AgentInfo:
         import ray
@@ -839,11 +1078,9 @@ class SupervisorAgent:
         outcomes = []
         for outcome in report.outcomes:
             if outcome.result == "moved" and outcome.to_path_id is not None:
-                await self._record(
-                    SwitchRequest(outcome.conn_id, outcome.to_path_id, "drain"), None
-                )
+                self._record(SwitchRequest(outcome.conn_id, outcome.to_path_id, "drain"), None)
             if outcome.closed_drained and outcome.from_path_id is not None:
-                await self._record(ClosePathRequest(outcome.conn_id, outcome.from_path_id), None)
+                self._record(ClosePathRequest(outcome.conn_id, outcome.from_path_id), None)
             stable = self._stable.get(outcome.conn_id, outcome.conn_id)
             outcomes.append(dataclasses.replace(outcome, conn_id=stable))
         return dataclasses.replace(report, outcomes=tuple(outcomes))
@@ -995,3 +1232,56 @@ class SupervisorAgent:
         if done and state.task.exception() is not None:
             raise state.task.exception()  # type: ignore[misc]
         return EchoReport(req.job, state.sent, state.received, state.intact, done)
+
+
+# -- the stop at process exit ----------------------------------------------------------------------
+
+
+async def _shutdown(sup: Supervisor, deadline: float) -> StopReport:
+    """``Supervisor.shutdown(deadline)`` as the wire's :class:`StopReport`."""
+    report = await sup.shutdown(deadline)
+    return StopReport(
+        connections=report.connections,
+        streams_cut=int(report.streams_cut),
+        elapsed=float(report.elapsed),
+        deadline_hit=bool(report.deadline_hit),
+    )
+
+
+def _exit_hook(ref: weakref.ref[SupervisorAgent]) -> None:
+    agent = ref()
+    if agent is not None:
+        _stop_at_exit(agent)
+
+
+def _stop_at_exit(agent: SupervisorAgent) -> None:
+    """Run the orderly stop while the worker process exits (an ``atexit`` hook).
+
+    Why here: Ray's worker turns SIGTERM into ``SystemExit`` on its main thread (its own
+    handler, installed before the actor exists; an async actor's constructor runs on the
+    loop's thread, where ``signal.signal`` is refused), and by the time ``atexit`` runs it
+    has stopped the actor's event loop, without closing it. The loop still holds every
+    socket and task, so it is run once more, here on the main thread, until the stop is done
+    or ``exit_deadline`` (plus a margin) has passed. The same runs on any other exit that
+    runs ``atexit`` (``ray.actor.exit_actor``); ``ray.kill`` (SIGKILL) runs nothing.
+    """
+    loop = agent._loop
+    if loop is None or loop.is_closed():
+        return
+    if agent._stop_task is not None and agent._stop_task.done() and agent._control is None:
+        return
+    limit = agent.exit_deadline + 5.0
+    coro = agent._exit_stop()
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    try:
+        if here is loop:  # cannot wait here for the loop this thread runs
+            coro.close()
+        elif not loop.is_running():
+            loop.run_until_complete(asyncio.wait_for(coro, limit))
+        else:  # another thread still runs it
+            asyncio.run_coroutine_threadsafe(coro, loop).result(limit)
+    except BaseException:
+        log.exception("agent %s: the stop at exit failed", agent.label)
