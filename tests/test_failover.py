@@ -152,8 +152,12 @@ async def test_no_usable_path_ends_with_connection_closed_and_nothing_leaked(
             await stream.abort()
         assert conn.is_closed  # type: ignore[attr-defined]
         assert sup.connections() == []
-    # Everything of ours is closed; the shim (still running) holds one relay per client.
-    assert fd_count() == fds + len(shim.clients)
+    # Everything of ours is closed; the shim (still running) holds one relay per client. Waited
+    # for, briefly: a closed transport releases its socket on the loop's next turn, which on a
+    # loaded host can come after this line (seen once in CI: one fd over); a leak never does.
+    await poll_until(
+        lambda: fd_count() == fds + len(shim.clients), timeout=2, what="our descriptors closed"
+    )
 
 
 async def test_a_group_probe_of_the_active_path_is_a_ping_and_is_answered(
