@@ -219,11 +219,21 @@ async def test_cli_ping_migrates_a_connection_to_py_libp2p(tmp_path: Path) -> No
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         text = out.decode()
-        assert proc.returncode == 0, text + err.decode()
+        # py-libp2p 0.8.1 now and then ends the first ping stream, opened as our identify
+        # stream closes, before echoing anything (3 runs in 10, at this stop's start too; its
+        # QUIC log shows the stream finished by the peer within 3 ms). The CLI reports that
+        # ping unanswered and exits 1, as it should; every other ping must be answered.
+        lost = re.findall(r"ping (\d): no answer \((.*)\)", text)
+        assert lost in (
+            [],
+            [("1", "PingError: ping round 1: the stream ended after 0 of the 32 echoed bytes")],
+        ), text
+        assert proc.returncode == (1 if lost else 0), text + err.decode()
+        assert f"{4 - len(lost)}/4 pings answered" in text
         assert f"connected to {peer.peer_id}" in text
         assert re.search(r"migrated /ip4/127\.0\.0\.1/udp/\d+/quic-v1 -> /ip4/127\.0\.0\.2/", text)
-        assert re.search(r"ping [34]: [\d.]+ ms via /ip4/127\.0\.0\.2/", text), text
-        assert "4/4 pings answered" in text
+        assert re.search(r"ping 3: [\d.]+ ms via /ip4/127\.0\.0\.2/", text), text
+        assert re.search(r"ping 4: [\d.]+ ms via /ip4/127\.0\.0\.2/", text), text
         # py-libp2p answered on our new path: its ping events say where aioquic sends.
         await peer.wait_event(
             lambda e: e.get("event") == "ping" and "127.0.0.2" in str(e.get("quic_path")),
