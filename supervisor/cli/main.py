@@ -62,9 +62,9 @@ from supervisor.cli.demo import (
     stable_cert,
 )
 from supervisor.cli.fleet import add_fleet_commands, run_fleet_command
+from supervisor.cli.tables import not_negative
 from supervisor.core.config import NetworkPolicy, PathPolicy
 from supervisor.core.events import EvtPeerAddressChanged
-from supervisor.core.validate import MAX_DURATION
 from supervisor.h3 import H3Error, H3Response, http3_get
 from supervisor.libp2p.keys import Identity
 from supervisor.libp2p.peer_calls import identify_peer, ping_peer
@@ -591,23 +591,11 @@ def _control_flag(parser: argparse.ArgumentParser) -> None:
 def _stop_timeout_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--stop-timeout",
-        type=_stop_seconds,
+        type=not_negative,
         default=10.0,
         metavar="SECONDS",
         help=what,
     )
-
-
-def _stop_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= MAX_DURATION:  # NaN and inf too
-        raise argparse.ArgumentTypeError(
-            f"must be between 0 and {MAX_DURATION:g} seconds, got {text!r}"
-        )
-    return value
 
 
 def _positive(text: str) -> float:

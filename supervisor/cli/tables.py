@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from supervisor.core.messages import ConnectionSnapshot, MigrationStats
+from supervisor.core.validate import MAX_DURATION
 from supervisor.orchestration.drain import DrainReport
 from supervisor.remote.protocol import Health, StopReport
 
@@ -181,13 +182,16 @@ def add_drain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def not_negative(text: str) -> float:
-    """argparse type: seconds >= 0 (0: close at once)."""
+    """argparse type: seconds a stop may wait (0: at once), within what the library accepts
+    (``validate.MAX_DURATION``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    if not 0 <= value <= MAX_DURATION:  # NaN and inf too
+        raise argparse.ArgumentTypeError(
+            f"must be >= 0 and <= {MAX_DURATION:g} seconds, got {text!r}"
+        )
     return value
 
 
